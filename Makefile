@@ -1,0 +1,43 @@
+# imagepipe: `make run` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# No telemetry: these tools would otherwise try the network on every call.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export ORT_DISABLE_TELEMETRY := 1
+# Prefect's temporary API needs ~30 s to create its database on a new machine (default: 20 s).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+
+.PHONY: install run test test-fast bench lint deploy clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list changes: a second `make install` is a no-op.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/imagepipe run
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) -m benchmarks
+
+lint: install
+	$(VENV)/bin/ruff check stages flows tests benchmarks
+
+clean:
+	rm -rf data models checkpoints metrics plots mlflow.db mlruns mlartifacts

@@ -1,0 +1,43 @@
+"""`imagepipe` console script: run the pipeline and the operations around it.
+
+Each subcommand lives in its own module as `main(argv) -> exit code`; this file only routes,
+so `imagepipe --help` stays fast (nothing heavy is imported until a command runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "run": ("flows.pipeline", "main", "run the whole pipeline (stages that changed, then promote)"),
+    "predict": ("stages.predict", "main", "classify images with an exported ONNX model"),
+    "promote": ("stages.registry", "promote_main", "promote the challenger if it beats the champion"),
+    "rollback": ("stages.registry", "rollback_main", "move champion back to previous-champion"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: imagepipe COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines + ["", "imagepipe COMMAND --help shows a command's options."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for var, value in (("DVC_NO_ANALYTICS", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("ORT_DISABLE_TELEMETRY", "1")):
+        os.environ.setdefault(var, value)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"imagepipe: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

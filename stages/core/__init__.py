@@ -1,0 +1,1 @@
+"""What several stages share: dataset format, models, training loop, checkpoints, tracking."""
