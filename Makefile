@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# dvc.yaml's `python` is this virtualenv's, as for a user who activated it.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
 # No telemetry: these tools would otherwise try the network on every call.
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true

@@ -95,7 +95,8 @@ class DatasetWriter:
         path, tmp = self.folder / "images.npy", self.folder / "images.compact.npy"
         small = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *self.images.shape[1:]))
         for start in range(0, n, chunk):
-            small[start:start + chunk] = self.images[start:start + chunk]
+            stop = min(start + chunk, n)
+            small[start:stop] = self.images[start:stop]
         small.flush()
         del self.images
         tmp.replace(path)

@@ -1,0 +1,27 @@
+"""Settings every test needs: no telemetry (no network here), and the repo root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A user's machine has no ../shared: tests that need the CIFAR archive skip there.
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+QUIET_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+os.environ.update(QUIET_ENV)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO

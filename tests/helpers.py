@@ -1,0 +1,71 @@
+"""Small helpers the tests share: run a stage as DVC would, write params files."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_params() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(module: str, *args: str | Path, cwd: Path = REPO, timeout: float = 300
+              ) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.MODULE ARGS` as dvc.yaml runs it; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def project_copy(dest: Path) -> Path:
+    """A fresh git clone-alike of this working tree (tracked + untracked, not ignored) at dest.
+
+    Copies the working tree rather than cloning HEAD so a test sees uncommitted work too;
+    the copy gets its own git repo and first commit, as `dvc exp run` needs.
+    """
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "test project")
+    return dest
+
+
+def git(cwd: Path, *args: str) -> str:
+    env_args = ["-c", "user.name=imagepipe test", "-c", "user.email=test@imagepipe.invalid"]
+    return subprocess.run(["git", *env_args, *args], cwd=cwd, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def dvc(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real dvc CLI from this virtualenv; raises with its output when it fails."""
+    import os
+
+    # dvc.yaml says `python`: the one of this virtualenv, as for a user who activated it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "GIT_AUTHOR_NAME": "imagepipe test", "GIT_AUTHOR_EMAIL": "test@imagepipe.invalid",
+           "GIT_COMMITTER_NAME": "imagepipe test", "GIT_COMMITTER_EMAIL": "test@imagepipe.invalid"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,79 @@
+"""augment: seeded copies (same params, same bytes), per-image draws, the preview."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import augment, ingest
+from stages.core.dataset import load_dataset
+from stages.params import Params, parse_params
+from tests.helpers import default_params
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    ingest.run(_params(), out)
+    return out / "source"
+
+
+def _params(**augment_params: object) -> Params:
+    raw = default_params()
+    raw["augment"].update(augment_params)
+    return parse_params(raw)
+
+
+def test_same_params_same_bytes(source: Path, tmp_path: Path) -> None:
+    first = augment.run(_params(copies=2), source, tmp_path / "a")
+    augment.run(_params(copies=2), source, tmp_path / "b")
+    a, b = load_dataset(tmp_path / "a"), load_dataset(tmp_path / "b")
+    assert a.manifest["sha256"] == b.manifest["sha256"]
+    assert first["n_augmented"] == 2 * first["n_train_original"] and first["images_per_s"] > 0
+    other = parse_params({**default_params(), "seed": 1})
+    augment.run(other, source, tmp_path / "c")
+    assert load_dataset(tmp_path / "c").manifest["sha256"]["images.npy"] != a.manifest["sha256"]["images.npy"]
+
+
+def test_layout_originals_then_copies_then_val_and_test(source: Path, tmp_path: Path) -> None:
+    augment.run(_params(copies=1), source, tmp_path / "aug")
+    src, aug = load_dataset(source), load_dataset(tmp_path / "aug")
+    n_train = len(src.indices("train"))
+    assert len(aug.indices("train")) == 2 * n_train
+    np.testing.assert_array_equal(aug.images[:n_train], src.images[src.indices("train")])
+    assert not np.array_equal(aug.images[n_train:2 * n_train], aug.images[:n_train])
+    np.testing.assert_array_equal(aug.labels[n_train:2 * n_train], aug.labels[:n_train])
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(aug.part(split)[0], src.part(split)[0])
+
+
+def test_zero_copies_keeps_the_originals_only(source: Path, tmp_path: Path) -> None:
+    metrics = augment.run(_params(copies=0), source, tmp_path / "aug")
+    assert metrics["n_augmented"] == 0
+    assert load_dataset(tmp_path / "aug").manifest["counts"] == load_dataset(source).manifest["counts"]
+
+
+def test_each_image_in_a_batch_gets_its_own_draw() -> None:
+    params = _params(rotation=30)
+    policy = augment.build_policy(params.augment, 16, 1)
+    same = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), 8, axis=0)
+    out = augment.augment_batch(policy, same)
+    assert out.dtype == np.uint8 and out.shape == same.shape
+    assert len({o.tobytes() for o in out}) == 8
+
+
+def test_every_policy_step_runs_on_rgb() -> None:
+    raw = default_params()
+    raw["augment"].update(hflip=True, erasing=0.5, noise_std=0.1, color_jitter=0.4)
+    policy = augment.build_policy(parse_params(raw).augment, 12, 3)
+    out = augment.augment_batch(policy, np.full((4, 12, 12, 3), 128, dtype=np.uint8))
+    assert out.shape == (4, 12, 12, 3) and out.dtype == np.uint8
+
+
+def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "preview.png"
+    augment.preview(_params(), source, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5_000

@@ -1,0 +1,97 @@
+"""params.yaml validation: every bad value is one line naming the dotted key, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.core.errors import BadInput
+from stages.params import Params, flatten, load_params, parse_params
+from tests.helpers import REPO, default_params, run_stage, write_params
+
+
+def test_committed_params_are_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.source.uri == "sklearn:digits"
+
+
+def _set(d: dict, dotted: str, value: object) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        d = d.setdefault(key, {})
+    d[last] = value
+
+
+BAD = [
+    ("augment.copiez", 2, "augment.copiez", "unknown key"),
+    ("augment.copies", -1, "augment.copies", "greater than or equal to 0"),
+    ("augment.copies", "many", "augment.copies", "integer"),
+    ("data.image_size", 0, "data.image_size", "greater than or equal to 8"),
+    ("data.source.classes", [], "data.source.classes", "at least 1"),
+    ("data.max_bad_fraction", 1.5, "data.max_bad_fraction", "less than or equal to 1"),
+    ("data.val_fraction", -0.1, "data.val_fraction", "greater than or equal to 0"),
+    ("data.target.uri", "ftp://x", "data.target.uri", "pattern"),
+    ("pretrain.lr", -0.01, "pretrain.lr", "greater than 0"),
+    ("finetune.backbone_lr_scale", 2.0, "finetune.backbone_lr_scale", "less than or equal to 1"),
+    ("augment.crop_scale", [0.9, 0.5], "augment", "crop_scale"),
+    ("bogus_section", {}, "bogus_section", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "named", "allowed"), BAD, ids=[b[0] + "=" + repr(b[1]) for b in BAD])
+def test_bad_value_names_the_key(key: str, value: object, named: str, allowed: str) -> None:
+    raw = default_params()
+    _set(raw, key, value)
+    with pytest.raises(BadInput) as err:
+        parse_params(raw)
+    line = str(err.value)
+    assert "\n" not in line
+    assert f"params.{named}" in line
+    assert allowed in line
+
+
+def test_missing_required_section_is_named() -> None:
+    raw = default_params()
+    del raw["data"]["target"]
+    with pytest.raises(BadInput, match=r"params\.data\.target: required"):
+        parse_params(raw)
+
+
+def test_params_are_frozen() -> None:
+    params = parse_params(default_params())
+    with pytest.raises(Exception):
+        params.augment.copies = 5  # type: ignore[misc]
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    flat = flatten(parse_params(default_params()).data, "data.")
+    assert flat["data.source.uri"] == "sklearn:digits"
+    assert flat["data.image_size"] == 16
+
+
+@pytest.mark.parametrize("module", ["ingest", "augment"])
+def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, module: str) -> None:
+    raw = default_params()
+    raw["augment"]["copies"] = -3
+    params = write_params(tmp_path / "params.yaml", raw)
+    out = tmp_path / "out"
+    args = ["--params", params, "--out", out]
+    if module == "augment":
+        args += ["--source", tmp_path / "nothing", "--metrics", tmp_path / "m.json",
+                 "--preview", tmp_path / "p.png"]
+    proc = run_stage(module, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "augment.copies" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_unreadable_yaml_is_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    proc = run_stage("ingest", "--params", bad, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "not valid YAML" in proc.stderr
