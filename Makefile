@@ -23,7 +23,6 @@ install: $(STAMP)
 # Re-install only when the dependency list changes: a second `make install` is a no-op.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 

@@ -62,10 +62,12 @@ def dvc(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProc
 
     # dvc.yaml says `python`: the one of this virtualenv, as for a user who activated it.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "GIT_AUTHOR_NAME": "imagepipe test", "GIT_AUTHOR_EMAIL": "test@imagepipe.invalid",
-           "GIT_COMMITTER_NAME": "imagepipe test", "GIT_COMMITTER_EMAIL": "test@imagepipe.invalid"}
+    who = {f"GIT_{role}_{key}": value for role in ("AUTHOR", "COMMITTER")
+           for key, value in (("NAME", "imagepipe test"), ("EMAIL", "test@imagepipe.invalid"))}
+    env = {**os.environ, "PATH": path, **who}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc

@@ -120,7 +120,8 @@ def _torchvision_backbone(spec: ModelSpec, weights: str) -> tuple[nn.Module, int
             net.conv1 = _adapt_in_channels(net.conv1, spec.in_channels)
         return net, feats
     stem = net.features[0][0]
-    feats = net.classifier[-1].in_features if spec.arch == "efficientnet_b0" else net.classifier[0].in_features
+    last = -1 if spec.arch == "efficientnet_b0" else 0  # the Linear after pooling
+    feats = net.classifier[last].in_features
     net.classifier = nn.Identity()
     new_stem = _adapt_in_channels(stem, spec.in_channels)
     if small:

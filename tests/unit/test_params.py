@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from stages.core.errors import BadInput
 from stages.params import Params, flatten, load_params, parse_params
@@ -40,7 +41,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value", "named", "allowed"), BAD, ids=[b[0] + "=" + repr(b[1]) for b in BAD])
+@pytest.mark.parametrize(("key", "value", "named", "allowed"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
 def test_bad_value_names_the_key(key: str, value: object, named: str, allowed: str) -> None:
     raw = default_params()
     _set(raw, key, value)
@@ -61,7 +62,7 @@ def test_missing_required_section_is_named() -> None:
 
 def test_params_are_frozen() -> None:
     params = parse_params(default_params())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.augment.copies = 5  # type: ignore[misc]
 
 
