@@ -139,6 +139,9 @@ def _imagefolder(root: Path) -> Listing:
         raise BadInput(f"imagefolder:{root}: no such folder")
     has_splits = (root / "train").is_dir()
     split_roots = [(root / s, code) for code, s in enumerate(SPLIT_FOLDERS) if (root / s).is_dir()]
+    if has_splits and not (root / "val").is_dir():
+        # No val/ shipped: ingest carves it out of train (-1: "no split yet"), as for torchvision.
+        split_roots = [(sr, -1 if code == 0 else code) for sr, code in split_roots]
     if not has_splits:
         split_roots = [(root, -1)]
     classes = sorted({d.name for sr, _ in split_roots for d in sr.iterdir() if _visible_dir(d)})
