@@ -77,3 +77,4 @@ def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
     augment.preview(_params(), source, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5_000
+
