@@ -1,0 +1,256 @@
+"""The ONNX Runtime side of imagepipe: which providers load, tuned sessions, the model's own
+metadata, and batched logits from uint8 images.
+
+Used by export (parity gate, timing), predict (serving) and the registry (re-scoring). An
+exported model describes itself in `metadata_props` (see METADATA_DOC): a server reads the
+class names, input size, channel order and mean/std from the file, never from params.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from stages.core.errors import BadInput
+from stages.core.models import preprocess
+
+log = logging.getLogger("imagepipe.onnx")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# fp32 on the GPU must stay fp32: ORT's CUDA provider otherwise lets Ampere+ GPUs round conv
+# and matmul inputs to TF32 (10-bit mantissa), which no 1e-4 parity gate survives.
+CUDA_OPTIONS = {"use_tf32": "0"}
+# ORT's default logger level; ours is raised only around the CUDA probe.
+_ORT_WARNING = 2
+_ORT_FATAL = 4
+
+# Version of the metadata layout below; a reader refuses a newer major version.
+METADATA_FORMAT = "1"
+METADATA_DOC = (
+    "input: float32 N x C x H x W (NCHW), channels in channel_order; "
+    "x = (uint8 / 255 - mean[c]) / std[c]; output: logits N x len(classes)"
+)
+# Stored as JSON text (metadata_props are strings); everything else is a plain string.
+_JSON_KEYS = frozenset({"classes", "mean", "std", "image_size", "channels", "num_classes"})
+REQUIRED_KEYS = ("classes", "image_size", "channels", "channel_order", "mean", "std")
+
+
+# ---------------------------------------------------------------- providers
+
+
+@cache
+def available_providers() -> list[str]:
+    """Providers that really load here, best first: CUDA only with a device and its libraries.
+
+    onnxruntime-gpu lists CUDA and TensorRT whether or not a GPU exists, and asking for them
+    without one prints two red error lines per session. So: no device, no CUDA; with a device,
+    one silent probe session decides. TensorRT is never asked for: building its engines takes
+    minutes per model, which a CLI call or a test cannot afford.
+    """
+    if CUDA not in ort.get_available_providers() or _cuda_device_count() == 0:
+        return [CPU]
+    return [CUDA, CPU] if _cuda_provider_loads() else [CPU]
+
+
+def _cuda_device_count() -> int:
+    """GPUs visible to the driver, without importing torch (slow) when nobody else did."""
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    try:
+        lib = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def _cuda_provider_loads() -> bool:
+    """One tiny session on CUDA, with ORT's logger silenced so a failure stays quiet."""
+    try:
+        # The CUDA/cuDNN libraries torch brought (nvidia-* wheels) are not on the loader's
+        # path until torch is imported; this finds them without importing torch.
+        ort.preload_dlls()
+    except Exception as err:  # noqa: BLE001 - missing libraries show up in the probe below
+        log.debug("onnxruntime.preload_dlls failed: %s", err)
+    ort.set_default_logger_severity(_ORT_FATAL)
+    try:
+        sess = ort.InferenceSession(_probe_model(), providers=_with_options([CUDA, CPU]))
+        ok = CUDA in sess.get_providers()
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable here
+        log.debug("CUDA provider probe failed: %s", err)
+        ok = False
+    finally:
+        ort.set_default_logger_severity(_ORT_WARNING)
+    if not ok:
+        log.info("a GPU is present but ONNX Runtime's CUDA provider does not load: using the CPU")
+    return ok
+
+
+def _with_options(providers: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    return [(p, CUDA_OPTIONS) if p == CUDA else p for p in providers]
+
+
+def _probe_model() -> bytes:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    # IR 10: onnx 1.23 writes IR 14 by default, newer than this ORT reads.
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)],
+                                   ir_version=10)
+    return model.SerializeToString()
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity, unlike cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Session options, measured with benchmarks/bench_export.py (resnet_small width 32,
+    16 px, batch 64, on the project's 2-core machine shared with other jobs):
+
+    - ORT_ENABLE_ALL (ORT's default, kept explicit): on x86 it adds the NCHWc layout
+      transform, which fuses Conv+bias+ReLU(+Add) into blocked-layout kernels: 2,297 against
+      1,104 images/s at ORT_ENABLE_EXTENDED (1 thread, same run). Without it ORT is no
+      faster than torch eager.
+    - sequential execution, one inter-op thread: a CNN is a chain; a second pool only
+      competes for the cores.
+    - intra-op threads = usable cores: ORT counts the host's physical cores and ignores
+      affinity and container limits, so it oversubscribes a container.
+    - no spinning: idle pool threads otherwise spin for work on cores that other processes
+      (or the web server in front of the model) need. At 2 threads on the loaded machine:
+      1,076-1,186 against 918-934 images/s with spinning; batch-1 latency 0.54-0.56 against
+      0.48-0.49 ms (the price); at 1 thread no difference.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = threads if threads and threads > 0 else usable_cores()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
+    return so
+
+
+def make_session(
+    model: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An inference session on the best provider that loads here (or on `providers`)."""
+    providers = list(providers) if providers else available_providers()
+    source: str | bytes = model if isinstance(model, bytes) else str(model)
+    if isinstance(source, str) and not Path(source).is_file():
+        raise BadInput(f"{source}: no such ONNX model file")
+    try:
+        return ort.InferenceSession(source, session_options(threads),
+                                    providers=_with_options(providers))
+    except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+        name = "the model bytes" if isinstance(source, bytes) else source
+        raise BadInput(f"{name}: ONNX Runtime cannot load it: {err}".splitlines()[0]) from None
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def metadata_props(meta: dict[str, Any]) -> dict[str, str]:
+    """Encode a metadata dict as metadata_props strings (lists and numbers as JSON)."""
+    out = {"imagepipe_format": METADATA_FORMAT, "preprocess": METADATA_DOC}
+    for key, value in meta.items():
+        if value is None:
+            continue  # absent, not the string "None" (no MLflow run, no git checkout)
+        out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    """Replace the model's metadata_props with `meta` (encoded by `metadata_props`)."""
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata_props(meta))
+
+
+def read_metadata(model_or_session: str | Path | bytes | onnx.ModelProto | ort.InferenceSession
+                  ) -> dict[str, Any]:
+    """The decoded metadata_props of a model file, its bytes, a ModelProto or a session.
+
+    Raises BadInput when the model was not written by imagepipe's export (keys missing).
+    """
+    raw = _raw_props(model_or_session)
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        meta[key] = json.loads(value) if key in _JSON_KEYS else value
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise BadInput(f"not an imagepipe model: metadata_props lack {missing} "
+                       "(export it with python -m stages.export)")
+    if str(meta.get("imagepipe_format", "1")).split(".")[0] != METADATA_FORMAT:
+        raise BadInput(f"metadata format {meta['imagepipe_format']} is newer than this "
+                       f"imagepipe reads ({METADATA_FORMAT}): upgrade imagepipe")
+    return meta
+
+
+def _raw_props(obj: Any) -> dict[str, str]:
+    if isinstance(obj, ort.InferenceSession):
+        return dict(obj.get_modelmeta().custom_metadata_map)
+    if isinstance(obj, onnx.ModelProto):
+        proto = obj
+    elif isinstance(obj, bytes):
+        proto = onnx.load_from_string(obj)
+    else:
+        path = Path(obj)
+        if not path.is_file():
+            raise BadInput(f"{path}: no such ONNX model file")
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise BadInput(f"{path}: not an ONNX model ({type(err).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# ---------------------------------------------------------------- inference
+
+
+def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """The H x W x C of uint8 images this model takes."""
+    size = int(meta["image_size"])
+    return size, size, int(meta["channels"])
+
+
+def predict_logits(
+    session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """uint8 N x H x W x C images -> float32 N x classes logits, preprocessed as the model's
+    metadata says. Batched, so memory is one batch of floats whatever N is."""
+    meta = read_metadata(session)
+    images = np.asarray(images_uint8_nhwc)
+    expected = input_shape(meta)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+        raise BadInput(f"images must be uint8 N x {' x '.join(map(str, expected))} for this "
+                       f"model; got {images.dtype} {images.shape}")
+    if batch_size < 1:
+        raise BadInput(f"batch_size must be at least 1 (got {batch_size})")
+    name = session.get_inputs()[0].name
+    out = np.empty((len(images), len(meta["classes"])), dtype=np.float32)
+    for lo in range(0, len(images), batch_size):
+        x = preprocess(images[lo:lo + batch_size], meta["mean"], meta["std"])
+        out[lo:lo + len(x)] = session.run(None, {name: x})[0]
+    return out

@@ -1,0 +1,140 @@
+"""Classify image files with an ONNX model written by the export stage.
+
+Usage: imagepipe predict MODEL.onnx IMAGE... [--top-k K] [--json]
+
+Images of any size and mode go through the same canonical form as ingest (EXIF orientation,
+alpha over white, grey or RGB, resize and centre crop), at the size and channel count the
+model's metadata records; mean/std come from there too (stages.core.onnxio). Nothing about
+preprocessing is hard-coded here. An image that cannot be read gets an error line, the others
+are still predicted, and the exit code is 2 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stages.core import onnxio
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, run_stage
+from stages.core.sources import canonical
+
+# Images decoded and run per batch: bounds memory whatever the number of files given.
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Outcome:
+    image: str
+    top: list[tuple[str, float]] | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        return {"image": self.image,
+                "top_k": [{"class": c, "probability": round(p, 6)} for c, p in self.top or []]}
+
+    def as_text(self) -> str:
+        shown = "  ".join(f"{c} {p:.1%}" for c, p in self.top or [])
+        return f"{self.image}: {shown}"
+
+
+def load_image(path: str, size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 size x size x channels; BadInput with the reason when it cannot."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return canonical(img, size, channels)
+    except FileNotFoundError:
+        raise BadInput("no such file") from None
+    except IsADirectoryError:
+        raise BadInput("is a folder, not an image") from None
+    except PermissionError:
+        raise BadInput("permission denied") from None
+    except Image.DecompressionBombError as err:
+        raise BadInput(f"refused as a decompression bomb: {err}") from None
+    except UnidentifiedImageError:
+        raise BadInput("not an image (no known image format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadInput(f"unreadable: {err}") from None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcome]:
+    """Outcomes in the order of `paths`, CHUNK images decoded and run at a time."""
+    meta = onnxio.read_metadata(session)
+    size, _, channels = onnxio.input_shape(meta)
+    classes = list(meta["classes"])
+    k = min(top_k, len(classes))
+    for lo in range(0, len(paths), CHUNK):
+        loaded: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
+        for i, path in enumerate(paths[lo:lo + CHUNK]):
+            try:
+                loaded[i] = load_image(path, size, channels)
+            except BadInput as err:
+                errors[i] = str(err)
+        probs = iter(softmax(onnxio.predict_logits(session, np.stack(list(loaded.values()))))
+                     if loaded else [])
+        for i, path in enumerate(paths[lo:lo + CHUNK]):
+            if i in errors:
+                yield Outcome(path, error=errors[i])
+                continue
+            p = next(probs)
+            best = np.argsort(-p, kind="stable")[:k]
+            yield Outcome(path, top=[(classes[j], float(p[j])) for j in best])
+
+
+def run(model: Path, images: list[str], top_k: int, as_json: bool) -> int:
+    """Print one line per image; return the exit code (2 when any image failed)."""
+    session = onnxio.make_session(model)
+    failed = 0
+    for outcome in predict_files(session, images, top_k):
+        if outcome.error is not None:
+            failed += 1
+            print(f"predict: error: {outcome.image}: {outcome.error}", file=sys.stderr)
+        if as_json:
+            print(json.dumps(outcome.as_json()), flush=True)
+        elif outcome.error is None:
+            print(outcome.as_text(), flush=True)
+    if failed:
+        print(f"predict: {failed} of {len(images)} images could not be read", file=sys.stderr)
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imagepipe predict", description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="an ONNX model written by the export stage")
+    parser.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k must be at least 1 (got {args.top_k})")
+    code = EXIT_OK
+
+    def body() -> None:
+        nonlocal code
+        code = run(args.model, args.images, args.top_k, args.json)
+
+    # Not a pipeline stage: no MLflow run for a prediction.
+    status = run_stage("predict", body, track=False)
+    return status if status != EXIT_OK else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

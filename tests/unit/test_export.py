@@ -1,0 +1,232 @@
+"""export stage and onnxio: parity at several batch sizes, metadata round trip, dynamic batch,
+the gate failing (and leaving no file) on a perturbed model, quiet CPU-only providers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from stages import export
+from stages.core import models, onnxio
+from stages.core.dataset import SPLIT_CODE, dataset_writer
+from stages.core.lineage import git_commit
+from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file, preprocess
+from stages.params import parse_params
+
+CLASSES = ["a", "b", "c", "d", "e"]
+MEAN, STD = [0.25], [0.5]
+RUN_ID = "0123456789abcdef0123456789abcdef"
+# 30 test images, fewer than parity_images=40: the gate must top up from val.
+SPLITS = {"train": 20, "val": 10, "test": 30}
+
+
+def _images(n: int, size: int, channels: int,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class k is brighter in band k: learnable in a few steps, so logits are not all alike."""
+    labels = np.arange(n) % len(CLASSES)
+    imgs = rng.integers(0, 80, (n, size, size, channels), dtype=np.uint8)
+    band = size // len(CLASSES)
+    for i, k in enumerate(labels):
+        imgs[i, k * band:(k + 1) * band] += 150
+    return imgs, labels
+
+
+def make_model(path: Path, spec: ModelSpec, mean: list[float], std: list[float]) -> None:
+    torch.manual_seed(0)
+    model = build_model(spec)
+    x, y = _images(40, spec.image_size, spec.in_channels, np.random.default_rng(1))
+    xt, yt = torch.from_numpy(preprocess(x, mean, std)), torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    models.save_model_file(path, model.eval(), ModelFile(spec, CLASSES, mean, std, {}))
+
+
+def make_target(folder: Path, size: int, channels: int) -> None:
+    n = sum(SPLITS.values())
+    imgs, labels = _images(n, size, channels, np.random.default_rng(2))
+    split = np.concatenate([np.full(k, SPLIT_CODE[s], np.uint8) for s, k in SPLITS.items()])
+    with dataset_writer(folder, n, (size, size, channels)) as w:
+        w.images[:], w.labels[:], w.split[:] = imgs, labels, split
+        w.finish(CLASSES, {"role": "target"})
+
+
+def make_params(**export_overrides: object) -> dict:
+    return {
+        "data": {"source": {"uri": "sklearn:digits"}, "target": {"uri": "sklearn:digits"}},
+        # One thread: torch's two OpenMP threads on a loaded 2-core machine crawl (44 ms a
+        # batch-1 call, against 4 ms on one), and the figures here are not the point.
+        "export": {"parity_images": 40, "timing_repeats": 1, "calibration_images": 20,
+                   "threads": 1, **export_overrides},
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One export shared by the module (the dynamo exporter costs seconds per model)."""
+    root = tmp_path_factory.mktemp("export")
+    make_model(root / "finetuned.pt", ModelSpec("resnet_small", 5, 1, 16, width=8), MEAN, STD)
+    make_target(root / "target", 16, 1)
+    with pytest.MonkeyPatch.context() as mp:  # the id the flow's MLflow run would set
+        mp.setenv("MLFLOW_RUN_ID", RUN_ID)
+        metrics = export.run(parse_params(make_params()), root / "finetuned.pt", root / "target",
+                             root / "model.onnx", root / "variants")
+    yield {"root": root, "metrics": metrics, "onnx": root / "model.onnx"}
+
+
+def test_gate_passes_and_metrics_hold_the_figures(project: dict) -> None:
+    m = project["metrics"]
+    assert m["gate_passed"] is True
+    assert m["max_abs_diff"] <= 1e-4 and m["top1_agreement"] == 1.0
+    assert set(m["by_batch_size"]) == {"1", "7", "64"}
+    assert m["opset"] == 18 and m["providers"] == ["CPUExecutionProvider"]
+    assert m["parity_images"] == 40 and m["parity_images_by_split"] == {"test": 30, "val": 10}
+    assert "topped up from val" in m["parity_note"]
+    for key in ("ort_images_per_s", "torch_images_per_s", "ort_latency_ms_b1",
+                "torch_latency_ms_b1"):
+        assert m[key] > 0
+    assert (project["root"] / "variants" / export.INT8_NAME).is_file()
+    assert m["variants"] == [export.INT8_NAME] and -1.0 <= m["int8_accuracy_delta"] <= 1.0
+    # No GPU on the test machines: fp16 is skipped and says why.
+    if onnxio.CUDA not in onnxio.available_providers():
+        assert "fp16_skipped" in m
+
+
+def test_valid_model_with_dynamic_batch(project: dict) -> None:
+    proto = onnx.load(project["onnx"])
+    onnx.checker.check_model(proto, full_check=True)
+    assert next(o.version for o in proto.opset_import if o.domain == "") == 18
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = onnxio.make_session(project["onnx"])
+    model, mf = load_model_file(project["root"] / "finetuned.pt")
+    images, _ = _images(11, 16, 1, np.random.default_rng(3))
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(preprocess(images, mf.mean, mf.std))).numpy()
+    for batch in (1, 3, 5, 11, 64):
+        got = onnxio.predict_logits(session, images, batch_size=batch)
+        assert got.shape == (11, 5)
+        assert np.abs(got - ref).max() <= 1e-4, batch
+
+
+def test_parity_at_several_batch_sizes(project: dict) -> None:
+    model, mf = load_model_file(project["root"] / "finetuned.pt")
+    images, _ = _images(70, 16, 1, np.random.default_rng(4))
+    with export.torch_threads(1):
+        figures = export.parity(onnxio.make_session(project["onnx"], threads=1), model, images, mf,
+                                (1, 2, 13, 64))
+    assert set(figures["by_batch_size"]) == {"1", "2", "13", "64"}
+    assert figures["max_abs_diff"] <= 1e-4 and figures["top1_agreement"] == 1.0
+    assert figures["max_abs_logit"] > 0.1  # the model is not degenerate: the check means something
+
+
+def test_metadata_round_trip(project: dict) -> None:
+    path = project["onnx"]
+    session = onnxio.make_session(path)
+    forms = [path, str(path), path.read_bytes(), onnx.load(path), session]
+    metas = [onnxio.read_metadata(form) for form in forms]
+    assert all(meta == metas[0] for meta in metas)
+    meta = metas[0]
+    assert meta["classes"] == CLASSES and meta["num_classes"] == 5
+    assert meta["image_size"] == 16 and meta["channels"] == 1 and meta["channel_order"] == "L"
+    assert meta["mean"] == MEAN and meta["std"] == STD and meta["layout"] == "NCHW"
+    assert meta["mlflow_run_id"] == RUN_ID
+    assert meta.get("git_commit") == git_commit()
+    assert meta["arch"] == "resnet_small" and len(meta["source_model_sha256"]) == 64
+    int8 = onnxio.read_metadata(project["root"] / "variants" / export.INT8_NAME)
+    assert int8["classes"] == CLASSES and int8["variant"] == "int8"
+
+
+def test_read_metadata_refuses_a_foreign_model(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(onnxio._probe_model())
+    with pytest.raises(onnxio.BadInput, match="not an imagepipe model"):
+        onnxio.read_metadata(foreign)
+
+
+def _perturbed(onnx_path: Path, delta: float):  # noqa: ANN202 - stands in for export_onnx
+    """export_onnx replaced by: the good model with its head bias moved by `delta`."""
+    def fake_export(model, mf, opset):  # noqa: ANN001, ANN202, ARG001
+        proto = onnx.load(onnx_path)
+        bias = next(t for t in proto.graph.initializer if list(t.dims) == [len(CLASSES)])
+        values = onnx.numpy_helper.to_array(bias) + np.float32(delta)
+        bias.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), bias.name))
+        return proto
+    return fake_export
+
+
+def test_gate_fails_and_leaves_no_model(project: dict, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(export, "export_onnx", _perturbed(project["onnx"], 1e-3))
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "0")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params()))
+    out, variants = tmp_path / "models" / "model.onnx", tmp_path / "models" / "onnx_variants"
+    out.parent.mkdir()
+    out.write_bytes(b"stale model from an earlier finetuned.pt")
+    variants.mkdir()
+    code = export.main(["--params", str(tmp_path / "params.yaml"),
+                        "--model", str(project["root"] / "finetuned.pt"),
+                        "--target", str(project["root"] / "target"), "--out", str(out),
+                        "--variants", str(variants), "--metrics", str(tmp_path / "export.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "parity gate failed" in err and "batch 7: max|dlogit| " in err
+    assert list(out.parent.iterdir()) == []  # no model, no variants, no temporary file
+    metrics = json.loads((tmp_path / "export.json").read_text())
+    assert metrics["gate_passed"] is False and abs(metrics["max_abs_diff"] - 1e-3) < 1e-5
+
+
+def test_gate_needs_every_top1_to_agree() -> None:
+    figures = {"max_abs_diff": 1e-6, "top1_agreement": 0.99, "max_abs_logit": 3.0,
+               "by_batch_size": {"1": {"max_abs_diff": 1e-6, "top1_agreement": 0.99}}}
+    with pytest.raises(export.ParityFailed, match="top-1 agreement 99.00%"):
+        export.check_gate(figures, 1e-4)
+    export.check_gate({**figures, "top1_agreement": 1.0}, 1e-4)
+
+
+def test_providers_cpu_only_and_quiet(capfd: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this checks the machine without one")
+    onnxio.available_providers.cache_clear()
+    assert onnxio.available_providers() == ["CPUExecutionProvider"]
+    session = onnxio.make_session(onnxio._probe_model())
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert capfd.readouterr().err == ""
+
+
+def test_fp16_variant_converts(project: dict) -> None:
+    # The stage makes fp16 only where CUDA loads (none here); ORT's CPU provider still runs it,
+    # which checks the conversion's numbers on this machine.
+    meta = onnxio.read_metadata(project["onnx"])
+    data = export.to_fp16(onnx.load(project["onnx"]), meta)
+    half = onnx.load_from_string(data)
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+    assert onnxio.read_metadata(half)["variant"] == "fp16"
+    images, _ = _images(20, 16, 1, np.random.default_rng(5))
+    fp32 = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)
+    fp16 = onnxio.predict_logits(onnxio.make_session(data), images)
+    assert np.abs(fp16 - fp32).max() < 2e-2 * max(1.0, np.abs(fp32).max())
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec("resnet_small", 5, in_channels=3, image_size=32, width=8),
+    pytest.param(ModelSpec("mobilenet_v3_small", 5, in_channels=3, image_size=32),
+                 marks=pytest.mark.slow),
+], ids=lambda s: f"{s.arch}-{s.in_channels}ch-{s.image_size}px")
+def test_other_models_pass_the_gate(spec: ModelSpec, tmp_path: Path) -> None:
+    make_model(tmp_path / "m.pt", spec, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    make_target(tmp_path / "target", spec.image_size, spec.in_channels)
+    params = parse_params(make_params(quantize_int8=False, fp16=False))
+    m = export.run(params, tmp_path / "m.pt", tmp_path / "target", tmp_path / "m.onnx")
+    assert m["gate_passed"] and m["max_abs_diff"] <= 1e-4
+    assert onnxio.read_metadata(tmp_path / "m.onnx")["channel_order"] == "RGB"

@@ -1,0 +1,122 @@
+"""imagepipe predict on images the test writes: RGB, grey, large, tiny, transparent, plus a
+missing and a broken file (an error line each, the rest predicted, exit code 2 at the end)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from stages import cli, export, predict
+from stages.core import onnxio
+from stages.core.models import ModelFile, ModelSpec, build_model, preprocess, save_model_file
+from stages.core.sources import canonical
+
+CLASSES = ["cat", "dog", "ship", "frog"]
+# Unusual numbers on purpose: predict must take them from the model's metadata.
+MEAN, STD = [0.6, 0.3, 0.45], [0.15, 0.35, 0.22]
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet_small", len(CLASSES), in_channels=3, image_size=SIZE, width=8)
+    model = build_model(spec).eval()
+    # Spread the head so the probabilities differ clearly between images.
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)
+    mf = ModelFile(spec, CLASSES, MEAN, STD, {})
+    save_model_file(root / "m.pt", model, mf)
+    proto = export.export_onnx(model, mf, opset=18)
+    meta = export.model_metadata(mf, root / "m.pt")
+    (root / "model.onnx").write_bytes(export.finish_model(proto, meta))
+    rng = np.random.default_rng(0)
+    images = {
+        "rgb.png": Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)),
+        "grey.jpg": Image.fromarray(rng.integers(0, 256, (25, 20), dtype=np.uint8), "L"),
+        "large.jpg": Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)),
+        "tiny.png": Image.fromarray(rng.integers(0, 256, (2, 3, 4), dtype=np.uint8), "RGBA"),
+    }
+    for name, img in images.items():
+        img.save(root / name)
+    (root / "broken.png").write_text("this is not a PNG")
+    return {"root": root, "model": model, "onnx": root / "model.onnx", "good": list(images)}
+
+
+def _torch_probs(model: torch.nn.Module, path: Path) -> np.ndarray:
+    """The reference: canonical form, the training preprocessing, eager torch, softmax."""
+    with Image.open(path) as img:
+        arr = canonical(img, SIZE, 3)[None]
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(preprocess(arr, MEAN, STD)))
+    return torch.softmax(logits.double(), 1).numpy()[0]
+
+
+def test_text_output_errors_and_exit_code(served: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    root = served["root"]
+    files = [str(root / "rgb.png"), str(root / "missing.png"), str(root / "grey.jpg"),
+             str(root / "broken.png"), str(root / "large.jpg"), str(root / "tiny.png")]
+    code = predict.main([str(served["onnx"]), *files, "--top-k", "2"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [files[0], files[2], files[4], files[5]]
+    for line in lines:
+        shown = line.split(": ", 1)[1].split("  ")
+        assert len(shown) == 2 and all(s.split()[0] in CLASSES and s.endswith("%") for s in shown)
+    assert f"{files[1]}: no such file" in err
+    assert f"{files[3]}: not an image" in err
+    assert "2 of 6 images could not be read" in err
+
+
+def test_json_matches_torch_with_the_metadata_preprocessing(
+        served: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    root = served["root"]
+    files = [str(root / name) for name in served["good"]] + [str(root / "missing.png")]
+    code = predict.main([str(served["onnx"]), *files, "--json", "--top-k", "10"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 2 and [r["image"] for r in rows] == files
+    assert rows[-1]["error"] == "no such file"
+    tops = []
+    for row in rows[:-1]:
+        top = row["top_k"]
+        assert len(top) == len(CLASSES)  # k is capped at the number of classes
+        probs = [t["probability"] for t in top]
+        assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+        ref = _torch_probs(served["model"], Path(row["image"]))
+        got = np.array([dict((t["class"], t["probability"]) for t in top)[c] for c in CLASSES])
+        assert np.abs(got - ref).max() < 1e-4, row["image"]
+        tops.append(top[0]["probability"])
+    assert max(tops) - min(tops) > 1e-3  # images are told apart: the comparison means something
+
+
+def test_all_readable_exits_zero_through_the_cli(served: dict,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = str(served["root"] / "rgb.png")
+    code = cli.main(["predict", str(served["onnx"]), image, "--top-k", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and len(out.splitlines()) == 1 and out.split(": ")[1].split()[0] in CLASSES
+
+
+def test_a_model_without_metadata_is_refused(tmp_path: Path, served: dict,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bare = onnx.load(served["onnx"])
+    del bare.metadata_props[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    code = predict.main([str(tmp_path / "bare.onnx"), str(served["root"] / "rgb.png")])
+    assert code == 2 and "not an imagepipe model" in capsys.readouterr().err
+
+
+def test_model_input_shape_comes_from_metadata(served: dict) -> None:
+    meta = onnxio.read_metadata(served["onnx"])
+    assert onnxio.input_shape(meta) == (SIZE, SIZE, 3) and meta["mean"] == MEAN
+    session = onnxio.make_session(served["onnx"])
+    with pytest.raises(onnxio.BadInput, match="uint8 N x 16 x 16 x 3"):
+        onnxio.predict_logits(session, np.zeros((1, 8, 8, 3), np.uint8))
