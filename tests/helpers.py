@@ -24,9 +24,16 @@ def write_params(path: Path, params: dict[str, Any]) -> Path:
 
 def run_stage(module: str, *args: str | Path, cwd: Path = REPO, timeout: float = 300
               ) -> subprocess.CompletedProcess[str]:
-    """`python -m stages.MODULE ARGS` as dvc.yaml runs it; returns the finished process."""
+    """`python -m stages.MODULE ARGS` as dvc.yaml runs it; returns the finished process.
+
+    MLflow tracking is off: these runs would land in the repo's own mlflow.db. The tracking
+    tests switch it on against stores of their own.
+    """
+    import os
+
+    env = {**os.environ, "IMAGEPIPE_TRACKING": "0"}
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def project_copy(dest: Path) -> Path:

@@ -1,10 +1,26 @@
-"""Where a result came from: the git commit and whether the tree had uncommitted changes."""
+"""Where a result came from: git commit and dirty flag, the `dvc.lock` hashes of a stage's
+inputs, the content hashes of the datasets, the Prefect flow run and the device.
+
+`lineage_tags(root, stage)` gathers all of it as flat string tags (what tracking puts on every
+MLflow run and on every registered model version). Reads files and asks git; imports nothing
+heavy unless torch is already loaded.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Set by the Prefect flow (flows/) to its flow-run id; absent under a plain `dvc repro`.
+FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
 
 
 def _git(*args: str, cwd: Path | None = None) -> str | None:
@@ -25,3 +41,114 @@ def git_dirty(cwd: Path | None = None) -> bool | None:
     """True when tracked files differ from HEAD; None outside a git checkout."""
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
     return None if status is None else bool(status)
+
+
+def dvc_lock_deps(root: Path, stage: str) -> dict[str, str]:
+    """{dep path: md5} of `stage` as recorded in root/dvc.lock; {} when it has no entry.
+
+    Beware: while a stage runs under `dvc repro`, dvc.lock still holds its *previous* run
+    (DVC rewrites the entry when the stage ends). `dep_hashes` computes the current ones.
+    """
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    entry = (lock.get("stages") or {}).get(stage) or {}
+    out: dict[str, str] = {}
+    for dep in entry.get("deps") or []:
+        if isinstance(dep, dict) and "path" in dep and dep.get("md5"):
+            out[str(dep["path"])] = str(dep["md5"])
+    return out
+
+
+def dep_hashes(root: Path, stage: str, deps: list[str]) -> dict[str, str]:
+    """{dep path: md5} of the stage's inputs as they are now: the value DVC writes into
+    dvc.lock when this run of the stage ends. Falls back to what dvc.lock recorded for a dep
+    that cannot be hashed here."""
+    recorded = dvc_lock_deps(root, stage)
+    hashed = path_hashes(root, deps)
+    return {d: hashed.get(d) or recorded[d] for d in deps if d in hashed or d in recorded}
+
+
+def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
+    """{path: md5} as DVC computes it (a file's md5; a folder's md5 of its listing + ".dir"),
+    by DVC's own hashing code and .dvcignore rules; paths that cannot be hashed are left out.
+
+    Tagging a stage's outputs this way and its inputs likewise links runs into a graph: the
+    run whose output hash equals another run's input hash made that input.
+    """
+    out: dict[str, str] = {}
+    for rel in paths:
+        try:
+            out[rel] = _dvc_md5(root, rel)
+        except Exception:  # noqa: BLE001 - missing file, dvc_data internals moved: no tag
+            continue
+    return out
+
+
+def _dvc_md5(root: Path, dep: str) -> str:
+    # dvc_data is what DVC itself hashes with; verified equal to dvc.lock by
+    # tests/integration/test_tracking.py::test_dvc_repro_groups_stages_and_tags_lock_hashes.
+    from dvc.ignore import DvcIgnoreFilter
+    from dvc_data.hashfile.build import _build_tree
+    from dvc_data.hashfile.hash import file_md5
+    from dvc_objects.fs.local import LocalFileSystem
+
+    path = root / dep
+    if path.is_file():
+        return str(file_md5(str(path)))
+    fs = LocalFileSystem()
+    _, tree = _build_tree(str(path), fs, {}, "md5", ignore=DvcIgnoreFilter(fs, str(root)),
+                          dry_run=True)
+    return str(tree.hash_info.value)
+
+
+def data_hashes(root: Path) -> dict[str, str]:
+    """{"<dataset>.<array>": sha256} for every dataset under root/data with a manifest.
+
+    The manifest's sha256 of each array is the content of the data, whatever tool moved it.
+    """
+    out: dict[str, str] = {}
+    for manifest in sorted((root / "data").glob("*/manifest.json")):
+        try:
+            sums = json.loads(manifest.read_text()).get("sha256") or {}
+        except (OSError, ValueError):
+            continue
+        for array, digest in sorted(sums.items()):
+            out[f"{manifest.parent.name}.{Path(array).stem}"] = str(digest)
+    return out
+
+
+def device_name() -> str:
+    """'cuda:<GPU name>' when a CUDA device is usable, else 'cpu'.
+
+    Asks torch only when it is already imported (a stage that trained loaded it): importing it
+    here would cost seconds to stages that never touch a GPU.
+    """
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def lineage_tags(root: Path, stage: str | None = None, deps: list[str] | None = None
+                 ) -> dict[str, str]:
+    """Flat string tags naming the code, data, inputs, orchestrator run and device."""
+    tags: dict[str, str] = {"device": device_name(), "host": platform.node()}
+    commit = git_commit(root)
+    if commit:
+        tags["git.commit"] = commit
+        # MLflow's own key: the UI links the run to its commit.
+        tags["mlflow.source.git.commit"] = commit
+    dirty = git_dirty(root)
+    if dirty is not None:
+        tags["git.dirty"] = str(dirty).lower()
+    if stage:
+        for path, md5 in dep_hashes(root, stage, deps or []).items():
+            tags[f"dvc.dep.{path}"] = md5
+    for key, digest in data_hashes(root).items():
+        tags[f"data.{key}.sha256"] = digest
+    flow_run = os.environ.get(FLOW_RUN_ENV)
+    if flow_run:
+        tags["prefect.flow_run_id"] = flow_run
+    return tags
