@@ -15,6 +15,7 @@ COMMANDS = {
     "predict": ("stages.predict", "main", "classify images with an exported ONNX model"),
     "promote": ("stages.registry", "promote_main", "promote the challenger if it beats the champion"),
     "rollback": ("stages.registry", "rollback_main", "move champion back to previous-champion"),
+    "lineage": ("stages.registry", "lineage_main", "walk a model version back to its data, code, params"),
 }
 
 
