@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# The Prefect flow on Prefect's temporary local API; e.g. make run ARGS="-S augment.copies=3".
 run: install
-	$(VENV)/bin/imagepipe run
+	$(VENV)/bin/imagepipe run $(ARGS)
+
+# Local Prefect server (127.0.0.1:4200), work pool `gpu`, a worker, prefect.yaml deployed, one
+# run watched to its end; server and worker keep running: `$(PY) -m flows.deploy --stop`.
+deploy: install
+	$(PY) -m flows.deploy $(ARGS)
 
 test: install
 	$(PY) -m pytest

@@ -1,0 +1,362 @@
+"""DVC side of the flow: which stages are stale, params overrides, and one stage run as a
+killable subprocess whose exit code becomes a typed error. No Prefect here (flows/pipeline.py
+decides retries from the error types), so all of it runs and is tested without a server.
+
+DVC stays the judge of what is stale: the plan comes from one in-process `Repo.status()`
+(DVC's start-up is paid once, not once per stage), and each stage that may need work runs as
+`dvc repro --single-item STAGE`, which skips it again if it turns out to be up to date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("imagepipe.flow")
+
+EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 75
+# SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
+KILL_GRACE_S = 10.0
+# DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
+_DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
+# What stages.core.errors.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".
+_STAGE_REASON = re.compile(r"^[\w.-]+: (error|transient failure)\b")
+
+
+class StageError(RuntimeError):
+    """A stage (or DVC around it) failed; `reason` is the one line worth showing."""
+
+    retryable = False
+
+    def __init__(self, stage: str, code: int | None, reason: str) -> None:
+        self.stage, self.code, self.reason = stage, code, reason
+        super().__init__(f"{stage}: {reason}" if not reason.startswith(f"{stage}:") else reason)
+
+
+class StageTransient(StageError):
+    """Exit 75 or a death by signal: a retry may cure it."""
+
+    retryable = True
+
+
+class StageBadInput(StageError):
+    """Exit 2: bad data or configuration; running it again cannot help."""
+
+
+class StageTimeout(StageError):
+    """Ran past its time limit and was killed. Not retried: a slow stage stays slow."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages to consider, in dependency order, and which of them need a DVC run."""
+
+    order: list[str]  # the selected stages
+    all_stages: list[str]  # every stage of dvc.yaml
+    stale: dict[str, str]  # stage -> why DVC says it changed
+    to_run: list[str]  # stale, or downstream of a stale stage: DVC decides again when run
+    skipped_upstream: list[str] = field(default_factory=list)  # stale but not selected
+    remote: str | None = None  # the default DVC remote, if one is set
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
+    """Ask DVC once, in process, what is stale; everything downstream of that may change too."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo  # lazy: ~0.5 s, and only this function needs it
+
+    try:
+        return _plan(Repo, root, selected)
+    except DvcException as err:  # dvc.yaml or params.yaml invalid, not a DVC repo, ...
+        detail = f": {err.__cause__}" if err.__cause__ else ""
+        raise StageBadInput("dvc", EXIT_BAD_INPUT, f"{err}{detail}".splitlines()[0]) from None
+
+
+def _plan(Repo: Any, root: Path, selected: Sequence[str] | None) -> Plan:
+    with Repo(str(root)) as repo:
+        names = _pipeline_stages(repo, root)
+        order = _topological(repo, names)
+        unknown = sorted(set(selected or ()) - set(order))
+        if unknown:
+            raise StageBadInput("flow", EXIT_BAD_INPUT,
+                                f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: "
+                                f"{', '.join(order)}")
+        by_address = {stage.addressing: name for stage, name in names.items()}
+        stale = {by_address[addr]: _why(changes) for addr, changes in repo.status().items()
+                 if addr in by_address}
+        chosen = [s for s in order if selected is None or s in selected]
+        downstream = _related(repo, names, set(stale), nx_fn="ancestors")  # edges: stage -> dep
+        upstream = _related(repo, names, set(chosen), nx_fn="descendants")
+        remote = repo.config["core"].get("remote")
+    to_run = [s for s in chosen if s in stale or s in downstream]
+    skipped = [s for s in order if s in stale and s not in chosen and s in upstream]
+    return Plan(order=chosen, all_stages=order, stale=stale, to_run=to_run,
+                skipped_upstream=skipped, remote=remote)
+
+
+def _pipeline_stages(repo: Any, root: Path) -> dict[Any, str]:
+    """The stages of the top-level dvc.yaml -> their names. (DVC's `addressing` is relative to
+    the process's working directory, so names come from the stage and its file instead.)"""
+    top = (root / "dvc.yaml").resolve()
+    return {stage: stage.name for stage in repo.index.stages
+            if getattr(stage, "name", None) and Path(stage.dvcfile.path).resolve() == top}
+
+
+def _topological(repo: Any, names: dict[Any, str]) -> list[str]:
+    """Stage names, dependencies first (file order among stages that do not depend on each
+    other)."""
+    import networkx as nx  # DVC's own dependency
+
+    graph = repo.index.graph.reverse(copy=True)  # DVC's edges point from a stage to its deps
+    position = {stage: i for i, stage in enumerate(repo.index.stages)}
+    ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position.get(s, 0))
+    return [names[s] for s in ordered if s in names]
+
+
+def _related(repo: Any, names: dict[Any, str], of: set[str], nx_fn: str) -> set[str]:
+    """Stages that depend on `of` (nx_fn="ancestors") or that `of` depends on ("descendants")."""
+    import networkx as nx
+
+    found: set[str] = set()
+    for stage, name in names.items():
+        if name in of:
+            found |= {names[s] for s in getattr(nx, nx_fn)(repo.index.graph, stage) if s in names}
+    return found
+
+
+def _why(changes: Iterable[Any]) -> str:
+    """DVC's status entry for a stage, shortened to one line ("changed deps: params.yaml")."""
+    parts = []
+    for change in changes:
+        if isinstance(change, dict):
+            parts += [f"{kind}: {', '.join(map(str, what)) if isinstance(what, dict) else what}"
+                      for kind, what in change.items()]
+        else:
+            parts.append(str(change))
+    return "; ".join(parts) or "changed"
+
+
+# -- params overrides, as `dvc exp run -S` applies them ------------------------------------
+
+
+def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "params.yaml",
+                    validate: Callable[[Path], object] | None = None) -> list[str]:
+    """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to the params file in
+    place with DVC's own code, so `dvc repro` records them in dvc.lock; return one line per
+    changed key. A bad override or a file the validator refuses restores the file and raises.
+    """
+    if not overrides:
+        return []
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    path = root / params_file
+    before_text = path.read_text()
+    before = yaml.safe_load(before_text) or {}
+    try:
+        dvc_apply(path, list(overrides))
+        after = yaml.safe_load(path.read_text()) or {}
+        if validate is not None:
+            validate(path)
+    except InvalidArgumentError as err:
+        path.write_text(before_text)
+        cause = str(err.__cause__ or err).splitlines()[0]
+        raise StageBadInput("params", EXIT_BAD_INPUT,
+                            f"bad override {list(overrides)}: {cause}") from None
+    except BaseException as err:
+        path.write_text(before_text)
+        if isinstance(err, StageError | KeyboardInterrupt | SystemExit):
+            raise
+        raise StageBadInput("params", EXIT_BAD_INPUT, str(err).splitlines()[0]) from None
+    changes = _diff(_flatten(before), _flatten(after))
+    if not changes:
+        path.write_text(before_text)  # same values: keep the user's formatting
+    return changes
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    missing = object()
+    keys = sorted(set(before) | set(after))
+    return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys
+            if before.get(k, missing) != after.get(k, missing)]
+
+
+# -- running a stage -----------------------------------------------------------------------
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, with this interpreter's folder first on PATH: dvc.yaml says `python`,
+    and that must be the interpreter that has the project installed even when nobody activated
+    the virtualenv (`.venv/bin/imagepipe run`, a Prefect worker)."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Finished:
+    code: int
+    tail: list[str]  # last lines of stderr+stdout (or stderr alone when stdout is captured)
+    stdout: str
+    seconds: float
+
+
+def run_killable(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: float | None,
+                 on_line: Callable[[str], None], capture_stdout: bool = False) -> Finished:
+    """Run `cmd` in its own process group, each output line to `on_line`; past `timeout_s`
+    the whole group (DVC, the shell, the stage and its workers) is killed, not just DVC.
+    Returns the exit code (negative: killed by that signal); raises TimeoutError on timeout.
+    """
+    start = time.perf_counter()
+    # Captured stdout (a command's JSON answer) stays apart from its log lines on stderr.
+    stderr = subprocess.PIPE if capture_stdout else subprocess.STDOUT
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, process_group=0,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, errors="replace")
+    tail: deque[str] = deque(maxlen=200)
+    out: list[str] = []
+    stream = proc.stderr if capture_stdout else proc.stdout
+    readers = [_pump(stream, lambda line: (tail.append(line), on_line(line)))]
+    if capture_stdout:
+        readers.append(_pump(proc.stdout, out.append))
+    _LIVE.add(proc)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise TimeoutError(f"ran past {timeout_s:g} s") from None
+    except BaseException:
+        # Cancelled, interrupted, or the flow's own process is ending: leave no orphan behind.
+        kill_group(proc)
+        raise
+    finally:
+        _LIVE.discard(proc)
+        for reader in readers:
+            reader.join(timeout=5)
+    return Finished(proc.returncode, list(tail), "".join(out), time.perf_counter() - start)
+
+
+_LIVE: set[subprocess.Popen[str]] = set()
+
+
+def kill_live_groups() -> None:
+    """Kill every stage process group still running (the flow process is going away)."""
+    for proc in list(_LIVE):
+        kill_group(proc, grace_s=2.0)
+
+
+def _pump(stream: Any, sink: Callable[[str], None]) -> threading.Thread:
+    def pump() -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+        stream.close()
+
+    # In the caller's context: Prefect keeps its settings (the API URL) and the task run in
+    # context variables, and a thread without them would log to a new temporary server.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(pump,), daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_group(proc: subprocess.Popen[str], grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; SIGKILL any child that ignored SIGTERM (a DataLoader worker).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+def repro_command(stage: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+
+
+def run_dvc_stage(root: Path, stage: str, env: dict[str, str], timeout_s: float | None,
+                  on_line: Callable[[str], None]) -> Finished:
+    """`dvc repro --single-item STAGE`; a failure raises the StageError subclass it deserves."""
+    try:
+        done = run_killable(repro_command(stage), root, env, timeout_s, on_line)
+    except TimeoutError as err:
+        raise StageTimeout(stage, None, f"{err}; its process group was killed") from None
+    if done.code != 0:
+        raise classify(stage, done.code, done.tail)
+    return done
+
+
+def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
+    """Map DVC's exit and output to an error type: the stage's own exit code when DVC reports
+    one ("exited with N"), else DVC's."""
+    code, dvc_line = dvc_code, None
+    for i in range(len(tail) - 1, -1, -1):
+        match = _DVC_EXIT.search(tail[i])
+        if match:
+            code, dvc_line = int(match.group(1)), i
+            break
+    reason = _reason(tail, dvc_line)
+    if code == EXIT_TRANSIENT:
+        return StageTransient(stage, code, reason)
+    if code < 0 or 128 < code <= 128 + 64:  # killed by a signal (directly, or as the shell says)
+        sig = -code if code < 0 else code - 128
+        return StageTransient(stage, code, f"killed by signal {_signame(sig)}: {reason}")
+    if code == EXIT_BAD_INPUT:
+        return StageBadInput(stage, code, reason)
+    if dvc_line is None and any("Unable to acquire lock" in line for line in tail):
+        return StageTransient(stage, code, reason)  # another DVC process holds the repo
+    return StageError(stage, code, f"exit {code}: {reason}")
+
+
+def _reason(tail: list[str], dvc_line: int | None) -> str:
+    """The stage's own one-line reason, else the last line before DVC's error, else DVC's."""
+    upto = tail[:dvc_line] if dvc_line is not None else tail
+    for line in reversed(upto):
+        if _STAGE_REASON.match(line.strip()):
+            return line.strip()
+    lines = [line.strip() for line in upto if line.strip()]
+    if dvc_line is not None:
+        lines = [line for line in lines if not line.startswith("ERROR:")] or lines
+        return lines[-1] if lines else tail[dvc_line].strip()
+    return lines[-1] if lines else "no output"
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

@@ -1,0 +1,79 @@
+"""GPU slots: a training stage holds one for its whole run, so no two share a GPU.
+
+Two layers, because they fail differently:
+* a lock file per GPU on this machine (`flock`): the kernel frees it when its holder dies, even
+  by `kill -9`, and its index says which GPU the stage gets (CUDA_VISIBLE_DEVICES);
+* against a real Prefect server, also the global concurrency limit `gpu`: it spans machines,
+  shows in the UI, and the server's repossessor frees the slot of a run that died. A temporary
+  local API runs no repossessor (Prefect starts only a few services there), so a slot leaked by
+  a killed run would block training there for good: on that API the lock files alone guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger("imagepipe.flow")
+
+POLL_S = 2.0
+
+
+def gpu_slots() -> int:
+    """IMAGEPIPE_GPU_SLOTS, else the NVIDIA GPUs the driver lists (no torch import), else 1."""
+    if os.environ.get("IMAGEPIPE_GPU_SLOTS"):
+        return max(1, int(os.environ["IMAGEPIPE_GPU_SLOTS"]))
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+
+
+def lock_dir() -> Path:
+    """Machine-wide (every user's runs share the GPUs): IMAGEPIPE_GPU_LOCK_DIR or /tmp/...."""
+    path = Path(os.environ.get("IMAGEPIPE_GPU_LOCK_DIR")
+                or Path(tempfile.gettempdir()) / "imagepipe-gpu-slots")
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            path.chmod(0o1777)  # like /tmp: anyone may lock, nobody may delete others' files
+    return path
+
+
+@contextlib.contextmanager
+def local_gpu_slot(slots: int, on_wait: Callable[[str], None] = log.info) -> Iterator[int]:
+    """Hold one of `slots` lock files; yield its index. Waits (polling) while all are held."""
+    folder = lock_dir()
+    waited = False
+    while True:
+        for index in range(slots):
+            # Read-only is enough for flock, and works on a file another user created.
+            fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield index
+            finally:
+                os.close(fd)  # closing releases the lock
+            return
+        if not waited:
+            on_wait(f"all {slots} GPU slot(s) of this machine are busy ({folder}); waiting")
+            waited = True
+        time.sleep(POLL_S)
+
+
+def visible_device(index: int, slots: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for slot `index` on a machine with several GPUs; nothing with one
+    (or none), so a single-GPU or CPU setup is left exactly as the user configured it."""
+    if slots < 2:
+        return {}
+    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    device = listed[index] if index < len(listed) else str(index)
+    return {"CUDA_VISIBLE_DEVICES": device}

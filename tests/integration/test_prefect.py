@@ -1,0 +1,103 @@
+"""The nightly deployment for real: `prefect server start` on 127.0.0.1, the process work pool
+`gpu`, a worker, `prefect deploy` of prefect.yaml on a temporary copy of the project (its own
+git repo and a local DVC remote), and a triggered run that clones, pulls, runs ingest and pushes.
+Everything is started and stopped by the fixture; PREFECT_HOME lives in tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows import deploy, pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+COPIED = ["stages", "flows", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvcignore",
+          ".gitignore", ".dvc/config"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _project_copy(dest: Path, remote: Path) -> Path:
+    """This project's code and prefect.yaml, with a dvc.yaml of the ingest stage alone (the
+    other stages are not the point here), committed to a fresh git repo with a DVC remote."""
+    for name in COPIED:
+        src, dst = REPO / name, dest / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": stages["ingest"]}}))
+    (dest / ".dvc" / "config").write_text(
+        f"[core]\n    analytics = false\n    remote = local\n['remote \"local\"']\n"
+        f"    url = {remote}\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def prefect_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    remote = tmp_path / "dvc-remote"
+    project = _project_copy(tmp_path / "project", remote)
+    port = _free_port()
+    (tmp_path / "tmp").mkdir()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = deploy.tool_env(api_url, {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once (default 10 s)
+        "IMAGEPIPE_GIT_URL": str(project),
+        "IMAGEPIPE_GIT_BRANCH": "main",
+        "IMAGEPIPE_GPU_LOCK_DIR": str(tmp_path / "locks"),
+        "TMPDIR": str(tmp_path / "tmp"),  # the worker's runner_storage/ and the run's clone
+    })
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(deploy.start_server(port, env, tmp_path / "server.log", services=False))
+        deploy.wait_healthy(api_url, procs[0], 180, tmp_path / "server.log")
+        deploy.create_pool(env)
+        procs.append(deploy.start_worker(env, tmp_path / "worker.log", tmp_path))
+        deploy.deploy(project, env)
+        yield {"api_url": api_url, "remote": remote, "logs": tmp_path}
+    finally:
+        for proc in reversed(procs):
+            deploy.stop(proc)
+        assert all(p.poll() is not None for p in procs), "a server or worker outlived the test"
+
+
+@pytest.mark.timeout(300)
+def test_nightly_deployment_runs_on_a_process_worker(prefect_stack: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    run = deploy.trigger_and_watch(prefect_stack["api_url"],
+                                   {"stages": ["ingest"], "promote": False}, timeout_s=240)
+    worker_log = (prefect_stack["logs"] / "worker.log").read_text(errors="replace")
+    assert run.state is not None and run.state.is_completed(), worker_log[-4000:]
+    # prefect.yaml's push: true sent ingest's outputs to the DVC remote.
+    assert any(p.is_file() for p in prefect_stack["remote"].rglob("*")), worker_log[-4000:]
+    with temporary_settings(updates={PREFECT_API_URL: prefect_stack["api_url"]}):
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(deploy.DEPLOYMENT)
+            artifacts = client.read_artifacts()
+    # The nightly schedule is there, and off until someone resumes it.
+    assert [(s.schedule.cron, s.active) for s in dep.schedules] == [("0 2 * * *", False)]
+    assert dep.work_pool_name == "gpu"
+    ours = [a for a in artifacts if a.flow_run_id == run.id and a.key == pipeline.ARTIFACT_KEY]
+    assert ours and "| ingest | ran |" in str(ours[0].data)
