@@ -93,52 +93,78 @@ Arch = Literal["resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "ef
 
 
 class TrainParams(_Section):
-    """What pretrain and finetune share: optimiser, schedule, budget, device."""
+    """What pretrain and finetune share: optimiser, schedule, online augmentation, device."""
 
-    epochs: Annotated[int, Field(ge=0)] = 5
     batch_size: PositiveInt = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Peak learning rate (after warm-up). SGD uses Nesterov momentum when momentum > 0.
     lr: PositiveFloat = 0.1
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: NonNegFloat = 5e-4
+    # onecycle: linear warm-up then linear decay to 0; cosine: linear warm-up then cosine to 0.
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    # Online augmentation on the training device, every epoch.
-    crop_padding: Annotated[int, Field(ge=0)] = 2
+    # Online augmentation on the training device, every epoch: crop with reflect padding, flip.
+    crop_padding: Annotated[int, Field(ge=0, le=16)] = 2
     hflip: bool = False
+    # Checkpoint every N optimiser steps as well as every epoch (0: every epoch only).
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile the model (CUDA mostly: on a CPU the compile time rarely pays back).
     compile: bool = False
 
 
 class PretrainParams(TrainParams):
+    epochs: Annotated[int, Field(ge=0)] = 5
     model: Arch = "resnet_small"
+    # Channels of resnet_small's first layer (the others are 2x, 4x, 8x); other models ignore it.
     width: PositiveInt = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # imagenet: start from torchvision's ImageNet weights (needs a network once).
     weights: Literal["none", "imagenet"] = "none"
 
 
 class FinetuneParams(TrainParams):
+    # Phase 1: new head only, backbone frozen (BatchNorm statistics included), lr = lr.
     head_epochs: Annotated[int, Field(ge=0)] = 3
+    # Phase 2: everything trains; backbone lr = backbone_lr_scale x lr.
     full_epochs: Annotated[int, Field(ge=0)] = 5
     backbone_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    # The same network trained from scratch on the same data, epochs (head + full) and schedule.
     baseline: bool = True
     # Learning rate of the from-scratch baseline (tuned on its own, never weakened).
     scratch_lr: PositiveFloat = 0.1
 
+    @model_validator(mode="after")
+    def _some_training(self) -> FinetuneParams:
+        if self.head_epochs + self.full_epochs == 0:
+            raise ValueError("head_epochs + full_epochs must be at least 1")
+        return self
+
 
 class EvaluateParams(_Section):
     batch_size: PositiveInt = 256
+    # Equal-width confidence bins of the expected calibration error.
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class ExportParams(_Section):
+    # 18: the opset torch 2.14's dynamo exporter writes natively (others go through onnx's
+    # version converter) and that onnxruntime 1.20+ runs in full.
     opset: Annotated[int, Field(ge=13, le=23)] = 18
+    # Target images for the parity gate: the test split, topped up from val/train if smaller.
     parity_images: Annotated[int, Field(ge=1)] = 256
     parity_atol: PositiveFloat = 1e-4
+    # Extra artifacts in models/onnx_variants/, each with its accuracy delta on the test split.
     quantize_int8: bool = True
-    fp16: bool = True
+    calibration_images: Annotated[int, Field(ge=1)] = 256
+    fp16: bool = True  # written only where the CUDA provider loads (fp16 runs on GPUs only)
+    # Threads for the ORT-vs-torch timing, the same on both sides; 0 = every usable core.
+    threads: Annotated[int, Field(ge=0)] = 0
+    # Interleaved timing rounds (ORT, torch, ORT, ...); metrics report the medians.
+    timing_repeats: Annotated[int, Field(ge=1, le=100)] = 7
 
 
 class RegistryParams(_Section):

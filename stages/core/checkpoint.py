@@ -1,0 +1,141 @@
+"""Training checkpoints: everything a killed run needs to go on as if it had never stopped.
+
+One file per training run (checkpoints/<stage>/<run>.pt), replaced atomically each time, holds:
+model, optimizer, scheduler and grad-scaler states; the python, numpy, torch and CUDA RNG
+states; the position (epoch, steps done in it, the epoch's running totals); the history of
+finished epochs; and the fingerprint (params and input hashes) it was made under.
+
+A checkpoint is resumed only when its fingerprint equals the current one: one made under other
+params would silently mix two experiments. Then the run starts fresh and the log says which
+keys differ. Loading uses torch.load(weights_only=True): the file holds only tensors and
+plain containers (RNG states are converted to them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core.io import atomic_path
+
+log = logging.getLogger("imagepipe.checkpoint")
+FORMAT = 1
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` batches of `epoch` are done (0-based epoch)."""
+
+    epoch: int = 0
+    step: int = 0
+    # Running sums of the unfinished epoch, so its logged row is the same after a resume.
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Resumed:
+    position: Position
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like trees, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+class CheckpointStore:
+    """Save and resume one training run; `fingerprint` is what must match to resume."""
+
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        # Round-trip through JSON so tuples and lists compare equal to what a file holds.
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+    def save(self, objects: dict[str, Any], position: Position, history: list[dict[str, Any]]
+             ) -> None:
+        payload = {
+            "format": FORMAT,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "state": {name: obj.state_dict() for name, obj in objects.items()},
+            "rng": capture_rng(),
+            "position": asdict(position),
+            "history": json.dumps(history),
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
+
+    def resume(self, objects: dict[str, Any]) -> Resumed | None:
+        """Load the states into `objects` and restore the RNGs; None means start fresh."""
+        raw = self._read()
+        if raw is None:
+            return None
+        for name, obj in objects.items():
+            obj.load_state_dict(raw["state"][name])
+        restore_rng(raw["rng"])
+        pos = Position(**raw["position"])
+        log.info("resuming from %s: epoch %d, step %d", self.path, pos.epoch + 1, pos.step)
+        return Resumed(pos, json.loads(raw["history"]))
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            raw = torch.load(self.path, map_location="cpu", weights_only=True)
+            stored = json.loads(raw["fingerprint"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file means the same: start over
+            log.warning("not resuming %s: unreadable (%s: %s); starting fresh", self.path,
+                        type(err).__name__, err)
+            return None
+        if raw.get("format") != FORMAT or stored != self.fingerprint:
+            diff = differences(stored, self.fingerprint) or ["checkpoint format"]
+            shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+            log.warning("not resuming %s: it was made under other params (%s); starting fresh",
+                        self.path, shown)
+            return None
+        return raw

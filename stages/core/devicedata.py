@@ -1,0 +1,191 @@
+"""The training data path: uint8 images on the device, augmented and normalised in whole batches.
+
+Input: a dataset's uint8 N x H x W x C array (usually a read-only memmap), its labels and the
+indices of one split. Output: an iterator of (float N x C x H x W normalised images, int64
+labels) on the device, per epoch.
+
+Why not a DataLoader: on small images the per-sample Python work of a DataLoader (index, crop,
+flip, collate, one image at a time) costs more than the network on a few CPU cores, and on a
+GPU it starves the device. Here a set that fits is copied to the device once as uint8 (a
+quarter of float32's size) and every epoch is a few indexing operations on whole batches
+(airbench's habit). `benchmarks/bench_datapath.py` measures this path against a torchvision
+DataLoader with the same per-sample transforms.
+
+Randomness: each epoch's permutation and each batch's crop offsets and flips come from a numpy
+Generator seeded with (seed, epoch), never from the global RNG. So an epoch is the same batches
+whatever happened before it, which is what lets a run resumed mid-epoch skip the batches it
+already did and still end bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger("imagepipe.data")
+
+# Share of the free memory (device memory on CUDA, RAM on the CPU) that a resident set may take:
+# the rest is for the model, its activations and everything else on the machine.
+RESIDENT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class OnlineAugment:
+    """Cheap geometric augmentation applied per image, drawn per epoch: crop with reflect
+    padding of `crop_padding` pixels and, when `hflip`, a horizontal flip with p = 0.5."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):  # not POSIX: assume it fits, as a DataLoader would
+        return 1 << 62
+
+
+def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in [-(n-1), 2(n-1)] mirrored into [0, n-1] (numpy's 'reflect' padding).
+
+    Padding by index arithmetic instead of padding the images: no padded copy of the set, and
+    it works on uint8, which torch's reflection padding does not accept."""
+    idx = idx.abs()
+    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+
+def crop_flip_grid(offsets: np.ndarray, flips: np.ndarray, size: tuple[int, int], pad: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (B x H) and column (B x W) source indices of each image's crop and flip."""
+    h, w = size
+    off = torch.from_numpy(offsets).to(device)
+    rows = reflect(off[:, :1] - pad + torch.arange(h, device=device), h)
+    cols = reflect(off[:, 1:] - pad + torch.arange(w, device=device), w)
+    flip = torch.from_numpy(flips).to(device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return rows, cols
+
+
+class DeviceBatches:
+    """Batches of one split, resident on the device when they fit, else streamed from the memmap.
+
+    `epoch(e, start_step)` yields the batches of epoch e from batch `start_step` on. Training
+    batches are shuffled, augmented and drop the ragged last batch (a batch of one breaks
+    BatchNorm); evaluation batches are in order, plain, and complete.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,
+                 device: torch.device, mean: list[float], std: list[float], batch_size: int,
+                 train: bool, augment: OnlineAugment = OnlineAugment(), seed: int = 0,
+                 channels_last: bool = False, resident: bool | None = None) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.n = len(self.indices)
+        self.size = (int(images.shape[1]), int(images.shape[2]))
+        self.device, self.train, self.seed = device, train, seed
+        self.augment = augment if train else OnlineAugment()
+        self.batch_size = min(batch_size, self.n) if train else batch_size
+        self.channels_last = channels_last
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._labels = torch.from_numpy(np.asarray(labels)[self.indices].astype(np.int64)).to(device)
+        self._source = images
+        self._resident: torch.Tensor | None = None
+        nbytes = self.n * int(np.prod(images.shape[1:]))
+        if resident is None:
+            resident = nbytes <= RESIDENT_SHARE * free_memory_bytes(device)
+        if resident:
+            self._resident = self._to_device(images, self.indices)
+        self.resident = self._resident is not None
+        log.debug("%d images, %s", self.n, "resident on the device" if self.resident else "streamed")
+
+    def _to_device(self, images: np.ndarray, indices: np.ndarray) -> torch.Tensor | None:
+        try:
+            return torch.from_numpy(np.ascontiguousarray(images[indices])).to(self.device)
+        except torch.OutOfMemoryError:
+            # The fallback: stream from the memmap instead of failing the run.
+            log.warning("the set does not fit on %s: streaming it in batches", self.device)
+            torch.cuda.empty_cache()
+            return None
+
+    def __len__(self) -> int:
+        if self.train:
+            return max(self.n // self.batch_size, 1)
+        return -(-self.n // self.batch_size)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return min(len(self) * self.batch_size, self.n)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self._draw(epoch)
+        for step in range(start_step, len(self)):
+            pos = order[step * self.batch_size:(step + 1) * self.batch_size]
+            lo, hi = step * self.batch_size, step * self.batch_size + len(pos)
+            yield self._batch(pos, offsets[lo:hi], flips[lo:hi]), self._labels[pos]
+
+    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole epoch's order and augmentation, from (seed, epoch) alone."""
+        if not self.train:
+            return np.arange(self.n), np.zeros((self.n, 2), np.int64), np.zeros(self.n, bool)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n)
+        pad = self.augment.crop_padding
+        offsets = rng.integers(0, 2 * pad + 1, size=(self.n, 2))
+        flips = rng.random(self.n) < 0.5 if self.augment.hflip else np.zeros(self.n, bool)
+        return order, offsets, flips
+
+    def _batch(self, pos: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        if self._resident is not None:
+            src, which = self._resident, torch.from_numpy(pos).to(self.device)
+        else:
+            # Sorted reads are sequential on disk; the labels follow `pos`, so restore its order.
+            sort = np.argsort(self.indices[pos], kind="stable")
+            src = torch.empty((len(pos), *self._source.shape[1:]), dtype=torch.uint8)
+            src[torch.from_numpy(sort)] = torch.from_numpy(np.ascontiguousarray(
+                self._source[self.indices[pos][sort]]))
+            src = src.to(self.device, non_blocking=True)
+            which = torch.arange(len(pos), device=self.device)
+        if self.augment.active:
+            rows, cols = crop_flip_grid(offsets, flips, self.size, self.augment.crop_padding,
+                                        self.device)
+            # One gather does the batch selection, the crop and the flip: B x H x W x C.
+            x = src[which[:, None, None], rows[:, :, None], cols[:, None, :]]
+        else:
+            x = src[which]
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 B x H x W x C -> float B x C x H x W, the same arithmetic as models.preprocess."""
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+def channel_stats(images: np.ndarray, indices: np.ndarray, chunk: int = 4096
+                  ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale, in chunks (the set may not fit in memory)."""
+    total = np.zeros(images.shape[-1], dtype=np.float64)
+    squares = np.zeros_like(total)
+    count = 0
+    for lo in range(0, len(indices), chunk):
+        x = np.asarray(images[np.sort(indices[lo:lo + chunk])], dtype=np.float64) / 255.0
+        total += x.sum(axis=(0, 1, 2))
+        squares += (x * x).sum(axis=(0, 1, 2))
+        count += x.shape[0] * x.shape[1] * x.shape[2]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
+    # A constant channel would divide by zero; 1.0 leaves it centred and unscaled.
+    std = np.where(std < 1e-6, 1.0, std)
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]

@@ -1,0 +1,218 @@
+"""evaluate: data/target/ (test split) + models/finetuned.pt, models/scratch.pt, models/probe.pt
+-> metrics/evaluate.json, metrics/per_class.json, plots/confusion.png, plots/confusion.csv.
+
+Scores the finetuned model, the from-scratch baseline and the linear probe on the target test
+split with sklearn's metrics: accuracy, top-5 accuracy (6 classes or more), macro
+precision/recall/F1, a per-class table, expected calibration error, the confusion matrix.
+`transfer_gain` = accuracy - scratch_accuracy, whatever its sign.
+
+Behaviour checks on the finetuned model: the share of test predictions unchanged when every
+image moves one pixel right, and (only where flips were part of its training policy, so the
+model was taught that invariance) when every image is mirrored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+from stages.core.dataset import Dataset, load_dataset
+from stages.core.devicedata import DeviceBatches
+from stages.core.errors import BadInput, run_stage
+from stages.core.io import atomic_path, write_json
+from stages.core.models import ModelFile, load_model_file
+from stages.core.train import Runtime, predict, prepare, select_device
+from stages.core.train import write_csv as write_rows
+from stages.params import EvaluateParams, Params, load_params
+
+log = logging.getLogger("imagepipe.evaluate")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    metrics: Path
+    per_class: Path
+    confusion_png: Path
+    confusion_csv: Path
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    """Top-label ECE over equal-width confidence bins (Guo et al. 2017). Hand-written: sklearn
+    has reliability curves for binary problems only, not a multi-class ECE."""
+    conf = probs.max(axis=1)
+    hit = probs.argmax(axis=1) == y
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(hit[inside].mean() - conf[inside].mean())
+    return float(ece)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def scores(y: np.ndarray, logits: np.ndarray, n_classes: int, bins: int) -> dict[str, Any]:
+    """The headline figures of one model on one split."""
+    probs = softmax(logits.astype(np.float64))
+    pred = probs.argmax(axis=1)
+    labels = np.arange(n_classes)
+    prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, average="macro",
+                                                       zero_division=0)
+    top5 = (top_k_accuracy_score(y, probs, k=5, labels=labels) if n_classes >= 6 else None)
+    return {"accuracy": float(accuracy_score(y, pred)), "top5_accuracy": top5,
+            "macro_precision": float(prec), "macro_recall": float(rec), "macro_f1": float(f1),
+            "ece": expected_calibration_error(y, probs, bins)}
+
+
+def shift_right(images: np.ndarray) -> np.ndarray:
+    """Every image one pixel to the right, the first column repeated (no wrap-around)."""
+    out = images.copy()
+    out[:, :, 1:] = images[:, :, :-1]
+    return out
+
+
+class Scorer:
+    """Logits of a model file's network on arrays of uint8 test images."""
+
+    def __init__(self, path: Path, p: EvaluateParams, classes: list[str]) -> None:
+        self.model, self.mf = load_model_file(path)
+        if self.mf.classes != classes:
+            raise BadInput(f"{path} predicts {self.mf.classes} but the test set has {classes}: "
+                           "run finetune on this target set")
+        device = select_device(p.device)
+        self.rt = Runtime(device, bf16=device.type == "cuda", channels_last=False, compile=False)
+        self.net = prepare(self.model, self.rt)
+        self.batch_size = p.batch_size
+
+    def logits(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        batches = DeviceBatches(images, labels, np.arange(len(labels)), device=self.rt.device,
+                                mean=self.mf.mean, std=self.mf.std, batch_size=self.batch_size,
+                                train=False)
+        return predict(self.net, batches, self.rt)
+
+
+def behaviour(scorer: Scorer, images: np.ndarray, y: np.ndarray, pred: np.ndarray
+              ) -> dict[str, Any]:
+    shifted = scorer.logits(shift_right(images), y).argmax(axis=1)
+    flip = None
+    if scorer.mf.extra.get("hflip_policy", False):
+        flipped = scorer.logits(np.ascontiguousarray(images[:, :, ::-1]), y).argmax(axis=1)
+        flip = float(np.mean(flipped == pred))
+    return {"shift_consistency": float(np.mean(shifted == pred)), "flip_consistency": flip}
+
+
+def run(params: Params, data: Path, finetuned: Path, scratch: Path, probe: Path, out: Outputs
+        ) -> dict[str, Any]:
+    p = params.evaluate
+    ds = load_dataset(data)
+    images, y = test_split(ds)
+    main_model = Scorer(finetuned, p, ds.classes)
+    logits = main_model.logits(images, y)
+    pred = logits.argmax(axis=1)
+    metrics = {**scores(y, logits, len(ds.classes), p.ece_bins), "n_test": int(len(y)),
+               **behaviour(main_model, images, y, pred)}
+    metrics.update(baselines(scratch, probe, main_model.mf, p, ds, images, y))
+    metrics["transfer_gain"] = (None if metrics["scratch_accuracy"] is None
+                                else metrics["accuracy"] - metrics["scratch_accuracy"])
+    write_json(out.per_class, {"per_class": classification_report(
+        y, pred, labels=np.arange(len(ds.classes)), target_names=ds.classes, output_dict=True,
+        zero_division=0)})
+    write_confusion(y, pred, ds.classes, out)
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+    log.info("evaluate: accuracy %.4f, scratch %s, transfer gain %s, probe %s on %d test images",
+             metrics["accuracy"], metrics["scratch_accuracy"], metrics["transfer_gain"],
+             metrics["probe_accuracy"], len(y))
+    return metrics
+
+
+def test_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, y = ds.part("test")
+    if not len(y):
+        raise BadInput("the target test split is empty: nothing to evaluate")
+    return images, y
+
+
+def baselines(scratch: Path, probe: Path, mf: ModelFile, p: EvaluateParams, ds: Dataset,
+              images: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Scratch-baseline and linear-probe figures (None where that model was not trained)."""
+    out: dict[str, Any] = {"scratch_accuracy": None, "scratch_macro_f1": None, "scratch_ece": None,
+                           "probe_accuracy": None}
+    base = Scorer(scratch, p, ds.classes)
+    if (base.mf.mean, base.mf.std) != (mf.mean, mf.std):
+        raise BadInput(f"{scratch} normalises with other numbers than the finetuned model: "
+                       "both must come from the same finetune run")
+    if base.mf.extra.get("baseline", True):
+        s = scores(y, base.logits(images, y), len(ds.classes), p.ece_bins)
+        out.update(scratch_accuracy=s["accuracy"], scratch_macro_f1=s["macro_f1"],
+                   scratch_ece=s["ece"])
+    else:
+        log.info("evaluate: the baseline was off (finetune.baseline: false): no transfer gain")
+    lin = Scorer(probe, p, ds.classes)
+    if lin.mf.extra.get("head_epochs", 0) > 0:
+        out["probe_accuracy"] = float(np.mean(lin.logits(images, y).argmax(axis=1) == y))
+    return out
+
+
+def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Outputs) -> None:
+    """The matrix as a figure with class names on both axes, and as rows for DVC's template."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.arange(len(classes))
+    side = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ConfusionMatrixDisplay(confusion_matrix(y, pred, labels=labels), display_labels=classes).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if len(classes) > 6 else "horizontal")
+    ax.set_title(f"finetuned model\ntarget test split, {len(y)} images", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out.confusion_png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    write_rows(out.confusion_csv, [{"actual": classes[a], "predicted": classes[b]}
+                                   for a, b in zip(y, pred, strict=True)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/target", type=Path)
+    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
+    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
+    parser.add_argument("--probe", default="models/probe.pt", type=Path)
+    parser.add_argument("--metrics", default="metrics/evaluate.json", type=Path)
+    parser.add_argument("--per-class", default="metrics/per_class.json", type=Path)
+    parser.add_argument("--confusion", default="plots/confusion.png", type=Path)
+    parser.add_argument("--confusion-data", default="plots/confusion.csv", type=Path)
+    args = parser.parse_args(argv)
+    out = Outputs(args.metrics, args.per_class, args.confusion, args.confusion_data)
+
+    def body() -> None:
+        params = load_params(args.params)
+        write_json(out.metrics, run(params, args.data, args.model, args.scratch, args.probe, out))
+
+    return run_stage("evaluate", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""finetune: data/target/ + models/pretrained.pt + params.finetune -> models/finetuned.pt,
+models/probe.pt, models/scratch.pt, metrics/finetune.json, plots/finetune.csv,
+plots/scratch.csv; checkpoints in checkpoints/finetune/.
+
+Transfer in two phases. Phase 1 ("head", `head_epochs`): a new head for the target classes
+trains on a frozen backbone, BatchNorm statistics included; its result is the linear probe
+(models/probe.pt). Phase 2 ("full", `full_epochs`): everything trains, the backbone at
+`backbone_lr_scale` x the head's lr, so the pretrained features move less than the new head.
+
+Baseline ("scratch", on by default): the same architecture from random weights on the same
+target train split, with the same data draws, epochs (head + full) and schedule, at its own
+lr (`scratch_lr`, tuned like the finetune's). Without it the transfer gain would be assumed,
+not measured. With `baseline: false`, models/scratch.pt still exists (DVC's graph is fixed) but
+holds the untrained network, marked `extra.baseline = false`, and evaluate reports no gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stages.core.checkpoint import CheckpointStore, seed_everything
+from stages.core.dataset import Dataset, file_sha256, load_dataset
+from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.errors import BadInput, run_stage
+from stages.core.io import write_json
+from stages.core.models import Classifier, ModelFile, build_model, load_model_file, save_model_file
+from stages.core.train import Runtime, fit, make_runtime, make_trainer, param_groups, summary, write_csv
+from stages.params import FinetuneParams, Params, load_params
+
+log = logging.getLogger("imagepipe.finetune")
+EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Outputs:
+    finetuned: Path
+    probe: Path
+    scratch: Path
+    checkpoints: Path
+    plot: Path
+    scratch_plot: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """The target set on the device, and what every phase's checkpoint must match."""
+
+    train: DeviceBatches
+    val: DeviceBatches
+    classes: list[str]
+    fingerprint: dict[str, Any]
+    base: ModelFile  # the pretrained model's file: spec, normalisation, extra carried over
+
+    def model_file(self, stage: str, history: list[dict[str, Any]], **extra: Any) -> ModelFile:
+        """The file of a target model; mean/std stay the source's (one preprocessing)."""
+        last = history[-1]["val_acc"] if history else None
+        return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
+                         self.base.mean, self.base.std, {}, extra={
+                             **self.base.extra, "stage": stage, "val_accuracy": last,
+                             "pretrained_classes": self.base.classes, **extra})
+
+
+def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
+    size, _, channels = ds.image_shape
+    if (size, channels) != (mf.spec.image_size, mf.spec.in_channels):
+        raise BadInput(f"the target images are {size} px x {channels} channels but the pretrained "
+                       f"model takes {mf.spec.image_size} px x {mf.spec.in_channels}: ingest both "
+                       "roles with the same data.image_size and data.channels")
+    if not len(ds.indices("train")):
+        raise BadInput("the target train split is empty")
+    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
+    train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
+                          train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                          **common)
+    val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
+                        train=False, **common)
+    fingerprint = {"stage": "finetune", "seed": seed, "data": ds.manifest["sha256"],
+                   "spec": vars(mf.spec), "mean": mf.mean, "std": mf.std,
+                   "finetune": p.model_dump(exclude={"checkpoint_every_steps"})}
+    return Target(train, val, ds.classes, fingerprint, mf)
+
+
+def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
+    for q in model.backbone.parameters():
+        q.requires_grad_(trainable)
+
+
+def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs,
+             pretrained_sha: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Phase 1 then phase 2 on `model` (already carrying the new head); return both histories."""
+    steps, rows = len(t.train), []
+    fp = {**t.fingerprint, "pretrained": pretrained_sha}
+
+    def plot(history: list[dict[str, Any]]) -> None:
+        write_csv(out.plot, rows + history)
+
+    set_backbone_trainable(model, False)
+    tr = make_trainer(model, param_groups([(model.head, p.lr)], p.weight_decay), p, rt,
+                      p.head_epochs, steps, frozen=model.backbone)
+    head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
+                                                   {**fp, "phase": "head"}),
+               phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot)
+    rows += head
+    set_backbone_trainable(model, True)
+    save_model_file(out.probe, model, t.model_file("probe", head, head_epochs=p.head_epochs))
+    groups = param_groups([(model.backbone, p.lr * p.backbone_lr_scale), (model.head, p.lr)],
+                          p.weight_decay)
+    tr = make_trainer(model, groups, p, rt, p.full_epochs, steps)
+    full = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "full.pt",
+                                                   {**fp, "phase": "full"}),
+               phase="full", epochs=p.full_epochs, epoch_offset=p.head_epochs,
+               every=p.checkpoint_every_steps, on_epoch=plot)
+    write_csv(out.plot, rows + full)
+    return head, full
+
+
+def scratch(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs
+            ) -> list[dict[str, Any]]:
+    """The baseline: same network, data draws, epochs and schedule, from random weights."""
+    epochs = p.head_epochs + p.full_epochs
+    tr = make_trainer(model, param_groups([(model, p.scratch_lr)], p.weight_decay), p, rt,
+                      epochs, len(t.train))
+    history = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "scratch.pt",
+                                                      {**t.fingerprint, "phase": "scratch"}),
+                  phase="scratch", epochs=epochs, every=p.checkpoint_every_steps,
+                  on_epoch=lambda rows: write_csv(out.scratch_plot, rows))
+    write_csv(out.scratch_plot, history)
+    return history
+
+
+def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
+    """Transfer, then the baseline; write the three model files and the CSVs; return metrics."""
+    start = time.perf_counter()
+    p = params.finetune
+    rt = make_runtime(p)
+    ds = load_dataset(data)
+    model, mf = load_model_file(pretrained)
+    t = load_target(ds, mf, p, rt, params.seed)
+    out.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing trains
+    # The new head's initial weights depend on the seed only, not on what ran before.
+    seed_everything(params.seed)
+    model.replace_head(len(t.classes))
+    head, full = transfer(model, t, p, rt, out, file_sha256(pretrained))
+    hflip = bool(mf.extra.get("hflip_policy", False) or p.hflip)
+    save_model_file(out.finetuned, model, t.model_file(
+        "finetune", full or head, hflip_policy=hflip, head_epochs=p.head_epochs,
+        full_epochs=p.full_epochs))
+    seed_everything(params.seed)
+    base = build_model(replace(mf.spec, num_classes=len(t.classes)))
+    history = scratch(base, t, p, rt, out) if p.baseline else []
+    save_model_file(out.scratch, base, t.model_file("scratch", history, baseline=p.baseline,
+                                                    hflip_policy=bool(p.hflip)))
+    ft, sc, probe = summary(head + full), summary(history), summary(head)
+    gain = (None if ft.get("val_accuracy") is None or sc.get("val_accuracy") is None
+            else round(ft["val_accuracy"] - sc["val_accuracy"], 6))
+    return {**ft, "probe_val_accuracy": probe.get("val_accuracy"),
+            "scratch_val_accuracy": sc.get("val_accuracy"),
+            "scratch_train_seconds": sc.get("train_seconds"), "val_transfer_gain": gain,
+            "n_train": t.train.n, "n_val": t.val.n,
+            "wall_seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.finetune",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/target", type=Path)
+    parser.add_argument("--pretrained", default="models/pretrained.pt", type=Path)
+    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
+    parser.add_argument("--probe", default="models/probe.pt", type=Path)
+    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
+    parser.add_argument("--checkpoints", default="checkpoints/finetune", type=Path)
+    parser.add_argument("--metrics", default="metrics/finetune.json", type=Path)
+    parser.add_argument("--plot", default="plots/finetune.csv", type=Path)
+    parser.add_argument("--scratch-plot", default="plots/scratch.csv", type=Path)
+    args = parser.parse_args(argv)
+    out = Outputs(args.model, args.probe, args.scratch, args.checkpoints, args.plot,
+                  args.scratch_plot)
+
+    def body() -> None:
+        write_json(args.metrics, run(load_params(args.params), args.data, args.pretrained, out))
+
+    return run_stage("finetune", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

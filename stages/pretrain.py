@@ -1,0 +1,106 @@
+"""pretrain: data/augmented/ (train + val) + params.pretrain -> models/pretrained.pt,
+metrics/pretrain.json, plots/pretrain.csv; checkpoints in checkpoints/pretrain/.
+
+Trains the chosen architecture on the augmented source set with online crop/flip on the
+device. The normalisation (per-channel mean and std of the training split) is computed here
+and recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
+A run killed mid-way resumes from its last checkpoint when the params and data are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.core.checkpoint import CheckpointStore, seed_everything
+from stages.core.dataset import Dataset, load_dataset
+from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
+from stages.core.errors import BadInput, run_stage
+from stages.core.io import write_json
+from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
+from stages.core.train import Runtime, fit, make_runtime, make_trainer, param_groups, summary, write_csv
+from stages.params import Params, PretrainParams, load_params
+
+log = logging.getLogger("imagepipe.pretrain")
+# Evaluation needs no gradients: bigger batches cost little memory and run faster.
+EVAL_BATCH = 512
+
+
+def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],
+           seed: int) -> tuple[DeviceBatches, DeviceBatches]:
+    """Training batches (shuffled, augmented on the device) and validation batches (plain)."""
+    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last}
+    train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
+                          train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                          **common)
+    val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
+                        train=False, **common)
+    return train, val
+
+
+def hflip_in_policy(ds: Dataset, p: PretrainParams) -> bool:
+    """Whether the model saw mirrored images: augment's policy or the online flip."""
+    offline = ds.manifest.get("params", {}).get("augment", {}).get("hflip", False)
+    return bool(offline or p.hflip)
+
+
+def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Path
+        ) -> dict[str, Any]:
+    """Pretrain, write the model file and the per-epoch CSV; return the metrics."""
+    start = time.perf_counter()
+    p = params.pretrain
+    rt = make_runtime(p)
+    ds = load_dataset(data)
+    if not len(ds.indices("train")):
+        raise BadInput(f"{data}: the train split is empty")
+    size, _, channels = ds.image_shape
+    mean, std = channel_stats(ds.images, ds.indices("train"))
+    seed_everything(params.seed)
+    spec = ModelSpec(p.model, len(ds.classes), channels, size, p.width, p.dropout)
+    model = build_model(spec, p.weights)
+    train, val = splits(ds, p, rt, mean, std, params.seed)
+    log.info("pretrain: %s on %s, %d train / %d val images (%s), %d steps per epoch",
+             p.model, rt.device, train.n, val.n,
+             "resident on the device" if train.resident else "streamed", len(train))
+    tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, p.epochs,
+                      len(train))
+    checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when epochs is 0
+    store = CheckpointStore(checkpoints / "pretrain.pt", {
+        "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"],
+        "pretrain": p.model_dump(exclude={"checkpoint_every_steps"})})
+    history = fit(tr, train, val, store, phase="pretrain", epochs=p.epochs,
+                  every=p.checkpoint_every_steps, on_epoch=lambda rows: write_csv(plot, rows))
+    write_csv(plot, history)
+    figures = summary(history)
+    save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, {}, extra={
+        "stage": "pretrain", "weights": p.weights, "hflip_policy": hflip_in_policy(ds, p),
+        "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs}))
+    return {**figures, "n_train": train.n, "n_val": val.n,
+            "parameters": sum(t.numel() for t in model.parameters()),
+            "wall_seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.pretrain",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/augmented", type=Path)
+    parser.add_argument("--model", default="models/pretrained.pt", type=Path)
+    parser.add_argument("--checkpoints", default="checkpoints/pretrain", type=Path)
+    parser.add_argument("--metrics", default="metrics/pretrain.json", type=Path)
+    parser.add_argument("--plot", default="plots/pretrain.csv", type=Path)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        params = load_params(args.params)
+        write_json(args.metrics, run(params, args.data, args.model, args.checkpoints, args.plot))
+
+    return run_stage("pretrain", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Training on tiny synthetic data: the on-device data path, checkpoints, the schedule, and one
+pretrain -> finetune -> evaluate chain run in-process (phase 1 really freezes; every metric
+key is written)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages import evaluate, finetune, pretrain
+from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
+from stages.core.dataset import SPLIT_CODE, dataset_writer
+from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
+from stages.core.errors import BadInput
+from stages.core.models import load_model_file, preprocess
+from stages.core.train import schedule_factor, select_device
+from stages.params import Params, parse_params
+from tests.helpers import REPO, default_params
+
+CPU = torch.device("cpu")
+
+
+def write_dataset(folder: Path, classes: list[str], per_split: dict[str, int], *, size: int = 8,
+                  seed: int = 0, hflip: bool = False) -> None:
+    """A learnable set: each class a fixed random pattern, each image it plus noise."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(len(classes), size, size, 1))
+    rows = [(c, SPLIT_CODE[s]) for s, n in per_split.items() for c in range(len(classes))
+            for _ in range(n)]
+    with dataset_writer(folder, len(rows), (size, size, 1)) as w:
+        for i, (c, split) in enumerate(rows):
+            noise = rng.normal(0, 30, size=(size, size, 1))
+            w.images[i] = np.clip(templates[c] + noise, 0, 255).astype(np.uint8)
+            w.labels[i], w.split[i] = c, split
+        w.finish(classes, {"uri": "test:synthetic", "params": {"augment": {"hflip": hflip}}})
+
+
+def tiny_params(**sections: dict[str, Any]) -> Params:
+    raw = default_params()
+    common = {"device": "cpu", "batch_size": 16, "checkpoint_every_steps": 0}
+    raw["pretrain"] = {**common, "epochs": 2, "width": 8, "lr": 0.05, "warmup_epochs": 0.5}
+    raw["finetune"] = {**common, "head_epochs": 2, "full_epochs": 1, "lr": 0.05, "scratch_lr": 0.05,
+                       "batch_size": 8, "hflip": True}
+    raw["evaluate"] = {"device": "cpu", "batch_size": 16}
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    return parse_params(raw)
+
+
+# ---------------------------------------------------------------- the data path
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, size=(50, 6, 7, 3), dtype=np.uint8)
+
+
+def batches(images: np.ndarray, **kw: Any) -> DeviceBatches:
+    args: dict[str, Any] = {"device": CPU, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+                            "batch_size": 16, "train": True, "seed": 3}
+    args.update(kw)
+    return DeviceBatches(images, np.arange(len(images)) % 5, np.arange(len(images)), **args)
+
+
+def collect(b: DeviceBatches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(b.epoch(epoch, start))
+
+
+def test_eval_batches_are_models_preprocess(images: np.ndarray) -> None:
+    b = batches(images, train=False)
+    x = torch.cat([x for x, _ in b.epoch(0)]).numpy()
+    np.testing.assert_allclose(x, preprocess(images, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), atol=1e-6)
+
+
+def test_streamed_batches_equal_resident_ones(images: np.ndarray) -> None:
+    aug = OnlineAugment(crop_padding=2, hflip=True)
+    resident = batches(images, augment=aug, resident=True)
+    streamed = batches(images, augment=aug, resident=False)
+    assert resident.resident and not streamed.resident
+    for (xa, ya), (xb, yb) in zip(collect(resident, 4), collect(streamed, 4), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_epochs_are_seeded_permutations_and_resume_mid_epoch(images: np.ndarray) -> None:
+    b = batches(images, augment=OnlineAugment(crop_padding=1))
+    first, again, other = collect(b, 0), collect(b, 0), collect(b, 1)
+    assert len(first) == 50 // 16  # the ragged last batch is dropped in training
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, again, strict=True))
+    assert not torch.equal(first[0][0], other[0][0])
+    tail = collect(b, 0, start=2)
+    assert len(tail) == 1 and torch.equal(tail[0][0], first[2][0])
+
+
+def test_crop_and_flip_match_numpy_reflect_padding(images: np.ndarray) -> None:
+    pad, (h, w) = 2, images.shape[1:3]
+    rng = np.random.default_rng(0)
+    offsets, flips = rng.integers(0, 2 * pad + 1, size=(len(images), 2)), rng.random(len(images)) < 0.5
+    rows, cols = crop_flip_grid(offsets, flips, (h, w), pad, CPU)
+    got = torch.from_numpy(images)[torch.arange(len(images))[:, None, None], rows[:, :, None],
+                                   cols[:, None, :]].numpy()
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    for i, ((dy, dx), flip) in enumerate(zip(offsets, flips, strict=True)):
+        want = padded[i, dy:dy + h, dx:dx + w]
+        np.testing.assert_array_equal(got[i], want[:, ::-1] if flip else want)
+
+
+def test_channel_stats_in_chunks_match_numpy(images: np.ndarray) -> None:
+    mean, std = channel_stats(images, np.arange(40), chunk=7)
+    x = images[:40].astype(np.float64) / 255
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), atol=1e-6)
+
+
+# ---------------------------------------------------------------- checkpoints, schedule, device
+
+
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Linear(3, 2)
+    CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).save(
+        {"model": model}, Position(epoch=1), [{"epoch": 1}])
+    same = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).resume({"model": model})
+    assert same is not None and same.position.epoch == 1 and same.history == [{"epoch": 1}]
+    with caplog.at_level(logging.WARNING, logger="imagepipe.checkpoint"):
+        other = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.2}}).resume({"model": model})
+    assert other is None
+    assert "other params" in caplog.text and "train.lr: 0.1 -> 0.2" in caplog.text
+
+
+def test_rng_states_round_trip() -> None:
+    state = capture_rng()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    for kind in ("onecycle", "cosine"):
+        f = schedule_factor(kind, total=10, warmup=3)
+        lrs = [f(t) for t in range(10)]
+        assert lrs[:3] == sorted(lrs[:3]) and lrs[3] == 1.0
+        assert lrs[3:] == sorted(lrs[3:], reverse=True) and 0 < lrs[-1] < 0.2
+    assert schedule_factor("onecycle", total=1, warmup=5)(0) == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_a_device_is_bad_input() -> None:
+    with pytest.raises(BadInput, match="no CUDA device"):
+        select_device("cuda")
+
+
+# ---------------------------------------------------------------- one tiny chain, in-process
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chain")
+    write_dataset(root / "augmented", ["a", "b", "c"], {"train": 40, "val": 8, "test": 4})
+    target = [f"t{i}" for i in range(6)]
+    write_dataset(root / "target", target, {"train": 6, "val": 4, "test": 6}, seed=1)
+    params = tiny_params()
+    pretrain.run(params, root / "augmented", root / "pretrained.pt", root / "ck" / "pretrain",
+                 root / "pretrain.csv")
+    out = finetune.Outputs(root / "finetuned.pt", root / "probe.pt", root / "scratch.pt",
+                           root / "ck" / "finetune", root / "finetune.csv", root / "scratch.csv")
+    finetune.run(params, root / "target", root / "pretrained.pt", out)
+    ev = evaluate.Outputs(root / "evaluate.json", root / "per_class.json", root / "confusion.png",
+                          root / "confusion.csv")
+    metrics = evaluate.run(params, root / "target", root / "finetuned.pt", root / "scratch.pt",
+                           root / "probe.pt", ev)
+    (root / "evaluate.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_phase_one_freezes_backbone_weights_and_batchnorm_statistics(chain: Path) -> None:
+    pre = torch.load(chain / "pretrained.pt", weights_only=True)["state_dict"]
+    probe = torch.load(chain / "probe.pt", weights_only=True)["state_dict"]
+    tuned = torch.load(chain / "finetuned.pt", weights_only=True)["state_dict"]
+    backbone = [k for k in pre if k.startswith("backbone.")]
+    assert any(k.endswith("running_mean") for k in backbone)
+    assert any(k.endswith("num_batches_tracked") for k in backbone)
+    changed = [k for k in backbone if not torch.equal(pre[k], probe[k])]
+    assert changed == [], f"phase 1 changed {changed}"
+    # Phase 2 does move the backbone: the comparison above can see a change.
+    assert any(not torch.equal(pre[k], tuned[k]) for k in backbone)
+    assert not torch.equal(probe["head.weight"], tuned["head.weight"])
+
+
+def test_evaluate_json_has_every_key(chain: Path) -> None:
+    m = json.loads((chain / "evaluate.json").read_text())
+    for key in ("accuracy", "top5_accuracy", "macro_f1", "macro_precision", "macro_recall", "ece",
+                "scratch_accuracy", "transfer_gain", "n_test", "probe_accuracy",
+                "shift_consistency", "flip_consistency"):
+        assert m.get(key) is not None, key
+    assert m["n_test"] == 36
+    assert m["transfer_gain"] == pytest.approx(m["accuracy"] - m["scratch_accuracy"], abs=1e-5)
+    assert all(0.0 <= m[k] <= 1.0 for k in ("accuracy", "top5_accuracy", "ece", "shift_consistency"))
+    with open(chain / "confusion.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 36 and {r["actual"] for r in rows} == {f"t{i}" for i in range(6)}
+    assert (chain / "confusion.png").stat().st_size > 1000
+    assert set(json.loads((chain / "per_class.json").read_text())["per_class"]) >= {"t0", "t5"}
+
+
+def test_model_files_share_one_normalisation_and_log_every_epoch(chain: Path) -> None:
+    _, pre = load_model_file(chain / "pretrained.pt")
+    for name, stage in (("finetuned", "finetune"), ("probe", "probe"), ("scratch", "scratch")):
+        _, mf = load_model_file(chain / f"{name}.pt")
+        assert (mf.mean, mf.std) == (pre.mean, pre.std)
+        assert mf.classes == [f"t{i}" for i in range(6)] and mf.extra["stage"] == stage
+    with open(chain / "finetune.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("head", "1"), ("head", "2"), ("full", "3")]
+    with open(chain / "pretrain.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_finetune_refuses_a_target_of_another_size(chain: Path, tmp_path: Path) -> None:
+    write_dataset(tmp_path / "big", ["x", "y"], {"train": 2, "test": 1}, size=12)
+    out = finetune.Outputs(*(tmp_path / n for n in ("f.pt", "p.pt", "s.pt", "ck", "f.csv", "s.csv")))
+    with pytest.raises(BadInput, match="12 px"):
+        finetune.run(tiny_params(), tmp_path / "big", chain / "pretrained.pt", out)
+
+
+def test_cifar10_preset_is_valid_and_names_every_section() -> None:
+    preset = yaml.safe_load((REPO / "params" / "cifar10.yaml").read_text())
+    parse_params(preset)
+    # DVC refuses to run a stage whose params section is missing: the preset must have them all.
+    assert set(default_params()) <= set(preset)
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    assert preset["data"]["source"]["classes"] == sorted(cifar)[:6]
+    assert preset["data"]["target"]["classes"] == sorted(cifar)[6:]
+    assert preset["data"]["target"]["train_per_class"] == 50
