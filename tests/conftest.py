@@ -21,6 +21,12 @@ QUIET_ENV = {
 }
 os.environ.update(QUIET_ENV)
 
+# `import dvc` binds DVC's log handlers to sys.stdout/sys.stderr as they are at that moment.
+# Imported first inside a test that uses capsys, they keep that test's stream, which pytest
+# closes afterwards, and every later in-process DVC call fails with "I/O operation on closed
+# file". Imported here, they bind to the session's streams, which stay open.
+import dvc  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
