@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from stages.core import onnxio
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, run_stage
-from stages.core.sources import canonical
+from stages.core.sources import BadFile, canonical, read_image_file
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64
@@ -50,21 +49,18 @@ class Outcome:
 def load_image(path: str, size: int, channels: int) -> np.ndarray:
     """One file -> uint8 size x size x channels; BadInput with the reason when it cannot."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return canonical(img, size, channels)
+        _, img = read_image_file(path)  # the same reader and checks as ingest
     except FileNotFoundError:
         raise BadInput("no such file") from None
     except IsADirectoryError:
         raise BadInput("is a folder, not an image") from None
     except PermissionError:
         raise BadInput("permission denied") from None
-    except Image.DecompressionBombError as err:
-        raise BadInput(f"refused as a decompression bomb: {err}") from None
-    except UnidentifiedImageError:
-        raise BadInput("not an image (no known image format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except BadFile as err:
+        raise BadInput(str(err)) from None
+    except OSError as err:
         raise BadInput(f"unreadable: {err}") from None
+    return canonical(img, size, channels)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -160,7 +160,7 @@ def _imagefolder(root: Path) -> Listing:
                 splits.append(code)
     return Listing(
         classes, refs, np.asarray(labels, dtype=np.int64), np.asarray(splits, dtype=np.int8),
-        _fetch_file, ignored,
+        read_image_file, ignored,
     )
 
 
@@ -168,7 +168,9 @@ def _visible_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".")
 
 
-def _fetch_file(ref: str) -> tuple[str, Image.Image]:
+def read_image_file(ref: str) -> tuple[str, Image.Image]:
+    """One file -> (sha256 of its bytes, decoded image); BadFile with the reason when unusable.
+    OSError (missing, a folder, no permission) is left to the caller, which knows the context."""
     data = Path(ref).read_bytes()
     if not data:
         raise BadFile("empty file (0 bytes)")

@@ -135,7 +135,7 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(sources, "MAX_PIXELS", 50 * 50)
     _save(_img("RGB", (100, 100)), tmp_path / "bomb.png", "PNG")
     with pytest.raises(sources.BadFile, match="decompression bomb"):
-        sources._fetch_file(str(tmp_path / "bomb.png"))
+        sources.read_image_file(str(tmp_path / "bomb.png"))
 
 
 def _split_tree(root: Path, leak: bool) -> None:
