@@ -48,6 +48,14 @@ class Dataset:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
 
+def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 N x H x W x C -> the model's float32 N x C x H x W input (see the module doc)."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
 def load_dataset(folder: str | Path, *, mmap: bool = True) -> Dataset:
     folder = Path(folder)
     manifest_path = folder / "manifest.json"

@@ -7,7 +7,8 @@ Model file (models/*.pt, torch.save of a plain dict, loaded with weights_only=Tr
   state_dict, spec (ModelSpec as dict), classes, mean, std, extra
 
 Input contract, the same in training, ONNX and serving: float32 N x C x H x W, channels in
-RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]. See `preprocess`.
+RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]. See `preprocess`
+(in stages.core.dataset, numpy only, so serving need not import torch).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from stages.core.dataset import preprocess  # noqa: F401 - part of this module's contract
 from stages.core.errors import BadInput
 from stages.core.io import atomic_path
 
@@ -60,14 +61,6 @@ class Classifier(nn.Module):
 
     def replace_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.head.in_features, num_classes)
-
-
-def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """uint8 N x H x W x C -> the model's float32 N x C x H x W input (see the module doc)."""
-    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((x - m) / s)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from stages.core.dataset import preprocess
 from stages.core.errors import BadInput
-from stages.core.models import preprocess
 
 log = logging.getLogger("imagepipe.onnx")
 
