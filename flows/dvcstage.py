@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from stages.params import flatten_dict
+
 log = logging.getLogger("imagepipe.flow")
 
 EXIT_BAD_INPUT = 2
@@ -186,19 +188,10 @@ def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "pa
         if isinstance(err, StageError | KeyboardInterrupt | SystemExit):
             raise
         raise StageBadInput("params", EXIT_BAD_INPUT, str(err).splitlines()[0]) from None
-    changes = _diff(_flatten(before), _flatten(after))
+    changes = _diff(flatten_dict(before), flatten_dict(after))
     if not changes:
         path.write_text(before_text)  # same values: keep the user's formatting
     return changes
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -10,26 +10,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from stages.params import flatten_dict
+
 
 def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any]]:
     """`metrics/NAME.json` -> {NAME: {dotted.key: scalar}}; unreadable files are noted, not fatal."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(metrics_dir.glob("*.json")):
         try:
-            found[path.stem] = _flatten(json.loads(path.read_text()))
+            flat = flatten_dict(json.loads(path.read_text()))
+            # Per-class tables and curves belong in plots, not in a summary table.
+            found[path.stem] = {k: v for k, v in flat.items() if not isinstance(v, list)}
         except (OSError, ValueError) as err:
             found[path.stem] = {"(unreadable)": str(err).splitlines()[0]}
     return found
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    # Per-class tables and curves belong in plots, not in a summary table.
-    return {} if isinstance(data, list) else {prefix: data}
 
 
 def _fmt(value: Any) -> str:

@@ -221,14 +221,15 @@ def load_params(path: str | Path = DEFAULT_PATH) -> Params:
 
 def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
     """A section as flat dotted keys (for MLflow params)."""
-    return _flatten_dict(section.model_dump(), prefix)
+    return {f"{prefix}{key}": value for key, value in flatten_dict(section.model_dump()).items()}
 
 
-def _flatten_dict(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+def flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1}); anything
+    that is not a mapping (lists included) is a leaf."""
+    if not isinstance(data, dict):
+        return {prefix: data} if prefix else {}
     out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
+    for key, value in data.items():
+        out.update(flatten_dict(value, f"{prefix}.{key}" if prefix else str(key)))
     return out

@@ -36,6 +36,7 @@ import yaml
 
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
 from stages.core.lineage import lineage_tags, path_hashes
+from stages.params import flatten_dict
 
 log = logging.getLogger("imagepipe.tracking")
 T = TypeVar("T")
@@ -307,17 +308,10 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def flat_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+def flat_numbers(obj: Any) -> dict[str, float]:
     """Numbers of a nested JSON object under dotted keys (bools, strings, lists skipped)."""
-    out: dict[str, float] = {}
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            out.update(flat_numbers(value, f"{prefix}{key}."))
-    else:
-        number = _number(obj)
-        if number is not None and prefix:
-            out[metric_key(prefix[:-1])] = number
-    return out
+    numbers = {metric_key(k): _number(v) for k, v in flatten_dict(obj).items()}
+    return {k: v for k, v in numbers.items() if v is not None}
 
 
 def read_structured(path: Path) -> Any:
@@ -732,7 +726,7 @@ class StageRun:
         for rel in self.decl.metrics:
             content = read_structured(self.root / rel)
             export_metrics.update(flat_numbers(content))
-            flags.update(_flat_all(content))
+            flags.update(flatten_dict(content))
         version = register_model_version(
             self.store, self.run_id, name=params.registry.model_name,
             onnx_path=self.root / onnx_path,
@@ -758,29 +752,17 @@ def _pick(paths: list[str], suffix: str, prefer: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _flat_all(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flat_all(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj} if prefix else {}
-
-
 def parity_of(flags: dict[str, Any]) -> dict[str, str]:
     """The ONNX parity verdict in export's metrics (stages/export.py writes `gate_passed` and
     `max_abs_diff`), as version tags. No verdict is 'unknown', which the promotion gate
     refuses like a failure."""
-    passed = next((flags[k] for k in _PASSED_KEYS if isinstance(flags.get(k), bool)), None)
-    diff = next((flags[k] for k in _DIFF_KEYS if _number(flags.get(k)) is not None), None)
+    passed = flags.get("gate_passed")
+    passed = passed if isinstance(passed, bool) else None
+    diff = _number(flags.get("max_abs_diff"))
     tags = {"parity_passed": "unknown" if passed is None else str(passed).lower()}
     if diff is not None:
         tags["parity_max_abs_diff"] = f"{diff:.3g}"
     return tags
-
-
-_PASSED_KEYS = ("gate_passed", "parity_passed", "parity.passed")
-_DIFF_KEYS = ("max_abs_diff", "parity_max_abs_diff", "parity.max_abs_diff")
 
 
 def _versions(*names: str) -> dict[str, str]:
