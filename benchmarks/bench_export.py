@@ -70,16 +70,16 @@ def _contenders(model: Any, mf: Any, threads: int, onnx_path: Path, int8_path: P
 
 def _measure(runs: dict[str, Callable[[np.ndarray], object]], threads: int,
              x64: np.ndarray) -> dict[str, dict[str, float]]:
-    from stages.export import time_calls, torch_threads
+    from stages.export import interleaved
 
     x1 = np.ascontiguousarray(x64[:1])
-    ips: dict[str, list[float]] = {k: [] for k in runs}
-    lat: dict[str, list[float]] = {k: [] for k in runs}
-    with torch_threads(threads):
-        for _ in range(ROUNDS):
-            for name, fn in runs.items():
-                ips[name].append(time_calls(lambda fn=fn: fn(x64), len(x64), MIN_SECONDS)[0])
-                lat[name] += time_calls(lambda fn=fn: fn(x1), 1, MIN_SECONDS)[1]
+    timed: dict[str, tuple[Callable[[], object], int]] = {}
+    for name, fn in runs.items():
+        timed[f"{name} b64"] = (lambda fn=fn: fn(x64), len(x64))
+        timed[f"{name} b1"] = (lambda fn=fn: fn(x1), 1)
+    rates, seconds = interleaved(timed, threads, ROUNDS, MIN_SECONDS)
+    ips = {name: rates[f"{name} b64"] for name in runs}
+    lat = {name: seconds[f"{name} b1"] for name in runs}
     return {name: {"images_per_s_b64": round(statistics.median(ips[name]), 1),
                    "latency_ms_b1": round(1000 * statistics.median(lat[name]), 4),
                    "images_per_s_b64_min": round(min(ips[name]), 1),

@@ -220,6 +220,22 @@ def time_calls(fn: Callable[[], object], n_images: int,
     return n_images * len(calls) / sum(calls), calls
 
 
+def interleaved(runs: dict[str, tuple[Callable[[], object], int]], threads: int, rounds: int,
+                min_seconds: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """{name: (call, images per call)} timed round by round, every contender once per round (a
+    shared machine's load then hits all alike). Returns images/s per round and each call's
+    seconds, by name."""
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    with torch_threads(threads):
+        for _ in range(rounds):
+            for key, (fn, n_images) in runs.items():
+                rate, calls = time_calls(fn, n_images, min_seconds)
+                rates[key].append(rate)
+                seconds[key] += calls
+    return rates, seconds
+
+
 def measure_speed(session: ort.InferenceSession, model: Classifier, mf: ModelFile, threads: int,
                   repeats: int, min_seconds: float = 0.2) -> dict[str, Any]:
     """ORT vs torch eager on the same preprocessed input, same thread count, interleaved
@@ -230,21 +246,12 @@ def measure_speed(session: ort.InferenceSession, model: Classifier, mf: ModelFil
     x64 = preprocess(rng.integers(0, 256, shape, dtype=np.uint8), mf.mean, mf.std)
     x1 = np.ascontiguousarray(x64[:1])
     name = session.get_inputs()[0].name
-    runs: dict[str, Callable[[], object]] = {
-        "ort_b64": lambda: session.run(None, {name: x64}),
-        "torch_b64": lambda: torch_logits(model, x64, TIMING_BATCH),
-        "ort_b1": lambda: session.run(None, {name: x1}),
-        "torch_b1": lambda: torch_logits(model, x1, 1),
-    }
-    rates: dict[str, list[float]] = {k: [] for k in runs}
-    latencies: dict[str, list[float]] = {k: [] for k in runs}
-    with torch_threads(threads):
-        for _ in range(repeats):
-            for key, fn in runs.items():
-                n = TIMING_BATCH if key.endswith("b64") else 1
-                rate, calls = time_calls(fn, n, min_seconds)
-                rates[key].append(rate)
-                latencies[key] += calls
+    rates, latencies = interleaved({
+        "ort_b64": (lambda: session.run(None, {name: x64}), TIMING_BATCH),
+        "torch_b64": (lambda: torch_logits(model, x64, TIMING_BATCH), TIMING_BATCH),
+        "ort_b1": (lambda: session.run(None, {name: x1}), 1),
+        "torch_b1": (lambda: torch_logits(model, x1, 1), 1),
+    }, threads, repeats, min_seconds)
     ort_ips, torch_ips = statistics.median(rates["ort_b64"]), statistics.median(rates["torch_b64"])
     return {
         "ort_images_per_s": round(ort_ips, 1),
