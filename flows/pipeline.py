@@ -9,13 +9,10 @@ dvc.lock stays the truth whichever way a run was started. `imagepipe run` is `ma
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
-import hashlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,9 +30,9 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from flows import dvcstage, report, slots
-from flows.dvcstage import Plan, StageBadInput, StageError, StageTransient
-from flows.localapi import APIUnavailable, TemporaryAPI
-from stages.core.io import write_json
+from flows.dvcstage import Plan, StageError, StageTransient
+from flows.localapi import TemporaryAPI
+from stages.core.host import FLOW_RUN_ENV
 
 FLOW_NAME = "imagepipe-pipeline"
 ARTIFACT_KEY = "imagepipe-pipeline"
@@ -48,9 +45,6 @@ DEFAULT_TIMEOUT_S = 3600.0
 RETRIES = 3
 STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates its database
 RETRY_DELAY_S = 10.0  # then 20, 40: a tracking server or a GPU often needs a minute back
-# Where the last promotion decision is kept with the dvc.lock it was made for: a re-run with
-# nothing changed reuses it instead of re-scoring both models (seconds of MLflow and ONNX).
-PROMOTION_RECORD = Path("reports/promotion.json")
 
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
@@ -65,7 +59,7 @@ def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
 def _lineage_env() -> dict[str, str]:
     """What the stages' MLflow tracking reads to tag its runs and find the parent run."""
     run_id = str(flow_run.get_id() or "")
-    return {"IMAGEPIPE_FLOW_RUN_ID": run_id, "IMAGEPIPE_PIPELINE_ID": run_id} if run_id else {}
+    return {FLOW_RUN_ENV: run_id} if run_id else {}
 
 
 def _backoff(retries: int, first_s: float) -> list[float]:
@@ -96,7 +90,7 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
 def promote_task(project_dir: str, timeout_s: float) -> dict[str, Any]:
     """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "stages.cli", "promote", "--json"]
+    cmd = [sys.executable, "-m", "commands.cli", "promote", "--json"]
     done = dvcstage.run_killable(cmd, Path(project_dir), dvcstage.child_env(_lineage_env()),
                                  timeout_s, logger.info, capture_stdout=True)
     if done.code != 0:
@@ -157,8 +151,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise
-        ran = any(r["outcome"] == "ran" for r in results.values())
-        decision, note = _promotion(root, plan, promote, ran, options,
+        decision, note = _promotion(root, plan, promote, options,
                                     limits.get("promote", DEFAULT_TIMEOUT_S))
         if push:
             _push(root, plan, options, limits.get("push", DEFAULT_TIMEOUT_S))
@@ -191,29 +184,19 @@ def _log_plan(plan: Plan) -> None:
                        ", ".join(plan.skipped_upstream))
 
 
-def _promotion(root: Path, plan: Plan, promote: bool, ran: bool, options: dict[str, Any],
+def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
                timeout_s: float) -> tuple[dict[str, Any] | None, str]:
-    """Run the gate when the pipeline's last stage was part of this run and something changed
-    since the recorded decision; else say why not (never silently)."""
-    logger = get_run_logger()
+    """Run the gate when the pipeline's last stage was part of this run; else say why not.
+
+    Always re-scored, never cached here: the registry can change without dvc.lock changing (a
+    rollback, a challenger registered from another machine), and caching is DVC's job."""
     if not promote:
         return None, "Skipped (promote=False)."
-    if not (root / "stages" / "registry.py").is_file():
-        return None, "Skipped: this project has no stages/registry.py (imagepipe promote)."
+    if not (root / "commands" / "registry.py").is_file():
+        return None, "Skipped: this project has no commands/registry.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:
         return None, f"Skipped: the run stopped before {plan.all_stages[-1]!r}."
-    lock = _lock_digest(root)
-    record = _read_record(root)
-    if not ran and record and record.get("dvc_lock_md5") == lock:
-        logger.info("promotion: dvc.lock unchanged since flow run %s; decision reused",
-                    record.get("flow_run_id"))
-        return record.get("decision"), (
-            f"dvc.lock unchanged since flow run `{record.get('flow_run_id')}`: that decision "
-            "stands (not re-scored).")
-    decision = promote_task.with_options(**options)(str(root), timeout_s)
-    _write_record(root, {"dvc_lock_md5": lock, "flow_run_id": flow_run.get_id(),
-                         "decision": decision})
-    return decision, ""
+    return promote_task.with_options(**options)(str(root), timeout_s), ""
 
 
 def _push(root: Path, plan: Plan, options: dict[str, Any], timeout_s: float) -> None:
@@ -222,21 +205,6 @@ def _push(root: Path, plan: Plan, options: dict[str, Any], timeout_s: float) -> 
                                  "(dvc remote add -d NAME URL)")
         return
     push_task.with_options(**options)(str(root), plan.remote, timeout_s)
-
-
-def _lock_digest(root: Path) -> str | None:
-    path = root / "dvc.lock"
-    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _read_record(root: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((root / PROMOTION_RECORD).read_text())
-    return None
-
-
-def _write_record(root: Path, record: dict[str, Any]) -> None:
-    write_json(root / PROMOTION_RECORD, record)  # atomic: the old decision or the new one
 
 
 def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[str],
@@ -306,41 +274,11 @@ def ensure_concurrency_limit(name: str, limit: int) -> None:
             get_run_logger().info("created concurrency limit %r with %d slot(s)", name, limit)
 
 
-# -- `imagepipe run` -----------------------------------------------------------------------
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="imagepipe run",
-        description="Run the pipeline as the Prefect flow imagepipe-pipeline: the DVC stages "
-                    "that changed, then the promotion gate.")
-    parser.add_argument("--stages", help="comma-separated stage names (default: all)")
-    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param as `dvc exp run -S` does (repeatable)")
-    parser.add_argument("--push", action="store_true", help="dvc push at the end (needs a remote)")
-    parser.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
-    parser.add_argument("--retries", type=int, default=RETRIES,
-                        help=f"retries of a transient failure (default {RETRIES})")
-    parser.add_argument("--retry-delay", type=float, default=RETRY_DELAY_S,
-                        help=f"first retry delay in seconds, doubling (default {RETRY_DELAY_S:g})")
-    parser.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
-                        help="a stage's time limit (repeatable)")
-    return parser.parse_args(argv)
-
-
-def _timeouts(pairs: list[str]) -> dict[str, float]:
-    out = {}
-    for pair in pairs:
-        stage, _, seconds = pair.partition("=")
-        try:
-            out[stage] = float(seconds)
-        except ValueError:
-            raise SystemExit(f"imagepipe run: --timeout wants STAGE=SECONDS, got {pair!r}") from None
-    return out
+# -- what `imagepipe run` (commands/run.py) starts around the flow ------------------------
 
 
 @contextlib.contextmanager
-def _api() -> Iterator[None]:
+def api() -> Iterator[None]:
     """The Prefect API for this run: the user's (PREFECT_API_URL), else a temporary local one
     started now and stopped when the run ends."""
     global _TEMPORARY_API_URL
@@ -369,7 +307,7 @@ def _api() -> Iterator[None]:
         _TEMPORARY_API_URL = None
 
 
-def _plan_ahead(root: Path, stages: list[str] | None) -> None:
+def plan_ahead(root: Path, stages: list[str] | None) -> None:
     """Start DVC's status check in a thread; the flow takes its result if nothing moved."""
     future: Future[Plan] = Future()
 
@@ -395,54 +333,3 @@ def _plan_key(root: Path, stages: list[str] | None) -> tuple[Any, ...]:
     stamps = tuple((root / f).stat().st_mtime_ns if (root / f).exists() else None
                    for f in ("dvc.yaml", "dvc.lock", "params.yaml"))
     return (str(root), tuple(stages) if stages is not None else None, stamps)
-
-
-def _exit_code(exc: BaseException | None) -> int:
-    if isinstance(exc, StageBadInput):
-        return dvcstage.EXIT_BAD_INPUT
-    if isinstance(exc, StageTransient):
-        return dvcstage.EXIT_TRANSIENT
-    return 1
-
-
-def _project_root(start: Path) -> Path:
-    """The DVC project this command runs in: the nearest folder up with a .dvc/ (as dvc does)."""
-    for folder in (start.resolve(), *start.resolve().parents):
-        if (folder / ".dvc").is_dir():
-            return folder
-    return start.resolve()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    # A SIGTERM (CI cancelling, `kill`) unwinds like Ctrl-C, so the running stage's process
-    # group is killed too instead of being orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
-    atexit.register(dvcstage.kill_live_groups)
-    start = time.perf_counter()
-    root = _project_root(Path.cwd())
-    try:
-        if not args.set_param:  # overrides change the plan: it is made after them
-            _plan_ahead(root, stages)
-        with _api():
-            state = pipeline(project_dir=str(root), stages=stages, set_params=args.set_param, push=args.push,
-                             promote=not args.no_promote, stage_retries=args.retries,
-                             retry_delay_s=args.retry_delay, timeouts_s=_timeouts(args.timeout),
-                             return_state=True)
-    except KeyboardInterrupt:
-        print("imagepipe run: interrupted", file=sys.stderr)
-        return 130
-    except APIUnavailable as err:
-        print(f"imagepipe run: {err}", file=sys.stderr)
-        return dvcstage.EXIT_TRANSIENT
-    if state.is_completed():
-        print(f"imagepipe run: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        return 0
-    exc = state.result(raise_on_failure=False)
-    print(f"imagepipe run: {state.type.value.lower()}: {exc}", file=sys.stderr)
-    return _exit_code(exc if isinstance(exc, BaseException) else None)

@@ -72,7 +72,7 @@ def render(*, title: str, flow_run_id: str | None, stages: Mapping[str, Mapping[
     lines += ["", "## MLflow runs", ""]
     lines += [f"- {k}: `{v}`" for k, v in ids.items()]
     if flow_run_id:
-        # The stages' tracking groups its runs under this key (stages/core/tracking.py).
+        # The stages' tracking groups its runs under this key (stages/core/tracking/grouping.py).
         lines += [f"- all runs of this pipeline run: `mlflow runs search` / UI filter "
                   f"``tags.`imagepipe.group` = 'pipeline:{flow_run_id}'``"]
     elif not ids:

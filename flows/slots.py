@@ -20,17 +20,19 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from stages.core.host import visible_gpus
+
 log = logging.getLogger("imagepipe.flow")
 
 POLL_S = 2.0
 
 
 def gpu_slots() -> int:
-    """IMAGEPIPE_GPU_SLOTS, else the NVIDIA GPUs the driver lists (no torch import), else 1."""
+    """IMAGEPIPE_GPU_SLOTS, else the GPUs this process can see (CUDA_VISIBLE_DEVICES, else the
+    driver's list; no torch import), else 1: a CPU machine still runs one training at a time."""
     if os.environ.get("IMAGEPIPE_GPU_SLOTS"):
         return max(1, int(os.environ["IMAGEPIPE_GPU_SLOTS"]))
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+    return max(1, visible_gpus())
 
 
 def lock_dir() -> Path:

@@ -14,23 +14,29 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
 from stages.core.dataset import SPLIT_CODE, Dataset, dataset_writer, load_dataset
-from stages.core.errors import run_stage
+from stages.core.door import run_stage
 from stages.core.io import atomic_path, write_json
 from stages.core.progress import progress
 from stages.params import AugmentParams, Params, load_params
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torch and torchvision (~2.5 s) are imported where they are used, not for --help or the door.
 
 log = logging.getLogger("imagepipe.augment")
 
 
 def build_policy(p: AugmentParams, size: int, channels: int) -> v2.Compose:
     """The augmentation policy of params.augment, on uint8 CHW tensors, returning uint8."""
+    import torch
+    from torchvision.transforms import v2
+
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=tuple(p.crop_scale), antialias=True)
     ]
@@ -59,6 +65,8 @@ def augment_batch(policy: v2.Compose, batch: np.ndarray) -> np.ndarray:
     a batch draws one set of parameters for all of it, and copies that share one crop and one
     rotation per batch would be far less diverse.
     """
+    import torch
+
     chw = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
     out = torch.stack([policy(img) for img in chw])
     return out.permute(0, 2, 3, 1).contiguous().numpy()
@@ -66,6 +74,8 @@ def augment_batch(policy: v2.Compose, batch: np.ndarray) -> np.ndarray:
 
 def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
     """Write the augmented dataset to `out`; return metrics."""
+    import torch
+
     p = params.augment
     ds = load_dataset(source)
     size, _, channels = ds.image_shape
@@ -119,6 +129,7 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     ds = load_dataset(source)
     size, _, channels = ds.image_shape

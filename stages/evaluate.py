@@ -6,6 +6,13 @@ split with sklearn's metrics: accuracy, top-5 accuracy (6 classes or more), macr
 precision/recall/F1, a per-class table, expected calibration error, the confusion matrix.
 `transfer_gain` = accuracy - scratch_accuracy, whatever its sign.
 
+Error bars: 95% paired percentile-bootstrap intervals (seeded, BOOTSTRAP_RESAMPLES resamples of
+the test images) of accuracy, macro-F1, the scratch accuracy and the transfer gain
+(`<key>_ci_low`, `<key>_ci_high`); the majority-class accuracy (the floor a model must clear);
+McNemar's exact test of finetuned vs scratch on the same images (`mcnemar_p`). The log says in
+words whether transfer helped, hurt or cannot be told apart at this test size, and warns when
+an interval is wider than +/- 5 points.
+
 Behaviour checks on the finetuned model: the share of test predictions unchanged when every
 image moves one pixel right, and (only where flips were part of its training policy, so the
 model was taught that invariance) when every image is mirrored.
@@ -16,28 +23,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.metrics import (
-    ConfusionMatrixDisplay,
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
+from scipy.special import softmax
 
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.devicedata import DeviceBatches
-from stages.core.errors import BadInput, run_stage
+from stages.core.door import run_stage
+from stages.core.errors import BadInput
 from stages.core.io import atomic_path, write_json
-from stages.core.models import ModelFile, load_model_file
-from stages.core.train import Runtime, predict, prepare, select_device
-from stages.core.train import write_csv as write_rows
 from stages.params import EvaluateParams, Params, load_params
+
+if TYPE_CHECKING:
+    from stages.core.models import ModelFile
+
+# torch (through stages.core.models/train/devicedata) and sklearn are imported where they are
+# used: `python -m stages.evaluate --help` and the door come up without them.
 
 log = logging.getLogger("imagepipe.evaluate")
 
@@ -64,14 +68,11 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> f
     return float(ece)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def scores(y: np.ndarray, logits: np.ndarray, n_classes: int, bins: int) -> dict[str, Any]:
     """The headline figures of one model on one split."""
-    probs = softmax(logits.astype(np.float64))
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
+
+    probs = softmax(logits.astype(np.float64), axis=1)
     pred = probs.argmax(axis=1)
     labels = np.arange(n_classes)
     prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, average="macro",
@@ -80,6 +81,136 @@ def scores(y: np.ndarray, logits: np.ndarray, n_classes: int, bins: int) -> dict
     return {"accuracy": float(accuracy_score(y, pred)), "top5_accuracy": top5,
             "macro_precision": float(prec), "macro_recall": float(rec), "macro_f1": float(f1),
             "ece": expected_calibration_error(y, probs, bins)}
+
+
+# ---------------------------------------------------------------- intervals and tests
+
+# Paired percentile bootstrap (Efron & Tibshirani 1993, ch. 13): every resample draws the same
+# test images for all models, so the gain's interval carries their correlation. 2000 resamples
+# put the Monte Carlo error of a 2.5% percentile near 0.3 points of the interval's own scale.
+BOOTSTRAP_RESAMPLES = 2000
+CI_LEVEL = 0.95
+# An interval wider than +/- this (accuracy scale) gets a warning: at ~500 test images an
+# accuracy near 0.8 is already +/- 3.5 points; below ~250 it passes 5.
+WIDE_HALF_WIDTH = 0.05
+# Index matrices are drawn this many entries at a time (int64: 16 MB), whatever n and resamples.
+_CHUNK_ENTRIES = 2_000_000
+
+
+def bootstrap_rows(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                   ) -> Iterator[np.ndarray]:
+    """Resamples of range(n) with replacement, as (k, n) index matrices in bounded chunks."""
+    rng = np.random.default_rng([seed, n])
+    per_chunk = max(1, _CHUNK_ENTRIES // max(n, 1))
+    for start in range(0, resamples, per_chunk):
+        yield rng.integers(0, n, size=(min(per_chunk, resamples - start), n))
+
+
+def macro_f1_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of (k, n) label matrices over classes 0..n_classes-1, as sklearn's
+    f1_score(average="macro", labels=range(n_classes), zero_division=0): F1_c = 2 tp / (true +
+    predicted), 0 for a class neither true nor predicted in that row. One bincount per count."""
+    k = len(y)
+    offset = (np.arange(k) * n_classes)[:, None]
+    size = k * n_classes
+
+    def count(keys: np.ndarray) -> np.ndarray:
+        return np.bincount(keys.ravel(), minlength=size).reshape(k, n_classes)
+
+    tp = count((offset + y)[y == pred])
+    denom = count(offset + y) + count(offset + pred)
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros((k, n_classes)), where=denom > 0)
+    return f1.mean(axis=1)
+
+
+def _interval(samples: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, n_classes: int,
+                        scratch_pred: np.ndarray | None = None, *,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """95% percentile intervals of accuracy and macro-F1, and (with the scratch baseline's
+    predictions on the same images) of its accuracy and of the transfer gain, paired."""
+    hit = (pred == y).astype(np.float64)
+    other = None if scratch_pred is None else (scratch_pred == y).astype(np.float64)
+    acc, f1, base, gain = [], [], [], []
+    for rows in bootstrap_rows(len(y), resamples, seed):
+        acc.append(hit[rows].mean(axis=1))
+        f1.append(macro_f1_rows(y[rows], pred[rows], n_classes))
+        if other is not None:
+            base.append(other[rows].mean(axis=1))
+            gain.append(acc[-1] - base[-1])
+    out: dict[str, Any] = {}
+    for name, parts in (("accuracy", acc), ("macro_f1", f1), ("scratch_accuracy", base),
+                        ("transfer_gain", gain)):
+        lo, hi = _interval(np.concatenate(parts)) if parts else (None, None)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    return out
+
+
+def accuracy_interval(hits: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                      ) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of a 0/1 vector (promote's gate)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    return _interval(np.concatenate([hits[r].mean(axis=1)
+                                     for r in bootstrap_rows(len(hits), resamples, seed)]))
+
+
+def majority_accuracy(y: np.ndarray) -> float:
+    """Accuracy of always answering the most frequent class of `y`: the floor to beat."""
+    return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+
+
+def mcnemar_exact(a_hits: np.ndarray, b_hits: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test of two models on the same images: the discordant pairs (a right
+    and b wrong: `only_a`; the reverse: `only_b`) are Binomial(only_a + only_b, 1/2) when
+    neither model is better. Two-sided p; 1.0 when they never disagree."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a_hits, dtype=bool), np.asarray(b_hits, dtype=bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    p = float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p": p}
+
+
+def transfer_verdict(gain: float, lo: float, hi: float, p: float, n: int) -> tuple[str, str]:
+    """("helped" | "hurt" | "inconclusive", one sentence). Both the paired interval and
+    McNemar's test must agree before a direction is claimed."""
+    figures = (f"gain {gain * 100:+.1f} points, 95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}], "
+               f"McNemar p={p:.3g}, {n} test images")
+    if lo > 0 and p < 1 - CI_LEVEL:
+        return "helped", f"transfer helped: {figures}"
+    if hi < 0 and p < 1 - CI_LEVEL:
+        return "hurt", f"transfer hurt: {figures}"
+    return "inconclusive", (f"transfer and scratch cannot be told apart at this test size: "
+                            f"{figures}")
+
+
+def statistics(y: np.ndarray, pred: np.ndarray, scratch_pred: np.ndarray | None, n_classes: int,
+               seed: int) -> dict[str, Any]:
+    """Intervals, the majority-class floor and McNemar's test, as flat evaluate.json keys."""
+    out = {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
+           "majority_accuracy": majority_accuracy(y), "ci_level": CI_LEVEL,
+           "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": None,
+           "mcnemar_finetuned_only": None, "mcnemar_scratch_only": None, "transfer_verdict": None}
+    if scratch_pred is not None:
+        m = mcnemar_exact(pred == y, scratch_pred == y)
+        out.update(mcnemar_p=m["p"], mcnemar_finetuned_only=m["only_a"],
+                   mcnemar_scratch_only=m["only_b"])
+    return out
+
+
+def warn_wide(metrics: dict[str, Any]) -> None:
+    """One warning per interval wider than +/- WIDE_HALF_WIDTH."""
+    for name in ("accuracy", "macro_f1", "transfer_gain"):
+        lo, hi = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+        if lo is not None and (hi - lo) / 2 > WIDE_HALF_WIDTH:
+            log.warning("evaluate: the %s interval [%.3f, %.3f] is wider than +/- %d points: "
+                        "%d test images cannot measure it closely; add test images",
+                        name, lo, hi, round(WIDE_HALF_WIDTH * 100), metrics["n_test"])
 
 
 def shift_right(images: np.ndarray) -> np.ndarray:
@@ -93,6 +224,9 @@ class Scorer:
     """Logits of a model file's network on arrays of uint8 test images."""
 
     def __init__(self, path: Path, p: EvaluateParams, classes: list[str]) -> None:
+        from stages.core.models import load_model_file
+        from stages.core.train import Runtime, prepare, select_device
+
         self.model, self.mf = load_model_file(path)
         if self.mf.classes != classes:
             raise BadInput(f"{path} predicts {self.mf.classes} but the test set has {classes}: "
@@ -103,6 +237,9 @@ class Scorer:
         self.batch_size = p.batch_size
 
     def logits(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        from stages.core.devicedata import DeviceBatches
+        from stages.core.train import predict
+
         batches = DeviceBatches(images, labels, np.arange(len(labels)), device=self.rt.device,
                                 mean=self.mf.mean, std=self.mf.std, batch_size=self.batch_size,
                                 train=False)
@@ -121,26 +258,56 @@ def behaviour(scorer: Scorer, images: np.ndarray, y: np.ndarray, pred: np.ndarra
 
 def run(params: Params, data: Path, finetuned: Path, scratch: Path, probe: Path, out: Outputs
         ) -> dict[str, Any]:
+    from sklearn.metrics import classification_report
+
     p = params.evaluate
     ds = load_dataset(data)
     images, y = test_split(ds)
     main_model = Scorer(finetuned, p, ds.classes)
+    require_shape(ds, main_model.mf, finetuned)
     logits = main_model.logits(images, y)
     pred = logits.argmax(axis=1)
     metrics = {**scores(y, logits, len(ds.classes), p.ece_bins), "n_test": int(len(y)),
                **behaviour(main_model, images, y, pred)}
-    metrics.update(baselines(scratch, probe, main_model.mf, p, ds, images, y))
+    figures, scratch_pred = baselines(scratch, probe, main_model.mf, p, ds, images, y)
+    metrics.update(figures)
     metrics["transfer_gain"] = (None if metrics["scratch_accuracy"] is None
                                 else metrics["accuracy"] - metrics["scratch_accuracy"])
+    metrics.update(statistics(y, pred, scratch_pred, len(ds.classes), params.seed))
     write_json(out.per_class, {"per_class": classification_report(
         y, pred, labels=np.arange(len(ds.classes)), target_names=ds.classes, output_dict=True,
         zero_division=0)})
     write_confusion(y, pred, ds.classes, out)
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
-    log.info("evaluate: accuracy %.4f, scratch %s, transfer gain %s, probe %s on %d test images",
-             metrics["accuracy"], metrics["scratch_accuracy"], metrics["transfer_gain"],
-             metrics["probe_accuracy"], len(y))
+    report(metrics)
     return metrics
+
+
+def report(m: dict[str, Any]) -> None:
+    """The log lines: figures with their intervals, the verdict on transfer in words, warnings."""
+    log.info("evaluate: accuracy %.4f [%.4f, %.4f] (95%% CI), macro-F1 %.4f [%.4f, %.4f], "
+             "majority-class %.4f, scratch %s, probe %s on %d test images",
+             m["accuracy"], m["accuracy_ci_low"], m["accuracy_ci_high"], m["macro_f1"],
+             m["macro_f1_ci_low"], m["macro_f1_ci_high"], m["majority_accuracy"],
+             m["scratch_accuracy"], m["probe_accuracy"], m["n_test"])
+    if m["transfer_gain"] is not None:
+        word, sentence = transfer_verdict(m["transfer_gain"], m["transfer_gain_ci_low"],
+                                          m["transfer_gain_ci_high"], m["mcnemar_p"], m["n_test"])
+        m["transfer_verdict"] = word
+        log.info("evaluate: %s", sentence)
+    if m["accuracy_ci_low"] <= m["majority_accuracy"]:
+        log.warning("evaluate: the accuracy interval reaches down to the majority-class accuracy "
+                    "%.4f: the model is not shown to beat always answering one class (promote "
+                    "will refuse it)", m["majority_accuracy"])
+    warn_wide(m)
+
+
+def require_shape(ds: Dataset, mf: ModelFile, path: Path) -> None:
+    want = (mf.spec.image_size, mf.spec.image_size, mf.spec.in_channels)
+    if ds.image_shape != want:
+        raise BadInput(f"{path} takes {want[0]} px x {want[2]} channels but the target test images "
+                       f"are {ds.image_shape[0]} px x {ds.image_shape[2]}: run finetune on this "
+                       "target set")
 
 
 def test_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -151,16 +318,20 @@ def test_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def baselines(scratch: Path, probe: Path, mf: ModelFile, p: EvaluateParams, ds: Dataset,
-              images: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Scratch-baseline and linear-probe figures (None where that model was not trained)."""
+              images: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Scratch-baseline and linear-probe figures (None where that model was not trained), and
+    the baseline's predictions (for the paired intervals and McNemar's test)."""
     out: dict[str, Any] = {"scratch_accuracy": None, "scratch_macro_f1": None, "scratch_ece": None,
                            "probe_accuracy": None}
+    scratch_pred = None
     base = Scorer(scratch, p, ds.classes)
     if (base.mf.mean, base.mf.std) != (mf.mean, mf.std):
         raise BadInput(f"{scratch} normalises with other numbers than the finetuned model: "
                        "both must come from the same finetune run")
     if base.mf.extra.get("baseline", True):
-        s = scores(y, base.logits(images, y), len(ds.classes), p.ece_bins)
+        base_logits = base.logits(images, y)
+        scratch_pred = base_logits.argmax(axis=1)
+        s = scores(y, base_logits, len(ds.classes), p.ece_bins)
         out.update(scratch_accuracy=s["accuracy"], scratch_macro_f1=s["macro_f1"],
                    scratch_ece=s["ece"])
     else:
@@ -168,7 +339,7 @@ def baselines(scratch: Path, probe: Path, mf: ModelFile, p: EvaluateParams, ds: 
     lin = Scorer(probe, p, ds.classes)
     if lin.mf.extra.get("head_epochs", 0) > 0:
         out["probe_accuracy"] = float(np.mean(lin.logits(images, y).argmax(axis=1) == y))
-    return out
+    return out, scratch_pred
 
 
 def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Outputs) -> None:
@@ -177,6 +348,9 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+    from stages.core.train import write_csv as write_rows
 
     labels = np.arange(len(classes))
     side = max(4.0, 0.5 * len(classes) + 2)

@@ -6,7 +6,12 @@ server needs (stages.core.onnxio). It is moved into place only after the parity 
 images at batch sizes 1, 7 and 64, ONNX Runtime must match PyTorch to within
 export.parity_atol on every logit and agree on every top-1 class. Otherwise the stage exits 2
 with the figures and leaves no model.onnx (a previous one is removed: it no longer matches
-finetuned.pt). The same run times ORT against torch eager, interleaved, and records medians.
+finetuned.pt).
+
+metrics/export.json holds what only changes when the model does (parity figures, sizes, the
+int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
+show changes nobody made. Speed is benchmarks/bench_export.py's job. The stage's body returns
+the Registration that tracking registers (model version, alias challenger).
 """
 
 from __future__ import annotations
@@ -15,12 +20,11 @@ import argparse
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,17 +35,19 @@ import onnxruntime as ort
 import torch
 
 from stages.core import onnxio
-from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.errors import BadInput, run_stage
+from stages.core.dataset import Dataset, file_sha256, load_dataset, preprocess
+from stages.core.door import run_stage
+from stages.core.errors import BadInput
+from stages.core.host import usable_cores
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.lineage import git_commit, git_dirty
-from stages.core.models import Classifier, ModelFile, load_model_file, preprocess
+from stages.core.models import Classifier, ModelFile, load_model_file
+from stages.core.tracking.registration import Parity, Registration
 from stages.params import ExportParams, Params, load_params
 
 log = logging.getLogger("imagepipe.export")
 
 PARITY_BATCH_SIZES = (1, 7, 64)
-TIMING_BATCH = 64
 INT8_NAME = "model.int8.onnx"
 FP16_NAME = "model.fp16.onnx"
 
@@ -194,90 +200,18 @@ def check_gate(figures: dict[str, Any], atol: float) -> None:
                        f"one fp32 step is {ulp:.2g}; no ONNX model written", figures)
 
 
-# ---------------------------------------------------------------- timing
+# ---------------------------------------------------------------- threads
 
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the duration (parity runs both sides alike)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def time_calls(fn: Callable[[], object], n_images: int,
-               min_seconds: float) -> tuple[float, list[float]]:
-    """Images/s of repeated calls lasting at least min_seconds, and each call's seconds."""
-    fn()  # warm-up: first-call allocations and kernel choice are not steady state
-    calls: list[float] = []
-    start = time.perf_counter()
-    while not calls or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        calls.append(time.perf_counter() - t)
-    return n_images * len(calls) / sum(calls), calls
-
-
-def interleaved(runs: dict[str, tuple[Callable[[], object], int]], threads: int, rounds: int,
-                min_seconds: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """{name: (call, images per call)} timed round by round, every contender once per round (a
-    shared machine's load then hits all alike). Returns images/s per round and each call's
-    seconds, by name."""
-    rates: dict[str, list[float]] = {k: [] for k in runs}
-    seconds: dict[str, list[float]] = {k: [] for k in runs}
-    with torch_threads(threads):
-        for _ in range(rounds):
-            for key, (fn, n_images) in runs.items():
-                rate, calls = time_calls(fn, n_images, min_seconds)
-                rates[key].append(rate)
-                seconds[key] += calls
-    return rates, seconds
-
-
-def measure_speed(session: ort.InferenceSession, model: Classifier, mf: ModelFile, threads: int,
-                  repeats: int, min_seconds: float = 0.2) -> dict[str, Any]:
-    """ORT vs torch eager on the same preprocessed input, same thread count, interleaved
-    round by round (a shared machine's load then hits both sides alike); medians.
-    Preprocessing is outside both clocks: it is the same numpy code on either side."""
-    rng = np.random.default_rng(0)
-    shape = (TIMING_BATCH, mf.spec.image_size, mf.spec.image_size, mf.spec.in_channels)
-    x64 = preprocess(rng.integers(0, 256, shape, dtype=np.uint8), mf.mean, mf.std)
-    x1 = np.ascontiguousarray(x64[:1])
-    name = session.get_inputs()[0].name
-    rates, latencies = interleaved({
-        "ort_b64": (lambda: session.run(None, {name: x64}), TIMING_BATCH),
-        "torch_b64": (lambda: torch_logits(model, x64, TIMING_BATCH), TIMING_BATCH),
-        "ort_b1": (lambda: session.run(None, {name: x1}), 1),
-        "torch_b1": (lambda: torch_logits(model, x1, 1), 1),
-    }, threads, repeats, min_seconds)
-    ort_ips, torch_ips = statistics.median(rates["ort_b64"]), statistics.median(rates["torch_b64"])
-    return {
-        "ort_images_per_s": round(ort_ips, 1),
-        "torch_images_per_s": round(torch_ips, 1),
-        "ort_speedup_b64": round(ort_ips / torch_ips, 2),
-        "ort_latency_ms_b1": round(1000 * statistics.median(latencies["ort_b1"]), 4),
-        "torch_latency_ms_b1": round(1000 * statistics.median(latencies["torch_b1"]), 4),
-        "timing": {"threads": threads, "rounds": repeats, "batch": TIMING_BATCH,
-                   "ort_images_per_s_rounds": [round(r, 1) for r in rates["ort_b64"]],
-                   "torch_images_per_s_rounds": [round(r, 1) for r in rates["torch_b64"]]},
-    }
-
-
-def measure_ort(tag: str, session: ort.InferenceSession, mf: ModelFile,
-                repeats: int) -> dict[str, float]:
-    """One session alone (the CUDA provider's figures): batch-64 images/s, batch-1 latency."""
-    shape = (TIMING_BATCH, mf.spec.image_size, mf.spec.image_size, mf.spec.in_channels)
-    rng = np.random.default_rng(0)
-    x64 = preprocess(rng.integers(0, 256, shape, dtype=np.uint8), mf.mean, mf.std)
-    x1, name = np.ascontiguousarray(x64[:1]), session.get_inputs()[0].name
-    rates = [time_calls(lambda: session.run(None, {name: x64}), TIMING_BATCH, 0.2)[0]
-             for _ in range(repeats)]
-    calls = [t for _ in range(repeats)
-             for t in time_calls(lambda: session.run(None, {name: x1}), 1, 0.2)[1]]
-    return {f"{tag}_images_per_s": round(statistics.median(rates), 1),
-            f"{tag}_latency_ms_b1": round(1000 * statistics.median(calls), 4)}
 
 
 # ---------------------------------------------------------------- optional variants
@@ -356,22 +290,13 @@ def variants(p: ExportParams, fp32: Path, folder: Path, ds: Dataset, meta: dict[
 
 def _score(tag: str, path: Path, providers: list[str], x: np.ndarray, y: np.ndarray,
            base: float | None, p: ExportParams) -> dict[str, Any]:
-    """Accuracy on the test split, its delta to fp32, size, and batch-64 images/s timed like
-    the fp32 figure (session.run on preprocessed input)."""
+    """Accuracy on the test split, its delta to fp32, and size."""
     session = onnxio.make_session(path, providers=providers, threads=p.threads or None)
     acc = accuracy(session, x, y) if len(y) else None
-    out: dict[str, Any] = {f"{tag}_accuracy": acc,
-                           f"{tag}_accuracy_delta": None if acc is None or base is None
-                           else round(acc - base, 6),
-                           f"{tag}_bytes": path.stat().st_size}
-    if len(x):
-        meta = onnxio.read_metadata(session)
-        batch = preprocess(np.resize(x, (TIMING_BATCH, *x.shape[1:])), meta["mean"], meta["std"])
-        feed = {session.get_inputs()[0].name: batch}
-        rates = [time_calls(lambda: session.run(None, feed), TIMING_BATCH, 0.2)[0]
-                 for _ in range(p.timing_repeats)]
-        out[f"{tag}_images_per_s"] = round(statistics.median(rates), 1)
-    return out
+    return {f"{tag}_accuracy": acc,
+            f"{tag}_accuracy_delta": None if acc is None or base is None
+            else round(acc - base, 6),
+            f"{tag}_bytes": path.stat().st_size}
 
 
 # ---------------------------------------------------------------- the stage
@@ -379,7 +304,7 @@ def _score(tag: str, path: Path, providers: list[str], x: np.ndarray, y: np.ndar
 
 def run(params: Params, model_path: Path, target: Path, out: Path,
         variants_dir: Path | None = None) -> dict[str, Any]:
-    """Export, gate, time; write `out` (and the variants) only when the gate passes.
+    """Export and gate; write `out` (and the variants) only when the gate passes.
 
     Raises ParityFailed (a BadInput: exit 2) with the figures when it does not.
     """
@@ -394,13 +319,12 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
     proto = export_onnx(model, mf, p.opset)
     meta = model_metadata(mf, model_path)
     data = finish_model(proto, meta)
-    export_s = time.perf_counter() - start
-    threads = p.threads or onnxio.usable_cores()
+    log.info("export: exported and checked in %.1f s", time.perf_counter() - start)
+    threads = p.threads or usable_cores()
     metrics: dict[str, Any] = {
         "opset": p.opset, "exporter": "dynamo", "parity_atol": p.parity_atol,
         "parity_images": int(len(images)), "parity_images_by_split": used,
-        "parity_note": _parity_note(used, p.parity_images),
-        "export_seconds": round(export_s, 2), "onnx_bytes": len(data),
+        "parity_note": _parity_note(used, p.parity_images), "onnx_bytes": len(data),
     }
     try:
         with atomic_path(out) as tmp:
@@ -411,11 +335,6 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
                 figures = parity(session, model, images, mf)
             metrics |= figures
             check_gate(figures, p.parity_atol)
-            cpu = session if session.get_providers() == [onnxio.CPU] else \
-                onnxio.make_session(tmp, providers=[onnxio.CPU], threads=threads)
-            metrics |= measure_speed(cpu, model, mf, threads, p.timing_repeats)
-            if onnxio.CUDA in session.get_providers():
-                metrics |= measure_ort("cuda", session, mf, p.timing_repeats)
             metrics["gate_passed"] = True
             if variants_dir is not None:
                 metrics |= variants(p, tmp, variants_dir, ds, meta, session)
@@ -432,10 +351,21 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
 
 def _log_summary(m: dict[str, Any], out: Path) -> None:
     log.info("export: %s (opset %d) parity max|dlogit| %.2e, top-1 agreement %.0f%% on %d "
-             "images; ORT %.0f vs torch %.0f images/s at batch %d (x%.2f), batch-1 latency "
-             "%.3f vs %.3f ms", out, m["opset"], m["max_abs_diff"], 100 * m["top1_agreement"],
-             m["parity_images"], m["ort_images_per_s"], m["torch_images_per_s"], TIMING_BATCH,
-             m["ort_speedup_b64"], m["ort_latency_ms_b1"], m["torch_latency_ms_b1"])
+             "images", out, m["opset"], m["max_abs_diff"], 100 * m["top1_agreement"],
+             m["parity_images"])
+
+
+def registration(params: Params, metrics: dict[str, Any], model_path: Path, target: Path,
+                 out: Path) -> Registration:
+    """What tracking registers for a model that passed the gate: the files, the verdict with
+    its figures, and the registered model's name."""
+    return Registration(
+        onnx_path=out, torch_path=model_path, dataset=target,
+        model_name=params.registry.model_name,
+        parity=Parity(passed=bool(metrics["gate_passed"]),
+                      max_abs_diff=float(metrics["max_abs_diff"]),
+                      top1_agreement=float(metrics["top1_agreement"]),
+                      atol=params.export.parity_atol, images=int(metrics["parity_images"])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/export.json", type=Path)
     args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body() -> Registration:
         params = load_params(args.params)
         try:
             metrics = run(params, args.model, args.target, args.out, args.variants)
@@ -457,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.metrics, err.metrics)  # the figures, for whoever asks why
             raise
         write_json(args.metrics, metrics)
+        return registration(params, metrics, args.model, args.target, args.out)
 
     return run_stage("export", body)
 

@@ -19,15 +19,24 @@ from typing import Any
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.dataset import Dataset, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
-from stages.core.errors import BadInput, run_stage
+from stages.core.door import run_stage
+from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
-from stages.core.train import Runtime, fit, make_runtime, make_trainer, param_groups, summary, write_csv
+from stages.core.train import (
+    EVAL_BATCH,
+    Runtime,
+    fit,
+    make_runtime,
+    make_trainer,
+    param_groups,
+    summary,
+    write_csv,
+)
 from stages.params import Params, PretrainParams, load_params
 
 log = logging.getLogger("imagepipe.pretrain")
 # Evaluation needs no gradients: bigger batches cost little memory and run faster.
-EVAL_BATCH = 512
 
 
 def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],

@@ -1,24 +1,28 @@
-"""Exit codes of every stage, and the door that maps exceptions to them.
+"""The exception types a stage raises and the exit codes they become: the one definition of both.
 
-0 done; 2 bad input or configuration (never retried: retrying cannot help);
-75 transient failure (retried by the flow); 143 terminated by SIGTERM (a crash by signal:
-transient too). See ARCHITECTURE.md, "Contracts".
+| code | meaning | the flow |
+|---|---|---|
+| 0 | done | — |
+| 2 | bad input or configuration (`BadInput`) | never retried: retrying cannot help |
+| 70 | a bug: an unexpected exception (EX_SOFTWARE); the traceback is in the log | never retried |
+| 75 | transient failure (`Transient`: tracking server unreachable) (EX_TEMPFAIL) | retried |
+| 130 | interrupted (Ctrl-C, SIGINT) | — |
+| 143 | terminated (SIGTERM); any death by signal counts as transient | retried |
+
+Imports nothing from stages.core: everything may import it. The door that maps exceptions to
+these codes is stages/core/door.py. See ARCHITECTURE.md, "Contracts".
 """
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 70  # EX_SOFTWARE from sysexits.h: "an internal software error has been detected"
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
-
-log = logging.getLogger("imagepipe")
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM-killed process
 
 
 class BadInput(Exception):
@@ -26,11 +30,7 @@ class BadInput(Exception):
 
 
 class Transient(Exception):
-    """A failure that a retry may cure: a server unreachable, a device out of memory."""
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    """A failure that a retry may cure: a server unreachable."""
 
 
 class Terminated(BaseException):
@@ -38,67 +38,11 @@ class Terminated(BaseException):
     a stage does not swallow it while atomic writes and tracking still clean up on the way."""
 
 
-EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-killed process
+class DiskFull(Transient):
+    """No room for an output (ENOSPC, EDQUOT, or EFBIG from a file-size limit). The message is
+    one line naming the folder and the bytes needed; the partial output is already removed.
 
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into Terminated for the duration (main thread only: Python's rule)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_body(name: str, body: Callable[[], object]) -> int:
-    try:
-        body()
-    except BadInput as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Transient as err:
-        print(f"{name}: transient failure (retry may help): {err}", file=sys.stderr)
-        return EXIT_TRANSIENT
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{name}: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    return EXIT_OK
-
-
-def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> int:
-    """Run a stage body and return its exit code; one line on stderr for a known failure.
-
-    With `track`, a stage that dvc.yaml declares gets an MLflow child run named `name` (unless
-    IMAGEPIPE_TRACKING=0), opened before the body (MLFLOW_RUN_ID is set while it runs)
-    and filled from the files dvc.yaml declares for the stage after it: see
-    stages/core/tracking.py. The body runs even when tracking is down; the exit code is then
-    75. SIGTERM ends the body and the run (FAILED) cleanly, exit code 143.
+    Exit 75 like any Transient, and the flow retries it: writers reserve their space before the
+    costly work (stages/core/io.py reserve), so a retry that still finds the disk full fails in
+    a second, and one after space was freed succeeds. Never a bus error (135) or a traceback.
     """
-    configure_logging()
-    stage_run = None
-    try:
-        with _sigterm_unwinds():
-            if track:
-                from stages.core.tracking import StageRun  # imports mlflow only to open a run
-
-                stage_run = StageRun.start(name)
-            code = _run_body(name, body)
-            if stage_run is not None:
-                code = stage_run.finish(code)
-    except Terminated:
-        print(f"{name}: terminated", file=sys.stderr)
-        code = EXIT_TERMINATED
-        if stage_run is not None and not stage_run.finished:
-            stage_run.finish(code)  # the signal fell between body and finish: end it FAILED
-    return code

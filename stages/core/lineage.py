@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-# Set by the Prefect flow (flows/) to its flow-run id; absent under a plain `dvc repro`.
-FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
+# FLOW_RUN_ENV: set by the Prefect flow (flows/) to its flow-run id; absent under `dvc repro`.
+from stages.core.host import FLOW_RUN_ENV
 
 
 def _git(*args: str, cwd: Path | None = None) -> str | None:

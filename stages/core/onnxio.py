@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from stages.core.dataset import preprocess
 from stages.core.errors import BadInput
+from stages.core.host import usable_cores
 
 log = logging.getLogger("imagepipe.onnx")
 
@@ -115,14 +116,6 @@ def _probe_model() -> bytes:
 
 
 # ---------------------------------------------------------------- sessions
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (respects taskset/cgroup affinity, unlike cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

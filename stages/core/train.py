@@ -12,7 +12,6 @@ import csv
 import io
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -27,9 +26,14 @@ from torch import nn
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.devicedata import DeviceBatches
 from stages.core.errors import BadInput, Transient
+from stages.core.host import usable_cores
 from stages.core.io import atomic_path
 from stages.core.progress import progress
 from stages.params import TrainParams
+
+# Batch size for validation and test passes of the training stages (no gradients, so larger than
+# any training batch fits in the same memory).
+EVAL_BATCH = 512
 
 log = logging.getLogger("imagepipe.train")
 
@@ -45,13 +49,6 @@ class Runtime:
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def select_device(name: str) -> torch.device:
@@ -70,7 +67,7 @@ def make_runtime(p: TrainParams) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return Runtime(device, bf16=True, channels_last=True, compile=p.compile)
-    torch.set_num_threads(cpu_cores())
+    torch.set_num_threads(usable_cores())
     # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
     # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
     torch.set_flush_denormal(True)

@@ -87,7 +87,9 @@ def tiny_export(project: Path) -> Callable[..., int]:
     whose body writes a tiny model of that kind (and export's metrics), so the door logs and
     registers it exactly as for `dvc repro export`. The target set (data/target) is written
     on the first call, labelled by the 'good' model."""
-    from stages.core.errors import run_stage
+    from stages.core.door import run_stage
+    from stages.core.tracking import Parity, Registration
+    from stages.params import load_params
 
     write_dvc_yaml(project, {"export": EXPORT_STAGE})
     images = tiny_images(64)
@@ -98,12 +100,19 @@ def tiny_export(project: Path) -> Callable[..., int]:
         save_tiny(tiny_model(kind), project / "models" / "finetuned.pt",
                   project / "models" / "model.onnx")
 
-        def body() -> None:
+        def body() -> Registration:
             from stages.core.io import write_json
 
+            diff = 1e-6 if parity else 0.5
             write_json(project / "metrics" / "export.json",
-                       {"gate_passed": parity, "max_abs_diff": 1e-6 if parity else 0.5,
+                       {"gate_passed": parity, "max_abs_diff": diff,
                         "mlflow_run_id_seen": os.environ.get("MLFLOW_RUN_ID")})
+            return Registration(
+                project / "models" / "model.onnx", project / "models" / "finetuned.pt",
+                Parity(passed=parity, max_abs_diff=diff, top1_agreement=1.0, atol=1e-4,
+                       images=64),
+                load_params(project / "params.yaml").registry.model_name,
+                project / "data" / "target")
 
         return run_stage("export", body)
 

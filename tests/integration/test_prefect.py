@@ -18,7 +18,7 @@ import yaml
 from flows import deploy, pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-COPIED = ["stages", "flows", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvcignore",
+COPIED = ["stages", "flows", "commands", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvcignore",
           ".gitignore", ".dvc/config"]
 
 pytestmark = pytest.mark.slow

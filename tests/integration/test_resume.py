@@ -1,4 +1,4 @@
-"""kill -9 of a real `python -m stages.pretrain` mid-epoch, then a rerun: it resumes from the
+"""kill -9 of a real `python -m stages.pretrain` (and finetune) mid-epoch, then a rerun: it resumes from the
 last checkpoint and ends with the same bits as a run never interrupted (CPU, fixed seed).
 A checkpoint made under other params is not resumed: the run starts over and says why."""
 
@@ -46,7 +46,12 @@ def learned(out: Path) -> tuple[dict[str, torch.Tensor], list[tuple[str, ...]]]:
 
 
 def kill_after_first_checkpoint(args: list[str | Path], checkpoint: Path) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *map(str, args)], cwd=REPO,
+    return kill_after_first_checkpoint_of("stages.pretrain", args, checkpoint)
+
+
+def kill_after_first_checkpoint_of(module: str, args: list[str | Path], checkpoint: Path) -> int:
+    env = {**os.environ, "IMAGEPIPE_TRACKING": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -85,3 +90,41 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(tmp_path: Path) -> None:
     assert "not resuming" in other.stderr and "pretrain.lr: 0.05 -> 0.02" in other.stderr
     assert "pretrain epoch 1/2: train loss" in other.stderr
     assert not torch.equal(learned(run)[0]["head.weight"], want_state["head.weight"])
+
+
+def finetune_args(params: Path, data: Path, pretrained: Path, out: Path) -> list[str | Path]:
+    return ["--params", params, "--data", data, "--pretrained", pretrained,
+            "--model", out / "finetuned.pt", "--probe", out / "probe.pt",
+            "--scratch", out / "scratch.pt", "--checkpoints", out / "ck",
+            "--metrics", out / "finetune.json", "--plot", out / "finetune.csv",
+            "--scratch-plot", out / "scratch.csv"]
+
+
+def test_finetune_killed_in_the_full_phase_resumes_bit_identical(tmp_path: Path) -> None:
+    source, target = tmp_path / "augmented", tmp_path / "target"
+    write_dataset(source, ["a", "b", "c"], {"train": 60, "val": 6}, size=16)
+    write_dataset(target, ["x", "y"], {"train": 150, "val": 6, "test": 6}, size=16, seed=1)
+    raw = default_params()
+    raw["pretrain"] = {"epochs": 1, "width": 8, "batch_size": 16, "device": "cpu"}
+    raw["finetune"] = {"head_epochs": 1, "full_epochs": 2, "batch_size": 8,
+                       "crop_padding": 1, "hflip": True, "checkpoint_every_steps": 3,
+                       "device": "cpu", "baseline": False}
+    params = write_params(tmp_path / "params.yaml", raw)
+    pre = tmp_path / "pre"
+    assert run_stage("pretrain", *stage_args(params, source, pre)).returncode == 0
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = run_stage("finetune", *finetune_args(params, target, pre / "pretrained.pt", ref))
+    assert done.returncode == 0, done.stderr
+
+    # The head phase ends before the full phase writes its first checkpoint: killed mid-phase 2.
+    code = kill_after_first_checkpoint_of(
+        "stages.finetune", finetune_args(params, target, pre / "pretrained.pt", run),
+        run / "ck" / "full.pt")
+    assert code == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run / "finetuned.pt").exists()
+    again = run_stage("finetune", *finetune_args(params, target, pre / "pretrained.pt", run))
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr, again.stderr
+    want = torch.load(ref / "finetuned.pt", weights_only=True)["state_dict"]
+    got = torch.load(run / "finetuned.pt", weights_only=True)["state_dict"]
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []

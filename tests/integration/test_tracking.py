@@ -1,7 +1,7 @@
 """The stage door's MLflow tracking, on the SQLite default and against a real `mlflow server`:
-runs grouped under a parent, lineage tags, params, metrics per epoch, artifacts; failure paths
-(server unreachable, server killed mid-run, SIGTERM) end with the documented exit codes and
-no run left RUNNING."""
+runs grouped under a parent, lineage tags, params, metrics per epoch, artifacts; a returned
+Registration registered (and nothing without one); failure paths (server unreachable, server
+killed mid-run, SIGTERM) end with the documented exit codes and no run left RUNNING."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.core.errors import EXIT_TERMINATED, EXIT_TRANSIENT, run_stage
+from stages.core.door import run_stage
+from stages.core.errors import EXIT_BUG, EXIT_TERMINATED, EXIT_TRANSIENT
+from stages.core.host import FLOW_RUN_ENV
+from stages.core.tracking import CHALLENGER, Parity, Registration
 from stages.params import load_params
 from tests.integration.tracking_kit import (
     EXPORT_STAGE,
@@ -136,8 +139,7 @@ def test_stage_runs_carry_lineage_params_metrics_and_artifacts(backend: str, pro
     assert "models/out.bin" not in arts  # DVC versions binaries, not MLflow
 
     # Under Prefect: every stage joins the flow's parent, tagged with the flow-run id.
-    monkeypatch.setenv("IMAGEPIPE_PIPELINE_ID", "flow-123")
-    monkeypatch.setenv("IMAGEPIPE_FLOW_RUN_ID", "flow-123")
+    monkeypatch.setenv(FLOW_RUN_ENV, "flow-123")
     assert run_stage("evaluate", evaluate) == 0
     flow_run = next(r for r in runs(backend)
                     if r.data.tags.get("prefect.flow_run_id") == "flow-123"
@@ -153,7 +155,7 @@ def test_dvc_repro_groups_its_stages_and_tags_the_hashes_dvc_locks(project: Path
     (project / "stage.py").write_text(textwrap.dedent("""
         import sys
         from pathlib import Path
-        from stages.core.errors import run_stage
+        from stages.core.door import run_stage
 
         def first() -> None:
             Path("d").mkdir(exist_ok=True)
@@ -194,6 +196,39 @@ def test_dvc_repro_groups_its_stages_and_tags_the_hashes_dvc_locks(project: Path
     assert children[0].data.tags["dvc.out.d"] == first_out["d"]
 
 
+def test_a_returned_registration_is_registered_and_nothing_else_is(project: Path) -> None:
+    """Only what the body returns is registered: the same export stage returning None (or
+    failing) registers nothing, whatever files lie where the old guesses looked."""
+    write_dvc_yaml(project, {"export": EXPORT_STAGE})
+    images = tiny_images(16)
+    write_target(project / "data" / "target", labels_of(tiny_model("good"), images), images)
+    onnx_path, pt = project / "models" / "served.onnx", project / "models" / "source.pt"
+    save_tiny(tiny_model("good"), pt, onnx_path)
+    reg = Registration(onnx_path, pt, Parity(True, 3e-7, 1.0, 1e-4, 16), "explicit",
+                       project / "data" / "target")
+
+    def write_metrics() -> None:
+        (project / "metrics").mkdir(exist_ok=True)
+        (project / "metrics" / "export.json").write_text(json.dumps({"gate_passed": True}))
+
+    def bad() -> Registration:
+        raise ValueError("a bug after the model was written")
+
+    assert run_stage("export", write_metrics) == 0
+    assert run_stage("export", bad) == EXIT_BUG  # a bug: never registered
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    assert list(client(uri).search_registered_models()) == []
+    assert run_stage("export", lambda: (write_metrics(), reg)[1]) == 0
+    mv = client(uri).get_model_version_by_alias("explicit", CHALLENGER)
+    assert str(mv.version) == "1" and mv.tags["parity_passed"] == "true"
+    assert mv.tags["parity_max_abs_diff"] == "3e-07" and mv.tags["parity_images"] == "16"
+    assert mv.tags["onnx.sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert mv.tags["pytorch_model_uri"].startswith("models:/")
+    export_runs = [r for r in runs(uri) if r.info.run_name == "export"]
+    assert mv.run_id in {r.info.run_id for r in export_runs}
+    assert {r.info.status for r in export_runs} == {"FINISHED", "FAILED"}
+
+
 def test_unreachable_server_writes_outputs_then_exits_75_naming_it(
         project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     port_closed = "http://127.0.0.1:9"  # discard port: nothing listens
@@ -222,12 +257,16 @@ def test_server_killed_mid_export_exits_75_registers_nothing_leaves_no_run_runni
     (project / "export_stage.py").write_text(textwrap.dedent("""
         import os, signal, sys
         from pathlib import Path
-        from stages.core.errors import run_stage
+        from stages.core.door import run_stage
         from stages.core.io import write_json
+        from stages.core.tracking import Parity, Registration
 
-        def body() -> None:
+        def body() -> Registration:
             write_json("metrics/export.json", {"gate_passed": True, "max_abs_diff": 0.0})
             os.killpg(int(os.environ["KILL_PGID"]), signal.SIGKILL)  # the server dies here
+            return Registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
+                                Parity(True, 0.0, 1.0, 1e-4, 16), os.environ["MODEL_NAME"],
+                                Path("data/target"))
 
         sys.exit(run_stage("export", body))
     """))
@@ -237,14 +276,15 @@ def test_server_killed_mid_export_exits_75_registers_nothing_leaves_no_run_runni
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
     assert mlflow_server.proc is not None
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KILL_PGID": str(mlflow_server.proc.pid)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILL_PGID": str(mlflow_server.proc.pid),
+           "MODEL_NAME": name}
     try:
         proc = subprocess.run([sys.executable, "export_stage.py"], cwd=project, env=env,
                               capture_output=True, text=True, timeout=180)
     finally:
         mlflow_server.restart()  # the same store on the same address, as after an outage
     assert proc.returncode == EXIT_TRANSIENT, proc.stderr
-    assert mlflow_server.uri in proc.stderr
+    assert mlflow_server.uri in proc.stderr and "no model version was registered" in proc.stderr
     assert (project / "models/model.onnx").exists()  # the stage's own outputs are there
     found = runs(mlflow_server.uri)
     assert next(r for r in found if r.info.run_name == "export").info.status == "RUNNING"
@@ -264,7 +304,7 @@ def test_sigterm_ends_the_run_failed_with_exit_143(project: Path) -> None:
     (project / "slow_stage.py").write_text(textwrap.dedent("""
         import os, sys, time
         from pathlib import Path
-        from stages.core.errors import run_stage
+        from stages.core.door import run_stage
 
         def body() -> None:
             Path("started").write_text(os.environ["MLFLOW_RUN_ID"])

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import cli, export, predict
+from commands import cli, predict
+from stages import export
 from stages.core import onnxio
 from stages.core.models import ModelFile, ModelSpec, build_model, preprocess, save_model_file
 from stages.core.sources import canonical

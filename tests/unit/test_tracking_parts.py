@@ -1,16 +1,24 @@
 """The pure parts of tracking and the promotion gate: what dvc.yaml declares, numbers out of
-metrics and epoch tables, the parity verdict, the decision rule, the store URI. No MLflow."""
+metrics and epoch tables, the parity verdict, the decision rule, the store URI, the registration
+a stage hands over, and an import that loads no MLflow. No MLflow server."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from stages.core import tracking
-from stages.registry import decide
+from commands.registry import decide
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from stages.core.host import FLOW_RUN_ENV, project_root
+from stages.core.tracking import Parity, Registration, StageRun
+from stages.core.tracking.declared import stage_decl
+from stages.core.tracking.grouping import group_key
+from stages.core.tracking.metrics import flat_numbers, per_epoch_metrics
+from stages.core.tracking.store import redact, tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,42 +34,63 @@ stages:
     metrics: [{metrics/m.json: {cache: false}}]
     plots: [{plots/h.csv: {x: epoch}}, plots/c.png]
 """)
-    d = tracking.stage_decl(tmp_path, "train")
+    d = stage_decl(tmp_path, "train")
     assert d is not None
     assert d.deps == ["a.py", "data/target"]
-    assert d.params == ["seed", "finetune", "export.opset"]
+    assert d.params == ["seed", "finetune", "export.opset"] and d.params_file == "params.yaml"
     assert d.outs == ["models/m.pt", "checkpoints/c"]
     assert d.metrics == ["metrics/m.json"] and d.plots == ["plots/h.csv", "plots/c.png"]
-    assert tracking.stage_decl(tmp_path, "predict") is None  # not a stage: not tracked
+    assert stage_decl(tmp_path, "predict") is None  # not a stage: not tracked
 
 
 def test_epoch_table_becomes_stepped_metrics_grouped_by_text_columns(tmp_path: Path) -> None:
     table = tmp_path / "finetune.csv"
     table.write_text("phase,epoch,val_acc,note\nhead,1,0.5,\nhead,2,0.6,\nfull,1,0.7,\n")
-    got = tracking.per_epoch_metrics(table)
+    got = per_epoch_metrics(table)
     # epochs repeat across phases: the row number is the step
     assert ("finetune/head/val_acc", 0.6, 1) in got and ("finetune/full/val_acc", 0.7, 2) in got
     same = tmp_path / "pretrain.csv"
     same.write_text("phase,epoch,loss\npretrain,1,2.0\npretrain,2,1.0\n")
-    assert tracking.per_epoch_metrics(same) == [("pretrain/loss", 2.0, 1), ("pretrain/loss", 1.0, 2)]
+    assert per_epoch_metrics(same) == [("pretrain/loss", 2.0, 1), ("pretrain/loss", 1.0, 2)]
     confusion = tmp_path / "confusion.csv"
     confusion.write_text("actual,predicted\n1,1\n")
-    assert tracking.per_epoch_metrics(confusion) == []  # no epoch column: an artifact only
+    assert per_epoch_metrics(confusion) == []  # no epoch column: an artifact only
 
 
 def test_metrics_keep_numbers_only_under_dotted_keys() -> None:
-    got = tracking.flat_numbers({"acc": 0.9, "ok": True, "name": "x", "per_class": {"5": {"f1": 1}},
+    got = flat_numbers({"acc": 0.9, "ok": True, "name": "x", "per_class": {"5": {"f1": 1}},
                                  "list": [1, 2]})
     assert got == {"acc": 0.9, "per_class.5.f1": 1.0}
 
 
-@pytest.mark.parametrize(("flags", "passed"), [
-    ({"gate_passed": True, "max_abs_diff": 2e-6}, "true"),
-    ({"gate_passed": False}, "false"),
-    ({"max_abs_diff": 0.0}, "unknown"),
-])
-def test_parity_verdict_from_export_metrics(flags: dict[str, object], passed: str) -> None:
-    assert tracking.parity_of(flags)["parity_passed"] == passed
+def _registration(passed: bool = True) -> Registration:
+    return Registration(onnx_path=Path("models/model.onnx"), torch_path=Path("models/ft.pt"),
+                        parity=Parity(passed=passed, max_abs_diff=2.5e-6, top1_agreement=1.0,
+                                      atol=1e-4, images=40),
+                        model_name="m", dataset=Path("data/target"))
+
+
+@pytest.mark.parametrize(("passed", "text"), [(True, "true"), (False, "false")])
+def test_parity_verdict_becomes_version_tags(passed: bool, text: str) -> None:
+    tags = _registration(passed).parity.tags()
+    assert tags["parity_passed"] == text  # what the promotion gate reads
+    assert tags["parity_max_abs_diff"] == "2.5e-06" and tags["parity_images"] == "40"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _registration().model_name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("failure", [EXIT_TRANSIENT, EXIT_BAD_INPUT])
+def test_tracking_failure_after_a_good_body_says_nothing_was_registered(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], failure: int) -> None:
+    run = StageRun("export", tmp_path)
+    run.failure = (failure, "tracking at http://x unreachable")  # as `start` leaves it
+    assert run.finish(0, _registration()) == failure
+    assert "no model version was registered" in capsys.readouterr().err
+    other = StageRun("evaluate", tmp_path)
+    other.failure = (EXIT_TRANSIENT, "down")
+    assert other.finish(0, {"not": "a registration"}) == EXIT_TRANSIENT
+    assert "registered" not in capsys.readouterr().err
+    assert other.finish(EXIT_BAD_INPUT) == EXIT_BAD_INPUT  # the body's own failure wins
 
 
 def test_gate_decision_rule() -> None:
@@ -77,23 +106,24 @@ def test_default_store_is_sqlite_at_the_project_root(tmp_path: Path,
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "sub").mkdir()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tracking.project_root(tmp_path / "sub")
+    root = project_root(tmp_path / "sub")
     assert root == tmp_path.resolve()
-    assert tracking.tracking_uri(root) == f"sqlite:////{str(tmp_path.resolve()).lstrip('/')}/mlflow.db"
-    assert tracking.redact("https://ann:pw@mlflow.example:5000") == "https://ann:***@mlflow.example:5000"
+    assert tracking_uri(root) == f"sqlite:////{str(tmp_path.resolve()).lstrip('/')}/mlflow.db"
+    assert redact("https://ann:pw@mlflow.example:5000") == "https://ann:***@mlflow.example:5000"
 
 
-def test_pipeline_id_names_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGEPIPE_PIPELINE_ID", "abc")
-    assert tracking.group_key()[0] == "pipeline:abc"
-    monkeypatch.delenv("IMAGEPIPE_PIPELINE_ID")
-    assert tracking.group_key()[0].startswith("process:")  # pytest is not under dvc
+def test_flow_run_id_names_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FLOW_RUN_ENV, "abc")
+    assert group_key()[0] == "pipeline:abc"
+    monkeypatch.delenv(FLOW_RUN_ENV)
+    monkeypatch.setenv("IMAGEPIPE_PIPELINE_ID", "gone")  # the old variable groups nothing
+    assert group_key()[0].startswith("process:")  # pytest is not under dvc
 
 
 def test_untracked_commands_never_import_mlflow(tmp_path: Path) -> None:
     """A command dvc.yaml does not declare (predict) and tracking switched off both leave
     mlflow unimported: nothing happens at import time."""
-    code = ("import os, sys\nfrom stages.core.errors import run_stage\n"
+    code = ("import os, sys\nfrom stages.core.door import run_stage\n"
             "assert run_stage('predict', lambda: None) == 0\n"
             "os.environ['IMAGEPIPE_TRACKING'] = '0'\n"
             "assert run_stage('ingest', lambda: None) == 0\n"
@@ -104,3 +134,15 @@ def test_untracked_commands_never_import_mlflow(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_importing_tracking_loads_nothing_heavy() -> None:
+    """The facade and the Registration export imports: no mlflow, yaml, pydantic or psutil."""
+    code = ("import sys\nimport stages.core.tracking\n"
+            "from stages.core.tracking.registration import Registration\n"
+            "print(sorted(m for m in ('mlflow', 'yaml', 'pydantic', 'psutil', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin",
+                         "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -202,13 +202,25 @@ def test_evaluate_json_has_every_key(chain: Path) -> None:
                 "shift_consistency", "flip_consistency"):
         assert m.get(key) is not None, key
     assert m["n_test"] == 36
-    assert m["transfer_gain"] == pytest.approx(m["accuracy"] - m["scratch_accuracy"], abs=1e-5)
-    assert all(0.0 <= m[k] <= 1.0 for k in ("accuracy", "top5_accuracy", "ece", "shift_consistency"))
+    assert m["majority_accuracy"] == pytest.approx(1 / 6, abs=1e-6)  # six test images a class
     with open(chain / "confusion.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 36 and {r["actual"] for r in rows} == {f"t{i}" for i in range(6)}
     assert (chain / "confusion.png").stat().st_size > 1000
     assert set(json.loads((chain / "per_class.json").read_text())["per_class"]) >= {"t0", "t5"}
+
+
+def test_finetune_learns_a_task_built_to_be_learnable(chain: Path, tmp_path: Path) -> None:
+    # Three classes, each a fixed pattern under noise, no flips (a flipped random pattern is
+    # another pattern): chance is 1/3, and a working transfer gets nearly all of them.
+    write_dataset(tmp_path / "target", ["p", "q", "r"], {"train": 30, "val": 6, "test": 20}, seed=3)
+    params = tiny_params(finetune={"hflip": False, "full_epochs": 4, "baseline": False})
+    out = finetune.Outputs(*(tmp_path / n for n in ("f.pt", "p.pt", "s.pt", "ck", "f.csv", "s.csv")))
+    finetune.run(params, tmp_path / "target", chain / "pretrained.pt", out)
+    ev = evaluate.Outputs(*(tmp_path / n for n in ("e.json", "pc.json", "c.png", "c.csv")))
+    m = evaluate.run(params, tmp_path / "target", out.finetuned, out.scratch, out.probe, ev)
+    assert m["accuracy"] >= 0.9, m
+    assert m["transfer_gain"] is None  # baseline: false -> no scratch model, no gain claimed
 
 
 def test_model_files_share_one_normalisation_and_log_every_epoch(chain: Path) -> None:
@@ -222,13 +234,6 @@ def test_model_files_share_one_normalisation_and_log_every_epoch(chain: Path) ->
     assert [(r["phase"], r["epoch"]) for r in rows] == [("head", "1"), ("head", "2"), ("full", "3")]
     with open(chain / "pretrain.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
-
-
-def test_finetune_refuses_a_target_of_another_size(chain: Path, tmp_path: Path) -> None:
-    write_dataset(tmp_path / "big", ["x", "y"], {"train": 2, "test": 1}, size=12)
-    out = finetune.Outputs(*(tmp_path / n for n in ("f.pt", "p.pt", "s.pt", "ck", "f.csv", "s.csv")))
-    with pytest.raises(BadInput, match="12 px"):
-        finetune.run(tiny_params(), tmp_path / "big", chain / "pretrained.pt", out)
 
 
 def test_cifar10_preset_is_valid_and_names_every_section() -> None:

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 
 from stages.core import onnxio
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, run_stage
+from stages.core.door import run_stage
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
 from stages.core.sources import BadFile, canonical, read_image_file
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
@@ -63,13 +65,6 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
     return canonical(img, size, channels)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcome]:
     """Outcomes in the order of `paths`, CHUNK images decoded and run at a time."""
     meta = onnxio.read_metadata(session)
@@ -84,8 +79,8 @@ def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcom
                 loaded[i] = load_image(path, size, channels)
             except BadInput as err:
                 errors[i] = str(err)
-        probs = iter(softmax(onnxio.predict_logits(session, np.stack(list(loaded.values()))))
-                     if loaded else [])
+        logits = onnxio.predict_logits(session, np.stack(list(loaded.values()))) if loaded else None
+        probs = iter(softmax(logits.astype(np.float64), axis=1) if logits is not None else [])
         for i, path in enumerate(paths[lo:lo + CHUNK]):
             if i in errors:
                 yield Outcome(path, error=errors[i])

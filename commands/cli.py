@@ -11,16 +11,17 @@ import os
 import sys
 
 COMMANDS = {
-    "run": ("flows.pipeline", "main", "run the whole pipeline (stages that changed, then promote)"),
-    "predict": ("stages.predict", "main", "classify images with an exported ONNX model"),
-    "promote": ("stages.registry", "promote_main", "promote the challenger if it beats the champion"),
-    "rollback": ("stages.registry", "rollback_main", "move champion back to previous-champion"),
-    "lineage": ("stages.registry", "lineage_main", "walk a model version back to its data, code, params"),
+    "run": ("commands.run", "main", "run the whole pipeline (stages that changed, then promote)"),
+    "predict": ("commands.predict", "main", "classify images with an exported ONNX model"),
+    "promote": ("commands.registry", "promote_main", "promote the challenger if it beats the champion"),
+    "rollback": ("commands.registry", "rollback_main", "move champion back to previous-champion"),
+    "lineage": ("commands.registry", "lineage_main", "walk a model version back to its data, code, params"),
+    "tune": ("commands.tune", "main", "pick the best DVC experiment by validation accuracy, apply it"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: imagepipe COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: imagepipe [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines + ["", "imagepipe COMMAND --help shows a command's options."])
 
@@ -30,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     for var, value in (("DVC_NO_ANALYTICS", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("ORT_DISABLE_TELEMETRY", "1")):
         os.environ.setdefault(var, value)
+    if argv and argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"imagepipe {version('imagepipe')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("imagepipe (not installed: pip install -e .)")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

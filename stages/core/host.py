@@ -1,0 +1,62 @@
+"""What this process may use and where it runs: usable CPU cores, visible GPUs, the project root,
+and the environment variable that carries the Prefect flow-run id into stages.
+
+The one place each of these is answered (the flow, the stages and the commands all ask here), and
+nothing here imports torch: counting GPUs must not cost a CUDA initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set by the Prefect flow for every stage it runs: MLflow groups the stages' runs under one
+# parent run by it and tags every run with it (lineage).
+FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: taskset/cgroup affinity, unlike os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process can see, without importing torch.
+
+    CUDA_VISIBLE_DEVICES, when set, is what CUDA will expose: its entries up to the first
+    invalid one (CUDA's own rule: "0,-1,1" is one device; "" or "-1" none), MIG UUIDs included.
+    Unset, the GPUs the driver lists under /proc (0 where there is no driver: containers without
+    the NVIDIA runtime, CPU machines).
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        count = 0
+        for entry in (e.strip() for e in listed.split(",")):
+            if not entry or (entry.lstrip("-").isdigit() and int(entry) < 0):
+                break
+            count += 1
+        return count
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The DVC project at or above `start` (default: cwd): the nearest folder holding dvc.yaml
+    or .dvc/, as dvc itself looks; `start` itself when there is none.
+
+    A queued (`dvc exp run --queue`) or `--temp` experiment runs in a git clone DVC makes at
+    <project>/.dvc/tmp/exps/{celery,standalone}/tmpXXXX/ and throws away afterwards; there
+    the answer is <project>, so its runs land in the project's own MLflow store. Read from
+    the path rather than from DVC_ROOT (which DVC sets to <project> for such a run's stages)
+    so a stage started by hand in that folder agrees.
+    """
+    here = (start or Path.cwd()).resolve()
+    found = next((folder for folder in (here, *here.parents)
+                  if (folder / "dvc.yaml").is_file() or (folder / ".dvc").is_dir()), here)
+    for folder in found.parents:
+        if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
+            return folder.parent.parent.parent
+    return found

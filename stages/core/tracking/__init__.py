@@ -1,0 +1,35 @@
+"""MLflow, and only here: a run per stage under a parent per pipeline run, the model registry
+and its aliases. Importing this package is cheap: every module imports mlflow (and yaml,
+psutil, pydantic) inside the functions that need it, so stages that never track never load it.
+
+Where runs go: MLFLOW_TRACKING_URI when set (a team server), else the SQLite file mlflow.db at
+the project root with artifacts in mlartifacts/ beside it. IMAGEPIPE_TRACKING=0 switches
+tracking off. Any store failure is TrackingDown (exit 75, naming the URI) after bounded
+retries; a run a killed stage left open is ended FAILED by the next session (journal.py).
+
+| module | its one job |
+|---|---|
+| store.py | where the store is, reaching it with bounded retries, failures -> TrackingDown |
+| declared.py | what dvc.yaml declares for a stage |
+| metrics.py | params, metrics, per-epoch series and artifacts out of the declared files |
+| grouping.py | which parent run a stage's run belongs under |
+| journal.py | runs left open by a killed stage, closed by the next session |
+| stagerun.py | one stage's run: open, fill, register what the body returned, close |
+| registration.py | what a stage hands over to register a model version (no MLflow) |
+| register.py | logging the models and registering the version, alias challenger |
+| registry.py | the verbs of promote, rollback and lineage |
+"""
+
+from stages.core.tracking.registration import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    Parity,
+    Registration,
+)
+from stages.core.tracking.registry import Registry, VersionInfo
+from stages.core.tracking.stagerun import StageRun
+from stages.core.tracking.store import Store, TrackingDown, tracking_enabled
+
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Parity", "Registration", "Registry",
+           "StageRun", "Store", "TrackingDown", "VersionInfo", "tracking_enabled"]

@@ -1,0 +1,120 @@
+"""Registering one model version: the PyTorch model and the ONNX file logged into the stage's
+run, the ONNX one registered under the model name with alias challenger.
+
+Input: a Registration (registration.py) and the run it belongs to. Output: the new version,
+or an error with nothing half-registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import BadInput
+from stages.core.tracking.registration import CHALLENGER, Registration
+from stages.core.tracking.store import Store, TrackingDown
+
+
+def register_model_version(store: Store, run_id: str, reg: Registration,
+                           tags: dict[str, str]) -> str:
+    """Log the PyTorch model and the ONNX file into run `run_id`, register the ONNX one under
+    `reg.model_name` with alias `challenger`; return the new version. A version whose alias
+    could not be set is deleted again, so a failure never leaves a half-registered version."""
+    import mlflow
+    import onnx
+
+    from stages.core.dataset import file_sha256
+
+    missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
+    if missing:
+        raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
+    store.use_fluent()
+    # stdout to stderr: ending the fluent run prints "View run ..." (see Store.terminate).
+    with contextlib.redirect_stdout(sys.stderr), \
+            store.call("open run for models", mlflow.start_run, run_id=run_id):
+        torch_uri = _log_torch(store, Path(reg.torch_path), reg.dataset)
+        onnx_info = store.call("log onnx model", mlflow.onnx.log_model, onnx.load(reg.onnx_path),
+                               name="onnx", pip_requirements=_onnx_requirements(),
+                               onnx_execution_providers=["CPUExecutionProvider"],
+                               save_as_external_data=False)
+    version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
+                    **reg.parity.tags(), "imagepipe.run_id": run_id,
+                    "onnx.sha256": file_sha256(Path(reg.onnx_path)),
+                    "pytorch_model_uri": torch_uri}
+    mv = store.call("register model", mlflow.register_model, onnx_info.model_uri,
+                    reg.model_name, tags=version_tags)
+    try:
+        store.call("set alias", store.client.set_registered_model_alias, reg.model_name,
+                   CHALLENGER, mv.version)
+    except TrackingDown:
+        with contextlib.suppress(Exception):
+            store.client.delete_model_version(reg.model_name, mv.version)
+        raise
+    return str(mv.version)
+
+
+def _log_torch(store: Store, path: Path, dataset: Path | None) -> str:
+    """Log the finetuned model (pytorch flavour) with a signature and a real input example."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    import stages
+    from stages.core.models import load_model_file
+
+    model, mf = load_model_file(path)
+    x = _input_example(mf, dataset)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    info = store.call("log pytorch model", mlflow.pytorch.log_model, model, name="pytorch",
+                      signature=infer_signature(x, y), input_example=x,
+                      pip_requirements=_torch_requirements(),
+                      # The pickled model refers to stages.core.models: ship the package.
+                      code_paths=[str(Path(stages.__file__).parent)])
+    return str(info.model_uri)
+
+
+def _input_example(mf: Any, dataset: Path | None) -> Any:
+    """Two test images of the target set, preprocessed as the model expects (zeros without)."""
+    import numpy as np
+
+    from stages.core.dataset import load_dataset, preprocess
+
+    spec = mf.spec
+    shape = (spec.image_size, spec.image_size, spec.in_channels)
+    with contextlib.suppress(Exception):
+        if dataset is not None:
+            images, _ = load_dataset(dataset).part("test")
+            if images.shape[1:] == shape and len(images):
+                return preprocess(images[:2], mf.mean, mf.std)
+    return np.zeros((2, spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
+
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = version(name).split("+")[0]  # '+cu128': a local build tag pip cannot find
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _torch_requirements() -> list[str]:
+    # Explicit: inferring them costs ~15 s per log_model (MLflow imports the model in a
+    # subprocess to see what it touches).
+    return [f"{n}=={v}" for n, v in _versions("torch", "torchvision", "numpy").items()]
+
+
+def _onnx_requirements() -> list[str]:
+    found = _versions("onnx", "numpy", "onnxruntime", "onnxruntime-gpu")
+    ort = found.pop("onnxruntime", None) or found.pop("onnxruntime-gpu", None)
+    found.pop("onnxruntime-gpu", None)
+    # The CPU wheel: it runs anywhere, and the version that passed parity here is the floor.
+    reqs = [f"onnx=={found['onnx']}"] if "onnx" in found else []
+    reqs += [f"onnxruntime>={ort}"] if ort else ["onnxruntime"]
+    return reqs + ([f"numpy=={found['numpy']}"] if "numpy" in found else [])

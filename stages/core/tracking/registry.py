@@ -1,0 +1,145 @@
+"""The registry verbs behind `imagepipe promote`, `rollback` and `lineage`: read and move
+aliases, tag versions, download a version's ONNX file, serialise alias moves, walk from a
+version back to the runs that made it. Input: a connected Store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import BadInput, Transient
+from stages.core.tracking.journal import close_orphans
+from stages.core.tracking.store import Store, error_code, reraise, state_dir, store_errors
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+class Registry:
+    """The registry operations promote and rollback need, on a connected store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def connect(cls, root: Path | None = None) -> Registry:
+        store = Store.connect(root)
+        close_orphans(store)
+        return cls(store)
+
+    def alias(self, name: str, alias: str) -> VersionInfo | None:
+        """The version behind `alias` (fresh from the store), None when unset or no model."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.store.client.get_model_version_by_alias(name, alias)
+        except MlflowException as err:
+            if error_code(err) in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
+                return None
+            return self.store.call("read alias", reraise, err)
+        except store_errors() as err:
+            return self.store.call("read alias", reraise, err)
+        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+
+    def version(self, name: str, version: str) -> VersionInfo:
+        mv = self.store.call("read version", self.store.client.get_model_version, name, version)
+        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+
+    def download(self, name: str, alias: str, dst: Path) -> tuple[str, Path]:
+        """Download models:/NAME@ALIAS; return (the version it was, the .onnx file)."""
+        import mlflow.artifacts
+        import yaml
+
+        local = Path(self.store.call(
+            f"download models:/{name}@{alias}", mlflow.artifacts.download_artifacts,
+            artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst),
+            tracking_uri=self.store.uri, registry_uri=self.store.uri))
+        meta = yaml.safe_load((local / "registered_model_meta").read_text()) or {}
+        onnx_files = sorted(local.rglob("*.onnx"))
+        if not onnx_files:
+            raise BadInput(f"models:/{name}@{alias} holds no .onnx file")
+        return str(meta.get("model_version", "")), onnx_files[0]
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
+                        name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
+                        name, alias)
+
+    def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.store.call("tag version", self.store.client.set_model_version_tag, name,
+                            version, key, value)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float = 600) -> Iterator[None]:
+        """Serialise alias moves of one model among processes of this machine.
+
+        For the SQLite default that is everyone (the file is local). For a server, processes
+        on other machines are not covered: the callers re-read the alias just before moving it
+        (compare-and-set) and verify it after.
+        """
+        from filelock import FileLock, Timeout
+
+        folder = state_dir(self.store.root) / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(f"{self.store.uri}|{name}".encode()).hexdigest()[:16]
+        try:
+            with FileLock(str(folder / f"registry-{digest}.lock"), timeout=timeout_s):
+                yield
+        except Timeout:
+            raise Transient(f"another promotion of {name} held the lock for {timeout_s:.0f} s"
+                            ) from None
+
+    def walk_back(self, name: str, version: str, max_runs: int = 20) -> dict[str, Any]:
+        """From a model version to the runs that made it: the export run, then for each input
+        hash (dvc.dep.*) the latest run whose output hash (dvc.out.*) is the same, and so on
+        up to ingest. Each run with its stage, params, git commit and data hashes."""
+        info = self.version(name, version)
+        chain: list[dict[str, Any]] = []
+        queue, seen = [info.run_id], set()
+        while queue and len(chain) < max_runs:
+            run_id = queue.pop(0)
+            if not run_id or run_id in seen:
+                continue
+            seen.add(run_id)
+            run = self.store.call("read run", self.store.client.get_run, run_id)
+            chain.append(_run_summary(run))
+            for key, md5 in run.data.tags.items():
+                if key.startswith("dvc.dep."):
+                    maker = self._maker(run.info.experiment_id, key[len("dvc.dep."):], md5)
+                    if maker:
+                        queue.append(maker)
+        return {"model": name, "version": version, "tags": info.tags, "runs": chain}
+
+    def _maker(self, experiment_id: str, path: str, md5: str) -> str | None:
+        """The latest finished run that wrote `path` with this hash."""
+        runs = self.store.call("search runs", self.store.client.search_runs, [experiment_id],
+                               filter_string=f"tags.`dvc.out.{path}` = '{md5}' "
+                                             "and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+        return str(runs[0].info.run_id) if runs else None
+
+    def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
+        return tempfile.TemporaryDirectory(prefix="imagepipe-registry-")
+
+
+def _run_summary(run: Any) -> dict[str, Any]:
+    tags = run.data.tags
+    keep = ("git.", "dvc.dep.", "dvc.out.", "data.", "prefect.", "device", "imagepipe.stage")
+    return {"run_id": run.info.run_id, "stage": tags.get("imagepipe.stage", run.info.run_name),
+            "status": run.info.status, "parent_run_id": tags.get("mlflow.parentRunId"),
+            "params": dict(run.data.params),
+            "lineage": {k: v for k, v in sorted(tags.items()) if k.startswith(keep)}}

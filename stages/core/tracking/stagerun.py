@@ -1,0 +1,227 @@
+"""One stage's MLflow run: opened by the stage door before the body, filled from the files
+dvc.yaml declares for the stage after it, and, when the body returned a Registration, the
+model version registered from it; then closed.
+
+Inputs: the stage name, <root>/dvc.yaml, the files it names, the store (store.py). Output: a
+child run under the pipeline run's parent (grouping.py), tagged with its lineage; the exit
+code the stage ends with (a tracking failure after a successful body is 75, or 2 when the
+store refused the credentials).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
+from stages.core.host import project_root
+from stages.core.tracking.declared import StageDecl, stage_decl
+from stages.core.tracking.grouping import group_key, parent_run
+from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
+from stages.core.tracking.metrics import (
+    artifacts,
+    flat_numbers,
+    metric_key,
+    per_epoch_metrics,
+    read_structured,
+    stage_params,
+)
+from stages.core.tracking.registration import CHALLENGER, Registration
+from stages.core.tracking.store import Store, TrackingDown, tracking_enabled
+
+log = logging.getLogger("imagepipe.tracking")
+
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # exported while a stage body runs (export stamps it into ONNX)
+# MLflow's limits per log_batch call.
+_MAX_PARAMS, _MAX_METRICS, _MAX_TAGS = 100, 1000, 100
+
+
+class StageRun:
+    """The child run of one stage: opened before the body, filled and closed after it.
+
+    Never raises out of `start`: when the store is down the body still runs (its outputs are
+    written) and `finish` turns a success into exit 75 naming the URI.
+    """
+
+    def __init__(self, stage: str, root: Path) -> None:
+        self.stage, self.root = stage, root
+        self.decl = stage_decl(root, stage) or StageDecl()
+        self.store: Store | None = None
+        self.run_id: str | None = None
+        self.parent_id: str | None = None
+        self.failure: tuple[int, str] | None = None
+        self.tags: dict[str, str] = {}
+        self.finished = False
+        self._saved_env: str | None = os.environ.get(RUN_ID_ENV)
+
+    @classmethod
+    def start(cls, stage: str) -> StageRun | None:
+        """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
+        (a command like `imagepipe predict` is not a pipeline stage: no run per call)."""
+        root = project_root()
+        if not tracking_enabled() or stage_decl(root, stage) is None:
+            return None
+        run = cls(stage, root)
+        try:
+            run._open()
+        except BadInput as err:
+            run.failure = (EXIT_BAD_INPUT, str(err))
+        except Transient as err:
+            run.failure = (EXIT_TRANSIENT, str(err))
+        except Exception as err:  # noqa: BLE001 - a tracking bug must not stop the stage itself
+            log.exception("tracking failed unexpectedly")
+            run.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
+        except BaseException:
+            run._end_quietly()  # SIGTERM while opening: no run left RUNNING
+            raise
+        return run
+
+    def _open(self) -> None:
+        from stages.core.lineage import lineage_tags
+
+        store = Store.connect(self.root)
+        self.store = store
+        for run_id in close_orphans(store):
+            log.warning("ended run %s FAILED: its stage died before closing it", run_id)
+        experiment = store.experiment_id()
+        self.tags = {metric_key(k): v for k, v in
+                     lineage_tags(self.root, self.stage, self.decl.deps).items()}
+        key, name = group_key()
+        self.parent_id = parent_run(store, experiment, key, name, self.tags)
+        run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
+                         tags={**self.tags, "mlflow.parentRunId": self.parent_id,
+                               "imagepipe.group": key, "imagepipe.stage": self.stage})
+        self.run_id = str(run.info.run_id)
+        journal_add(store, self.run_id)
+        os.environ[RUN_ID_ENV] = self.run_id
+        self._log_params()
+
+    def _log_params(self) -> None:
+        from mlflow.entities import Param
+
+        assert self.store is not None and self.run_id is not None
+        given = stage_params(self.root / self.decl.params_file, self.decl.params)
+        items = [Param(metric_key(k), v) for k, v in given.items()]
+        for lo in range(0, len(items), _MAX_PARAMS):
+            self.store.call("log params", self.store.client.log_batch, self.run_id,
+                            params=items[lo:lo + _MAX_PARAMS])
+
+    def finish(self, code: int, outcome: object = None) -> int:
+        """Log the stage's files (on success), register `outcome` when the body returned a
+        Registration (on success), end the run; return the stage's exit code."""
+        self.finished = True
+        self._restore_env()
+        registration = outcome if isinstance(outcome, Registration) else None
+        if self.failure is not None:
+            return self._report_failure(code, registration)
+        try:
+            if code == EXIT_OK:
+                self._log_outputs()
+                if registration is not None:
+                    self._register(registration)
+            self._end(code == EXIT_OK)
+        except (TrackingDown, BadInput) as err:
+            self.failure = (EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT,
+                            str(err))
+            self._end_quietly()
+            return self._report_failure(code, registration)
+        except Exception as err:  # noqa: BLE001 - say what broke, end the run, keep the contract
+            log.exception("tracking failed unexpectedly")
+            self.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
+            self._end_quietly()
+            return self._report_failure(code, registration)
+        except BaseException:
+            self._end_quietly()
+            raise
+        return code
+
+    def _report_failure(self, code: int, registration: Registration | None) -> int:
+        assert self.failure is not None
+        fail_code, message = self.failure
+        extra = ", no model version was registered" if registration is not None else ""
+        print(f"{self.stage}: tracking failed: {message}; the stage's outputs were written"
+              f"{extra}", file=sys.stderr)
+        return fail_code if code == EXIT_OK else code
+
+    def _restore_env(self) -> None:
+        if self._saved_env is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = self._saved_env
+
+    def _end(self, ok: bool) -> None:
+        assert self.store is not None and self.run_id is not None
+        status = "FINISHED" if ok else "FAILED"
+        self.store.terminate(self.run_id, status)
+        journal_remove(self.root, self.run_id)
+        if self.parent_id:
+            # The parent shows the outcome of its latest stage (a retried stage that then
+            # succeeds turns it back to FINISHED).
+            self.store.terminate(self.parent_id, status)
+
+    def _end_quietly(self) -> None:
+        """One try at ending the run FAILED; if the store is down the journal keeps it."""
+        self._restore_env()
+        if self.store is None or self.run_id is None:
+            return
+        with contextlib.suppress(Exception):
+            self.store.terminate(self.run_id, "FAILED")
+            journal_remove(self.root, self.run_id)
+            if self.parent_id:
+                self.store.terminate(self.parent_id, "FAILED")
+
+    # ------------------------------------------------------------ what the stage wrote
+
+    def _log_outputs(self) -> None:
+        from mlflow.entities import RunTag
+
+        from stages.core.lineage import path_hashes
+
+        assert self.store is not None and self.run_id is not None
+        metrics = self._final_metrics() + self._epoch_metrics()
+        for lo in range(0, len(metrics), _MAX_METRICS):
+            self.store.call("log metrics", self.store.client.log_batch, self.run_id,
+                            metrics=metrics[lo:lo + _MAX_METRICS])
+        # Output hashes link runs: the run whose dvc.out.X equals another's dvc.dep.X made X.
+        out_tags = [RunTag(metric_key(f"dvc.out.{p}"), h)
+                    for p, h in path_hashes(self.root, self.decl.outs).items()]
+        for lo in range(0, len(out_tags), _MAX_TAGS):
+            self.store.call("tag outputs", self.store.client.log_batch, self.run_id,
+                            tags=out_tags[lo:lo + _MAX_TAGS])
+        for local, artifact_dir in artifacts(self.root, self.decl):
+            self.store.call(f"log artifact {local.name}", self.store.client.log_artifact,
+                            self.run_id, str(local), artifact_dir)
+
+    def _final_metrics(self) -> list[Any]:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        out: list[Any] = []
+        for rel in self.decl.metrics:
+            numbers = flat_numbers(read_structured(self.root / rel))
+            out += [Metric(k, v, now, 0) for k, v in numbers.items()]
+        return out
+
+    def _epoch_metrics(self) -> list[Any]:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        out: list[Any] = []
+        for rel in self.decl.plots:
+            out += [Metric(k, v, now, step) for k, v, step in per_epoch_metrics(self.root / rel)]
+        return out
+
+    def _register(self, registration: Registration) -> None:
+        from stages.core.tracking.register import register_model_version
+
+        assert self.store is not None and self.run_id is not None
+        version = register_model_version(
+            self.store, self.run_id, registration,
+            tags={**self.tags, "imagepipe.pipeline_run_id": self.parent_id or ""})
+        print(f"{self.stage}: registered {registration.model_name} version {version} "
+              f"(alias {CHALLENGER}) from run {self.run_id}", file=sys.stderr)

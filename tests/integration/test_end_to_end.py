@@ -1,0 +1,110 @@
+"""`imagepipe run` as a user types it, in a copy of this project on the embedded default: every
+stage through export, then the promotion gate; the registry afterwards (champion, lineage tags,
+an ONNX file that names its run); and the exit codes of `imagepipe run` (0, 2, 75).
+
+Epochs are cut (-S, as a user would try a change) so the test fits the CI budget; the stages,
+the flow, DVC, the MLflow store and the registry are all the real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from tests.helpers import dvc, project_copy
+
+pytestmark = pytest.mark.slow
+MODEL = "imagepipe-classifier"
+SHORT = ["-S", "pretrain.epochs=3", "-S", "finetune.head_epochs=1", "-S", "finetune.full_epochs=4",
+         "-S", "export.quantize_int8=false", "-S", "augment.copies=1"]
+
+
+def imagepipe(project: Path, home: Path, *args: str, extra_env: dict[str, str] | None = None,
+              timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "IMAGEPIPE_TRACKING", "PREFECT_API_URL")}
+    env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+                "PREFECT_HOME": str(home), "IMAGEPIPE_GPU_LOCK_DIR": str(home / "locks"),
+                **(extra_env or {})})
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("e2e")
+    project = project_copy(root / "project")
+    done = imagepipe(project, root / "prefect-home", "run", *SHORT)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return {"project": project, "home": root / "prefect-home", "stderr": done.stderr}
+
+
+def client(project: Path) -> Any:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_run_ends_with_a_champion_that_names_its_data_code_and_run(ran: dict[str, Any]) -> None:
+    project = ran["project"]
+    mv = client(project).get_model_version_by_alias(MODEL, "champion")
+    assert str(mv.version) == "1"
+    tags = mv.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert tags["git.commit"] == head
+    assert tags["parity_passed"] == "true"
+    assert tags["prefect.flow_run_id"]  # the flow's run, not a plain dvc repro
+    manifest = json.loads((project / "data/target/manifest.json").read_text())
+    assert tags["data.target.images.sha256"] == manifest["sha256"]["images.npy"]
+    assert tags["promotion.decision"] == "promoted"
+    # The file serving gets is the one registered, and it names the run that exported it.
+    meta = {p.key: p.value for p in onnx.load(project / "models/model.onnx").metadata_props}
+    assert meta["mlflow_run_id"] == mv.run_id
+    assert json.loads(meta["classes"]) == ["5", "6", "7", "8", "9"]
+
+
+def test_the_model_learned_the_target_task(ran: dict[str, Any]) -> None:
+    # Five digit classes, chance 0.2: a pipeline that trained at all is far above it.
+    metrics = json.loads((ran["project"] / "metrics/evaluate.json").read_text())
+    assert metrics["accuracy"] > 0.8, metrics
+
+
+def test_second_run_runs_no_stage_and_still_checks_promotion(ran: dict[str, Any]) -> None:
+    again = imagepipe(ran["project"], ran["home"], "run", *SHORT)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "to run:" not in again.stderr, again.stderr[-4000:]
+    status = dvc(ran["project"], "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}
+    versions = client(ran["project"]).search_model_versions(f"name='{MODEL}'")
+    assert len(versions) == 1  # nothing retrained, nothing registered again
+
+
+def test_bad_input_exits_2_before_any_stage(tmp_path: Path) -> None:
+    project = project_copy(tmp_path / "project")
+    typo = imagepipe(project, tmp_path / "home", "run", "--stages", "pretrian")
+    assert typo.returncode == 2 and "unknown stage 'pretrian'" in typo.stderr, typo.stderr
+    assert "Traceback" not in typo.stderr
+    bad = imagepipe(project, tmp_path / "home", "run", "-S", "pretrain.epochs=-1")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "pretrain.epochs" in bad.stderr
+    assert not (project / "data").exists()
+
+
+def test_tracking_server_down_exits_75(tmp_path: Path) -> None:
+    project = project_copy(tmp_path / "project")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = imagepipe(project, tmp_path / "home", "run", "--stages", "ingest", "--retries", "0",
+                     "--no-promote",
+                     extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert down.returncode == 75, down.stderr[-3000:]

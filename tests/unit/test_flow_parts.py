@@ -1,0 +1,102 @@
+"""Parts of the Prefect flow that need no Prefect server: exit-code classification, the report,
+GPU lock files, stage output plumbing."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from flows import dvcstage, report, slots
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_local_gpu_slots_exclude_each_other(count: int, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEPIPE_GPU_LOCK_DIR", str(tmp_path))
+    a_in, release_a, b_waits, b_in = (threading.Event() for _ in range(4))
+    got: dict[str, int] = {}
+
+    def first() -> None:
+        with slots.local_gpu_slot(count, on_wait=lambda _: None) as index:
+            got["a"] = index
+            a_in.set()
+            release_a.wait(30)
+
+    def second() -> None:
+        with slots.local_gpu_slot(count, on_wait=lambda _: b_waits.set()) as index:
+            got["b"] = index
+            b_in.set()
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert a_in.wait(30)
+    b = threading.Thread(target=second)
+    b.start()
+    if count == 1:  # the one slot is held: the second must say it waits, and not get in
+        assert b_waits.wait(30) and not b_in.is_set()
+        release_a.set()
+        assert b_in.wait(30) and got == {"a": 0, "b": 0}
+    else:  # a free slot: the second gets the other one while the first still holds its
+        assert b_in.wait(30) and not b_waits.is_set()
+        assert {got["a"], got["b"]} == {0, 1}
+        release_a.set()
+    a.join()
+    b.join()
+    assert slots.visible_device(1, 2) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert slots.visible_device(0, 1) == {}
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    (75, dvcstage.StageTransient), (-9, dvcstage.StageTransient), (137, dvcstage.StageTransient),
+    (2, dvcstage.StageBadInput), (1, dvcstage.StageError)])
+def test_classify_by_the_stage_exit_code(code: int, kind: type) -> None:
+    tail = ["Running stage 'train':", "train: error: no such file", "some other line",
+            f"ERROR: failed to reproduce 'train': failed to run: python -m x, exited with {code}"]
+    err = dvcstage.classify("train", 255, tail)
+    assert type(err) is kind
+    assert "train: error: no such file" in str(err)
+
+
+def test_classify_dvc_own_failures() -> None:
+    locked = dvcstage.classify("s", 1, ["ERROR: Unable to acquire lock. Most likely ..."])
+    assert isinstance(locked, dvcstage.StageTransient)
+    killed = dvcstage.classify("s", -15, ["Running stage 's':"])
+    assert isinstance(killed, dvcstage.StageTransient) and "SIGTERM" in str(killed)
+    broken = dvcstage.classify("s", 1, ["ERROR: 'dvc.yaml' is invalid"])
+    assert type(broken) is dvcstage.StageError and not broken.retryable
+
+
+def test_report_renders_decision_and_run_ids() -> None:
+    text = report.render(
+        title="t", flow_run_id="f-1", stages={"ingest": {"outcome": "ran", "seconds": 1.5,
+                                                        "attempts": 1}},
+        overrides=["a.b: 1 -> 2"], metrics={"evaluate": {"accuracy": 0.98765}},
+        decision={"promoted": False, "challenger_version": 3, "champion_version": 2,
+                  "challenger_accuracy": 0.9, "champion_accuracy": 0.95, "reason": "worse",
+                  "run_ids": {"finetune": "abc"}}, promotion_note="")
+    assert "| evaluate | accuracy | 0.9877 |" in text
+    assert "**not promoted**: challenger v3" in text and "Reason: worse" in text
+    assert "- finetune: `abc`" in text and "| ingest | ran | 1.5 | 1 |" in text
+
+
+def test_output_lines_reach_the_callers_context(tmp_path: Path) -> None:
+    # Prefect's API URL and run context live in context variables: the reader threads of a
+    # stage's output must see them, or their logs would start a second temporary server.
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("caller")
+    seen: list[tuple[str, str]] = []
+    done = dvcstage.run_killable([sys.executable, "-c", "print('a'); print('b')"], tmp_path,
+                                 dict(os.environ), 30, lambda ln: seen.append((ln, var.get())))
+    assert done.code == 0 and seen == [("a", "caller"), ("b", "caller")]
+
+
+def test_child_env_puts_this_python_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = dvcstage.child_env({"IMAGEPIPE_FLOW_RUN_ID": "x"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["IMAGEPIPE_FLOW_RUN_ID"] == "x"
