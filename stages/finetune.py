@@ -6,6 +6,8 @@ Transfer in two phases. Phase 1 ("head", `head_epochs`): a new head for the targ
 trains on a frozen backbone, BatchNorm statistics included; its result is the linear probe
 (models/probe.pt). Phase 2 ("full", `full_epochs`): everything trains, the backbone at
 `backbone_lr_scale` x the head's lr, so the pretrained features move less than the new head.
+The target may have its own image size and channel count (data.target.image_size/channels):
+the backbone is adapted first, and the change is logged (see `adapt_to_target`).
 
 Baseline ("scratch", on by default): the same architecture from random weights on the same
 target train split, with the same data draws, epochs (head + full) and schedule, at its own
@@ -27,14 +29,30 @@ from typing import Any
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.dataset import Dataset, file_sha256, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment
-from stages.core.errors import BadInput, run_stage
+from stages.core.door import run_stage
+from stages.core.errors import BadInput
 from stages.core.io import write_json
-from stages.core.models import Classifier, ModelFile, build_model, load_model_file, save_model_file
-from stages.core.train import Runtime, fit, make_runtime, make_trainer, param_groups, summary, write_csv
+from stages.core.models import (
+    Classifier,
+    ModelFile,
+    build_model,
+    convert_in_channels,
+    load_model_file,
+    save_model_file,
+)
+from stages.core.train import (
+    EVAL_BATCH,
+    Runtime,
+    fit,
+    make_runtime,
+    make_trainer,
+    param_groups,
+    summary,
+    write_csv,
+)
 from stages.params import FinetuneParams, Params, load_params
 
 log = logging.getLogger("imagepipe.finetune")
-EVAL_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,8 @@ class Target:
     base: ModelFile  # the pretrained model's file: spec, normalisation, extra carried over
 
     def model_file(self, stage: str, history: list[dict[str, Any]], **extra: Any) -> ModelFile:
-        """The file of a target model; mean/std stay the source's (one preprocessing)."""
+        """The file of a target model; mean/std stay the pretrained model's (one preprocessing;
+        converted by adapt_to_target when the channel counts differ)."""
         last = history[-1]["val_acc"] if history else None
         return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
                          self.base.mean, self.base.std, {}, extra={
@@ -66,12 +85,42 @@ class Target:
                              "pretrained_classes": self.base.classes, **extra})
 
 
-def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
+def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Classifier, ModelFile]:
+    """The pretrained network and its file, made for the target's image size and channels.
+
+    Size: every backbone ends in global pooling, so the weights fit any input size; only the
+    spec changes (the torchvision stem stays the one pretrained). Channels (grey <-> colour):
+    the first conv's weights are converted (models.convert_in_channels) and the normalisation
+    follows (grey -> colour: the grey mean/std for each of R, G, B; colour -> grey: their
+    averages). Both are logged: a silent change of input is how a 16-px grey model of colour
+    photos happened."""
     size, _, channels = ds.image_shape
-    if (size, channels) != (mf.spec.image_size, mf.spec.in_channels):
-        raise BadInput(f"the target images are {size} px x {channels} channels but the pretrained "
-                       f"model takes {mf.spec.image_size} px x {mf.spec.in_channels}: ingest both "
-                       "roles with the same data.image_size and data.channels")
+    spec = mf.spec
+    if (size, channels) == (spec.image_size, spec.in_channels):
+        return model, mf
+    new_spec = replace(spec, image_size=size, in_channels=channels,
+                       small_stem=spec.uses_small_stem)
+    target = build_model(new_spec)
+    state, mean, std = model.state_dict(), list(mf.mean), list(mf.std)
+    if size != spec.image_size:
+        log.info("finetune: the backbone was pretrained at %d px; it fine-tunes at the target's "
+                 "%d px (global pooling takes any size)", spec.image_size, size)
+    if channels != spec.in_channels:
+        want = {k: v.shape for k, v in target.state_dict().items()}
+        state, keys = convert_in_channels(state, want)
+        mean, std = ([mean[0]] * 3, [std[0]] * 3) if channels == 3 else (
+            [sum(mean) / 3], [sum(std) / 3])
+        rule = ("grey -> colour: the grey kernels repeated over R, G, B and divided by 3"
+                if channels == 3 else "colour -> grey: the R, G, B kernels summed")
+        log.warning("finetune: the pretrained model takes %d channel(s), the target images have "
+                    "%d: converted %s (%s); normalisation mean %s std %s", spec.in_channels,
+                    channels, ", ".join(keys), rule, [round(m, 4) for m in mean],
+                    [round(v, 4) for v in std])
+    target.load_state_dict(state)
+    return target.eval(), ModelFile(new_spec, mf.classes, mean, std, {}, extra=dict(mf.extra))
+
+
+def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
     if not len(ds.indices("train")):
         raise BadInput("the target train split is empty")
     common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
@@ -140,7 +189,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     p = params.finetune
     rt = make_runtime(p)
     ds = load_dataset(data)
-    model, mf = load_model_file(pretrained)
+    model, mf = adapt_to_target(*load_model_file(pretrained), ds)
     t = load_target(ds, mf, p, rt, params.seed)
     out.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing trains
     # The new head's initial weights depend on the seed only, not on what ran before.

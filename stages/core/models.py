@@ -37,6 +37,14 @@ class ModelSpec:
     image_size: int = 32
     width: int = 32
     dropout: float = 0.0
+    # torchvision archs: the CIFAR-style stem (3x3 stride 1, no max-pool) or ImageNet's. None:
+    # decided by image_size (<= SMALL_INPUT). Finetune pins it when the target's size differs
+    # from the source's, so the pretrained stem's weights still fit.
+    small_stem: bool | None = None
+
+    @property
+    def uses_small_stem(self) -> bool:
+        return self.small_stem if self.small_stem is not None else self.image_size <= SMALL_INPUT
 
 
 @dataclass
@@ -102,7 +110,7 @@ def _torchvision_backbone(spec: ModelSpec, weights: str) -> tuple[nn.Module, int
     except Exception as err:  # noqa: BLE001 - a failed weight download, whatever the cause
         raise BadInput(f"{spec.arch}: ImageNet weights could not be loaded ({type(err).__name__}: "
                        f"{err}); needs a network once, or set pretrain.weights: none") from None
-    small = spec.image_size <= SMALL_INPUT
+    small = spec.uses_small_stem
     if spec.arch.startswith("resnet"):
         feats = net.fc.in_features
         net.fc = nn.Identity()
@@ -133,6 +141,30 @@ def _adapt_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
         if in_channels == 1:
             new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
     return new
+
+
+def convert_in_channels(state: dict[str, torch.Tensor], want: dict[str, torch.Size]
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict for a network that differs only in its input channels (1 <-> 3): the
+    weights whose shapes differ only there are converted; any other difference is BadInput.
+
+    Grey -> colour repeats the grey kernel over R, G and B divided by 3, so an image with
+    R = G = B gives the pretrained response; colour -> grey sums the three kernels (as
+    `_adapt_in_channels`). Returns the state dict and the converted keys (the first conv)."""
+    out, converted = dict(state), []
+    for key, shape in want.items():
+        have = state.get(key)
+        if have is None or have.shape == shape:
+            continue
+        if (have.dim() == 4 and len(shape) == 4 and have.shape[0] == shape[0]
+                and have.shape[2:] == shape[2:] and {have.shape[1], shape[1]} == {1, 3}):
+            out[key] = (have.repeat(1, 3, 1, 1) / 3.0 if shape[1] == 3
+                        else have.sum(dim=1, keepdim=True))
+            converted.append(key)
+        else:
+            raise BadInput(f"pretrained weight {key} is {tuple(have.shape)} but the target "
+                           f"network needs {tuple(shape)}: only the input channels may differ")
+    return out, converted
 
 
 def build_model(spec: ModelSpec, weights: str = "none") -> Classifier:

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from commands.registry import promote_main, rollback_main
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
-from stages.registry import promote_main, rollback_main
 from tests.integration.tracking_kit import REPO
 
 pytestmark = pytest.mark.slow
@@ -63,56 +63,63 @@ def test_gate_promotes_only_a_better_challenger_and_rollback_restores(
     name = model_name(project, backend)
     assert promote_main([]) == EXIT_BAD_INPUT  # nothing registered yet: bad input, not a crash
 
-    assert tiny_export("medium") == 0  # v1, always says "b": accuracy = share of b
+    assert tiny_export("medium") == 0  # v1, always says "b": no better than the majority class
     assert alias(backend, name, "challenger") == "1"
+    medium = promote_json(capsys)
+    assert not medium["promoted"] and "majority-class" in medium["reason"]
+    assert medium["challenger_accuracy"] == pytest.approx(medium["majority_accuracy"])
+    assert alias(backend, name, "champion") is None  # not even as the first version
+
+    assert tiny_export("good") == 0  # v2, right on every image: the first champion
     first = promote_json(capsys)
     assert first["promoted"] and first["champion_version"] is None
-    assert alias(backend, name, "champion") == "1"
-    medium = first["challenger_accuracy"]
-    assert 0.2 < medium < 0.8
+    assert first["challenger_accuracy"] == 1.0
+    assert first["challenger_run_id"] == client(backend).get_model_version(name, "2").run_id
+    assert alias(backend, name, "champion") == "2"
 
-    assert tiny_export("bad") == 0  # v2, wrong on every image
+    assert tiny_export("bad") == 0  # v3, wrong on every image
     worse = promote_json(capsys)
     assert not worse["promoted"]
-    assert (worse["challenger_version"], worse["champion_version"]) == ("2", "1")
-    assert worse["challenger_accuracy"] == 0.0 and worse["champion_accuracy"] == medium
-    assert alias(backend, name, "champion") == "1"
-    for version in ("1", "2"):  # the decision and both scores on both versions
+    assert (worse["challenger_version"], worse["champion_version"]) == ("3", "2")
+    assert worse["challenger_accuracy"] == 0.0 and worse["champion_accuracy"] == 1.0
+    assert alias(backend, name, "champion") == "2"
+    for version in ("2", "3"):  # the decision and both scores on both versions
         tags = client(backend).get_model_version(name, version).tags
         assert tags["promotion.decision"] == "rejected"
         assert float(tags["promotion.challenger_accuracy"]) == 0.0
-        assert float(tags["promotion.champion_accuracy"]) == pytest.approx(medium, abs=1e-6)
+        assert float(tags["promotion.champion_accuracy"]) == 1.0
 
-    assert tiny_export("good") == 0  # v3, right on every image
-    better = promote_json(capsys)
-    assert better["promoted"] and better["challenger_accuracy"] == 1.0
-    assert better["challenger_run_id"] == client(backend).get_model_version(name, "3").run_id
-    assert alias(backend, name, "champion") == "3"
-    assert alias(backend, name, "previous-champion") == "1"
+    for version in ("4", "5"):  # as good: a tie promotes the newer (min_improvement 0)
+        assert tiny_export("good") == 0
+        assert promote_json(capsys)["promoted"]
+        assert alias(backend, name, "champion") == version
+    assert alias(backend, name, "previous-champion") == "4"
 
-    capsys.readouterr()
-    assert rollback_main(["--json"]) == 0
-    rolled = json.loads(capsys.readouterr().out)
-    assert (rolled["from_version"], rolled["champion_version"]) == ("3", "1")
-    assert alias(backend, name, "champion") == "1"
-    assert alias(backend, name, "previous-champion") is None  # v1 had no predecessor
+    # Rollback walks history back one promotion at a time: 5 -> 4 -> 2, then nothing.
+    for want_from, want_to, want_previous in (("5", "4", "2"), ("4", "2", None)):
+        capsys.readouterr()
+        assert rollback_main(["--json"]) == 0
+        rolled = json.loads(capsys.readouterr().out)
+        assert (rolled["from_version"], rolled["champion_version"]) == (want_from, want_to)
+        assert alias(backend, name, "champion") == want_to
+        assert alias(backend, name, "previous-champion") == want_previous
     assert rollback_main([]) == EXIT_BAD_INPUT  # nothing further back
-    walk_back_from_version_3(backend, project, name)
+    walk_back_from_version(backend, project, name, "5")
 
 
-def walk_back_from_version_3(backend: str, project: Path, name: str) -> None:
+def walk_back_from_version(backend: str, project: Path, name: str, version: str) -> None:
     """From a registered version to the data, code and params that made it."""
+    from commands.registry import lineage
     from stages.params import load_params
-    from stages.registry import lineage
 
-    mv = client(backend).get_model_version(name, "3")
+    mv = client(backend).get_model_version(name, version)
     manifest = json.loads((project / "data/target/manifest.json").read_text())
     assert mv.tags["parity_passed"] == "true"
     assert mv.tags["data.target.images.sha256"] == manifest["sha256"]["images.npy"]
     assert mv.tags["dvc.dep.models/finetuned.pt"] == hashlib.md5(
         (project / "models/finetuned.pt").read_bytes()).hexdigest()
     assert mv.tags["imagepipe.pipeline_run_id"]
-    walked = lineage(load_params().registry, "3")
+    walked = lineage(load_params().registry, version)
     export_run = walked["runs"][0]
     assert export_run["stage"] == "export" and export_run["run_id"] == mv.run_id
     assert export_run["params"]["registry.model_name"] == name
@@ -142,7 +149,7 @@ def test_two_promotions_at_once_leave_exactly_one_champion(
     report a promotion. With them, one promotes and the other finds v1 already champion."""
     name = model_name(project, backend)
     assert tiny_export("good") == 0
-    cmd = [sys.executable, "-m", "stages.cli", "promote", "--json"]
+    cmd = [sys.executable, "-m", "commands.cli", "promote", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -1,0 +1,355 @@
+"""imagepipe promote / rollback / lineage: the promotion gate on the model registry.
+
+promote: registry.model_name's `challenger` and `champion` (loaded through models:/NAME@ALIAS)
+-> both re-scored with ONNX Runtime on the target test split as it is today (data/target)
+-> `champion` moves to the challenger only if its ONNX parity passed, the lower end of its
+accuracy's 95% bootstrap interval is above the majority-class accuracy of that test split (a
+model no better than always answering one class is never champion, not even the first), and
+its accuracy is at least the champion's + registry.min_improvement (the first version that
+clears the floor becomes champion). The
+decision and both scores are tagged on both versions; the replaced champion keeps the alias
+`previous-champion`. `--json` prints the decision as one JSON object on stdout.
+
+rollback: `champion` back to `previous-champion`; `previous-champion` then steps one further
+back (the predecessor recorded when that version was promoted), so rollbacks walk history.
+
+Concurrency: alias moves hold a lock file (all processes of this machine, i.e. everyone on the
+SQLite default) and re-read the champion just before moving it (compare-and-set): if it moved
+since it was scored, the decision is taken again against the new champion.
+
+Exit codes: 0 decided (promoted or not), 2 bad input, 75 tracking unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.core.door import run_stage
+from stages.core.errors import BadInput, Transient
+from stages.params import RegistryParams, load_params
+
+# Accuracies are means over the same images: equal counts are equal, whatever the float noise.
+_TOLERANCE = 1e-9
+# Compare-and-set rounds before giving up (each one re-scores against the moved champion).
+_ROUNDS = 3
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    model_name: str
+    challenger_version: str | None
+    champion_version: str | None  # the champion the challenger was compared with
+    challenger_accuracy: float | None
+    champion_accuracy: float | None
+    min_improvement: float
+    parity_passed: str
+    reason: str
+    test_images: int
+    current_champion_version: str | None = None  # after the decision
+    # The challenger's 95% bootstrap interval and the floor it must clear (this test split).
+    challenger_ci_low: float | None = None
+    challenger_ci_high: float | None = None
+    majority_accuracy: float | None = None
+    # The export runs that made the two versions: where `lineage` starts walking back.
+    challenger_run_id: str | None = None
+    champion_run_id: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The decision as version tags (strings)."""
+        def fmt(x: float | None) -> str:
+            return "none" if x is None else f"{x:.6f}"
+
+        return {
+            "promotion.decision": "promoted" if self.promoted else "rejected",
+            "promotion.challenger_version": str(self.challenger_version),
+            "promotion.champion_version": str(self.champion_version),
+            "promotion.challenger_accuracy": fmt(self.challenger_accuracy),
+            "promotion.champion_accuracy": fmt(self.champion_accuracy),
+            "promotion.min_improvement": str(self.min_improvement),
+            "promotion.reason": self.reason[:5000],
+            "promotion.test_images": str(self.test_images),
+            "promotion.challenger_ci_low": fmt(self.challenger_ci_low),
+            "promotion.challenger_ci_high": fmt(self.challenger_ci_high),
+            "promotion.majority_accuracy": fmt(self.majority_accuracy),
+            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 images, true class names, images sha256) of the dataset's test split."""
+    from stages.core.dataset import load_dataset
+
+    ds = load_dataset(folder)
+    images, labels = ds.part("test")
+    if len(images) == 0:
+        raise BadInput(f"{folder}: the test split is empty: nothing to score the models on")
+    names = np.asarray(ds.classes, dtype=object)[labels]
+    return images, names, str(ds.manifest.get("sha256", {}).get("images.npy", ""))
+
+
+def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per image, whether an exported model's top-1 class is right, comparing class *names* (a
+    model that knows other classes than today's data simply gets those images wrong)."""
+    from stages.core.onnxio import make_session, predict_logits, read_metadata
+
+    session = make_session(onnx_path)  # only providers that load here: no CUDA spam on a CPU
+    classes = np.asarray(read_metadata(session)["classes"], dtype=object)
+    predicted = classes[predict_logits(session, images).argmax(axis=1)]
+    return predicted == truth
+
+
+def accuracy(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> float:
+    """Top-1 accuracy of an exported model on (images, true class names)."""
+    return float(np.mean(hits(onnx_path, images, truth)))
+
+
+def majority_floor(truth: np.ndarray) -> tuple[float, str]:
+    """(accuracy of always answering the most frequent class, that class) of a test split."""
+    names, counts = np.unique(truth.astype(str), return_counts=True)
+    return float(counts.max() / counts.sum()), str(names[counts.argmax()])
+
+
+def decide(challenger_acc: float, champion_acc: float | None, parity: str,
+           min_improvement: float, *, ci: tuple[float, float] | None = None,
+           majority: tuple[float, str] | None = None) -> tuple[bool, str]:
+    """(promote?, why). `ci`: the challenger's 95% bootstrap interval; `majority`: the
+    majority-class accuracy of the same test images and that class. With both, a challenger
+    whose interval does not clear the floor is refused, whatever the champion."""
+    if parity != "true":
+        return False, f"challenger's ONNX parity is {parity!r}, not passed"
+    if ci is not None and majority is not None and ci[0] <= majority[0] + _TOLERANCE:
+        return False, (f"challenger accuracy {challenger_acc:.4f} (95% CI [{ci[0]:.4f}, "
+                       f"{ci[1]:.4f}]) does not clear the majority-class accuracy "
+                       f"{majority[0]:.4f} (always answering {majority[1]!r}): not shown to be "
+                       "better than a constant answer on these test images")
+    if champion_acc is None:
+        return True, "no champion yet: the first version becomes champion"
+    needed = champion_acc + min_improvement
+    if challenger_acc + _TOLERANCE >= needed:
+        return True, (f"challenger accuracy {challenger_acc:.4f} >= champion {champion_acc:.4f} "
+                      f"+ min_improvement {min_improvement}")
+    return False, (f"challenger accuracy {challenger_acc:.4f} < champion {champion_acc:.4f} + "
+                   f"min_improvement {min_improvement}")
+
+
+def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarray, np.ndarray],
+           scratch: Path) -> np.ndarray | None:
+    """Per-image hits of models:/NAME@ALIAS; None when the alias moved away from `expected`
+    meanwhile (the caller then decides again)."""
+    version, onnx_path = reg.download(name, alias, scratch / alias)
+    if version != expected:
+        return None
+    return hits(onnx_path, *test)
+
+
+def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
+           scratch: Path) -> Decision | None:
+    """One compare-and-set round; None when an alias moved under it."""
+    from stages.core.tracking import CHALLENGER, CHAMPION
+
+    name = params.model_name
+    challenger = reg.alias(name, CHALLENGER)
+    if challenger is None:
+        raise BadInput(f"registered model {name!r} has no {CHALLENGER!r} version: run the "
+                       "pipeline (its export stage registers one) before promote")
+    champion = reg.alias(name, CHAMPION)
+    parity = challenger.tags.get("parity_passed", "unknown")
+    base = dict(model_name=name, challenger_version=challenger.version,
+                champion_version=champion.version if champion else None,
+                min_improvement=params.min_improvement, parity_passed=parity, test_images=n,
+                challenger_run_id=challenger.run_id or None,
+                champion_run_id=champion.run_id or None if champion else None)
+    if champion is not None and champion.version == challenger.version:
+        return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
+                        reason=f"version {challenger.version} is already champion", **base)
+    chal_hits = _score(reg, name, CHALLENGER, challenger.version, test, scratch)
+    champ_acc, note = None, ""
+    if champion is not None:
+        try:
+            champ_hits = _score(reg, name, CHAMPION, champion.version, test, scratch)
+        except BadInput as err:  # e.g. made for another image size: it cannot serve today's data
+            champ_hits, note = np.zeros(n, dtype=bool), f"; champion cannot score today's data ({err})"
+        if champ_hits is None:
+            return None
+        champ_acc = float(np.mean(champ_hits))
+    if chal_hits is None:
+        return None
+    from stages.evaluate import accuracy_interval
+
+    chal_acc, ci = float(np.mean(chal_hits)), accuracy_interval(chal_hits)
+    majority = majority_floor(test[1])
+    promoted, reason = decide(chal_acc, champ_acc, parity, params.min_improvement, ci=ci,
+                              majority=majority)
+    return Decision(promoted=promoted, challenger_accuracy=chal_acc, champion_accuracy=champ_acc,
+                    reason=reason + note, challenger_ci_low=ci[0], challenger_ci_high=ci[1],
+                    majority_accuracy=majority[0], **base)
+
+
+def _apply(reg: Any, d: Decision) -> Decision:
+    """Move the aliases for a promotion (champion last: one call, so never zero champions),
+    then tag both versions with the decision."""
+    from stages.core.tracking import CHAMPION, PREVIOUS
+
+    name = d.model_name
+    if d.promoted and d.challenger_version:
+        if d.champion_version:
+            reg.set_alias(name, PREVIOUS, d.champion_version)
+            reg.tag(name, d.challenger_version,
+                    {"promotion.previous_champion": d.champion_version})
+        reg.set_alias(name, CHAMPION, d.challenger_version)
+    now = reg.alias(name, CHAMPION)
+    d.current_champion_version = now.version if now else None
+    if d.promoted and d.current_champion_version != d.challenger_version:
+        # Another machine moved it between our re-read and our move (no shared lock there).
+        d.promoted = False
+        d.reason = f"lost a race: champion is now {d.current_champion_version}; run promote again"
+    if d.challenger_version != d.champion_version:  # "already champion" keeps its tags
+        for version in {d.challenger_version, d.champion_version} - {None}:
+            reg.tag(name, str(version), d.tags())
+    return d
+
+
+def promote(params: RegistryParams, data: Path, root: Path | None = None) -> Decision:
+    """Decide and apply one promotion (see the module doc)."""
+    from stages.core.tracking import CHAMPION, Registry
+
+    images, truth, _ = load_test_split(data)
+    reg = Registry.connect(root)
+    with reg.lock(params.model_name), reg.scratch_dir() as tmp:
+        for attempt in range(_ROUNDS):
+            decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt))
+            if decision is None:
+                continue
+            # Compare-and-set: the champion must still be the one we compared with.
+            now = reg.alias(params.model_name, CHAMPION)
+            if (now.version if now else None) != decision.champion_version:
+                continue
+            return _apply(reg, decision)
+    raise Transient(f"the aliases of {params.model_name} kept moving during {_ROUNDS} "
+                    "promotion rounds; run promote again")
+
+
+def rollback(params: RegistryParams, root: Path | None = None) -> dict[str, Any]:
+    """champion <- previous-champion; previous-champion <- that version's own predecessor."""
+    from stages.core.tracking import CHAMPION, PREVIOUS, Registry
+
+    name = params.model_name
+    reg = Registry.connect(root)
+    with reg.lock(name):
+        champion, previous = reg.alias(name, CHAMPION), reg.alias(name, PREVIOUS)
+        if previous is None:
+            raise BadInput(f"registered model {name!r} has no {PREVIOUS!r} version to roll "
+                           "back to")
+        reg.set_alias(name, CHAMPION, previous.version)
+        older = previous.tags.get("promotion.previous_champion")
+        if older and older != previous.version:
+            reg.set_alias(name, PREVIOUS, older)
+        else:
+            reg.delete_alias(name, PREVIOUS)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if champion is not None:
+            reg.tag(name, champion.version, {"rollback.replaced_by": previous.version,
+                                             "rollback.time": stamp})
+        reg.tag(name, previous.version, {"rollback.restored_from": str(champion and
+                                                                       champion.version),
+                                         "rollback.time": stamp})
+    return {"rolled_back": True, "model_name": name,
+            "from_version": champion.version if champion else None,
+            "champion_version": previous.version,
+            "previous_champion_version": older if older and older != previous.version else None}
+
+
+def lineage(params: RegistryParams, ref: str, root: Path | None = None) -> dict[str, Any]:
+    """The runs that made a version (ref: a version number or an alias)."""
+    from stages.core.tracking import Registry
+
+    reg = Registry.connect(root)
+    if ref.isdigit():
+        version = ref
+    else:
+        info = reg.alias(params.model_name, ref)
+        if info is None:
+            raise BadInput(f"registered model {params.model_name!r} has no alias {ref!r}")
+        version = info.version
+    return reg.walk_back(params.model_name, version)
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-name", help="overrides registry.model_name")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return parser
+
+
+def _registry_params(args: argparse.Namespace) -> RegistryParams:
+    params = load_params(args.params).registry
+    return params.model_copy(update={"model_name": args.model_name}) if args.model_name else params
+
+
+def _print(result: dict[str, Any], as_json: bool, summary: str) -> None:
+    print(json.dumps(result, sort_keys=True) if as_json else summary, flush=True)
+
+
+def promote_main(argv: list[str] | None = None) -> int:
+    parser = _parser("imagepipe promote", "promote the challenger if it beats the champion")
+    parser.add_argument("--data", default="data/target", type=Path,
+                        help="dataset whose test split both models are scored on")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        d = promote(_registry_params(args), args.data)
+        verdict = "promoted" if d.promoted else "not promoted"
+        _print(asdict(d), args.json, f"{d.model_name} v{d.challenger_version} {verdict}: "
+               f"{d.reason} (champion now v{d.current_champion_version})")
+
+    return run_stage("promote", body, track=False)
+
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    args = _parser("imagepipe rollback", "move champion back to previous-champion").parse_args(argv)
+
+    def body() -> None:
+        r = rollback(_registry_params(args))
+        _print(r, args.json, f"{r['model_name']}: champion v{r['from_version']} -> "
+               f"v{r['champion_version']} (previous-champion now "
+               f"{r['previous_champion_version'] or 'none'})")
+
+    return run_stage("rollback", body, track=False)
+
+
+def lineage_main(argv: list[str] | None = None) -> int:
+    parser = _parser("imagepipe lineage", "the runs that made a model version")
+    parser.add_argument("ref", nargs="?", default="champion", help="version number or alias")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        print(json.dumps(lineage(_registry_params(args), args.ref), indent=2, sort_keys=True))
+
+    return run_stage("lineage", body, track=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"promote": promote_main, "rollback": rollback_main, "lineage": lineage_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: imagepipe {{{','.join(commands)}}} [--help]",
+              file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
