@@ -27,18 +27,18 @@ from typing import Any
 
 import yaml
 
+from flows.orphans import die_with_parent, guarded
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.params import flatten_dict
 
 log = logging.getLogger("imagepipe.flow")
 
-EXIT_BAD_INPUT = 2
-EXIT_TRANSIENT = 75
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
 # DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
 _DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
-# What stages.core.errors.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".
-_STAGE_REASON = re.compile(r"^[\w.-]+: (error|transient failure)\b")
+# What stages.core.door.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".
+_STAGE_REASON = re.compile(r"^[\w.-]+: (error|transient failure|internal error)\b")
 
 
 class StageError(RuntimeError):
@@ -234,7 +234,8 @@ def run_killable(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: 
     start = time.perf_counter()
     # Captured stdout (a command's JSON answer) stays apart from its log lines on stderr.
     stderr = subprocess.PIPE if capture_stdout else subprocess.STDOUT
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, process_group=0,
+    proc = subprocess.Popen(guarded(cmd, KILL_GRACE_S), cwd=cwd, env=env, process_group=0,
+                            preexec_fn=die_with_parent(signal.SIGTERM),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
                             text=True, errors="replace")
     tail: deque[str] = deque(maxlen=200)
@@ -330,6 +331,8 @@ def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
         return StageTransient(stage, code, f"killed by signal {_signame(sig)}: {reason}")
     if code == EXIT_BAD_INPUT:
         return StageBadInput(stage, code, reason)
+    if code == EXIT_BUG:  # an unexpected exception in the stage: its traceback is in the log
+        return StageError(stage, code, f"a bug, not retried (exit {code}): {reason}")
     if dvc_line is None and any("Unable to acquire lock" in line for line in tail):
         return StageTransient(stage, code, reason)  # another DVC process holds the repo
     return StageError(stage, code, f"exit {code}: {reason}")

@@ -6,12 +6,17 @@ SubprocessASGIServer: uvicorn with the server app, UI off, ephemeral services on
 importing the server code into this process too (~2.5 s here) and with nothing to do meanwhile.
 Started here, the ~7 s it takes to come up run in parallel with the DVC status check, and this
 process never imports the server. The database is Prefect's usual one (PREFECT_HOME).
+
+The server dies with this process, however it ends (kill -9 included): it gets SIGTERM through
+Linux's PR_SET_PDEATHSIG (flows/orphans.die_with_parent). Start it from a thread that lives as
+long as the run (the main thread): the signal fires when the thread that forked it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +26,8 @@ from pathlib import Path
 import httpx
 import prefect
 from prefect.settings import get_current_settings
+
+from flows.orphans import die_with_parent
 
 
 class APIUnavailable(RuntimeError):
@@ -51,7 +58,8 @@ class TemporaryAPI:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(signal.SIGTERM))
         return self
 
     def wait_ready(self, timeout_s: float) -> str:

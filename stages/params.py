@@ -7,10 +7,18 @@ before it does work. Errors are one line naming the dotted key and what is allow
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stages.core.errors import BadInput
 
@@ -24,7 +32,30 @@ NonNegFloat = Annotated[float, Field(ge=0.0)]
 
 class _Section(BaseModel):
     # Unknown keys are refused (nanoGPT's habit): a typo must not silently become a default.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Every float is finite: `lr: .inf` and `export.parity_atol: .inf` were accepted, and the
+    # second passed any model through the parity gate.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic's lax mode takes `epochs: true` as 1 (and `channels: true` as 1, `hflip: 1`
+        as true); YAML's true/false are refused wherever the key is not a boolean, and a
+        boolean key takes only true/false. Generic, so keys added later are covered too."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or value is None:
+            return value
+        if _mentions_bool(field.annotation):
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+        elif isinstance(value, bool) or (
+                isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)):
+            raise ValueError("true/false is not allowed here (a boolean is not a number)")
+        return value
+
+
+def _mentions_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_mentions_bool(arg) for arg in get_args(annotation))
 
 
 class DatasetRole(_Section):
@@ -32,12 +63,31 @@ class DatasetRole(_Section):
 
     uri: str = Field(pattern=r"^(sklearn|imagefolder|torchvision):.+$")
     # None keeps every class; a list keeps only these (by class name), in this order.
-    classes: list[str] | None = Field(default=None, min_length=1)
+    classes: list[str] | None = None
     # Keep at most this many training images per class (seeded choice); None keeps all.
     train_per_class: PositiveInt | None = None
     # torchvision: folder that holds (or receives) the files; relative to the project.
     root: str = "data/raw"
     download: bool = True
+    # Per-role overrides of data.* (None: the data.* value). A role may be ingested at its own
+    # size and channel count; finetune adapts the pretrained backbone (see stages/finetune.py).
+    image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
+    channels: Literal[1, 3] | None = None
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+
+    def filled(self, data: DataParams) -> DatasetRole:
+        """This role with each per-role setting it leaves unset taken from `data`."""
+        keys = ("image_size", "channels", "val_fraction", "test_fraction")
+        return self.model_copy(update={k: getattr(data, k) for k in keys if getattr(self, k) is None})
+
+    @field_validator("classes")
+    @classmethod
+    def _two_classes_at_least(cls, classes: list[str] | None) -> list[str] | None:
+        # With one class, finetune and evaluate reported accuracy 1.0 for any model.
+        if classes is not None and len(classes) < 2:
+            raise ValueError(f"a classifier needs at least two classes, got {len(classes)}")
+        return classes
 
     @model_validator(mode="after")
     def _unique_classes(self) -> DatasetRole:
@@ -51,18 +101,33 @@ class DataParams(_Section):
     target: DatasetRole
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     channels: Literal[1, 3] = 3
-    # Used only when a source has no split of its own (sklearn:digits, a flat imagefolder).
+    # Used only where a source ships no split of its own (sklearn:digits, a flat imagefolder).
+    # image_size, channels and both fractions are defaults: data.<role>.<key> overrides them.
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     max_bad_fraction: Fraction = 0.01
     allow_leakage: bool = False
     # Images decoded per batch: bounds ingest's memory whatever the input size.
     batch_size: PositiveInt = 512
+    # imagefolder: a link that resolves outside the folder is skipped (and listed in
+    # report.json) unless this is true: a class folder's a.png -> /etc/... was ingested.
+    follow_symlinks: bool = False
+    # Files over this size are skipped unread (report.json says so): a 2 GB ".png" raised
+    # ingest's peak memory from 0.55 to 2.3 GB. The default is generous for the photos a
+    # classifier ingests, and finite.
+    max_file_mb: Annotated[float, Field(gt=0.0, le=1_000_000.0)] = 64.0
+
+    def role(self, name: Literal["source", "target"]) -> DatasetRole:
+        """The role with every per-role setting filled in (its own value, else data.*)."""
+        return getattr(self, name).filled(self)
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> DataParams:
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1 (train would be empty)")
+        for name in ("source", "target"):
+            r = self.role(name)  # type: ignore[arg-type]
+            if r.val_fraction + r.test_fraction >= 1.0:  # type: ignore[operator]
+                raise ValueError(f"{name}: val_fraction ({r.val_fraction}) + test_fraction "
+                                 f"({r.test_fraction}) must be below 1 (train would be empty)")
         return self
 
 
@@ -161,10 +226,9 @@ class ExportParams(_Section):
     quantize_int8: bool = True
     calibration_images: Annotated[int, Field(ge=1)] = 256
     fp16: bool = True  # written only where the CUDA provider loads (fp16 runs on GPUs only)
-    # Threads for the ORT-vs-torch timing, the same on both sides; 0 = every usable core.
+    # ORT (and torch) threads for the parity gate and variant scoring; 0 = every usable core.
+    # Timings are not the stage's business: `make bench` measures ORT against torch.
     threads: Annotated[int, Field(ge=0)] = 0
-    # Interleaved timing rounds (ORT, torch, ORT, ...); metrics report the medians.
-    timing_repeats: Annotated[int, Field(ge=1, le=100)] = 7
 
 
 class RegistryParams(_Section):
@@ -215,8 +279,15 @@ def load_params(path: str | Path = DEFAULT_PATH) -> Params:
     except FileNotFoundError:
         raise BadInput(f"params: {path} does not exist") from None
     except yaml.YAMLError as err:
-        raise BadInput(f"params: {path} is not valid YAML: {err}".splitlines()[0]) from None
+        raise BadInput(f"params: {_yaml_where(path, err)} is not valid YAML: "
+                       f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
     return parse_params(raw)
+
+
+def _yaml_where(path: Path, err: yaml.YAMLError) -> str:
+    """PATH:LINE:COLUMN (1-based, as editors count) of a YAML syntax error, when it has one."""
+    mark = getattr(err, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
 
 
 def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:

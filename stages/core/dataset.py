@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import BadInput
-from stages.core.io import atomic_dir
+from stages.core.io import atomic_dir, disk_full, is_disk_full, reserve
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
@@ -90,9 +90,7 @@ class DatasetWriter:
 
     def __init__(self, folder: Path, n: int, image_shape: tuple[int, int, int]) -> None:
         self.folder = folder
-        self.images = np.lib.format.open_memmap(
-            folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, *image_shape)
-        )
+        self.images = _new_images(folder / "images.npy", (n, *image_shape))
         self.labels = np.zeros(n, dtype=np.int64)
         self.split = np.zeros(n, dtype=np.uint8)
 
@@ -101,7 +99,7 @@ class DatasetWriter:
         if n == len(self.labels):
             return
         path, tmp = self.folder / "images.npy", self.folder / "images.compact.npy"
-        small = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *self.images.shape[1:]))
+        small = _new_images(tmp, (n, *self.images.shape[1:]))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             small[start:stop] = self.images[start:stop]
@@ -125,6 +123,19 @@ class DatasetWriter:
         }
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
+
+
+def _new_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A writable uint8 .npy memmap whose disk blocks are allocated now: a sparse one turned a
+    full disk into SIGBUS ("Bus error", exit 135) mid-write; this is DiskFull (exit 75) first."""
+    try:
+        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError as err:  # numpy writes the header and the last byte: the first to find no room
+        if is_disk_full(err):
+            raise disk_full(path.parent, int(np.prod(shape)), err) from None
+        raise
+    reserve(path)
+    return images
 
 
 @contextmanager

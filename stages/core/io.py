@@ -1,9 +1,17 @@
-"""Atomic writes: a temporary sibling, then os.replace, so a reader sees old or new, never half."""
+"""Atomic writes: a temporary sibling, then os.replace, so a reader sees old or new, never half.
+
+Temporary names are `.NAME.PID.XXXXXXXX.tmp` beside NAME: the writer's pid in the name lets the
+next writer of NAME remove what a killed one left (sweep_stale_temps), and nothing else. A full
+disk is DiskFull (one line, exit 75), with the temporary removed, never a traceback or a bus error.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,21 +19,78 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from stages.core.errors import DiskFull
+
+# ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: a file-size limit
+# (RLIMIT_FSIZE, the file system's maximum). The same remedy for the user in each case.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in _NO_ROOM
+
+
+def disk_full(folder: Path, needed: int | None, err: OSError) -> DiskFull:
+    """The one line for a write that found no room in `folder` (a temporary folder of ours is
+    named by the folder it is in: the one the user knows and can free space on)."""
+    while _TEMP.match(folder.name):
+        folder = folder.parent
+    free = "?"
+    with contextlib.suppress(OSError):
+        free = f"{shutil.disk_usage(folder).free:,}"
+    need = f"needs {needed:,} bytes" if needed else "needs more space"
+    return DiskFull(f"disk full: {folder} {need}, {free} bytes free "
+                    f"({os.strerror(err.errno or errno.ENOSPC)}); free some space and run again")
+
+
+def reserve(path: Path, nbytes: int | None = None) -> None:
+    """Allocate the disk blocks of `path` now (its current size unless `nbytes`).
+
+    A memory-mapped output is a sparse file until its pages are written back; on a full disk
+    that write-back is a SIGBUS that kills the stage ("Bus error", exit 135) with no message.
+    posix_fallocate claims the blocks up front, so a full disk is ENOSPC here, before the work.
+    """
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size if nbytes is None else nbytes
+        if size <= 0:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(path.parent, size, err) from None
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # A file system that cannot preallocate (glibc emulates it on most): write as before.
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it into place, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temps(path.parent, path.name)
+    fd, tmp = _no_room_is_disk_full(path, lambda: tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp makes the file 0600; an output is for others too (a server, a teammate).
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full(path.parent, None, err) from None  # type: ignore[arg-type]
+        raise
+
+
+def _no_room_is_disk_full(path: Path, make: Any) -> Any:
+    try:
+        return make()
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full(path.parent, None, err) from None
         raise
 
 
@@ -54,11 +119,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale_temps(path.parent, path.name)
+    tmp = Path(_no_room_is_disk_full(path, lambda: tempfile.mkdtemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise disk_full(path.parent, None, err) from None  # type: ignore[arg-type]
         raise
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
     old = path.with_name(f".{path.name}.old")
@@ -67,3 +136,65 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- what killed writers leave ----------------------------------------------------------------
+
+# mkstemp/mkdtemp's random part: 8 of [a-z0-9_] (tempfile._RandomNameSequence).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def sweep_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of NAME (of any name when None) in `folder` whose writer is gone:
+    its pid is dead, or now belongs to a process that started after the temporary was last
+    written (the pid was reused). A live writer's temporaries are kept. Returns what it removed.
+    Also removes `.NAME.old`, what atomic_dir moved aside, once NAME itself is in place.
+    """
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if not match or (name is not None and match["name"] != name):
+            continue
+        with contextlib.suppress(OSError):
+            if _writer_gone(int(match["pid"]), entry.stat(follow_symlinks=False).st_mtime):
+                _remove(Path(entry.path))
+                removed.append(Path(entry.path))
+    if name is not None and (folder / name).exists() and (folder / f".{name}.old").is_dir():
+        shutil.rmtree(folder / f".{name}.old", ignore_errors=True)
+        removed.append(folder / f".{name}.old")
+    return removed
+
+
+def _writer_gone(pid: int, mtime: float) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = process_start_time(pid)
+    # A live writer created its temporary after it started; 2 s covers btime's 1 s resolution.
+    return started is not None and started > mtime + 2.0
+
+
+def process_start_time(pid: int) -> float | None:
+    """When `pid` started (epoch seconds), from /proc; None where /proc cannot say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

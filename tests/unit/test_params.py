@@ -30,7 +30,9 @@ BAD = [
     ("augment.copies", -1, "augment.copies", "greater than or equal to 0"),
     ("augment.copies", "many", "augment.copies", "integer"),
     ("data.image_size", 0, "data.image_size", "greater than or equal to 8"),
-    ("data.source.classes", [], "data.source.classes", "at least 1"),
+    ("data.source.classes", [], "data.source.classes", "at least two classes"),
+    # One class: finetune and evaluate then reported accuracy 1.0 for any model.
+    ("data.target.classes", ["5"], "data.target.classes", "at least two classes"),
     ("data.max_bad_fraction", 1.5, "data.max_bad_fraction", "less than or equal to 1"),
     ("data.val_fraction", -0.1, "data.val_fraction", "greater than or equal to 0"),
     ("data.target.uri", "ftp://x", "data.target.uri", "pattern"),
@@ -38,6 +40,20 @@ BAD = [
     ("finetune.backbone_lr_scale", 2.0, "finetune.backbone_lr_scale", "less than or equal to 1"),
     ("augment.crop_scale", [0.9, 0.5], "augment", "crop_scale"),
     ("bogus_section", {}, "bogus_section", "unknown key"),
+    # Every float is finite (`lr: .inf` trained on NaN; `parity_atol: .inf` passed any model).
+    ("pretrain.lr", float("inf"), "pretrain.lr", "finite"),
+    ("finetune.lr", float("nan"), "finetune.lr", "finite"),
+    ("export.parity_atol", float("inf"), "export.parity_atol", "finite"),
+    ("augment.crop_scale", [0.5, float("nan")], "augment.crop_scale.1", "finite"),
+    ("data.max_file_mb", float("inf"), "data.max_file_mb", "finite"),
+    ("data.max_file_mb", 0, "data.max_file_mb", "greater than 0"),
+    # YAML booleans are not numbers (`epochs: true` ran one epoch), nor numbers booleans.
+    ("pretrain.epochs", True, "pretrain.epochs", "boolean is not a number"),
+    ("data.channels", True, "data.channels", "boolean is not a number"),
+    ("finetune.lr", False, "finetune.lr", "boolean is not a number"),
+    ("augment.crop_scale", [True, 1.0], "augment.crop_scale", "boolean is not a number"),
+    ("pretrain.hflip", 1, "pretrain.hflip", "true or false"),
+    ("data.follow_symlinks", "yes", "data.follow_symlinks", "true or false"),
 ]
 
 
@@ -96,3 +112,19 @@ def test_unreadable_yaml_is_exit_2(tmp_path: Path) -> None:
     proc = run_stage("ingest", "--params", bad, "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert "not valid YAML" in proc.stderr
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 0\ndata:\n  source: {uri: sklearn:digits\n  target: 3\n")
+    with pytest.raises(BadInput) as err:
+        load_params(bad)
+    # Line 4 is where the flow mapping of line 3 turns out unclosed; column 9 is the ':' there.
+    assert str(err.value).startswith(f"params: {bad}:4:9 is not valid YAML: expected ',' or '}}'")
+    assert "\n" not in str(err.value)
+
+
+def test_new_data_keys_have_safe_defaults() -> None:
+    data = parse_params(default_params()).data
+    assert data.follow_symlinks is False
+    assert 0 < data.max_file_mb < float("inf")
