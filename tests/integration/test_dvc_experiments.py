@@ -1,0 +1,207 @@
+"""Real DVC experiments on a tiny copy of the project: experiments carry metrics and plots,
+push/pull round-trips to an up-to-date clone, a queued experiment reruns only what its params
+change and tracks into the project's mlflow.db, and `imagepipe tune pick` applies the best
+experiment of a sweep by validation accuracy."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from commands.tune import Refused, Row, check_metric, pick, rows_of
+from tests.helpers import default_params, dvc, git, project_copy, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_params() -> dict[str, Any]:
+    """The pipeline in ~25 s on 2 cores. The warm-up is 0: with one epoch, a one-epoch warm-up
+    puts the peak lr on the last steps and training diverges. full_epochs=6 lets the finetuned
+    model learn enough that lr choices differ on the val split; lr=0.1 is a poor baseline
+    there (val accuracy ~0.2 against ~0.6 at 0.01), so a sweep's best is an experiment, not
+    HEAD. A poorly trained model's logits are large: the parity gate gets fp32 room for them
+    (export's own tests hold it to 1e-4)."""
+    p = default_params()
+    p["data"]["target"]["train_per_class"] = 10
+    p["augment"]["copies"] = 0
+    p["pretrain"].update(epochs=1, warmup_epochs=0, lr=0.02)
+    p["finetune"].update(head_epochs=1, full_epochs=6, warmup_epochs=0, lr=0.1)
+    p["export"].update(quantize_int8=False, parity_atol=0.01)
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking_off() -> Iterator[None]:
+    """Tracking off (runs here would only slow the tests), except where a test turns it on."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMAGEPIPE_TRACKING", "0")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tracking_off: None) -> Path:
+    """The copy with tiny params, reproduced, and dvc.lock, metrics and plots committed, as a
+    user does after `dvc repro` (`git status` is then clean: nothing left untracked)."""
+    root = project_copy(tmp_path_factory.mktemp("exps"))
+    write_params(root / "params.yaml", tiny_params())
+    git(root, "commit", "-qam", "tiny params")
+    dvc(root, "repro")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "repro")
+    assert git(root, "status", "--porcelain") == ""
+    assert (root / "metrics" / "evaluate.json").is_file()
+    return root
+
+
+def back_to_head(root: Path) -> None:
+    """A workspace `dvc exp run` leaves its results in the workspace: back to HEAD's, with no
+    experiments and no finished queue tasks left for the next test to count."""
+    git(root, "checkout", "-q", "--", ".")
+    dvc(root, "checkout", "-q")
+    dvc(root, "exp", "remove", "-A")
+    dvc(root, "queue", "remove", "--all")
+
+
+def exp_metrics(root: Path) -> dict[str, dict[str, Any]]:
+    """Experiment name -> {"metrics/evaluate.json": {...}, ...} of HEAD's experiments."""
+    shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    out = {}
+    for record in shown:
+        for exp in record.get("experiments") or []:
+            rev = exp["revs"][0]
+            out[rev["name"]] = {path: m.get("data") for path, m in
+                                ((rev.get("data") or {}).get("metrics") or {}).items()}
+    return out
+
+
+def wait_for_queue(root: Path, timeout: float = 480) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dvc(root, "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+
+
+def stages_run(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", log))
+
+
+def test_experiments_carry_metrics_and_plots(project: Path) -> None:
+    dvc(project, "exp", "run", "-n", "lr-low", "-S", "finetune.lr=0.01")
+    dvc(project, "exp", "run", "-n", "lr-high", "-S", "finetune.lr=0.03")
+    try:
+        shown = exp_metrics(project)
+        for name in ("lr-low", "lr-high"):
+            evaluate = shown[name]["metrics/evaluate.json"]
+            assert evaluate is not None, f"{name}: no metrics in the experiment commit"
+            assert isinstance(evaluate["accuracy"], float)
+            assert isinstance(evaluate["transfer_gain"], float)
+
+        diff = json.loads(dvc(project, "metrics", "diff", "lr-low", "lr-high", "--json").stdout)
+        finetune = diff["metrics/finetune.json"]
+        assert finetune["val_accuracy"]["old"] == shown["lr-low"]["metrics/finetune.json"]["val_accuracy"]
+        assert finetune["val_accuracy"]["new"] == shown["lr-high"]["metrics/finetune.json"]["val_accuracy"]
+        assert finetune["val_accuracy"]["old"] != finetune["val_accuracy"]["new"]
+
+        plots = json.loads(dvc(project, "plots", "diff", "lr-low", "lr-high", "--json").stdout)["data"]
+        curve = plots["plots/finetune.csv"][0]["content"]["data"]["values"]
+        assert {row["rev"] for row in curve} == {"lr-low", "lr-high"}
+
+        # The workspace holds lr-high's results (the last run): apply swaps in lr-low's.
+        dvc(project, "exp", "apply", "lr-low")
+        for name in ("evaluate", "finetune"):
+            applied = json.loads((project / "metrics" / f"{name}.json").read_text())
+            # exp show leaves out null values
+            assert {k: v for k, v in applied.items() if v is not None} == \
+                shown["lr-low"][f"metrics/{name}.json"]
+    finally:
+        back_to_head(project)
+
+
+def test_push_then_fresh_clone_pull_is_up_to_date(project: Path, tmp_path: Path) -> None:
+    dvc(project, "remote", "add", "-d", "-f", "store", str(tmp_path / "remote"))
+    git(project, "commit", "-qam", "remote")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    pulled = dvc(clone, "pull")
+    assert "No file hash info" not in pulled.stdout + pulled.stderr
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}
+    assert not (clone / "checkpoints").exists()  # resume points stay on their machine
+
+    from flows.dvcstage import plan_stages  # what `imagepipe run` asks before running
+
+    assert plan_stages(clone).to_run == []
+
+
+def test_queued_experiment_reruns_downstream_only_and_tracks_into_the_project(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "1")  # the worker `queue start` spawns inherits it
+    assert not (project / "mlflow.db").exists()
+    dvc(project, "exp", "run", "--queue", "-n", "q-ece", "-S", "evaluate.ece_bins=10")
+    dvc(project, "queue", "start", "-j", "1")
+    try:
+        status = wait_for_queue(project)
+        assert re.search(r"q-ece\s.*Success", status), status
+        assert stages_run(dvc(project, "queue", "logs", "q-ece").stdout) == {"evaluate"}
+        with sqlite3.connect(project / "mlflow.db") as db:
+            runs = db.execute("select name, status from runs").fetchall()
+        assert ("evaluate", "FINISHED") in runs, runs
+    finally:
+        back_to_head(project)
+
+
+def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
+    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03")
+    dvc(project, "queue", "start", "-j", "1")
+    try:
+        status = wait_for_queue(project)
+        assert status.count("Success") == 2, status
+        rows = rows_of(json.loads(dvc(project, "exp", "show", "--json").stdout))
+        best = max(rows, key=lambda r: r.metrics["finetune.val_accuracy"])
+        assert not best.baseline, "the tiny baseline's lr=0.1 should lose to the sweep"
+        done = subprocess.run([sys.executable, "-m", "commands.cli", "tune", "pick", "--apply"],
+                              cwd=project, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"pick: {best.name}" in done.stdout
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        assert params["finetune"]["lr"] == best.params["finetune.lr"]
+        finetune = json.loads((project / "metrics" / "finetune.json").read_text())
+        assert finetune["val_accuracy"] == best.metrics["finetune.val_accuracy"]
+    finally:
+        back_to_head(project)
+
+
+def _row(name: str, lr: float, scratch_lr: float, val: float, scratch_val: float) -> Row:
+    return Row(name, name, False, {"finetune.lr": lr, "finetune.scratch_lr": scratch_lr},
+               {"finetune.val_accuracy": val, "finetune.scratch_val_accuracy": scratch_val})
+
+
+def test_pick_combines_the_best_lr_with_the_best_scratch_lr() -> None:
+    # A 2x2 grid: lr=0.03 wins the finetuned model, scratch_lr=0.01 the baseline; the row
+    # holding both is the pick, though neither metric alone ranks it first.
+    rows = [_row("a", 0.03, 0.003, 0.90, 0.60), _row("b", 0.03, 0.01, 0.89, 0.70),
+            _row("c", 0.1, 0.003, 0.80, 0.61), _row("d", 0.1, 0.01, 0.79, 0.71)]
+    assert pick(rows, "finetune.val_accuracy", "finetune.scratch_val_accuracy")[0].name == "b"
+    assert pick(rows, "finetune.val_accuracy", None)[0].name == "a"
+
+
+def test_pick_refuses_test_metrics() -> None:
+    for metric in ("evaluate.accuracy", "per_class.macro avg.f1-score", "finetune.train_loss"):
+        with pytest.raises(Refused):
+            check_metric(metric)
+    check_metric("finetune.scratch_val_accuracy")
