@@ -1,0 +1,203 @@
+"""Bounded fuzzing of the two places untrusted input enters: the image reader and params loading.
+
+image reader: bytes mutated from small valid PNG/JPEG/GIF/BMP/TIFF seeds, plus raw random bytes,
+written to a file -> stages.core.sources.read_image_file + canonical. The contract: a uint8
+H x W x C array of the asked shape, or BadFile. Anything else (another exception, a hang, a wrong
+shape) is a finding.
+params: the default params.yaml with values swapped for random ones (wrong types, inf/nan,
+booleans for numbers, huge numbers, nested junk) and random text -> stages.params.load_params.
+The contract: a Params object, or BadInput whose message starts with "params". Anything else is
+a finding.
+
+hypothesis generates both, in seeded rounds (repeatable); each has a time budget
+(IMAGEPIPE_FUZZ_SECONDS, default 30 s each). Results: benchmarks/results/fuzz.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stages.core.errors import BadInput
+from stages.core.sources import BadFile, canonical, read_image_file
+from stages.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "fuzz.json"
+BUDGET_S = float(os.environ.get("IMAGEPIPE_FUZZ_SECONDS", "30"))
+
+
+def _seeds() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for fmt, mode in (("PNG", "RGB"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "L"), ("TIFF", "RGBA"),
+                      ("PNG", "I;16")):
+        arr = rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)
+        img = Image.fromarray(arr, "RGB").convert(mode) if mode != "I;16" else \
+            Image.fromarray(arr[..., 0].astype(np.uint16) * 250)
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def _mutated(seed: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    data = bytearray(seed)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    return bytes(data[:cut] if cut else data)
+
+
+class Campaign:
+    """Counts inputs, collects findings, stops when the budget is spent."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.tried, self.findings = name, 0, []
+        self.deadline = time.monotonic() + BUDGET_S
+        self.outcomes: dict[str, int] = {}
+
+    def tick(self) -> None:
+        self.tried += 1
+
+    def outcome(self, what: str) -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+
+    def finding(self, what: str, data: Any) -> None:
+        if len(self.findings) < 20:
+            self.findings.append({"what": what, "input": repr(data)[:300]})
+
+    def run(self, strategy: Any, body: Any) -> dict[str, Any]:
+        """Rounds of 200 examples, each with its own seed (repeatable), until the budget is spent:
+        hypothesis has no time budget of its own, and an exception to stop it counts as a failure."""
+        start = time.monotonic()
+        for round_ in range(10**6):
+            if time.monotonic() > self.deadline:
+                break
+            try:
+                def test(case: Any) -> None:  # a new function each round: hypothesis wraps it
+                    body(case)
+
+                settings(max_examples=200, deadline=None, database=None,
+                         suppress_health_check=list(HealthCheck))(
+                    seed(round_)(given(strategy)(test)))()
+            except Exception as err:  # noqa: BLE001 - the harness itself failed: say so
+                self.finding(f"harness: {type(err).__name__}: {err}"[:300], f"round {round_}")
+        return {"inputs": self.tried, "seconds": round(time.monotonic() - start, 1),
+                "outcomes": self.outcomes, "findings": self.findings}
+
+
+def fuzz_image_reader(folder: Path) -> dict[str, Any]:
+    camp, seeds = Campaign("image reader"), _seeds()
+    path = folder / "fuzz.img"
+
+    strategy = st.one_of(
+        st.tuples(st.sampled_from(range(len(seeds))),
+                  st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), max_size=8),
+                  st.one_of(st.none(), st.integers(1, 400))),
+        st.binary(max_size=512))
+
+    def check(case: Any) -> None:
+        camp.tick()
+        data = _mutated(seeds[case[0]], case[1], case[2]) if isinstance(case, tuple) else case
+        path.write_bytes(data)
+        try:
+            _, img = read_image_file(str(path))
+            arr = canonical(img, 16, 3)
+        except BadFile:
+            camp.outcome("refused (BadFile)")
+            return
+        except Exception as err:  # noqa: BLE001 - outside the contract: a finding
+            camp.finding(f"{type(err).__name__}: {err}"[:200], data[:64])
+            camp.outcome("finding")
+            return
+        if arr.shape != (16, 16, 3) or arr.dtype != np.uint8:
+            camp.finding(f"shape {arr.shape} dtype {arr.dtype}", data[:64])
+        camp.outcome("decoded")
+
+    return camp.run(strategy, check)
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                    st.lists(st.integers(-3, 300), max_size=4),
+                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+
+
+def _paths(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in [prefix + (k,), *_paths(v, prefix + (k,))]]
+    return []
+
+
+def fuzz_params(folder: Path) -> dict[str, Any]:
+    camp = Campaign("params")
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = _paths(base)
+    path = folder / "params.yaml"
+
+    strategy = st.one_of(
+        st.lists(st.tuples(st.sampled_from(keys), _VALUES), min_size=1, max_size=3),
+        st.text(max_size=200))
+
+    def check(case: Any) -> None:
+        camp.tick()
+        if isinstance(case, str):
+            path.write_text(case)
+        else:
+            raw = copy.deepcopy(base)
+            for key, value in case:
+                node = raw
+                for part in key[:-1]:
+                    node = node[part] if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node[key[-1]] = value
+            path.write_text(yaml.safe_dump(raw))
+        try:
+            load_params(path)
+            camp.outcome("accepted")
+        except BadInput as err:
+            camp.outcome("refused (BadInput)")
+            if not str(err).startswith("params"):
+                camp.finding(f"message does not name params: {err}"[:200], case)
+        except Exception as err:  # noqa: BLE001 - outside the contract: a finding
+            camp.finding(f"{type(err).__name__}: {err}"[:200], case)
+            camp.outcome("finding")
+
+    return camp.run(strategy, check)
+
+
+def main() -> None:
+    # Pillow warns about odd TIFF tags on mutated files: expected, and not a finding.
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for name, fn in (("image_reader", fuzz_image_reader), ("params", fuzz_params)):
+            try:
+                results[name] = fn(Path(tmp))
+            except Exception:  # noqa: BLE001
+                results[name] = {"error": traceback.format_exc()[-2000:]}
+            r = results[name]
+            print(f"fuzz {name}: {r.get('inputs')} inputs in {r.get('seconds')} s, "
+                  f"{len(r.get('findings', []))} findings; {r.get('outcomes')}", flush=True)
+            for f in r.get("findings", [])[:5]:
+                print(f"  finding: {f['what']} <- {f['input'][:120]}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
