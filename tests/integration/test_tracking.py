@@ -331,3 +331,161 @@ def test_sigterm_ends_the_run_failed_with_exit_143(project: Path) -> None:
     run = client(uri).get_run(run_id)
     assert run.info.status == "FAILED"
     assert client(uri).get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+# ---------------------------------------------------------------- comparable pipeline runs
+
+EVALUATE_HEADLINE = {"cmd": "python -m stages.evaluate", "deps": ["inputs.txt"],
+                     "metrics": [{"metrics/evaluate.json": {"cache": False}}]}
+EXPORT_METRICS_ONLY = {"cmd": "python -m stages.export", "deps": ["inputs.txt"],
+                       "params": ["export"],
+                       "metrics": [{"metrics/export.json": {"cache": False}}]}
+PRETRAIN_LIVE = {"cmd": "python -m stages.pretrain", "deps": ["inputs.txt"],
+                 "plots": [{"plots/pretrain.csv": {"x": "epoch"}}]}
+
+
+def evaluate_figures(accuracy: float) -> dict[str, float]:
+    return {"accuracy": accuracy, "accuracy_ci_low": accuracy - 0.05,
+            "accuracy_ci_high": accuracy + 0.05, "scratch_accuracy": 0.6,
+            "transfer_gain": accuracy - 0.6, "transfer_gain_ci_low": accuracy - 0.7,
+            "transfer_gain_ci_high": accuracy - 0.5, "ece": 0.04, "n_test": 64}
+
+
+def test_the_parent_run_is_named_and_carries_params_and_headline_metrics(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.params import flatten
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-cafe1")
+    write_dvc_yaml(project, {"evaluate": EVALUATE_HEADLINE, "export": EXPORT_METRICS_ONLY})
+    (project / "inputs.txt").write_text("x\n")
+    (project / "metrics").mkdir()
+
+    def evaluate(accuracy: float) -> None:
+        (project / "metrics/evaluate.json").write_text(json.dumps(evaluate_figures(accuracy)))
+
+    def export() -> None:
+        (project / "metrics/export.json").write_text(json.dumps(
+            {"gate_passed": True, "max_abs_diff": 2.5e-6}))
+
+    assert run_stage("evaluate", lambda: evaluate(0.9)) == 0
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    child = next(r for r in runs(uri) if r.info.run_name == "evaluate")
+    parent = client(uri).get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name.startswith("pipeline exp-cafe1 20")
+    assert parent.data.tags["dvc.exp_name"] == "exp-cafe1"
+    every = flatten(load_params(project / "params.yaml"))
+    assert len(parent.data.params) == len(every) > 30  # all sections, not one stage's
+    assert parent.data.params["finetune.lr"] == str(every["finetune.lr"])
+    assert parent.data.params["data.image_size"] == str(every["data.image_size"])
+    assert parent.data.metrics["accuracy"] == 0.9
+    assert parent.data.metrics["transfer_gain_ci_low"] == pytest.approx(0.2)
+    assert "n_test" not in parent.data.metrics  # headline figures only
+
+    assert run_stage("export", export) == 0
+    assert run_stage("evaluate", lambda: evaluate(0.8)) == 0  # a re-run evaluate updates it
+    parent = client(uri).get_run(parent.info.run_id)
+    assert parent.data.metrics["parity_max_abs_diff"] == 2.5e-6
+    assert parent.data.metrics["accuracy"] == 0.8
+    assert parent.data.metrics["scratch_accuracy"] == 0.6
+    assert {"ece", "transfer_gain", "transfer_gain_ci_high"} <= set(parent.data.metrics)
+    parents = [r for r in runs(uri) if r.data.tags.get("imagepipe.role") == "pipeline"]
+    assert len(parents) == 1
+
+
+def test_epochs_are_logged_while_the_stage_runs_once_each_and_kept_on_a_crash(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.core.epochlog import record_epoch
+
+    monkeypatch.setenv("IMAGEPIPE_EPOCH_LOG_INTERVAL_S", "0.1")
+    write_dvc_yaml(project, {"pretrain": PRETRAIN_LIVE})
+    (project / "inputs.txt").write_text("x\n")
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    rows = [{"phase": "pretrain", "epoch": e, "train_loss": 1 / e, "val_acc": e / 10,
+             "val_loss": None} for e in (1, 2, 3)]
+    seen_live: list[int] = []
+
+    def history(run_id: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in
+                client(uri).get_metric_history(run_id, "pretrain/val_acc")]
+
+    def train(crash_after: int | None = None) -> None:
+        run_id = os.environ["MLFLOW_RUN_ID"]
+        for row in rows:
+            record_epoch("pretrain", row)
+            if row["epoch"] == crash_after:
+                raise RuntimeError("the GPU fell over")
+            deadline = time.monotonic() + 20
+            while len(history(run_id)) < row["epoch"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_live.append(len(history(run_id)))  # in MLflow before the stage ends
+        (project / "plots").mkdir(exist_ok=True)
+        (project / "plots/pretrain.csv").write_text(
+            "epoch,phase,train_loss,val_acc,val_loss\n"
+            + "".join(f"{r['epoch']},pretrain,{r['train_loss']},{r['val_acc']},\n" for r in rows))
+
+    assert run_stage("pretrain", train) == 0
+    assert seen_live == [1, 2, 3]
+    done = next(r for r in runs(uri) if r.info.run_name == "pretrain")
+    assert history(done.info.run_id) == [(1, 0.1), (2, 0.2), (3, 0.3)]  # not twice
+    assert len(client(uri).get_metric_history(done.info.run_id, "pretrain/train_loss")) == 3
+    assert "IMAGEPIPE_EPOCH_LOG" not in os.environ
+
+    assert run_stage("pretrain", lambda: train(crash_after=2)) == EXIT_BUG
+    crashed = next(r for r in runs(uri) if r.info.run_name == "pretrain"
+                   and r.info.status == "FAILED")
+    assert history(crashed.info.run_id) == [(1, 0.1), (2, 0.2)]  # the epochs it finished
+    assert not list((project / "mlruns/imagepipe/epochs").glob("*.jsonl"))
+
+
+def test_a_registered_version_is_described_in_one_paragraph(
+        project: Path, tiny_export: Any) -> None:
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics/evaluate.json").write_text(json.dumps(evaluate_figures(0.875)))
+    assert tiny_export("good") == 0
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    name = load_params(project / "params.yaml").registry.model_name
+    mv = client(uri).get_model_version_by_alias(name, CHALLENGER)
+    text = mv.description
+    assert mv.run_id in text and "target set `target`" in text
+    assert "Test accuracy 0.875 (95% CI 0.825 to 0.925)" in text
+    assert "transfer gain +0.275" in text and "ONNX Runtime agrees" in text
+    assert "\n" not in text
+    parent = client(uri).get_run(client(uri).get_run(mv.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["parity_max_abs_diff"] == 1e-6
+
+
+def test_real_training_epochs_land_once_under_the_plots_tables_keys(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """finetune through the door, as DVC runs it: the rows the training loop records live
+    (head, full, scratch) and the plots tables it writes name each epoch alike, so every
+    curve has one point per epoch and no second set of keys appears."""
+    from stages import finetune, pretrain
+    from stages.core.tracking.metrics import per_epoch_metrics
+    from tests.unit.test_train import tiny_params, write_dataset
+
+    monkeypatch.setenv("IMAGEPIPE_EPOCH_LOG_INTERVAL_S", "0.1")
+    write_dvc_yaml(project, {"finetune": {
+        "cmd": "python -m stages.finetune", "deps": ["data/target"],
+        "plots": [{"plots/finetune.csv": {"x": "epoch"}}, {"plots/scratch.csv": {"x": "epoch"}}]}})
+    write_dataset(project / "data/augmented", ["a", "b"], {"train": 16, "val": 4, "test": 2})
+    write_dataset(project / "data/target", ["x", "y"], {"train": 6, "val": 4, "test": 4}, seed=1)
+    params = tiny_params()
+    pretrain.run(params, project / "data/augmented", project / "models/pretrained.pt",
+                 project / "ck/pretrain", project / "plots/pretrain.csv")
+    out = finetune.Outputs(*(project / p for p in (
+        "models/finetuned.pt", "models/probe.pt", "models/scratch.pt", "ck/finetune",
+        "plots/finetune.csv", "plots/scratch.csv")))
+    assert run_stage("finetune", lambda: finetune.run(
+        params, project / "data/target", project / "models/pretrained.pt", out)) == 0
+
+    uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
+    run = next(r for r in runs(uri) if r.info.run_name == "finetune")
+    table = [m for f in ("finetune.csv", "scratch.csv")
+             for m in per_epoch_metrics(project / "plots" / f)]
+    assert {k for k in run.data.metrics if "/" in k} == {k for k, _, _ in table}
+    stamps: set[int] = set()
+    for key in ("finetune/head/val_acc", "finetune/full/train_loss", "scratch/val_acc"):
+        history = client(uri).get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == sorted({s for k, _, s in table if k == key}), key
+        stamps |= {m.timestamp for m in history}
+    assert len(stamps) > 1  # logged as epochs ended: the end of the stage logs all at one time

@@ -146,3 +146,61 @@ def test_importing_tracking_loads_nothing_heavy() -> None:
                          "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_record_epoch_appends_a_line_only_when_a_run_listens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from stages.core.epochlog import EPOCH_LOG_ENV, record_epoch
+
+    monkeypatch.delenv(EPOCH_LOG_ENV, raising=False)
+    record_epoch("pretrain", {"epoch": 1})  # nobody listens: nothing written anywhere
+    assert list(tmp_path.iterdir()) == []
+    log = tmp_path / "epochs.jsonl"
+    monkeypatch.setenv(EPOCH_LOG_ENV, str(log))
+    record_epoch("head", {"epoch": 1, "val_acc": 0.5, "val_loss": None})
+    record_epoch("head", {"epoch": 2, "val_acc": 0.6, "val_loss": None})
+    lines = log.read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert json.loads(lines[0]) == {"epoch": 1, "val_acc": 0.5, "val_loss": None,
+                                    "phase": "head"}
+    monkeypatch.setenv(EPOCH_LOG_ENV, str(tmp_path / "missing" / "x.jsonl"))
+    record_epoch("head", {"epoch": 3})  # an unwritable file never stops training
+
+
+def test_live_epoch_keys_and_steps_are_those_of_the_plots_table(tmp_path: Path) -> None:
+    """The live tail and the end-of-stage table name an epoch alike, so the end logs only
+    what the tail missed (finetune's two phases in one table, scratch in its own)."""
+    from stages.core.tracking.live import row_metrics
+
+    rows = [{"phase": "head", "epoch": 1, "train_loss": 1.0, "val_acc": 0.5, "lr": 0.01},
+            {"phase": "head", "epoch": 2, "train_loss": 0.8, "val_acc": 0.6, "lr": 0.01},
+            {"phase": "full", "epoch": 3, "train_loss": 0.5, "val_acc": 0.7, "lr": 0.001}]
+    scratch = [{"phase": "scratch", "epoch": 1, "train_loss": 2.0, "val_acc": 0.3, "lr": 0.1}]
+    (tmp_path / "finetune.csv").write_text("phase,epoch,train_loss,val_acc,lr\n" + "".join(
+        f"{r['phase']},{r['epoch']},{r['train_loss']},{r['val_acc']},{r['lr']}\n" for r in rows))
+    (tmp_path / "scratch.csv").write_text("phase,epoch,train_loss,val_acc,lr\nscratch,1,2.0,0.3,0.1\n")
+    stems = {"finetune", "scratch"}
+    live = {(k, s): v for r in rows + scratch for k, v, s in row_metrics("finetune", r, stems)}
+    table = {(k, s): v for f in ("finetune.csv", "scratch.csv")
+             for k, v, s in per_epoch_metrics(tmp_path / f)}
+    assert live == table
+    assert ("finetune/full/val_acc", 3) in live and ("scratch/val_acc", 1) in live
+    assert row_metrics("pretrain", {"phase": "pretrain", "epoch": 4, "val_acc": None,
+                                    "ok": True}, {"pretrain"}) == []
+
+
+def test_the_parent_run_name_says_which_pipeline_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.core.tracking.parentrun import parent_label, parent_name
+
+    tags = {"git.commit": "0123456789abcdef", "git.dirty": "true"}
+    for var in ("DVC_EXP_NAME", FLOW_RUN_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert parent_label({}) == "local"
+    assert parent_label(tags) == "0123456+dirty"
+    monkeypatch.setenv(FLOW_RUN_ENV, "5f2c9a1e-0000-4000-8000-000000000000")
+    assert parent_label(tags) == "flow 5f2c9a1e"
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-bfe64")
+    assert parent_label(tags) == "exp-bfe64"
+    assert parent_name(tags).startswith("pipeline exp-bfe64 20")

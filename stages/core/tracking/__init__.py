@@ -13,10 +13,13 @@ retries; a run a killed stage left open is ended FAILED by the next session (jou
 | declared.py | what dvc.yaml declares for a stage |
 | metrics.py | params, metrics, per-epoch series and artifacts out of the declared files |
 | grouping.py | which parent run a stage's run belongs under |
+| parentrun.py | what the parent run shows: name, all params, experiment name, headline metrics |
+| live.py | per-epoch metrics logged while the stage runs (tails stages/core/epochlog.py's file) |
 | journal.py | runs left open by a killed stage, closed by the next session |
 | stagerun.py | one stage's run: open, fill, register what the body returned, close |
 | registration.py | what a stage hands over to register a model version (no MLflow) |
 | register.py | logging the models and registering the version, alias challenger |
+| describe.py | the registered version's one-paragraph description |
 | registry.py | the verbs of promote, rollback and lineage |
 """
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.host import FLOW_RUN_ENV
+from stages.core.tracking.parentrun import log_parent_params, parent_tags
 from stages.core.tracking.store import Store
 
 
 def group_key() -> tuple[str, str]:
-    """(key, parent run name) that groups the stages of one pipeline run.
+    """(key, what started it) that groups the stages of one pipeline run.
 
     - The Prefect flow sets FLOW_RUN_ENV to its flow-run id: every stage of the flow shares it.
     - Under `dvc repro`/`dvc exp run`, every stage is a child (via a shell) of the one dvc
@@ -62,9 +63,11 @@ def _dvc_ancestor() -> Any:
     return None
 
 
-def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict[str, str]) -> str:
+def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict[str, str],
+               params_file: Path | None = None) -> str:
     """The parent run of group `key`, created on first use (with the code/device tags of
-    `tags`; the stage-specific input hashes belong to the children).
+    `tags`, the DVC experiment name, and every parameter of `params_file`; the stage-specific
+    input hashes belong to the children).
 
     Two stages starting at once may both create one; both then pick the oldest (start time,
     then id) and the other is deleted, so the group converges on one parent.
@@ -81,8 +84,11 @@ def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict
         return str(found[0].info.run_id)
     general = {k: v for k, v in tags.items() if not k.startswith(("dvc.", "data."))}
     run = store.call("create parent run", store.client.create_run, experiment_id,
-                     tags={**general, "imagepipe.group": key, "imagepipe.role": "pipeline"},
+                     tags={**general, **parent_tags(), "imagepipe.group": key,
+                           "imagepipe.role": "pipeline"},
                      run_name=name)
+    if params_file is not None:
+        log_parent_params(store, run.info.run_id, params_file)
     # A parent has no process of its own: it is never left RUNNING; children set its status.
     store.terminate(run.info.run_id, "FINISHED")
     first = find()[0].info.run_id

@@ -60,6 +60,9 @@ def close_orphans(store: Store) -> list[str]:
             continue
         if _end_if_running(store, str(entry.get("run_id"))):
             closed.append(str(entry["run_id"]))
+        # Its live epoch file (live.py): the epochs in it were logged up to a few seconds
+        # before the process died.
+        (state_dir(store.root) / "epochs" / f"{entry.get('run_id')}.jsonl").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
     return closed
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput
+from stages.core.tracking.describe import version_description
 from stages.core.tracking.registration import CHALLENGER, Registration
 from stages.core.tracking.store import Store, TrackingDown
 
@@ -32,13 +34,18 @@ def register_model_version(store: Store, run_id: str, reg: Registration,
         raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
     store.use_fluent()
     # stdout to stderr: ending the fluent run prints "View run ..." (see Store.terminate).
-    with contextlib.redirect_stdout(sys.stderr), \
+    with contextlib.redirect_stdout(sys.stderr), _known_packages(), \
             store.call("open run for models", mlflow.start_run, run_id=run_id):
         torch_uri = _log_torch(store, Path(reg.torch_path), reg.dataset)
         onnx_info = store.call("log onnx model", mlflow.onnx.log_model, onnx.load(reg.onnx_path),
                                name="onnx", pip_requirements=_onnx_requirements(),
                                onnx_execution_providers=["CPUExecutionProvider"],
-                               save_as_external_data=False)
+                               save_as_external_data=False,
+                               # uint8 pixels in, probabilities and logits out (export's example)
+                               signature=None if reg.input_example is None else
+                               mlflow.models.infer_signature(reg.input_example,
+                                                             reg.output_example),
+                               input_example=reg.input_example)
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
                     **reg.parity.tags(), "imagepipe.run_id": run_id,
                     "onnx.sha256": file_sha256(Path(reg.onnx_path)),
@@ -46,6 +53,9 @@ def register_model_version(store: Store, run_id: str, reg: Registration,
     mv = store.call("register model", mlflow.register_model, onnx_info.model_uri,
                     reg.model_name, tags=version_tags)
     try:
+        # A paragraph on the registry page: what the many tags say, in words.
+        store.call("describe version", store.client.update_model_version, reg.model_name,
+                   mv.version, description=version_description(store.root, run_id, reg, tags))
         store.call("set alias", store.client.set_registered_model_alias, reg.model_name,
                    CHALLENGER, mv.version)
     except TrackingDown:
@@ -71,9 +81,40 @@ def _log_torch(store: Store, path: Path, dataset: Path | None) -> str:
     info = store.call("log pytorch model", mlflow.pytorch.log_model, model, name="pytorch",
                       signature=infer_signature(x, y), input_example=x,
                       pip_requirements=_torch_requirements(),
+                      # Pickle, as the model file itself: MLflow 3's default (pt2) runs
+                      # torch.export on every registration, 2.6 s of the 4.3 s this call took
+                      # (cProfile of a tiny resnet_small's registration; the export case of
+                      # benchmarks/bench_tracking.py times the whole stage).
+                      serialization_format="pickle",
                       # The pickled model refers to stages.core.models: ship the package.
                       code_paths=[str(Path(stages.__file__).parent)])
     return str(info.model_uri)
+
+
+@contextlib.contextmanager
+def _known_packages() -> Iterator[None]:
+    """MLflow checks the pinned requirements against the environment after each log_model by
+    mapping every installed module to its distribution: importlib_metadata's
+    packages_distributions() reads the file list of every installed package, 2.7 s of export's
+    registration here (cProfile of a tiny model's registration). The requirements given
+    are this environment's own versions (_versions), so the check cannot fail: the map is
+    seeded with those packages for the duration, and the full map comes back after. A private
+    MLflow name: when it is gone, nothing is seeded and only the time is lost."""
+    try:
+        from mlflow.utils import requirements_utils as ru
+    except ImportError:
+        yield
+        return
+    if getattr(ru, "_MODULES_TO_PACKAGES", "absent") is not None:
+        yield
+        return
+    names = ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "mlflow", "cloudpickle")
+    ru._MODULES_TO_PACKAGES = {n: [n] for n in names}
+    try:
+        yield
+    finally:
+        ru._MODULES_TO_PACKAGES = None
+        ru._PACKAGES_TO_MODULES = None
 
 
 def _input_example(mf: Any, dataset: Path | None) -> Any:

@@ -8,8 +8,9 @@ MLflow, so the stage imports it for free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Registry aliases: export's version becomes challenger; only the promotion gate moves
 # champion (the one before it is kept as previous-champion for rollback).
@@ -25,13 +26,17 @@ class Parity:
     top1_agreement: float  # lowest share of images with the same top-1 class
     atol: float  # the tolerance the gate allowed (export.parity_atol)
     images: int  # how many target images were compared
+    rtol: float | None = None  # the relative tolerance (export.parity_rtol); None: absolute only
 
     def tags(self) -> dict[str, str]:
         """The verdict as model-version tags (the promotion gate reads parity_passed)."""
-        return {"parity_passed": str(self.passed).lower(),
+        tags = {"parity_passed": str(self.passed).lower(),
                 "parity_max_abs_diff": f"{self.max_abs_diff:.3g}",
                 "parity_top1_agreement": f"{self.top1_agreement:.6g}",
                 "parity_atol": f"{self.atol:g}", "parity_images": str(self.images)}
+        if self.rtol is not None:
+            tags["parity_rtol"] = f"{self.rtol:g}"
+        return tags
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class Registration:
     beside it, with a signature); dataset: the target data folder (two of its test images
     become the PyTorch model's input example). Paths as the stage was given them: relative
     ones are relative to the working directory the stage runs in (the project root under DVC).
+    input_example / output_example: what the ONNX model is logged with, so MLflow records its
+    signature and `mlflow models serve` documents a real request: two target images as the
+    model takes them (uint8 N x H x W x C) and the model's outputs for them
+    ({"probabilities": ..., "logits": ...}). None: logged without (as before).
     """
 
     onnx_path: Path
@@ -49,3 +58,6 @@ class Registration:
     parity: Parity
     model_name: str  # params.registry.model_name
     dataset: Path | None = None
+    # Arrays: left out of ==, which numpy cannot answer for them.
+    input_example: Any = field(default=None, compare=False)
+    output_example: Any = field(default=None, compare=False)

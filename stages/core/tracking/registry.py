@@ -1,13 +1,22 @@
 """The registry verbs behind `imagepipe promote`, `rollback` and `lineage`: read and move
 aliases, tag versions, download a version's ONNX file, serialise alias moves, walk from a
 version back to the runs that made it. Input: a connected Store.
+
+Locks: a file lock serialises the processes of this machine; against a server, a second lock
+held on the server itself (a registered model NAME.promotion-lock, whose creation is atomic
+there) serialises checkouts on other machines too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import random
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +24,18 @@ from typing import Any
 
 from stages.core.errors import BadInput, Transient
 from stages.core.tracking.journal import close_orphans
-from stages.core.tracking.store import Store, error_code, reraise, state_dir, store_errors
+from stages.core.tracking.store import (
+    Store,
+    error_code,
+    is_local_store,
+    reraise,
+    state_dir,
+    store_errors,
+)
+
+# A server-held lock older than this is taken to be left by a killed process and broken (a
+# promotion downloads and scores two models: seconds to a few minutes, never this long).
+STALE_LOCK_S = 900
 
 
 @dataclass(frozen=True)
@@ -23,6 +43,7 @@ class VersionInfo:
     version: str
     run_id: str
     tags: dict[str, str]
+    aliases: tuple[str, ...] = ()
 
 
 class Registry:
@@ -53,7 +74,8 @@ class Registry:
 
     def version(self, name: str, version: str) -> VersionInfo:
         mv = self.store.call("read version", self.store.client.get_model_version, name, version)
-        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}),
+                           tuple(sorted(getattr(mv, "aliases", None) or ())))
 
     def download(self, name: str, alias: str, dst: Path) -> tuple[str, Path]:
         """Download models:/NAME@ALIAS; return (the version it was, the .onnx file)."""
@@ -85,23 +107,83 @@ class Registry:
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float = 600) -> Iterator[None]:
-        """Serialise alias moves of one model among processes of this machine.
-
-        For the SQLite default that is everyone (the file is local). For a server, processes
-        on other machines are not covered: the callers re-read the alias just before moving it
-        (compare-and-set) and verify it after.
-        """
+        """Serialise alias moves of one model: among processes of this machine (a file lock;
+        for the SQLite default that is everyone) and, against a server, among all checkouts
+        that use it (a lock held on the server, see _server_lock). Callers still re-read the
+        alias just before moving it (compare-and-set) and verify it after."""
         from filelock import FileLock, Timeout
 
         folder = state_dir(self.store.root) / "locks"
         folder.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(f"{self.store.uri}|{name}".encode()).hexdigest()[:16]
+        began = time.monotonic()
         try:
             with FileLock(str(folder / f"registry-{digest}.lock"), timeout=timeout_s):
-                yield
+                if is_local_store(self.store.uri):
+                    yield
+                else:
+                    with self._server_lock(name, began + timeout_s):
+                        yield
         except Timeout:
             raise Transient(f"another promotion of {name} held the lock for {timeout_s:.0f} s"
                             ) from None
+
+    @contextlib.contextmanager
+    def _server_lock(self, name: str, deadline: float) -> Iterator[None]:
+        """Hold the registered model NAME.promotion-lock: creating a registered model is atomic
+        on the server (a unique name), so exactly one checkout holds it. Deleted on release; one
+        a killed process left is broken after STALE_LOCK_S (documented race: two waiters may
+        both break the same stale lock; it needs a process killed inside a promotion first)."""
+        key = f"{name}.promotion-lock"
+        me = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+        while not self._try_lock(key, me):
+            self._break_if_stale(key)
+            if time.monotonic() > deadline:
+                raise Transient(f"another promotion of {name} holds {key!r} on "
+                                f"{self.store.uri}; if none runs, delete that registered model")
+            time.sleep(0.2 + random.random() * 0.3)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(*store_errors()):
+                self.store.client.delete_registered_model(key)
+
+    def _try_lock(self, key: str, me: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.store.client.create_registered_model(
+                key, tags={"imagepipe.lock.holder": me},
+                description="held by imagepipe promote/rollback while it moves aliases; "
+                            "delete it only if no promotion is running")
+            return True
+        except MlflowException as err:
+            if error_code(err) != "RESOURCE_ALREADY_EXISTS":
+                return self.store.call("take the promotion lock", reraise, err)
+        except store_errors() as err:
+            return self.store.call("take the promotion lock", reraise, err)
+        # A create retried after a lost response finds our own lock.
+        holder = self._lock_model(key)
+        return holder is not None and holder.tags.get("imagepipe.lock.holder") == me
+
+    def _lock_model(self, key: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.store.client.get_registered_model(key)
+        except MlflowException as err:
+            if error_code(err) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            return self.store.call("read the promotion lock", reraise, err)
+        except store_errors() as err:
+            return self.store.call("read the promotion lock", reraise, err)
+
+    def _break_if_stale(self, key: str) -> None:
+        held = self._lock_model(key)
+        since_ms = getattr(held, "creation_timestamp", None) if held is not None else None
+        if since_ms and time.time() - since_ms / 1000 > STALE_LOCK_S:
+            with contextlib.suppress(*store_errors()):
+                self.store.client.delete_registered_model(key)
 
     def walk_back(self, name: str, version: str, max_runs: int = 20) -> dict[str, Any]:
         """From a model version to the runs that made it: the export run, then for each input
@@ -122,7 +204,8 @@ class Registry:
                     maker = self._maker(run.info.experiment_id, key[len("dvc.dep."):], md5)
                     if maker:
                         queue.append(maker)
-        return {"model": name, "version": version, "tags": info.tags, "runs": chain}
+        return {"model": name, "version": version, "aliases": list(info.aliases),
+                "tags": info.tags, "runs": chain}
 
     def _maker(self, experiment_id: str, path: str, md5: str) -> str | None:
         """The latest finished run that wrote `path` with this hash."""
@@ -141,5 +224,5 @@ def _run_summary(run: Any) -> dict[str, Any]:
     keep = ("git.", "dvc.dep.", "dvc.out.", "data.", "prefect.", "device", "imagepipe.stage")
     return {"run_id": run.info.run_id, "stage": tags.get("imagepipe.stage", run.info.run_name),
             "status": run.info.status, "parent_run_id": tags.get("mlflow.parentRunId"),
-            "params": dict(run.data.params),
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics),
             "lineage": {k: v for k, v in sorted(tags.items()) if k.startswith(keep)}}

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
 from stages.core.host import project_root
 from stages.core.tracking.declared import StageDecl, stage_decl
 from stages.core.tracking.grouping import group_key, parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
+from stages.core.tracking.live import EpochTail
 from stages.core.tracking.metrics import (
     artifacts,
     flat_numbers,
@@ -31,8 +33,9 @@ from stages.core.tracking.metrics import (
     read_structured,
     stage_params,
 )
+from stages.core.tracking.parentrun import parent_name, update_parent_metrics
 from stages.core.tracking.registration import CHALLENGER, Registration
-from stages.core.tracking.store import Store, TrackingDown, tracking_enabled
+from stages.core.tracking.store import Store, TrackingDown, state_dir, tracking_enabled
 
 log = logging.getLogger("imagepipe.tracking")
 
@@ -57,7 +60,9 @@ class StageRun:
         self.failure: tuple[int, str] | None = None
         self.tags: dict[str, str] = {}
         self.finished = False
-        self._saved_env: str | None = os.environ.get(RUN_ID_ENV)
+        self.tail: EpochTail | None = None  # live epoch metrics while the body runs (live.py)
+        self._live_logged: set[tuple[str, int]] = set()  # (key, step) the tail logged
+        self._saved_env = {k: os.environ.get(k) for k in (RUN_ID_ENV, EPOCH_LOG_ENV)}
 
     @classmethod
     def start(cls, stage: str) -> StageRun | None:
@@ -91,8 +96,10 @@ class StageRun:
         experiment = store.experiment_id()
         self.tags = {metric_key(k): v for k, v in
                      lineage_tags(self.root, self.stage, self.decl.deps).items()}
-        key, name = group_key()
-        self.parent_id = parent_run(store, experiment, key, name, self.tags)
+        key, started_by = group_key()
+        self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
+                                    {**self.tags, "imagepipe.started_by": started_by},
+                                    self.root / self.decl.params_file)
         run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
@@ -100,6 +107,17 @@ class StageRun:
         journal_add(store, self.run_id)
         os.environ[RUN_ID_ENV] = self.run_id
         self._log_params()
+        self._start_tail()
+
+    def _start_tail(self) -> None:
+        """The epoch file the training loop appends to (stages/core/epochlog.py), tailed into
+        this run while the body runs."""
+        assert self.store is not None and self.run_id is not None
+        path = state_dir(self.root) / "epochs" / f"{self.run_id}.jsonl"
+        stems = {Path(rel).stem for rel in self.decl.plots}
+        self.tail = EpochTail(self.store, self.run_id, path, self.stage, stems)
+        self.tail.start()
+        os.environ[EPOCH_LOG_ENV] = str(path)
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
@@ -120,8 +138,12 @@ class StageRun:
         if self.failure is not None:
             return self._report_failure(code, registration)
         try:
+            self._stop_tail()  # failed or not: the epochs it finished stay on its curve
             if code == EXIT_OK:
                 self._log_outputs()
+                if self.parent_id:
+                    update_parent_metrics(self.store, self.parent_id, self.root,
+                                          self.decl.metrics)
                 if registration is not None:
                     self._register(registration)
             self._end(code == EXIT_OK)
@@ -149,10 +171,19 @@ class StageRun:
         return fail_code if code == EXIT_OK else code
 
     def _restore_env(self) -> None:
-        if self._saved_env is None:
-            os.environ.pop(RUN_ID_ENV, None)
-        else:
-            os.environ[RUN_ID_ENV] = self._saved_env
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def _stop_tail(self) -> None:
+        tail, self.tail = self.tail, None
+        if tail is not None:
+            try:
+                tail.stop()
+            finally:
+                self._live_logged = tail.logged
 
     def _end(self, ok: bool) -> None:
         assert self.store is not None and self.run_id is not None
@@ -169,6 +200,8 @@ class StageRun:
         self._restore_env()
         if self.store is None or self.run_id is None:
             return
+        with contextlib.suppress(Exception):
+            self._stop_tail()
         with contextlib.suppress(Exception):
             self.store.terminate(self.run_id, "FAILED")
             journal_remove(self.root, self.run_id)
@@ -211,9 +244,11 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        live = self._live_logged
         out: list[Any] = []
         for rel in self.decl.plots:
-            out += [Metric(k, v, now, step) for k, v, step in per_epoch_metrics(self.root / rel)]
+            out += [Metric(k, v, now, step) for k, v, step in per_epoch_metrics(self.root / rel)
+                    if (k, step) not in live]  # the live tail logged those already
         return out
 
     def _register(self, registration: Registration) -> None:
