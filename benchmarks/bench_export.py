@@ -80,22 +80,25 @@ def _ort_contenders(threads: int, onnx_path: Path,
         "ort_imagepipe": onnxio.make_session(onnx_path, [onnxio.CPU], threads=threads),
         "ort_int8": onnxio.make_session(int8_path, [onnxio.CPU], threads=threads),
     }
-    return {name: lambda x, s=s: s.run(None, {"input": x}) for name, s in sessions.items()}
+    # The exported graph takes raw uint8 NHWC pixels and does the cast, scaling, normalisation,
+    # transpose and softmax itself; the torch children get pre-normalised floats and run the
+    # network only, so ORT's figures include work torch's do not (the comparison favours torch).
+    return {name: lambda x, s=s: s.run(None, {"image": x}) for name, s in sessions.items()}
 
 
 def _measure(model_file: Path, threads: int, onnx_path: Path, int8_path: Path,
-             x64: np.ndarray) -> dict[str, dict[str, float]]:
-    """Every contender at batch 64 and batch 1, interleaved round by round."""
-    x1 = np.ascontiguousarray(x64[:1])
+             u64: np.ndarray) -> dict[str, dict[str, float]]:
+    """Every contender at batch 64 and batch 1, interleaved round by round (u64: uint8 NHWC)."""
+    u1 = np.ascontiguousarray(u64[:1])
     children = {name: TorchChild(model_file, threads, user_env(**env))
                 for name, env in TORCH_CHILDREN.items()}
     try:
         timed: dict[str, Contender] = {}
         for name, child in children.items():
-            timed[f"{name} b64"], timed[f"{name} b1"] = child.at(len(x64)), child.at(1)
+            timed[f"{name} b64"], timed[f"{name} b1"] = child.at(len(u64)), child.at(1)
         for name, fn in _ort_contenders(threads, onnx_path, int8_path).items():
-            timed[f"{name} b64"] = InProcess(lambda fn=fn: fn(x64), len(x64))
-            timed[f"{name} b1"] = InProcess(lambda fn=fn: fn(x1), 1)
+            timed[f"{name} b64"] = InProcess(lambda fn=fn: fn(u64), len(u64))
+            timed[f"{name} b1"] = InProcess(lambda fn=fn: fn(u1), 1)
         rates, seconds = interleaved(timed, ROUNDS, MIN_SECONDS)
     finally:
         for child in children.values():
@@ -110,7 +113,6 @@ def _measure(model_file: Path, threads: int, onnx_path: Path, int8_path: Path,
 
 def main() -> dict[str, Any]:
     from stages import export
-    from stages.core.dataset import preprocess
     from stages.core.host import usable_cores
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +120,7 @@ def main() -> dict[str, Any]:
         size, ch = mf.spec.image_size, mf.spec.in_channels
         # The torch children's input too: the same seed and shape (benchmarks/timing.py).
         images = np.random.default_rng(0).integers(0, 256, (256, size, size, ch), dtype=np.uint8)
-        x64 = preprocess(images[:64], mf.mean, mf.std)
+        u64 = np.ascontiguousarray(images[:64])
         result: dict[str, Any] = {"model": what, "input": [size, size, ch], "rounds": ROUNDS,
                                   "onnxruntime": ort.__version__, "by_threads": {},
                                   "torch_children": TORCH_CHILDREN}
@@ -128,7 +130,7 @@ def main() -> dict[str, Any]:
         export.quantize_int8(onnx_path, int8_path, images, meta)
         for threads in sorted({1, usable_cores()}):
             start = time.perf_counter()
-            measured = _measure(model_file, threads, onnx_path, int8_path, x64)
+            measured = _measure(model_file, threads, onnx_path, int8_path, u64)
             result["by_threads"][str(threads)] = measured
             took = time.perf_counter() - start
             print(f"bench_export: {threads} thread(s) measured in {took:.0f} s")

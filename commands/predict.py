@@ -1,19 +1,25 @@
 """Classify image files with an ONNX model written by the export stage.
 
-Usage: imagepipe predict MODEL.onnx IMAGE... [--top-k K] [--json]
+Usage: imagepipe predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
+
+MODEL is an .onnx file or a registered version, models:/NAME@ALIAS (downloaded from the
+project's tracking store, MLFLOW_TRACKING_URI where set). A folder stands for every image file
+under it, recursively, in sorted path order (hidden files and folders skipped).
 
 Images of any size and mode go through the same canonical form as ingest (EXIF orientation,
 alpha over white, grey or RGB, resize and centre crop), at the size and channel count the
-model's metadata records; mean/std come from there too (stages.core.onnxio). Nothing about
-preprocessing is hard-coded here. An image that cannot be read gets an error line, the others
-are still predicted, and the exit code is 2 at the end.
+model's metadata records; the model normalises the uint8 pixels itself (stages.core.onnxio).
+Nothing about preprocessing is hard-coded here. An image that cannot be read gets an error
+line, the others are still predicted, and the exit code is 2 at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +31,11 @@ from scipy.special import softmax
 from stages.core import onnxio
 from stages.core.door import run_stage
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
-from stages.core.sources import BadFile, canonical, read_image_file
+from stages.core.sources import IMAGE_SUFFIXES, BadFile, canonical, read_image_file
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64
+REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
     except FileNotFoundError:
         raise BadInput("no such file") from None
     except IsADirectoryError:
-        raise BadInput("is a folder, not an image") from None
+        raise BadInput("a folder without image files") from None
     except PermissionError:
         raise BadInput("permission denied") from None
     except BadFile as err:
@@ -90,9 +97,42 @@ def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcom
             yield Outcome(path, top=[(classes[j], float(p[j])) for j in best])
 
 
-def run(model: Path, images: list[str], top_k: int, as_json: bool) -> int:
+def expand(args: list[str]) -> list[str]:
+    """Files as given; a folder becomes the image files under it, sorted, recursively. A folder
+    without any stays in the list, so it gets its error line."""
+    out: list[str] = []
+    for arg in args:
+        folder = Path(arg)
+        if not folder.is_dir():
+            out.append(arg)
+            continue
+        found = sorted(str(p) for p in folder.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        out.extend(found or [arg])
+    return out
+
+
+def open_model(model: str, scratch: Path) -> Any:
+    """A session for an .onnx path or models:/NAME@ALIAS (downloaded into `scratch`)."""
+    if not model.startswith("models:/"):
+        return onnxio.make_session(Path(model))
+    match = REGISTERED.fullmatch(model)
+    if not match:
+        raise BadInput(f"{model}: a registered model is models:/NAME@ALIAS "
+                       "(e.g. models:/imagepipe-classifier@champion)")
+    from stages.core.tracking import Registry
+
+    version, path = Registry.connect().download(match["name"], match["alias"], scratch)
+    print(f"predict: {model} is version {version}", file=sys.stderr)
+    return onnxio.make_session(path)
+
+
+def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> int:
     """Print one line per image; return the exit code (2 when any image failed)."""
-    session = onnxio.make_session(model)
+    with tempfile.TemporaryDirectory(prefix="imagepipe-predict-") as scratch:
+        session = open_model(str(model), Path(scratch))
+    images = expand(images)
     failed = 0
     for outcome in predict_files(session, images, top_k):
         if outcome.error is not None:
@@ -109,8 +149,10 @@ def run(model: Path, images: list[str], top_k: int, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imagepipe predict", description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="an ONNX model written by the export stage")
-    parser.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    parser.add_argument("model", help="an ONNX model written by the export stage, or "
+                        "models:/NAME@ALIAS from the registry")
+    parser.add_argument("images", nargs="+", help="image files (any format Pillow reads) or "
+                        "folders (every image file under them, sorted)")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     args = parser.parse_args(argv)

@@ -1,12 +1,18 @@
 """export: models/finetuned.pt + data/target/ + params.export -> models/model.onnx,
 models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
 
-The ONNX file has a dynamic batch axis, a pinned opset and metadata_props that carry what a
-server needs (stages.core.onnxio). It is moved into place only after the parity gate: on target
-images at batch sizes 1, 7 and 64, ONNX Runtime must match PyTorch to within
-export.parity_atol on every logit and agree on every top-1 class. Otherwise the stage exits 2
-with the figures and leaves no model.onnx (a previous one is removed: it no longer matches
-finetuned.pt).
+The ONNX file takes raw pixels: input `image`, uint8 N x H x W x C; the graph itself casts,
+scales by 1/255, normalises by the model's mean/std and transposes to NCHW, and answers
+`probabilities` (softmax) and `logits`. So every ONNX consumer (ONNX Runtime, Triton,
+`mlflow models serve`) gets the right answer from pixels, and nobody can feed it pixels
+normalised the wrong way. It has a dynamic batch axis, a pinned opset and metadata_props that
+carry what a server needs (stages.core.onnxio). It is moved into place only after the parity
+gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU provider, from uint8
+pixels, must match PyTorch (the training preprocessing, the model, softmax) on every logit and
+probability within |onnx - torch| <= export.parity_atol + export.parity_rtol * |torch|, and
+agree on every top-1 class. Otherwise the stage exits 2 with the figures and leaves no
+model.onnx (a previous one is removed: it no longer matches finetuned.pt). Where CUDA loads,
+its differences are reported too, for information: the gate is the CPU's.
 
 metrics/export.json holds what only changes when the model does (parity figures, sizes, the
 int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
@@ -24,8 +30,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,38 +37,59 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from stages.core import onnxio
-from stages.core.dataset import Dataset, file_sha256, load_dataset, preprocess
+from stages.core.dataset import Dataset, file_sha256, load_dataset
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.lineage import git_commit, git_dirty
 from stages.core.models import Classifier, ModelFile, load_model_file
+from stages.core.parity import (  # noqa: F401 - re-exported: export.compare, PARITY_BATCH_SIZES
+    PARITY_BATCH_SIZES,
+    ParityFailed,
+    check_gate,
+    compare,
+    cuda_parity,
+    parity,
+    parity_note,
+    parity_set,
+    torch_threads,
+)
 from stages.core.tracking.registration import Parity, Registration
 from stages.params import ExportParams, Params, load_params
 
 log = logging.getLogger("imagepipe.export")
 
-PARITY_BATCH_SIZES = (1, 7, 64)
 INT8_NAME = "model.int8.onnx"
 FP16_NAME = "model.fp16.onnx"
-
-
-class ParityFailed(BadInput):
-    """The gate said no: the message holds the figures, `metrics` all of them."""
-
-    def __init__(self, message: str, metrics: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.metrics = metrics
 
 
 # ---------------------------------------------------------------- export
 
 
+class Served(nn.Module):
+    """The classifier behind its own preprocessing: uint8 N x H x W x C pixels in,
+    (probabilities, logits) out. The same arithmetic as dataset.preprocess, in float32 and in
+    the same order (x / 255, then (x - mean) / std), so the graph matches the training input."""
+
+    def __init__(self, model: Classifier, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        logits = self.model((x - self.mean) / self.std)
+        return torch.softmax(logits, dim=1), logits
+
+
 def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto:
-    """The eval-mode model as ONNX with a dynamic batch axis named "batch".
+    """The eval-mode model behind its preprocessing (Served) as ONNX: input `image` uint8
+    N x H x W x C, outputs `probabilities` and `logits`, a dynamic batch axis named "batch".
 
     The dynamo (torch.export) exporter, torch 2.14's default and the maintained one. The
     TorchScript exporter (dynamo=False) works too and is faster to run (0.1-0.5 s against
@@ -75,16 +100,18 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
     """
     size, channels = mf.spec.image_size, mf.spec.in_channels
     # Batch 2 in the example: torch.export specialises a dimension whose example size is 1.
-    example = torch.zeros(2, channels, size, size)
+    example = torch.zeros(2, size, size, channels, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    served = Served(model.eval(), mf.mean, mf.std).eval()
     # The exporter's optimiser logs each pass at INFO; a stage log needs none of it.
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations in its own deps)
         program = torch.onnx.export(
-            model.eval(), (example,), None, dynamo=True, verbose=False, opset_version=opset,
-            input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+            served, (example,), None, dynamo=True, verbose=False, opset_version=opset,
+            input_names=[onnxio.INPUT], output_names=list(onnxio.OUTPUTS),
+            dynamic_shapes=({0: batch},),
         )
     proto = program.model_proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -102,7 +129,11 @@ def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
         "image_size": mf.spec.image_size,
         "channels": mf.spec.in_channels,
         "channel_order": "RGB" if mf.spec.in_channels == 3 else "L",
-        "layout": "NCHW",
+        # What the graph takes: raw pixels; the normalisation below happens inside it.
+        "layout": "NHWC",
+        "input_dtype": "uint8",
+        "input_name": onnxio.INPUT,
+        "outputs": ",".join(onnxio.OUTPUTS),
         "mean": [float(v) for v in mf.mean],
         "std": [float(v) for v in mf.std],
         "arch": mf.spec.arch,
@@ -126,99 +157,27 @@ def finish_model(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
-# ---------------------------------------------------------------- parity
-
-
-def parity_set(ds: Dataset, n: int) -> tuple[np.ndarray, dict[str, int]]:
-    """n target images: the test split first, topped up from val then train if it is smaller
-    (parity is a numeric check, any real target image serves). Returns images, count per split."""
-    picked, used = [], {}
-    for split in ("test", "val", "train"):
-        idx = ds.indices(split)[: n - sum(used.values())]
-        if len(idx):
-            picked.append(idx)
-            used[split] = int(len(idx))
-        if sum(used.values()) >= n:
-            break
-    if not picked:
-        raise BadInput("the target dataset has no images for the parity gate")
-    return np.asarray(ds.images[np.sort(np.concatenate(picked))]), used
-
-
-def _parity_note(used: dict[str, int], wanted: int) -> str | None:
-    n_test, n = used.get("test", 0), sum(used.values())
-    if n_test >= wanted:
-        return None
-    note = f"the test split has {n_test} images, fewer than export.parity_images={wanted}"
-    others = [k for k in used if k != "test"]
-    if others:
-        note += f": topped up from {' and '.join(others)}"
-    if n < wanted:
-        note += f"; the whole target set gives only {n}"
-    return note
-
-
-def torch_logits(model: Classifier, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Eager PyTorch logits of preprocessed float input, batch by batch."""
-    out = []
-    with torch.inference_mode():
-        for lo in range(0, len(x), batch_size):
-            out.append(model(torch.from_numpy(x[lo:lo + batch_size])).numpy())
-    return np.concatenate(out)
-
-
-def parity(session: ort.InferenceSession, model: Classifier, images: np.ndarray,
-           mf: ModelFile, batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES) -> dict[str, Any]:
-    """Per batch size: max |logit difference| and top-1 agreement, ORT (with the preprocessing
-    its metadata records) against torch (with the model file's mean/std)."""
-    x = preprocess(images, mf.mean, mf.std)
-    by_batch = {}
-    for b in batch_sizes:
-        ref = torch_logits(model, x, b)
-        got = onnxio.predict_logits(session, images, batch_size=b)
-        by_batch[str(b)] = {
-            "max_abs_diff": float(np.max(np.abs(got - ref))),
-            "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1))),
-        }
-    return {
-        "max_abs_diff": max(v["max_abs_diff"] for v in by_batch.values()),
-        "top1_agreement": min(v["top1_agreement"] for v in by_batch.values()),
-        "by_batch_size": by_batch,
-        "max_abs_logit": float(np.max(np.abs(ref))),
-    }
-
-
-def check_gate(figures: dict[str, Any], atol: float) -> None:
-    if figures["max_abs_diff"] <= atol and figures["top1_agreement"] == 1.0:
-        return
-    rows = ", ".join(f"batch {b}: max|dlogit| {v['max_abs_diff']:.3g}, top-1 agreement "
-                     f"{v['top1_agreement']:.2%}" for b, v in figures["by_batch_size"].items())
-    # fp32 rounding alone grows with the logits' size: say how close that is to the tolerance.
-    ulp = float(np.spacing(np.float32(figures["max_abs_logit"])))
-    raise ParityFailed(f"parity gate failed (allowed max|dlogit| <= {atol:g} and 100% top-1 "
-                       f"agreement): {rows}; logits reach {figures['max_abs_logit']:.3g} where "
-                       f"one fp32 step is {ulp:.2g}; no ONNX model written", figures)
-
-
-# ---------------------------------------------------------------- threads
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n for the duration (parity runs both sides alike)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- optional variants
 
 
 def accuracy(session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(onnxio.predict_logits(session, images).argmax(1) == labels))
+
+
+# The ops Served's preprocessing exports to (dynamo: Transpose, Cast, Div, Sub, Div).
+_PREPROCESS_OPS = frozenset({"Transpose", "Cast", "Div", "Sub", "Mul"})
+
+
+def float_nodes(path: Path) -> list[str]:
+    """Names of the nodes int8 leaves in float: the leading preprocessing run (uint8 pixels
+    are no activation to calibrate) and the softmax."""
+    nodes = onnx.load(path, load_external_data=False).graph.node
+    lead = []
+    for node in nodes:
+        if node.op_type not in _PREPROCESS_OPS:
+            break
+        lead.append(node.name)
+    return lead + [n.name for n in nodes if n.op_type == "Softmax"]
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str, Any]) -> None:
@@ -228,13 +187,14 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
     project's x86 CPU (AVX-512 VNNI), resnet_small width 32 at 1 thread ran 7,029 images/s
     against 2,136 for fp32, where the QDQ format ran 1,548 (slower than fp32). The shape
     inference of quant_pre_process is skipped: its symbolic pass fails on dynamo's Reshape,
-    and the exporter already wrote every shape.
+    and the exporter already wrote every shape. The in-graph preprocessing and the softmax
+    stay float (float_nodes): the first QuantizeLinear sits where the float model's input was,
+    and probabilities keep fp32 resolution instead of 1/256 steps.
     """
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name = "input"
-    batches = iter([{name: preprocess(calibration[lo:lo + 64], meta["mean"], meta["std"])}
+    batches = iter([{onnxio.INPUT: calibration[lo:lo + 64]}
                     for lo in range(0, len(calibration), 64)])
 
     class Reader(q.CalibrationDataReader):
@@ -246,7 +206,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         q.quantize_static(str(pre), str(quant), Reader(), quant_format=q.QuantFormat.QOperator,
                           per_channel=True, activation_type=q.QuantType.QUInt8,
-                          weight_type=q.QuantType.QInt8)
+                          weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes(pre))
         proto = onnx.load(quant)
     extra = {"variant": "int8", "quantization": f"static U8S8 QOperator, per-channel, "
              f"calibrated on {len(calibration)} target train images"}
@@ -323,18 +283,23 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
     threads = p.threads or usable_cores()
     metrics: dict[str, Any] = {
         "opset": p.opset, "exporter": "dynamo", "parity_atol": p.parity_atol,
+        "parity_rtol": p.parity_rtol,
         "parity_images": int(len(images)), "parity_images_by_split": used,
-        "parity_note": _parity_note(used, p.parity_images), "onnx_bytes": len(data),
+        "parity_note": parity_note(used, p.parity_images), "onnx_bytes": len(data),
     }
     try:
         with atomic_path(out) as tmp:
             tmp.write_bytes(data)
-            session = onnxio.make_session(tmp, threads=threads)
+            # The gate runs on the CPU provider (see the module doc); CUDA only reports.
+            session = onnxio.make_session(tmp, providers=[onnxio.CPU], threads=threads)
             metrics["providers"] = session.get_providers()
             with torch_threads(threads):
-                figures = parity(session, model, images, mf)
+                figures = parity(session, model, images, mf, atol=p.parity_atol,
+                                 rtol=p.parity_rtol)
+                metrics["cuda_parity"] = cuda_parity(tmp, model, images, mf,
+                                                     atol=p.parity_atol, rtol=p.parity_rtol)
             metrics |= figures
-            check_gate(figures, p.parity_atol)
+            check_gate(figures, p.parity_atol, p.parity_rtol)
             metrics["gate_passed"] = True
             if variants_dir is not None:
                 metrics |= variants(p, tmp, variants_dir, ds, meta, session)
@@ -350,22 +315,40 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
 
 
 def _log_summary(m: dict[str, Any], out: Path) -> None:
-    log.info("export: %s (opset %d) parity max|dlogit| %.2e, top-1 agreement %.0f%% on %d "
-             "images", out, m["opset"], m["max_abs_diff"], 100 * m["top1_agreement"],
-             m["parity_images"])
+    log.info("export: %s (opset %d) parity max|dlogit| %.2e (max relative %.2e, %.2g of the "
+             "tolerance), top-1 agreement %.0f%% on %d images", out, m["opset"],
+             m["max_abs_diff"], m["max_rel_diff"], m["tolerance_used"],
+             100 * m["top1_agreement"], m["parity_images"])
+    if m.get("cuda_parity"):
+        log.info("export: CUDA provider (information only): max|dlogit| %.2e, top-1 agreement "
+                 "%.0f%%", m["cuda_parity"]["max_abs_diff"],
+                 100 * m["cuda_parity"]["top1_agreement"])
+
+
+def serving_example(onnx_path: Path, target: Path, n: int = 2
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What the registered model is logged with: n target images as the model takes them
+    (uint8 N x H x W x C; the test split first) and the model's own outputs for them, from
+    which tracking infers the signature (uint8 [-1, H, W, C] in; probabilities and logits out)."""
+    images, _ = parity_set(load_dataset(target), n)
+    session = onnxio.make_session(onnx_path, providers=[onnxio.CPU], threads=1)
+    return images, onnxio.predict_outputs(session, images)
 
 
 def registration(params: Params, metrics: dict[str, Any], model_path: Path, target: Path,
                  out: Path) -> Registration:
     """What tracking registers for a model that passed the gate: the files, the verdict with
-    its figures, and the registered model's name."""
+    its figures, the registered model's name, and the input example with its outputs."""
+    example, outputs = serving_example(out, target)
+    p = params.export
     return Registration(
         onnx_path=out, torch_path=model_path, dataset=target,
         model_name=params.registry.model_name,
         parity=Parity(passed=bool(metrics["gate_passed"]),
                       max_abs_diff=float(metrics["max_abs_diff"]),
                       top1_agreement=float(metrics["top1_agreement"]),
-                      atol=params.export.parity_atol, images=int(metrics["parity_images"])))
+                      atol=p.parity_atol, images=int(metrics["parity_images"]), rtol=p.parity_rtol),
+        input_example=example, output_example=outputs)
 
 
 def main(argv: list[str] | None = None) -> int:

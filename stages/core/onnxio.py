@@ -1,6 +1,11 @@
 """The ONNX Runtime side of imagepipe: which providers load, tuned sessions, the model's own
 metadata, and batched logits from uint8 images.
 
+An exported model takes raw pixels (input `image`, uint8 N x H x W x C) and does its own
+preprocessing in the graph; its outputs are `probabilities` and `logits`. Models exported
+before that (float32 NCHW input, one `logits` output) are still read and scored: for them the
+preprocessing runs here in numpy, from the same metadata.
+
 Used by export (parity gate, timing), predict (serving) and the registry (re-scoring). An
 exported model describes itself in `metadata_props` (see METADATA_DOC): a server reads the
 class names, input size, channel order and mean/std from the file, never from params.
@@ -36,11 +41,16 @@ CUDA_OPTIONS = {"use_tf32": "0"}
 _ORT_WARNING = 2
 _ORT_FATAL = 4
 
-# Version of the metadata layout below; a reader refuses a newer major version.
-METADATA_FORMAT = "1"
+# Version of the metadata layout below; a reader refuses a newer major version. 2: the graph
+# takes uint8 NHWC pixels and preprocesses them itself (1: float32 NCHW, preprocessed outside).
+METADATA_FORMAT = "2"
+_READABLE_FORMATS = frozenset({"1", "2"})
+INPUT = "image"
+OUTPUTS = ("probabilities", "logits")
 METADATA_DOC = (
-    "input: float32 N x C x H x W (NCHW), channels in channel_order; "
-    "x = (uint8 / 255 - mean[c]) / std[c]; output: logits N x len(classes)"
+    "input 'image': uint8 N x H x W x C raw pixels (NHWC), channels in channel_order; the graph "
+    "computes x = (image / 255 - mean[c]) / std[c] and transposes to NCHW itself; outputs: "
+    "'probabilities' (softmax) and 'logits', N x len(classes), in the order of classes"
 )
 # Stored as JSON text (metadata_props are strings); everything else is a plain string.
 _JSON_KEYS = frozenset({"classes", "mean", "std", "image_size", "channels", "num_classes"})
@@ -195,7 +205,7 @@ def read_metadata(model_or_session: str | Path | bytes | onnx.ModelProto | ort.I
     if missing:
         raise BadInput(f"not an imagepipe model: metadata_props lack {missing} "
                        "(export it with python -m stages.export)")
-    if str(meta.get("imagepipe_format", "1")).split(".")[0] != METADATA_FORMAT:
+    if str(meta.get("imagepipe_format", "1")).split(".")[0] not in _READABLE_FORMATS:
         raise BadInput(f"metadata format {meta['imagepipe_format']} is newer than this "
                        f"imagepipe reads ({METADATA_FORMAT}): upgrade imagepipe")
     return meta
@@ -228,11 +238,18 @@ def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     return size, size, int(meta["channels"])
 
 
-def predict_logits(
+def takes_pixels(session: ort.InferenceSession) -> bool:
+    """Whether the model preprocesses in its graph (uint8 NHWC input, format 2) rather than
+    taking float32 NCHW input preprocessed outside (format 1)."""
+    return session.get_inputs()[0].type == "tensor(uint8)"
+
+
+def predict_outputs(
     session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
-    """uint8 N x H x W x C images -> float32 N x classes logits, preprocessed as the model's
-    metadata says. Batched, so memory is one batch of floats whatever N is."""
+) -> dict[str, np.ndarray]:
+    """uint8 N x H x W x C images -> {"logits", and "probabilities" where the model has that
+    output}, float32 N x classes each. Batched, so memory is one batch of floats whatever N
+    is. A format-1 model (float input) gets the metadata's preprocessing here instead."""
     meta = read_metadata(session)
     images = np.asarray(images_uint8_nhwc)
     expected = input_shape(meta)
@@ -242,8 +259,22 @@ def predict_logits(
     if batch_size < 1:
         raise BadInput(f"batch_size must be at least 1 (got {batch_size})")
     name = session.get_inputs()[0].name
-    out = np.empty((len(images), len(meta["classes"])), dtype=np.float32)
+    names = [o.name for o in session.get_outputs()]
+    wanted = [n for n in OUTPUTS if n in names] or names[:1]  # format 1: the one output
+    pixels = takes_pixels(session)
+    out = {n: np.empty((len(images), len(meta["classes"])), dtype=np.float32) for n in wanted}
     for lo in range(0, len(images), batch_size):
-        x = preprocess(images[lo:lo + batch_size], meta["mean"], meta["std"])
-        out[lo:lo + len(x)] = session.run(None, {name: x})[0]
+        batch = images[lo:lo + batch_size]
+        x = batch if pixels else preprocess(batch, meta["mean"], meta["std"])
+        for n, got in zip(wanted, session.run(wanted, {name: x}), strict=True):
+            out[n][lo:lo + len(x)] = got
+    if "logits" not in out:
+        out["logits"] = out.pop(wanted[0])
     return out
+
+
+def predict_logits(
+    session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """uint8 N x H x W x C images -> float32 N x classes logits (see predict_outputs)."""
+    return predict_outputs(session, images_uint8_nhwc, batch_size)["logits"]

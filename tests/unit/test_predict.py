@@ -1,5 +1,8 @@
 """imagepipe predict on images the test writes: RGB, grey, large, tiny, transparent, plus a
-missing and a broken file (an error line each, the rest predicted, exit code 2 at the end)."""
+missing and a broken file (an error line each, the rest predicted, exit code 2 at the end), and
+folders (every image file under them, sorted). The model takes uint8 pixels and normalises them
+itself; the reference is the training preprocessing in numpy and eager torch. (A registered
+models:/NAME@ALIAS is predicted in tests/integration/test_serving.py, on a real registry.)"""
 
 from __future__ import annotations
 
@@ -121,3 +124,38 @@ def test_model_input_shape_comes_from_metadata(served: dict) -> None:
     session = onnxio.make_session(served["onnx"])
     with pytest.raises(onnxio.BadInput, match="uint8 N x 16 x 16 x 3"):
         onnxio.predict_logits(session, np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_a_folder_is_every_image_under_it_sorted(served: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos"
+    for sub in ("b", "a/deeper", ".hidden"):
+        (folder / sub).mkdir(parents=True)
+    rgb = Image.open(served["root"] / "rgb.png")
+    for name in ("z.png", "b/y.BMP", "a/deeper/x.tiff", "a/w.png", ".hidden/v.png", ".dot.png"):
+        rgb.convert("RGB").save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = served["root"] / "grey.jpg"
+    code = predict.main([str(served["onnx"]), str(single), str(folder), str(empty), "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = [str(single)] + [str(folder / n) for n in
+                                ("a/deeper/x.tiff", "a/w.png", "b/y.BMP", "z.png")]
+    assert [r["image"] for r in rows] == [*expected, str(empty)]
+    assert rows[-1]["error"] == "a folder without image files" and code == 2
+    # The same pixels (lossless formats), wherever they sit, get the same answer.
+    assert len({json.dumps(r["top_k"]) for r in rows[1:-1]}) == 1
+
+
+def test_the_model_takes_uint8_pixels(served: dict) -> None:
+    """The input contract predict relies on: uint8 NHWC `image` in, probabilities that are the
+    softmax of the logits out."""
+    session = onnxio.make_session(served["onnx"])
+    assert onnxio.takes_pixels(session)
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [SIZE, SIZE, 3]
+    pixels = np.random.default_rng(9).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    out = onnxio.predict_outputs(session, pixels)
+    ref = torch.softmax(torch.from_numpy(out["logits"]).double(), 1).numpy()
+    assert np.abs(out["probabilities"] - ref).max() < 1e-6

@@ -1,0 +1,220 @@
+"""The registered model as its users call it: a tiny trained model goes through the real
+export stage door (gate, MLflow run, registration with signature and input example) into a
+SQLite store in tmp, gets alias champion, and then
+
+* `mlflow models serve -m models:/NAME@champion --env-manager local` answers raw uint8 pixels
+  posted as JSON with per-class probabilities whose argmax is the torch path's class;
+* `imagepipe predict models:/NAME@champion FOLDER` downloads it and classifies the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.integration.tracking_kit import EXPORT_STAGE, _free_port, write_dvc_yaml
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["zero", "one", "two", "three"]
+SIZE, CHANNELS = 12, 1
+MEAN, STD = [0.3], [0.4]
+MODEL_NAME = "serving-test"
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class k is a bright band k on dark noise: learnable in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    imgs = rng.integers(0, 60, (n, SIZE, SIZE, CHANNELS), dtype=np.uint8)
+    band = SIZE // len(CLASSES)
+    for i, k in enumerate(labels):
+        imgs[i, k * band:(k + 1) * band] += 180
+    return imgs, labels
+
+
+def _train(path: Path) -> None:
+    import torch
+
+    from stages.core.models import ModelFile, ModelSpec, build_model, preprocess, save_model_file
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet_small", len(CLASSES), CHANNELS, SIZE, width=8)
+    model = build_model(spec)
+    x, y = _images(64, 1)
+    xt, yt = torch.from_numpy(preprocess(x, MEAN, STD)), torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    save_model_file(path, model.eval(), ModelFile(spec, CLASSES, MEAN, STD, {}))
+
+
+def _write_target(folder: Path) -> None:
+    from stages.core.dataset import SPLIT_CODE, dataset_writer
+
+    imgs, labels = _images(24, 2)
+    with dataset_writer(folder, len(imgs), imgs.shape[1:]) as w:
+        w.images[:], w.labels[:] = imgs, labels
+        w.split[:] = SPLIT_CODE["test"]
+        w.finish(CLASSES, {"uri": "test:bands", "role": "target"})
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[dict]:
+    """Export + register through the real door, champion set; the project as cwd for the
+    module, tracking on its own SQLite store."""
+    import shutil
+
+    from stages import export
+    from stages.core.tracking import CHAMPION, Registry
+
+    root = tmp_path_factory.mktemp("serving")
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    write_dvc_yaml(root, {"export": EXPORT_STAGE})
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"source": {"uri": "sklearn:digits"}, "target": {"uri": "sklearn:digits"}},
+        "export": {"parity_images": 24, "quantize_int8": False, "fp16": False, "threads": 1},
+        "registry": {"model_name": MODEL_NAME}}))
+    (root / "models").mkdir()
+    _train(root / "models" / "finetuned.pt")
+    _write_target(root / "data" / "target")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("IMAGEPIPE_TRACKING", "1")
+        for var in ("MLFLOW_TRACKING_URI", "IMAGEPIPE_PIPELINE_ID", "IMAGEPIPE_FLOW_RUN_ID",
+                    "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        assert export.main([]) == 0
+        reg = Registry.connect(root)
+        version = reg.alias(MODEL_NAME, "challenger").version
+        reg.set_alias(MODEL_NAME, CHAMPION, version)
+        images, labels = _images(8, 3)
+        yield {"root": root, "uri": f"sqlite:///{(root / 'mlflow.db').as_posix()}",
+               "version": version, "images": images, "labels": labels,
+               "torch": _torch_classes(root / "models" / "finetuned.pt", images)}
+
+
+def _torch_classes(path: Path, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from stages.core.models import load_model_file, preprocess
+
+    model, mf = load_model_file(path)
+    with torch.inference_mode():
+        return model(torch.from_numpy(preprocess(images, mf.mean, mf.std))).argmax(1).numpy()
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_until_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited {proc.returncode}:\n"
+                                 + log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve not up after {timeout_s} s:\n"
+                         + log.read_text()[-3000:])
+
+
+def test_logged_with_signature_and_input_example(registered: dict) -> None:
+    from mlflow.models import Model
+
+    from stages.core.tracking import Registry
+
+    reg = Registry.connect(registered["root"])
+    _, onnx_path = reg.download(MODEL_NAME, "champion", registered["root"] / "dl-sig")
+    mlmodel = Model.load(str(onnx_path.parent))
+    inputs = mlmodel.signature.inputs.to_dict()
+    outputs = {o["name"] for o in mlmodel.signature.outputs.to_dict()}
+    spec = inputs[0]["tensor-spec"]
+    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, SIZE, SIZE, CHANNELS]
+    assert outputs == {"probabilities", "logits"}
+    assert mlmodel.saved_input_example_info is not None
+
+
+def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    # The server runs `uvicorn` by name: the venv's bin first on PATH, as when it is active.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "PATH": path}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+           f"models:/{MODEL_NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+           "-p", str(port), "-w", "1"]
+    with open(log, "wb") as out:
+        # Own session: the server's workers are stopped with it, by its process group.
+        proc = subprocess.Popen(cmd, cwd=registered["root"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until_up(proc, f"http://127.0.0.1:{port}/ping", log, timeout_s=180)
+        two = registered["images"][:2]
+        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": two.tolist()})
+        probs = np.asarray(answer["predictions"]["probabilities"])
+        assert probs.shape == (2, len(CLASSES))
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        assert list(probs.argmax(1)) == list(registered["torch"][:2])
+        assert list(probs.argmax(1)) == list(registered["labels"][:2])  # trained: right too
+    finally:
+        with_group = proc.poll() is None
+        if with_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_predict_a_registered_model_on_a_folder(registered: dict, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from commands import predict
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = []
+    for i, img in enumerate(registered["images"]):
+        name = f"sub/img{i}.png" if i % 2 else f"img{i}.png"
+        Image.fromarray(img[..., 0], "L").save(folder / name)
+        names.append(str(folder / name))
+    code = predict.main([f"models:/{MODEL_NAME}@champion", str(folder), "--json",
+                         "--top-k", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"is version {registered['version']}" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["image"] for r in rows] == sorted(names)
+    got = {r["image"]: r["top_k"][0]["class"] for r in rows}
+    want = {n: CLASSES[k] for n, k in zip(names, registered["torch"], strict=True)}
+    assert got == want
+
+
+def test_predict_refuses_a_malformed_registry_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    from commands import predict
+
+    assert predict.main(["models:/only-a-name", "x.png"]) == 2
+    assert "models:/NAME@ALIAS" in capsys.readouterr().err
