@@ -15,7 +15,7 @@ COMMANDS = {
     "predict": ("commands.predict", "main", "classify images with an exported ONNX model"),
     "promote": ("commands.registry", "promote_main", "promote the challenger if it beats the champion"),
     "rollback": ("commands.registry", "rollback_main", "move champion back to previous-champion"),
-    "lineage": ("commands.registry", "lineage_main", "walk a model version back to its data, code, params"),
+    "lineage": ("commands.lineage", "lineage_main", "walk a model version back to its data, code, params"),
     "tune": ("commands.tune", "main", "pick the best DVC experiment by validation accuracy, apply it"),
 }
 

@@ -1,4 +1,4 @@
-"""imagepipe promote / rollback / lineage: the promotion gate on the model registry.
+"""imagepipe promote / rollback: the promotion gate on the model registry (lineage: lineage.py).
 
 promote: registry.model_name's `challenger` and `champion` (loaded through models:/NAME@ALIAS)
 -> both re-scored with ONNX Runtime on the target test split as it is today (data/target)
@@ -6,16 +6,22 @@ promote: registry.model_name's `challenger` and `champion` (loaded through model
 accuracy's 95% bootstrap interval is above the majority-class accuracy of that test split (a
 model no better than always answering one class is never champion, not even the first), and
 its accuracy is at least the champion's + registry.min_improvement (the first version that
-clears the floor becomes champion). The
-decision and both scores are tagged on both versions; the replaced champion keeps the alias
-`previous-champion`. `--json` prints the decision as one JSON object on stdout.
+clears the floor becomes champion). The decision and both scores are tagged on both versions;
+the replaced champion keeps the alias `previous-champion`. `--json` prints it as one JSON object.
+Two refusals that only `--force` overrides (and the reason says so): a challenger whose
+`onnx.sha256` tag is not the sha256 of this workspace's models/model.onnx (the export that made
+the workspace's model failed or did not register it, so the challenger is an older model), and
+a challenger that was rolled back (version tag `rolled_back=true`, with `rolled_back.time`).
 
 rollback: `champion` back to `previous-champion`; `previous-champion` then steps one further
-back (the predecessor recorded when that version was promoted), so rollbacks walk history.
+back (the predecessor recorded when that version was promoted), so rollbacks walk history. The
+version rolled back from is tagged `rolled_back=true`, so the next promote does not bring it back.
 
-Concurrency: alias moves hold a lock file (all processes of this machine, i.e. everyone on the
-SQLite default) and re-read the champion just before moving it (compare-and-set): if it moved
-since it was scored, the decision is taken again against the new champion.
+Concurrency: alias moves hold a lock (a file for the processes of this machine, i.e. everyone on
+the SQLite default; against a server also one held on the server, for other checkouts) and
+re-read the champion just before moving it (compare-and-set): if it moved since it was scored,
+the decision is taken again against the new champion; if it became this challenger meanwhile,
+another run promoted it and this one says so ("already champion (promoted by another run)").
 
 Exit codes: 0 decided (promoted or not), 2 bad input, 75 tracking unreachable.
 """
@@ -62,6 +68,9 @@ class Decision:
     # The export runs that made the two versions: where `lineage` starts walking back.
     challenger_run_id: str | None = None
     champion_run_id: str | None = None
+    # --force overrode a refusal (stale or rolled-back challenger); the reason names it.
+    forced: bool = False
+    challenger_rolled_back: bool = False
 
     def tags(self) -> dict[str, str]:
         """The decision as version tags (strings)."""
@@ -141,6 +150,37 @@ def decide(challenger_acc: float, champion_acc: float | None, parity: str,
                    f"min_improvement {min_improvement}")
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """What the challenger is checked against: this checkout's exported model."""
+    onnx_path: Path = Path("models/model.onnx")
+    force: bool = False
+    champion_before: str | None = None  # read before taking the lock: who promoted it
+
+
+def refusal(challenger: Any, onnx_path: Path) -> str | None:
+    """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
+    from stages.core.dataset import file_sha256
+
+    v, tags = challenger.version, challenger.tags
+    registered = tags.get("onnx.sha256")
+    if not onnx_path.is_file():
+        return (f"{onnx_path} is not in this workspace: cannot tell whether the challenger v{v} "
+                "is its model (dvc pull or dvc repro export first, or --force)")
+    if not registered:
+        return (f"the challenger v{v} carries no onnx.sha256 tag: cannot tell whether it is "
+                f"this workspace's {onnx_path} (--force to promote it anyway)")
+    have = file_sha256(onnx_path)
+    if have != registered:
+        return (f"the challenger v{v} is older than the workspace: export did not register this "
+                f"model ({onnx_path} has sha256 {have[:12]}, v{v} was registered from "
+                f"{registered[:12]}); run the export stage again (or --force)")
+    if tags.get("rolled_back") == "true":
+        return (f"the challenger v{v} was rolled back ({tags.get('rolled_back.time', '?')}): "
+                "not promoted again unless asked for explicitly (imagepipe promote --force)")
+    return None
+
+
 def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarray, np.ndarray],
            scratch: Path) -> np.ndarray | None:
     """Per-image hits of models:/NAME@ALIAS; None when the alias moved away from `expected`
@@ -152,7 +192,7 @@ def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarra
 
 
 def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
-           scratch: Path) -> Decision | None:
+           scratch: Path, ws: Workspace) -> Decision | None:
     """One compare-and-set round; None when an alias moved under it."""
     from stages.core.tracking import CHALLENGER, CHAMPION
 
@@ -167,10 +207,17 @@ def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray]
                 champion_version=champion.version if champion else None,
                 min_improvement=params.min_improvement, parity_passed=parity, test_images=n,
                 challenger_run_id=challenger.run_id or None,
-                champion_run_id=champion.run_id or None if champion else None)
+                champion_run_id=champion.run_id or None if champion else None,
+                challenger_rolled_back=challenger.tags.get("rolled_back") == "true")
     if champion is not None and champion.version == challenger.version:
+        by_other = " (promoted by another run)" if ws.champion_before != champion.version else ""
         return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
-                        reason=f"version {challenger.version} is already champion", **base)
+                        reason=f"version {challenger.version} is already champion{by_other}",
+                        **base)
+    blocked = refusal(challenger, ws.onnx_path)
+    if blocked and not ws.force:
+        return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
+                        reason=blocked, **base)
     chal_hits = _score(reg, name, CHALLENGER, challenger.version, test, scratch)
     champ_acc, note = None, ""
     if champion is not None:
@@ -189,14 +236,16 @@ def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray]
     majority = majority_floor(test[1])
     promoted, reason = decide(chal_acc, champ_acc, parity, params.min_improvement, ci=ci,
                               majority=majority)
+    forced = f"; --force overrode: {blocked}" if blocked else ""
     return Decision(promoted=promoted, challenger_accuracy=chal_acc, champion_accuracy=champ_acc,
-                    reason=reason + note, challenger_ci_low=ci[0], challenger_ci_high=ci[1],
-                    majority_accuracy=majority[0], **base)
+                    reason=reason + note + forced, challenger_ci_low=ci[0],
+                    challenger_ci_high=ci[1], majority_accuracy=majority[0],
+                    forced=bool(blocked), **base)
 
 
 def _apply(reg: Any, d: Decision) -> Decision:
     """Move the aliases for a promotion (champion last: one call, so never zero champions),
-    then tag both versions with the decision."""
+    then tag both versions with the decision (when the challenger was scored)."""
     from stages.core.tracking import CHAMPION, PREVIOUS
 
     name = d.model_name
@@ -206,27 +255,34 @@ def _apply(reg: Any, d: Decision) -> Decision:
             reg.tag(name, d.challenger_version,
                     {"promotion.previous_champion": d.champion_version})
         reg.set_alias(name, CHAMPION, d.challenger_version)
+        if d.challenger_rolled_back:  # promoted again on purpose (--force): no longer barred
+            reg.tag(name, d.challenger_version, {"rolled_back": "false"})
     now = reg.alias(name, CHAMPION)
     d.current_champion_version = now.version if now else None
     if d.promoted and d.current_champion_version != d.challenger_version:
         # Another machine moved it between our re-read and our move (no shared lock there).
         d.promoted = False
         d.reason = f"lost a race: champion is now {d.current_champion_version}; run promote again"
-    if d.challenger_version != d.champion_version:  # "already champion" keeps its tags
+    if d.challenger_accuracy is not None:  # scored: "already champion", refusals keep theirs
         for version in {d.challenger_version, d.champion_version} - {None}:
             reg.tag(name, str(version), d.tags())
     return d
 
 
-def promote(params: RegistryParams, data: Path, root: Path | None = None) -> Decision:
-    """Decide and apply one promotion (see the module doc)."""
+def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
+            model: Path = Path("models/model.onnx"), force: bool = False) -> Decision:
+    """Decide and apply one promotion (see the module doc). `model`: this workspace's exported
+    model, which the challenger must be; `force`: promote a stale or rolled-back one anyway."""
     from stages.core.tracking import CHAMPION, Registry
 
     images, truth, _ = load_test_split(data)
     reg = Registry.connect(root)
+    before = reg.alias(params.model_name, CHAMPION)
+    ws = Workspace(model, force, before.version if before else None)
     with reg.lock(params.model_name), reg.scratch_dir() as tmp:
         for attempt in range(_ROUNDS):
-            decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt))
+            decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt),
+                              ws)
             if decision is None:
                 continue
             # Compare-and-set: the champion must still be the one we compared with.
@@ -256,37 +312,26 @@ def rollback(params: RegistryParams, root: Path | None = None) -> dict[str, Any]
         else:
             reg.delete_alias(name, PREVIOUS)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if champion is not None:
+        if champion is not None:  # barred from promote until --force (see promote)
             reg.tag(name, champion.version, {"rollback.replaced_by": previous.version,
-                                             "rollback.time": stamp})
-        reg.tag(name, previous.version, {"rollback.restored_from": str(champion and
-                                                                       champion.version),
-                                         "rollback.time": stamp})
+                                             "rollback.time": stamp, "rolled_back": "true",
+                                             "rolled_back.time": stamp})
+        restored = {"rollback.restored_from": str(champion and champion.version),
+                    "rollback.time": stamp}
+        if previous.tags.get("rolled_back") == "true":  # champion again: no longer barred
+            restored["rolled_back"] = "false"
+        reg.tag(name, previous.version, restored)
     return {"rolled_back": True, "model_name": name,
             "from_version": champion.version if champion else None,
             "champion_version": previous.version,
             "previous_champion_version": older if older and older != previous.version else None}
 
 
-def lineage(params: RegistryParams, ref: str, root: Path | None = None) -> dict[str, Any]:
-    """The runs that made a version (ref: a version number or an alias)."""
-    from stages.core.tracking import Registry
-
-    reg = Registry.connect(root)
-    if ref.isdigit():
-        version = ref
-    else:
-        info = reg.alias(params.model_name, ref)
-        if info is None:
-            raise BadInput(f"registered model {params.model_name!r} has no alias {ref!r}")
-        version = info.version
-    return reg.walk_back(params.model_name, version)
-
-
 # ---------------------------------------------------------------- command lines
 
 
-def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options promote, rollback and lineage share."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model-name", help="overrides registry.model_name")
@@ -294,7 +339,7 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _registry_params(args: argparse.Namespace) -> RegistryParams:
+def registry_params(args: argparse.Namespace) -> RegistryParams:
     params = load_params(args.params).registry
     return params.model_copy(update={"model_name": args.model_name}) if args.model_name else params
 
@@ -303,47 +348,47 @@ def _print(result: dict[str, Any], as_json: bool, summary: str) -> None:
     print(json.dumps(result, sort_keys=True) if as_json else summary, flush=True)
 
 
+def _version(v: str | None, none: str) -> str:
+    return f"v{v}" if v else none
+
+
 def promote_main(argv: list[str] | None = None) -> int:
-    parser = _parser("imagepipe promote", "promote the challenger if it beats the champion")
+    parser = command_parser("imagepipe promote", "promote the challenger if it beats the champion")
     parser.add_argument("--data", default="data/target", type=Path,
                         help="dataset whose test split both models are scored on")
+    parser.add_argument("--model", default="models/model.onnx", type=Path,
+                        help="this workspace's exported model: the challenger must be it")
+    parser.add_argument("--force", action="store_true",
+                        help="promote a challenger that is not the workspace's model or was "
+                             "rolled back (the accuracy gate still applies)")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        d = promote(_registry_params(args), args.data)
+        d = promote(registry_params(args), args.data, model=args.model, force=args.force)
         verdict = "promoted" if d.promoted else "not promoted"
+        now = _version(d.current_champion_version, "no champion")
         _print(asdict(d), args.json, f"{d.model_name} v{d.challenger_version} {verdict}: "
-               f"{d.reason} (champion now v{d.current_champion_version})")
+               f"{d.reason} (champion now: {now})")
 
     return run_stage("promote", body, track=False)
 
 
 def rollback_main(argv: list[str] | None = None) -> int:
-    args = _parser("imagepipe rollback", "move champion back to previous-champion").parse_args(argv)
+    args = command_parser("imagepipe rollback", "move champion back to previous-champion").parse_args(argv)
 
     def body() -> None:
-        r = rollback(_registry_params(args))
-        _print(r, args.json, f"{r['model_name']}: champion v{r['from_version']} -> "
-               f"v{r['champion_version']} (previous-champion now "
-               f"{r['previous_champion_version'] or 'none'})")
+        r = rollback(registry_params(args))
+        _print(r, args.json, f"{r['model_name']}: champion "
+               f"{_version(r['from_version'], 'none')} -> v{r['champion_version']} "
+               f"(previous-champion now {_version(r['previous_champion_version'], 'none')}; "
+               f"{_version(r['from_version'], 'none')} is not promoted again without --force)")
 
     return run_stage("rollback", body, track=False)
 
 
-def lineage_main(argv: list[str] | None = None) -> int:
-    parser = _parser("imagepipe lineage", "the runs that made a model version")
-    parser.add_argument("ref", nargs="?", default="champion", help="version number or alias")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        print(json.dumps(lineage(_registry_params(args), args.ref), indent=2, sort_keys=True))
-
-    return run_stage("lineage", body, track=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"promote": promote_main, "rollback": rollback_main, "lineage": lineage_main}
+    commands = {"promote": promote_main, "rollback": rollback_main}
     if not argv or argv[0] not in commands:
         print(f"usage: imagepipe {{{','.join(commands)}}} [--help]",
               file=sys.stderr)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
@@ -209,12 +209,18 @@ def _push(root: Path, plan: Plan, options: dict[str, Any], timeout_s: float) -> 
 
 def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[str],
               decision: dict[str, Any] | None, note: str) -> None:
+    """The run's summary (decision and headline figures first) and, as a table, every metric."""
+    metrics = report.read_metrics(root / "metrics")
     markdown = report.render(
         title=f"imagepipe pipeline: {flow_run.get_name() or 'run'}", flow_run_id=flow_run.get_id(),
-        stages=results, overrides=overrides, metrics=report.read_metrics(root / "metrics"),
-        decision=decision, promotion_note=note)
+        stages=results, overrides=overrides, metrics=metrics, decision=decision,
+        promotion_note=note)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY,
-                             description="Stages, metrics, promotion decision, MLflow runs")
+                             description="Promotion decision, headline figures, stages, MLflow runs")
+    rows = report.metric_rows(metrics)
+    if rows:
+        create_table_artifact(table=rows, key=report.METRICS_KEY,
+                              description="Every scalar of metrics/*.json")
 
 
 # Plans that main() started before the flow (DVC's status check overlaps the API's start-up

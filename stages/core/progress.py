@@ -1,4 +1,9 @@
-"""Progress for long work: a live bar on a terminal, a line every ~10% in logs (DVC, Prefect, CI)."""
+"""Progress for long work: a live bar on a terminal, a line every ~10% in logs (DVC, Prefect, CI).
+
+While the bar is live, log records that would go to the same terminal are printed through the
+bar's console instead (above the bar, each on its own line): a handler writing to the stream
+directly would land behind the bar's last frame (`...0:00:37imagepipe.train: epoch 11/40`).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,61 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 log = logging.getLogger("imagepipe")
 
 
+class ConsoleHandler(logging.Handler):
+    """Stands in for a stream handler while a bar is live: same level, same format, printed by
+    the bar's console (which clears the bar, prints the line, and draws the bar again)."""
+
+    def __init__(self, console: Console, like: logging.Handler) -> None:
+        super().__init__(like.level)
+        self.console = console
+        self.setFormatter(like.formatter or logging.Formatter())
+        for f in like.filters:
+            self.addFilter(f)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False,
+                               soft_wrap=True)
+        except Exception:  # a log line must never end the stage
+            self.handleError(record)
+
+
+def _writes_to(handler: logging.Handler, console: Console) -> bool:
+    """Whether a handler writes to the terminal the bar is drawn on."""
+    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+        return False
+    stream = handler.stream
+    if stream is console.file:
+        return True
+    try:
+        return bool(stream.isatty()) and console.is_terminal
+    except (AttributeError, ValueError):  # closed or not a real stream
+        return False
+
+
 @contextmanager
-def progress(description: str, total: int, unit: str = "img") -> Iterator[Callable[[int], None]]:
-    """Yield advance(n); the rate is shown in `unit`/s."""
-    console = Console(stderr=True)
+def logs_through(console: Console, logger: logging.Logger | None = None) -> Iterator[None]:
+    """Swap the handlers of `logger` (the root one by default) that write to the console's
+    terminal for ConsoleHandlers, and put them back after."""
+    target = logger or logging.getLogger()
+    swapped = [(h, ConsoleHandler(console, h)) for h in list(target.handlers)
+               if _writes_to(h, console)]
+    for old, new in swapped:
+        target.removeHandler(old)
+        target.addHandler(new)
+    try:
+        yield
+    finally:
+        for old, new in swapped:
+            target.removeHandler(new)
+            target.addHandler(old)
+
+
+@contextmanager
+def progress(description: str, total: int, unit: str = "img", *,
+             console: Console | None = None) -> Iterator[Callable[[int], None]]:
+    """Yield advance(n); the rate is shown in `unit`/s. `console`: where the bar goes (stderr)."""
+    console = console or Console(stderr=True)
     if console.is_terminal:
         columns = (
             TextColumn("{task.description}"),
@@ -25,7 +81,7 @@ def progress(description: str, total: int, unit: str = "img") -> Iterator[Callab
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=console) as bar:
+        with Progress(*columns, console=console) as bar, logs_through(console):
             task = bar.add_task(description, total=total, rate="")
             start = time.perf_counter()
 

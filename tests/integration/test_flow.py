@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.testing.utilities import prefect_test_harness
 
 from commands import run as run_command
-from flows import dvcstage, pipeline
+from flows import dvcstage, pipeline, report
 
 pytestmark = pytest.mark.slow
 
@@ -109,10 +109,10 @@ def _task_runs(state: Any) -> dict[str, Any]:
     return {r.name: r for r in runs}
 
 
-def _artifact(state: Any) -> str:
+def _artifact(state: Any, key: str = pipeline.ARTIFACT_KEY) -> str:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[pipeline.ARTIFACT_KEY]),
+            key=ArtifactFilterKey(any_=[key]),
             flow_run_id={"any_": [state.state_details.flow_run_id]}))
     assert found, "no artifact for this flow run"
     return str(found[0].data)
@@ -134,7 +134,8 @@ def test_exit_75_twice_is_retried_then_completes_and_rerun_is_noop(harness: None
     assert result["stages"]["flaky"]["attempts"] == 3
     assert (project / "after.txt").read_text() == "ok"
     text = _artifact(state)
-    assert "| flaky | accuracy | 0.875 |" in text and flow_run_id in text
+    assert flow_run_id in text and "table artifact `imagepipe-metrics`" in text
+    assert "0.875" in _artifact(state, report.METRICS_KEY)  # metrics/flaky.json's accuracy
 
     # Nothing changed: DVC's one status check says so, and no stage process starts.
     again = _run(project)

@@ -1,24 +1,30 @@
 """The registry and the promotion gate, on the SQLite default and against a real server:
 versions registered by the export stage's door, promote re-scores champion and challenger on
 today's target split, a worse challenger changes nothing, a better one wins, rollback undoes,
-lineage walks back, two promotions at once leave exactly one champion."""
+lineage walks back, two promotions at once leave exactly one champion, a rolled-back or stale
+challenger is promoted only with --force, five checkouts promoting at once against one server
+print "promoted" exactly once."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from commands.lineage import lineage_main
 from commands.registry import promote_main, rollback_main
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
-from tests.integration.tracking_kit import REPO
+from tests.integration.tracking_kit import REPO, MlflowServer, save_tiny, tiny_model
 
 pytestmark = pytest.mark.slow
 NAME = "imagepipe-classifier"
@@ -105,11 +111,26 @@ def test_gate_promotes_only_a_better_challenger_and_rollback_restores(
         assert alias(backend, name, "previous-champion") == want_previous
     assert rollback_main([]) == EXIT_BAD_INPUT  # nothing further back
     walk_back_from_version(backend, project, name, "5")
+    rollback_sticks(backend, name, capsys)
+
+
+def rollback_sticks(backend: str, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """v5 is still the challenger (and the workspace's model) after the rollbacks: promote
+    leaves it out until asked with --force."""
+    tags = client(backend).get_model_version(name, "5").tags
+    assert tags["rolled_back"] == "true" and tags["rolled_back.time"]
+    again = promote_json(capsys)
+    assert not again["promoted"] and "rolled back" in again["reason"]
+    assert "--force" in again["reason"] and alias(backend, name, "champion") == "2"
+    forced = promote_json(capsys, "--force")
+    assert forced["promoted"] and forced["forced"] and "--force overrode" in forced["reason"]
+    assert alias(backend, name, "champion") == "5"
+    assert client(backend).get_model_version(name, "5").tags["rolled_back"] == "false"
 
 
 def walk_back_from_version(backend: str, project: Path, name: str, version: str) -> None:
     """From a registered version to the data, code and params that made it."""
-    from commands.registry import lineage
+    from commands.lineage import lineage
     from stages.params import load_params
 
     mv = client(backend).get_model_version(name, version)
@@ -120,6 +141,7 @@ def walk_back_from_version(backend: str, project: Path, name: str, version: str)
         (project / "models/finetuned.pt").read_bytes()).hexdigest()
     assert mv.tags["imagepipe.pipeline_run_id"]
     walked = lineage(load_params().registry, version)
+    assert walked["version"] == version and "metrics" in walked["runs"][0]
     export_run = walked["runs"][0]
     assert export_run["stage"] == "export" and export_run["run_id"] == mv.run_id
     assert export_run["params"]["registry.model_name"] == name
@@ -161,3 +183,99 @@ def test_two_promotions_at_once_leave_exactly_one_champion(
     assert "already champion" in loser["reason"]
     assert alias(backend, name, "champion") == "1"
     assert alias(backend, name, "previous-champion") is None
+
+
+def test_a_challenger_older_than_the_workspace_is_refused(
+        project: Path, tiny_export: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    """An export that failed after writing models/model.onnx registered nothing: the challenger
+    is the previous model, which promote must not take for this workspace's."""
+    assert tiny_export("good") == 0  # v1, registered
+    save_tiny(tiny_model("medium"), project / "models" / "finetuned.pt",
+              project / "models" / "model.onnx")  # a new model, never registered
+    refused = promote_json(capsys)
+    assert not refused["promoted"] and refused["challenger_accuracy"] is None
+    assert "challenger v1 is older than the workspace" in refused["reason"]
+    capsys.readouterr()
+    assert promote_main([]) == 0
+    assert "(champion now: no champion)" in capsys.readouterr().out
+    (project / "models" / "model.onnx").unlink()
+    assert "is not in this workspace" in promote_json(capsys)["reason"]
+    forced = promote_json(capsys, "--force")
+    assert forced["promoted"] and "--force overrode" in forced["reason"]
+
+
+def test_lineage_prints_a_summary_and_json_on_request(
+        project: Path, tiny_export: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tiny_export("good") == 0
+    assert promote_main([]) == 0
+    capsys.readouterr()
+    assert lineage_main([]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{NAME} v1 (champion, challenger)")
+    assert "accuracy 1.0000 [" in text and "export    run " in text and "git commit" in text
+    assert len(text.splitlines()) < 15
+    assert lineage_main(["1", "--json"]) == 0
+    walked = json.loads(capsys.readouterr().out)
+    assert walked["version"] == "1" and walked["runs"][0]["stage"] == "export"
+
+
+# A checkout's promote, started together with the others (all wait for GO once imported) and
+# with a slow network between its re-check of the champion and its move (set_alias sleeps): the
+# window in which two checkouts both see "no champion yet" and both move it.
+CHECKOUT_PROMOTE = """
+import sys, time
+from pathlib import Path
+
+import mlflow, onnxruntime  # imported before the start line, so all start together
+from commands.registry import promote_main
+from stages.core.tracking import registry
+
+move = registry.Registry.set_alias
+
+
+def slow_move(self, *args):
+    time.sleep(1.0)
+    return move(self, *args)
+
+
+registry.Registry.set_alias = slow_move
+Path(sys.argv[1], "ready").touch()
+while not Path(sys.argv[1]).parent.joinpath("GO").exists():
+    time.sleep(0.01)
+sys.exit(promote_main([]))
+"""
+
+
+def test_five_checkouts_promoting_at_once_print_promoted_once(
+        mlflow_server: MlflowServer, project: Path, tiny_export: Callable[..., int],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each checkout has its own lock file: only the lock held on the server serialises them.
+    Exactly one says promoted; the others say another run did."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"t-five-{time.time_ns()}")
+    name = model_name(project, mlflow_server.uri)
+    assert tiny_export("good") == 0
+    checkouts = [tmp_path / f"checkout-{i}" for i in range(5)]
+    for folder in checkouts:
+        shutil.copytree(project, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", CHECKOUT_PROMOTE, str(folder)], cwd=folder,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for folder in checkouts]
+    deadline = time.monotonic() + 240
+    while not all((f / "ready").exists() for f in checkouts) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (tmp_path / "GO").touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, [e for _, e in outs]
+    said = [o.strip() for o, _ in outs]
+    winners = [o for o in said if re.search(r" v1 promoted: ", o)]
+    assert len(winners) == 1, said
+    assert all("already champion (promoted by another run)" in o for o in said
+               if o not in winners), said
+    assert alias(mlflow_server.uri, name, "champion") == "1"
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):  # the lock held on the server was released
+        client(mlflow_server.uri).get_registered_model(f"{name}.promotion-lock")

@@ -71,17 +71,51 @@ def test_classify_dvc_own_failures() -> None:
     assert type(broken) is dvcstage.StageError and not broken.retryable
 
 
-def test_report_renders_decision_and_run_ids() -> None:
+EVALUATE = {"accuracy": 0.98765, "accuracy_ci_low": 0.97, "accuracy_ci_high": 0.995,
+            "transfer_gain": 0.031, "transfer_gain_ci_low": 0.01, "transfer_gain_ci_high": 0.05,
+            "transfer_verdict": "helped", "scratch_accuracy": 0.95, "ece": 0.021,
+            "majority_accuracy": 0.1, "n_test": 360,
+            **{f"per_class.c{i}.f1": 0.9 for i in range(110)}}
+
+
+def test_report_puts_decision_and_headline_first_and_metrics_in_a_table() -> None:
+    metrics = {"evaluate": EVALUATE, "export": {"gate_passed": True, "max_abs_diff": 1.2e-6,
+                                                "top1_agreement": 1.0}}
     text = report.render(
         title="t", flow_run_id="f-1", stages={"ingest": {"outcome": "ran", "seconds": 1.5,
                                                         "attempts": 1}},
-        overrides=["a.b: 1 -> 2"], metrics={"evaluate": {"accuracy": 0.98765}},
+        overrides=["a.b: 1 -> 2"], metrics=metrics,
         decision={"promoted": False, "challenger_version": 3, "champion_version": 2,
                   "challenger_accuracy": 0.9, "champion_accuracy": 0.95, "reason": "worse",
-                  "run_ids": {"finetune": "abc"}}, promotion_note="")
-    assert "| evaluate | accuracy | 0.9877 |" in text
-    assert "**not promoted**: challenger v3" in text and "Reason: worse" in text
+                  "current_champion_version": "2", "run_ids": {"finetune": "abc"}},
+        promotion_note="")
+    lines = text.splitlines()
+    assert lines[2] == "## Promotion" and lines[4].startswith("**not promoted**: challenger v3")
+    assert "Reason: worse" in lines[4] and "Champion now: v2." in lines[4]
+    head = "\n".join(lines[:20])  # the figures a reader wants, before stages and runs
+    assert "| accuracy (target test, 360 images) | 0.9877 (95% CI [0.9700, 0.9950]) |" in head
+    assert "| transfer gain over scratch | +0.0310 (95% CI [0.0100, 0.0500]): helped |" in head
+    assert "| scratch accuracy (same data and budget) | 0.9500 |" in head
+    assert "| ECE (expected calibration error) | 0.0210 |" in head
+    assert "| ONNX parity | passed, max abs diff 1.2e-06, top1 agreement 1 |" in head
+    assert "per_class" not in text and "table artifact `imagepipe-metrics`" in head
+    assert text.index("## Promotion") < text.index("## Stages") < text.index("## MLflow runs")
+    assert "mlflow runs search" not in text  # no such command
+    assert "`mlflow ui`" in text and "`imagepipe lineage champion`" in text
     assert "- finetune: `abc`" in text and "| ingest | ran | 1.5 | 1 |" in text
+    rows = report.metric_rows(metrics)
+    assert len(rows) == len(EVALUATE) + 3
+    assert {"file": "evaluate", "metric": "accuracy", "value": "0.9877"} in rows
+
+
+def test_report_without_champion_or_metrics_says_so() -> None:
+    text = report.render(title="t", flow_run_id=None, stages={}, overrides=[], metrics={},
+                         decision={"promoted": True, "challenger_version": "1",
+                                   "champion_version": None, "challenger_accuracy": 1.0,
+                                   "reason": "first", "current_champion_version": "1"},
+                         promotion_note="")
+    assert "vs no champion" in text and "vNone" not in text
+    assert "No `metrics/*.json` yet." in text and report.metric_rows({}) == []
 
 
 def test_output_lines_reach_the_callers_context(tmp_path: Path) -> None:
