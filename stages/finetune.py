@@ -14,11 +14,15 @@ target train split, with the same data draws, epochs (head + full) and schedule,
 lr (`scratch_lr`, tuned like the finetune's). Without it the transfer gain would be assumed,
 not measured. With `baseline: false`, models/scratch.pt still exists (DVC's graph is fixed) but
 holds the untrained network, marked `extra.baseline = false`, and evaluate reports no gain.
+
+With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
+(stages/core/distributed.py); the first process of node 0 writes every output.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import time
@@ -26,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stages.core import distributed
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.dataset import Dataset, file_sha256, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment
@@ -126,12 +131,12 @@ def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed
     common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
     train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                           train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                          **common)
+                          rank=rt.comm.rank, world=rt.comm.world, **common)
     val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
                         train=False, **common)
     fingerprint = {"stage": "finetune", "seed": seed, "data": ds.manifest["sha256"],
                    "spec": vars(mf.spec), "mean": mf.mean, "std": mf.std,
-                   "finetune": p.model_dump(exclude={"checkpoint_every_steps"})}
+                   **distributed.world_fingerprint(p, rt.comm, "finetune")}
     return Target(train, val, ds.classes, fingerprint, mf)
 
 
@@ -147,25 +152,29 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
     fp = {**t.fingerprint, "pretrained": pretrained_sha}
 
     def plot(history: list[dict[str, Any]]) -> None:
-        write_csv(out.plot, rows + history)
+        if rt.comm.is_main:
+            write_csv(out.plot, rows + history)
 
     set_backbone_trainable(model, False)
     tr = make_trainer(model, param_groups([(model.head, p.lr)], p.weight_decay), p, rt,
                       p.head_epochs, steps, frozen=model.backbone)
     head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
-                                                   {**fp, "phase": "head"}),
+                                                   {**fp, "phase": "head"}, rt.comm),
                phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot)
     rows += head
     set_backbone_trainable(model, True)
-    save_model_file(out.probe, model, t.model_file("probe", head, head_epochs=p.head_epochs))
+    del tr  # its DDP's gradient hooks must be gone before the next one's exist
+    gc.collect()
+    if rt.comm.is_main:
+        save_model_file(out.probe, model, t.model_file("probe", head, head_epochs=p.head_epochs))
     groups = param_groups([(model.backbone, p.lr * p.backbone_lr_scale), (model.head, p.lr)],
                           p.weight_decay)
     tr = make_trainer(model, groups, p, rt, p.full_epochs, steps)
     full = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "full.pt",
-                                                   {**fp, "phase": "full"}),
+                                                   {**fp, "phase": "full"}, rt.comm),
                phase="full", epochs=p.full_epochs, epoch_offset=p.head_epochs,
                every=p.checkpoint_every_steps, on_epoch=plot)
-    write_csv(out.plot, rows + full)
+    plot(full)
     return head, full
 
 
@@ -176,10 +185,12 @@ def scratch(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: O
     tr = make_trainer(model, param_groups([(model, p.scratch_lr)], p.weight_decay), p, rt,
                       epochs, len(t.train))
     history = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "scratch.pt",
-                                                      {**t.fingerprint, "phase": "scratch"}),
+                                                      {**t.fingerprint, "phase": "scratch"},
+                                                      rt.comm),
                   phase="scratch", epochs=epochs, every=p.checkpoint_every_steps,
                   on_epoch=lambda rows: write_csv(out.scratch_plot, rows))
-    write_csv(out.scratch_plot, history)
+    if rt.comm.is_main:
+        write_csv(out.scratch_plot, history)
     return history
 
 
@@ -197,25 +208,27 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     model.replace_head(len(t.classes))
     head, full = transfer(model, t, p, rt, out, file_sha256(pretrained))
     hflip = bool(mf.extra.get("hflip_policy", False) or p.hflip)
-    save_model_file(out.finetuned, model, t.model_file(
-        "finetune", full or head, hflip_policy=hflip, head_epochs=p.head_epochs,
-        full_epochs=p.full_epochs))
+    if rt.comm.is_main:
+        save_model_file(out.finetuned, model, t.model_file(
+            "finetune", full or head, hflip_policy=hflip, head_epochs=p.head_epochs,
+            full_epochs=p.full_epochs))
     seed_everything(params.seed)
     base = build_model(replace(mf.spec, num_classes=len(t.classes)))
     history = scratch(base, t, p, rt, out) if p.baseline else []
-    save_model_file(out.scratch, base, t.model_file("scratch", history, baseline=p.baseline,
-                                                    hflip_policy=bool(p.hflip)))
+    if rt.comm.is_main:
+        save_model_file(out.scratch, base, t.model_file(
+            "scratch", history, baseline=p.baseline, hflip_policy=bool(p.hflip)))
     ft, sc, probe = summary(head + full), summary(history), summary(head)
     gain = (None if ft.get("val_accuracy") is None or sc.get("val_accuracy") is None
             else round(ft["val_accuracy"] - sc["val_accuracy"], 6))
     return {**ft, "probe_val_accuracy": probe.get("val_accuracy"),
             "scratch_val_accuracy": sc.get("val_accuracy"),
             "scratch_train_seconds": sc.get("train_seconds"), "val_transfer_gain": gain,
-            "n_train": t.train.n, "n_val": t.val.n,
+            "n_train": t.train.n, "n_val": t.val.n, "world_size": rt.comm.world,
             "wall_seconds": round(time.perf_counter() - start, 3)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.finetune",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -228,14 +241,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/finetune.json", type=Path)
     parser.add_argument("--plot", default="plots/finetune.csv", type=Path)
     parser.add_argument("--scratch-plot", default="plots/scratch.csv", type=Path)
-    args = parser.parse_args(argv)
-    out = Outputs(args.model, args.probe, args.scratch, args.checkpoints, args.plot,
-                  args.scratch_plot)
+    return parser.parse_args(argv)
+
+
+def outputs(args: argparse.Namespace) -> Outputs:
+    return Outputs(args.model, args.probe, args.scratch, args.checkpoints, args.plot,
+                   args.scratch_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = arguments(argv)
 
     def body() -> None:
-        write_json(args.metrics, run(load_params(args.params), args.data, args.pretrained, out))
+        params = load_params(args.params)
+        plan = distributed.plan(params.finetune, "finetune")
+        if plan is not None:  # the processes write everything; this one keeps the exit code
+            distributed.raise_for(distributed.launch(plan, "stages.finetune:rank_main", argv),
+                                  "finetune")
+            return
+        write_json(args.metrics, run(params, args.data, args.pretrained, outputs(args)))
 
     return run_stage("finetune", body)
+
+
+def rank_main(argv: list[str]) -> int:
+    """One training process of a launched run (tracking stays with the launching process)."""
+    args = arguments(argv)
+
+    def body() -> None:
+        metrics = run(load_params(args.params), args.data, args.pretrained, outputs(args))
+        if distributed.current().is_main:
+            write_json(args.metrics, metrics)
+
+    return run_stage("finetune", body, track=False)
 
 
 if __name__ == "__main__":

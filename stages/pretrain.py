@@ -5,6 +5,8 @@ Trains the chosen architecture on the augmented source set with online crop/flip
 device. The normalisation (per-channel mean and std of the training split) is computed here
 and recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
 A run killed mid-way resumes from its last checkpoint when the params and data are unchanged.
+With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
+(stages/core/distributed.py); the first process of node 0 writes every output.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stages.core import distributed
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.dataset import Dataset, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
@@ -45,7 +48,7 @@ def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: 
     common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last}
     train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                           train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                          **common)
+                          rank=rt.comm.rank, world=rt.comm.world, **common)
     val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
                         train=False, **common)
     return train, val
@@ -63,6 +66,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     start = time.perf_counter()
     p = params.pretrain
     rt = make_runtime(p)
+    world = distributed.world_fingerprint(p, rt.comm, "pretrain")
     ds = load_dataset(data)
     if not len(ds.indices("train")):
         raise BadInput(f"{data}: the train split is empty")
@@ -79,21 +83,24 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
                       len(train))
     checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when epochs is 0
     store = CheckpointStore(checkpoints / "pretrain.pt", {
-        "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"],
-        "pretrain": p.model_dump(exclude={"checkpoint_every_steps"})})
+        "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world},
+        rt.comm)
     history = fit(tr, train, val, store, phase="pretrain", epochs=p.epochs,
                   every=p.checkpoint_every_steps, on_epoch=lambda rows: write_csv(plot, rows))
-    write_csv(plot, history)
     figures = summary(history)
+    metrics = {**figures, "n_train": train.n, "n_val": val.n, "world_size": rt.comm.world,
+               "parameters": sum(t.numel() for t in model.parameters()),
+               "wall_seconds": round(time.perf_counter() - start, 3)}
+    if not rt.comm.is_main:
+        return metrics
+    write_csv(plot, history)
     save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, {}, extra={
         "stage": "pretrain", "weights": p.weights, "hflip_policy": hflip_in_policy(ds, p),
         "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs}))
-    return {**figures, "n_train": train.n, "n_val": val.n,
-            "parameters": sum(t.numel() for t in model.parameters()),
-            "wall_seconds": round(time.perf_counter() - start, 3)}
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -102,13 +109,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints/pretrain", type=Path)
     parser.add_argument("--metrics", default="metrics/pretrain.json", type=Path)
     parser.add_argument("--plot", default="plots/pretrain.csv", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = arguments(argv)
 
     def body() -> None:
         params = load_params(args.params)
+        plan = distributed.plan(params.pretrain, "pretrain")
+        if plan is not None:  # the processes write everything; this one keeps the exit code
+            distributed.raise_for(distributed.launch(plan, "stages.pretrain:rank_main", argv),
+                                  "pretrain")
+            return
         write_json(args.metrics, run(params, args.data, args.model, args.checkpoints, args.plot))
 
     return run_stage("pretrain", body)
+
+
+def rank_main(argv: list[str]) -> int:
+    """One training process of a launched run (tracking stays with the launching process)."""
+    args = arguments(argv)
+
+    def body() -> None:
+        metrics = run(load_params(args.params), args.data, args.model, args.checkpoints,
+                      args.plot)
+        if distributed.current().is_main:
+            write_json(args.metrics, metrics)
+
+    return run_stage("pretrain", body, track=False)
 
 
 if __name__ == "__main__":

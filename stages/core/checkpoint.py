@@ -5,6 +5,10 @@ model, optimizer, scheduler and grad-scaler states; the python, numpy, torch and
 states; the position (epoch, steps done in it, the epoch's running totals); the history of
 finished epochs; and the fingerprint (params and input hashes) it was made under.
 
+Several training processes (stages/core/distributed.py): the root writes the file; it holds
+every rank's RNG states and running totals (`ranks`), and the root reads it and sends it to
+the others, so machines without the file resume too. The world size is in the fingerprint.
+
 A checkpoint is resumed only when its fingerprint equals the current one: one made under other
 params would silently mix two experiments. Then the run starts fresh and the log says which
 keys differ. Loading uses torch.load(weights_only=True): the file holds only tensors and
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.core.distributed import SINGLE, Comm
 from stages.core.io import atomic_path
 
 log = logging.getLogger("imagepipe.checkpoint")
@@ -69,8 +74,16 @@ def restore_rng(state: dict[str, Any]) -> None:
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    if saved and torch.cuda.is_available():
+        # The devices this process sees now, not those it saw then: a resume with another
+        # CUDA_VISIBLE_DEVICES failed with "invalid device ordinal" under set_rng_state_all.
+        seen = torch.cuda.device_count()
+        for index, rng in enumerate(saved[:seen]):
+            torch.cuda.set_rng_state(rng, index)
+        if len(saved) != seen:
+            log.info("the checkpoint holds the RNG states of %d GPU(s), %d are visible: restored "
+                     "%d", len(saved), seen, min(len(saved), seen))
 
 
 def seed_everything(seed: int) -> None:
@@ -92,19 +105,25 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 class CheckpointStore:
     """Save and resume one training run; `fingerprint` is what must match to resume."""
 
-    def __init__(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any], comm: Comm = SINGLE) -> None:
         self.path = Path(path)
+        self.comm = comm
         # Round-trip through JSON so tuples and lists compare equal to what a file holds.
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
     def save(self, objects: dict[str, Any], position: Position, history: list[dict[str, Any]]
              ) -> None:
+        """Write the checkpoint (every rank calls this; the root writes)."""
+        ranks = self.comm.gather({"rng": capture_rng(), "position": asdict(position)})
+        if ranks is None:
+            return
         payload = {
             "format": FORMAT,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "state": {name: obj.state_dict() for name, obj in objects.items()},
-            "rng": capture_rng(),
-            "position": asdict(position),
+            "rng": ranks[0]["rng"],
+            "position": ranks[0]["position"],
+            "ranks": ranks[1:],  # the other ranks' (empty in one process)
             "history": json.dumps(history),
         }
         with atomic_path(self.path) as tmp:
@@ -112,13 +131,14 @@ class CheckpointStore:
 
     def resume(self, objects: dict[str, Any]) -> Resumed | None:
         """Load the states into `objects` and restore the RNGs; None means start fresh."""
-        raw = self._read()
+        raw = self.comm.broadcast(self._read() if self.comm.is_main else None)
         if raw is None:
             return None
         for name, obj in objects.items():
             obj.load_state_dict(raw["state"][name])
-        restore_rng(raw["rng"])
-        pos = Position(**raw["position"])
+        mine = raw if self.comm.rank == 0 else raw["ranks"][self.comm.rank - 1]
+        restore_rng(mine["rng"])
+        pos = Position(**mine["position"])
         log.info("resuming from %s: epoch %d, step %d", self.path, pos.epoch + 1, pos.step)
         return Resumed(pos, json.loads(raw["history"]))
 

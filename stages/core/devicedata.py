@@ -15,6 +15,11 @@ Randomness: each epoch's permutation and each batch's crop offsets and flips com
 Generator seeded with (seed, epoch), never from the global RNG. So an epoch is the same batches
 whatever happened before it, which is what lets a run resumed mid-epoch skip the batches it
 already did and still end bit-identical to an uninterrupted one.
+
+Several processes (DDP): every rank draws the same epoch from (seed, epoch); `batch_size` is
+the global batch and rank r of w takes its images r, r + w, r + 2w, ... So the ranks read
+disjoint parts of each epoch that together cover it, and w ranks see, step for step, the
+images (and crops and flips) that one process with the whole batch would.
 """
 
 from __future__ import annotations
@@ -89,13 +94,20 @@ class DeviceBatches:
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,
                  device: torch.device, mean: list[float], std: list[float], batch_size: int,
                  train: bool, augment: OnlineAugment = OnlineAugment(), seed: int = 0,
-                 channels_last: bool = False, resident: bool | None = None) -> None:
+                 channels_last: bool = False, resident: bool | None = None, rank: int = 0,
+                 world: int = 1) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.n = len(self.indices)
         self.size = (int(images.shape[1]), int(images.shape[2]))
         self.device, self.train, self.seed = device, train, seed
         self.augment = augment if train else OnlineAugment()
         self.batch_size = min(batch_size, self.n) if train else batch_size
+        # Evaluation batches are not shared out: each rank scores the whole split.
+        self.rank, self.world = (rank, world) if train else (0, 1)
+        if train and world > 1:
+            self.batch_size -= self.batch_size % world
+            if not self.batch_size:
+                raise ValueError(f"{self.n} training images cannot be shared by {world} processes")
         self.channels_last = channels_last
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -126,14 +138,18 @@ class DeviceBatches:
 
     @property
     def images_per_epoch(self) -> int:
-        return min(len(self) * self.batch_size, self.n)
+        """Images this rank sees per epoch."""
+        return min(len(self) * self.batch_size, self.n) // self.world
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, offsets, flips = self._draw(epoch)
         for step in range(start_step, len(self)):
             pos = order[step * self.batch_size:(step + 1) * self.batch_size]
             lo, hi = step * self.batch_size, step * self.batch_size + len(pos)
-            yield self._batch(pos, offsets[lo:hi], flips[lo:hi]), self._labels[pos]
+            off, flip = offsets[lo:hi], flips[lo:hi]
+            if self.world > 1:
+                pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
+            yield self._batch(pos, off, flip), self._labels[pos]
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole epoch's order and augmentation, from (seed, epoch) alone."""

@@ -1,9 +1,14 @@
 """The training loop that pretrain and finetune share: device set-up, optimiser, schedule,
 `train_one_epoch`, `evaluate`, and `fit` (epochs with checkpoints and one history row each).
 
-Device: `auto` takes CUDA when present. On CUDA: bf16 autocast (no loss scaling needed, unlike
-fp16), channels_last, cuDNN benchmark, optional torch.compile. On the CPU: fp32 and one thread
-per core this process may use (bf16 on most CPUs is slower, not faster).
+Device: `auto` takes CUDA when present: `precision` auto is bf16 autocast where the GPU has it,
+else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once per model. CPU:
+fp32 (bf16 is slower on most CPUs), a thread per core, shared by this machine's ranks. Evaluation
+runs in fp32. Several processes (core/distributed.py): DDP, each rank on its share of a batch,
+the root alone writes checkpoints and calls `on_epoch`; SyncBatchNorm on CUDA only (it has no
+CPU/gloo implementation: CPU ranks normalise over their own share). Out of device memory: the
+step is redone in 2, 4, ... micro-batches whose gradients add up to the batch's; at micro-batch
+1, exit 2 with a hint (a retry cannot fit).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import io
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -22,10 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.devicedata import DeviceBatches
-from stages.core.errors import BadInput, Transient
+from stages.core.distributed import SINGLE, Comm, current
+from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_path
 from stages.core.progress import progress
@@ -44,10 +52,13 @@ class Runtime:
     bf16: bool
     channels_last: bool
     compile: bool
+    fp16: bool = False  # fp16 autocast with loss scaling (GPUs without bf16)
+    comm: Comm = SINGLE
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.bf16 or self.fp16:
+            dtype = torch.bfloat16 if self.bf16 else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
 
 
@@ -59,27 +70,70 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(asked: str, device: torch.device) -> str:
+    """bf16, fp16 or fp32 for `asked` on `device` (nanoGPT's rule: bf16 where supported)."""
+    if device.type != "cuda":
+        if asked == "fp16":
+            raise BadInput("precision: fp16 needs a CUDA device (its loss scaling is for GPUs); "
+                           "use auto, bf16 or fp32")
+        return "bf16" if asked == "bf16" else "fp32"
+    if asked in ("auto", "bf16"):
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if asked == "bf16":
+            log.warning("precision: this GPU has no bf16: fp16 with loss scaling instead")
+        return "fp16"
+    return asked
+
+
 def make_runtime(p: TrainParams) -> Runtime:
+    comm = current()
     device = select_device(p.device)
     if device.type == "cuda":
+        device = torch.device("cuda", comm.local_rank if comm.world > 1 else torch.cuda.current_device())
         # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not p.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return Runtime(device, bf16=True, channels_last=True, compile=p.compile)
-    torch.set_num_threads(usable_cores())
+        if p.deterministic:  # cuBLAS reads its workspace setting at its first call
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
+        precision = resolve_precision(p.precision, device)
+        return Runtime(device, bf16=precision == "bf16", channels_last=True, compile=p.compile,
+                       fp16=precision == "fp16", comm=comm)
+    # The ranks of one machine share its cores: all of them each would oversubscribe it.
+    torch.set_num_threads(max(1, usable_cores() // comm.local_world))
     # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
     # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
     torch.set_flush_denormal(True)
-    return Runtime(device, bf16=False, channels_last=False, compile=p.compile)
+    precision = resolve_precision(p.precision, device)
+    return Runtime(device, bf16=precision == "bf16", channels_last=False, compile=p.compile,
+                   comm=comm)
 
 
 def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
-    """Move `model` to the device in place; return what to call (compiled when asked)."""
+    """Move `model` to the device in place; return what to call (compiled, DDP-wrapped)."""
+    distributed = rt.comm.world > 1
+    if distributed and rt.device.type == "cuda" and not any(
+            isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if rt.compile else model
+    net = compiled(model) if rt.compile else model
+    if distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=ids)
+    return net
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """torch.compile(model), once per model (finetune's phases used to compile it each)."""
+    cached = model.__dict__.get("_imagepipe_compiled")  # not a submodule: outside state_dict
+    if cached is None:
+        cached = model.__dict__["_imagepipe_compiled"] = torch.compile(model)
+    return cached
 
 
 def param_groups(parts: list[tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
@@ -137,6 +191,8 @@ class Trainer:
     loss_fn: nn.Module
     # Frozen part (phase 1 of transfer): kept in eval mode so BatchNorm statistics stay put.
     frozen: nn.Module | None = None
+    # Micro-batches per step: 1 until a step runs out of device memory.
+    parts: int = 1
 
     def states(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
@@ -146,10 +202,12 @@ class Trainer:
 def make_trainer(model: nn.Module, groups: list[dict[str, Any]], p: TrainParams, rt: Runtime,
                  epochs: int, steps: int, frozen: nn.Module | None = None) -> Trainer:
     net = prepare(model, rt)
+    if rt.comm.world > 1:
+        # DDP made the weights rank 0's; dropout should differ between ranks' shares.
+        torch.manual_seed(torch.initial_seed() + rt.comm.rank)
     opt = build_optimizer(groups, p)
-    # bf16 needs no loss scaling: the scaler stays disabled but is checkpointed all the same,
-    # so an fp16 path can be added without changing the checkpoint format.
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=False)
+    # bf16 needs no loss scaling (fp16 does): the scaler is checkpointed either way.
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     return Trainer(model, net, opt, build_scheduler(opt, p, epochs, steps), scaler, rt, loss_fn,
                    frozen)
@@ -169,10 +227,7 @@ def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Positi
     correct = torch.tensor(pos.correct, dtype=torch.int64, device=tr.rt.device)
     start, before = time.perf_counter(), pos.seconds
     for x, y in batches.epoch(epoch, pos.step):
-        try:
-            logits, loss = _step(tr, x, y)
-        except torch.OutOfMemoryError as err:
-            raise Transient(f"out of device memory at batch size {len(y)}: {err}") from None
+        logits, loss = _step(tr, x, y)
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         pos.step, pos.seen = pos.step + 1, pos.seen + len(y)
@@ -187,15 +242,51 @@ def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Positi
 
 
 def _step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with tr.rt.autocast():
-        logits = tr.net(x)
-    loss = tr.loss_fn(logits.float(), y)
-    tr.opt.zero_grad(set_to_none=True)
-    tr.scaler.scale(loss).backward()
+    while True:
+        tr.opt.zero_grad(set_to_none=True)
+        try:
+            logits, loss = _accumulate(tr, x, y)
+            break
+        except torch.OutOfMemoryError as err:
+            _halve(tr, len(y), err)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.sched.step()
     return logits, loss
+
+
+def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the batch in `tr.parts` micro-batches, each loss weighted by
+    its share, so the gradients sum to the whole batch's. DDP syncs on the last one only."""
+    parts = min(tr.parts, len(y))
+    outs, total = [], torch.zeros((), device=y.device)
+    for i, (xi, yi) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), strict=True)):
+        quiet = i < parts - 1 and isinstance(tr.net, DistributedDataParallel)
+        with tr.net.no_sync() if quiet else nullcontext():  # type: ignore[operator]
+            with tr.rt.autocast():
+                logits = tr.net(xi)
+            loss = tr.loss_fn(logits.float(), yi)
+            if parts > 1:
+                loss = loss * (len(yi) / len(y))
+            tr.scaler.scale(loss).backward()
+        outs.append(logits.detach())
+        total = total + loss.detach()
+    return (outs[0] if parts == 1 else torch.cat(outs)), total
+
+
+def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:
+    """After an out-of-memory step: twice the micro-batches, or BadInput at one image each."""
+    tr.opt.zero_grad(set_to_none=True)
+    if tr.rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    micro = -(-batch // tr.parts)
+    if micro <= 1:
+        raise BadInput(f"out of device memory even one image at a time ({err}); use a smaller "
+                       f"model or width, a lower image_size, or a GPU with more memory") from None
+    tr.parts *= 2
+    log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of about %d "
+                "(the same effective batch of %d)", micro, tr.parts, -(-batch // tr.parts), batch)
 
 
 @torch.inference_mode()
@@ -203,9 +294,8 @@ def predict(net: nn.Module, batches: DeviceBatches, rt: Runtime) -> np.ndarray:
     """Logits (float32 N x K, numpy) of every image, in order."""
     net.eval()
     out = []
-    for x, _ in batches.epoch(0):
-        with rt.autocast():
-            out.append(net(x).float().cpu())
+    for x, _ in batches.epoch(0):  # fp32: evaluation never autocasts
+        out.append(net(x).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -215,9 +305,8 @@ def evaluate(net: nn.Module, batches: DeviceBatches, rt: Runtime, loss_fn: nn.Mo
     """(mean loss, accuracy) over a split."""
     net.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in batches.epoch(0):
-        with rt.autocast():
-            logits = net(x).float()
+    for x, y in batches.epoch(0):  # fp32: evaluation never autocasts
+        logits = net(x).float()
         loss_sum += float(loss_fn(logits, y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -231,6 +320,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
 
     A checkpoint is written after every epoch and every `every` steps; a finished run's last
     checkpoint makes a rerun with the same fingerprint a no-op that returns the same history.
+    Every rank calls this; rows hold the totals of all ranks; only the root calls `on_epoch`.
     """
     resumed = store.resume(tr.states())
     pos = resumed.position if resumed else Position()
@@ -247,28 +337,32 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
                                   save=lambda p: store.save(tr.states(), p, history), every=every)
             row = _row(tr, phase, epoch_offset + epoch + 1, pos, val)
             history.append(row)
+            from stages.core.epochlog import record_epoch  # stdlib only: the live curve
+
+            record_epoch(phase, row)
             log.info("%s epoch %d/%d: train loss %.4f acc %.4f | val loss %s acc %s | %.0f "
                      "images/s", phase, epoch + 1, epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], row["images_per_s"])
             pos = Position(epoch=epoch + 1)
             store.save(tr.states(), pos, history)
-            if on_epoch is not None:
+            if on_epoch is not None and tr.rt.comm.is_main:
                 on_epoch(history)
     return history
 
 
 def _row(tr: Trainer, phase: str, epoch: int, pos: Position, val: DeviceBatches | None
          ) -> dict[str, Any]:
+    loss_sum, correct, seen = tr.rt.comm.all_sum([pos.loss_sum, pos.correct, pos.seen])
     val_loss, val_acc = (evaluate(tr.net, val, tr.rt, tr.loss_fn) if val is not None and val.n
                          else (None, None))
     return {
         "phase": phase, "epoch": epoch,
-        "train_loss": round(pos.loss_sum / max(pos.seen, 1), 6),
-        "train_acc": round(pos.correct / max(pos.seen, 1), 6),
+        "train_loss": round(loss_sum / max(seen, 1), 6),
+        "train_acc": round(correct / max(seen, 1), 6),
         "val_loss": None if val_loss is None else round(val_loss, 6),
         "val_acc": None if val_acc is None else round(val_acc, 6),
         "lr": round(max(g["lr"] for g in tr.opt.param_groups), 8),
-        "images_per_s": round(pos.seen / max(pos.seconds, 1e-9), 1),
+        "images_per_s": round(seen / max(pos.seconds, 1e-9), 1),
         "seconds": round(pos.seconds, 3),
     }
 

@@ -158,6 +158,116 @@ def test_cuda_without_a_device_is_bad_input() -> None:
         select_device("cuda")
 
 
+# ---------------------------------------------------------------- ranks, precision, memory
+
+
+def test_ranks_share_each_global_batch_disjointly(images: np.ndarray) -> None:
+    aug = OnlineAugment(crop_padding=2, hflip=True)
+    whole = collect(batches(images, augment=aug), 2)
+    shares = [collect(batches(images, augment=aug, rank=r, world=2), 2) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == len(whole)
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *shares, strict=True):
+        assert len(y0) == len(y1) == len(y) // 2  # images r, r + 2, ... of the same batch
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
+
+
+def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.core import distributed
+    from stages.params import TrainParams
+
+    for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.plan(TrainParams(device="cpu", devices="auto"), "pretrain") is None
+    assert distributed.plan(TrainParams(device="cpu", devices=1, nodes=1), "pretrain") is None
+    with pytest.raises(BadInput, match="pretrain.rdzv_endpoint"):
+        distributed.plan(TrainParams(device="cpu", nodes=2), "pretrain")
+    monkeypatch.setenv("PET_NNODES", "2")
+    monkeypatch.setenv("PET_NODE_RANK", "1")
+    monkeypatch.setenv("PET_RDZV_ENDPOINT", "job-0.svc:29400")
+    pl = distributed.plan(TrainParams(device="cpu"), "finetune")
+    assert pl is not None and (pl.nnodes, pl.node_rank, pl.world) == (2, 1, 2)
+    assert (pl.endpoint, pl.rdzv_backend, pl.backend) == ("job-0.svc:29400", "c10d", "gloo")
+
+
+def test_precision_on_the_cpu() -> None:
+    from stages.core.train import resolve_precision
+
+    assert resolve_precision("auto", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(BadInput, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", CPU)
+
+
+def tiny_trainer(model: torch.nn.Module, steps: int) -> Any:
+    from stages.core.train import Runtime, make_trainer, param_groups
+    from stages.params import TrainParams
+
+    rt = Runtime(CPU, bf16=False, channels_last=False, compile=False)
+    return make_trainer(model, param_groups([(model, 0.05)], 5e-4), TrainParams(device="cpu"),
+                        rt, 1, steps)
+
+
+def test_simulated_out_of_memory_accumulates_to_the_same_step(images: np.ndarray) -> None:
+    """No GPU here: the OOM is simulated (a forward that raises torch.OutOfMemoryError above 4
+    images), as a GPU raises it. Micro-batches of 4 then give the whole batch's step."""
+    from stages.core.train import train_one_epoch
+
+    class Fussy(torch.nn.Module):  # no BatchNorm: micro-batches change its statistics
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6 * 7 * 3, 5))
+            self.limit = 10**9
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.net(x)
+
+    b = batches(images, augment=OnlineAugment(crop_padding=1))
+    plain, fussy = Fussy(), Fussy()
+    fussy.limit = 4
+    tr_plain, tr_fussy = tiny_trainer(plain, len(b)), tiny_trainer(fussy, len(b))
+    train_one_epoch(tr_plain, b, 0, Position())
+    train_one_epoch(tr_fussy, b, 0, Position())
+    assert tr_fussy.parts == 4 and tr_plain.parts == 1  # 16 -> 8 -> 4 images a micro-batch
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fussy.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    fussy.limit = 0
+    with pytest.raises(BadInput, match="even one image at a time"):
+        train_one_epoch(tr_fussy, b, 1, Position())
+
+
+def test_compile_happens_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[torch.nn.Module] = []
+
+    def fake_compile(model: torch.nn.Module) -> torch.nn.Module:
+        calls.append(model)
+        return torch.nn.Sequential(model)  # stands for the compiled wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    from stages.core.train import Runtime, make_trainer, param_groups
+    from stages.params import TrainParams
+
+    rt = Runtime(CPU, bf16=False, channels_last=False, compile=True)
+    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    p = TrainParams(device="cpu")
+    nets = [make_trainer(m, param_groups([(m, 0.1)], 0.0), p, rt, 1, 1).net
+            for m in (model, model, other)]  # finetune: head phase, full phase; scratch
+    assert calls == [model, other] and nets[0] is nets[1] and nets[0] is not nets[2]
+    assert "_imagepipe_compiled" not in "".join(model.state_dict())
+
+
+def test_rng_restore_uses_the_gpus_visible_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = capture_rng()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # saved on a 2-GPU machine
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    restore_rng(state)  # not "invalid device ordinal"
+    assert restored == [0]
+
+
 # ---------------------------------------------------------------- one tiny chain, in-process
 
 

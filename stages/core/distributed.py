@@ -1,0 +1,322 @@
+"""Training over several processes and machines: the launch plan, the launch, and what a rank
+needs to talk to the others.
+
+Input: a training section of params.yaml (devices, nodes, rdzv_endpoint) and torch elastic's
+environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_RDZV_ENDPOINT, PET_RDZV_BACKEND,
+PET_RDZV_ID, as flows/k8s.py sets them; or MASTER_ADDR/MASTER_PORT). Output: an exit code.
+
+Why elastic_launch from inside the stage rather than `torchrun` in dvc.yaml: torchrun reports
+any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, with restarts,
+reruns bad input. Here each rank runs the stage's body behind the stage door, writes the exit
+code it means to a small file, and exits with it; the parent combines the codes (`combine`).
+
+One device on one machine never comes here (`plan` returns None): today's path, no process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stages.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_TRANSIENT,
+    BadInput,
+    Terminated,
+    Transient,
+)
+from stages.core.host import visible_gpus
+from stages.params import TrainParams
+
+log = logging.getLogger("imagepipe.distributed")
+
+# Which rank's code the stage reports when ranks disagree: the cause beats its consequences
+# (a rank that raised BadInput makes its peers fail on a broken connection, a bug, or be
+# terminated by the agent), and retrying beats not retrying only when nothing says "bad input".
+PRIORITY = (EXIT_BAD_INPUT, EXIT_TRANSIENT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED)
+
+
+@dataclass(frozen=True)
+class Comm:
+    """This process's place among the training processes. `root` (rank 0) is the writer. With
+    the c10d rendezvous torch numbers the machines in the order of their host names (then
+    process ids), so rank 0 is on the machine whose name sorts first: node 0 in a Kubernetes
+    Indexed Job (<job>-0); with the static rendezvous it is node_rank 0."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    root: int = 0
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == self.root
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on the root; None elsewhere."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=self.root)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """The root's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.root)
+        return box[0]
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over the ranks (float64: the same sums in any order of arrival)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return [float(v) for v in t.cpu()]
+
+
+SINGLE = Comm()
+_current = SINGLE
+
+
+def current() -> Comm:
+    """The Comm of this process: SINGLE unless `join` ran here."""
+    return _current
+
+
+@dataclass(frozen=True)
+class Plan:
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    endpoint: str
+    rdzv_backend: str
+    run_id: str
+    backend: str  # the process group's: nccl on CUDA, gloo on the CPU
+    ranked: bool = False  # node_rank was given (PET_NODE_RANK / NODE_RANK), not assumed
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any]:
+    """A checkpoint fingerprint's part about the section and the processes: the world size and
+    per-rank batch, not how they were asked for (devices: auto or 2 alike, any endpoint)."""
+    if p.batch_size % comm.world:
+        raise BadInput(f"{section}.batch_size: {p.batch_size} is not divisible by the "
+                       f"{comm.world} training processes (batch_size is the global batch)")
+    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint"}
+    return {section: p.model_dump(exclude=skip), "world_size": comm.world,
+            "rank_batch": p.batch_size // comm.world}
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput(f"{name}={value!r} is not a whole number") from None
+
+
+def resolve_devices(p: TrainParams) -> int:
+    """Processes on this machine: `devices`, with auto = every visible GPU (1 on a CPU)."""
+    gpus = 0 if p.device == "cpu" else visible_gpus()
+    if p.devices == "auto":
+        return max(gpus, 1)
+    if p.device == "cuda" and p.devices > gpus:
+        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
+                       f"or at most {gpus}")
+    if p.device == "auto" and gpus and p.devices > gpus:
+        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible")
+    return p.devices
+
+
+def plan(p: TrainParams, stage: str) -> Plan | None:
+    """How to launch `stage`; None for one process on one machine (no launch at all).
+
+    torch elastic's PET_* variables (a Kubernetes Job's) win over params: they describe the
+    machine the process is on; params describe the experiment."""
+    nproc = _env_int("PET_NPROC_PER_NODE") or resolve_devices(p)
+    nnodes = _env_int("PET_NNODES") or p.nodes
+    if nproc * nnodes == 1:
+        return None
+    given = _env_int("PET_NODE_RANK")
+    given = _env_int("NODE_RANK") if given is None else given
+    node_rank = given or 0
+    endpoint = os.environ.get("PET_RDZV_ENDPOINT") or p.rdzv_endpoint
+    if not endpoint and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if not endpoint:
+        if nnodes > 1:
+            raise BadInput(f"{stage}.nodes: {nnodes} machines need a rendezvous: set "
+                           f"{stage}.rdzv_endpoint (host:port of node 0) or PET_RDZV_ENDPOINT")
+        endpoint = "localhost:0"  # torchrun --standalone's: a free port on this machine
+    cuda = p.device != "cpu" and visible_gpus() > 0
+    run_id = os.environ.get("PET_RDZV_ID") or (f"imagepipe-{stage}" if nnodes > 1
+                                                 else uuid.uuid4().hex)
+    return Plan(nproc, nnodes, node_rank, endpoint, os.environ.get("PET_RDZV_BACKEND", "c10d"),
+                run_id, "nccl" if cuda else "gloo", given is not None)
+
+
+def launch(pl: Plan, target: str, argv: list[str]) -> int:
+    """Run `target` ("module:function(argv) -> exit code") on this machine's share of the
+    processes; return the stage's exit code, whichever rank failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    log.info("launching %d process(es) on this machine (node %d of %d, %s, rendezvous %s %s)",
+             pl.nproc_per_node, pl.node_rank, pl.nnodes, pl.backend, pl.rdzv_backend, pl.endpoint)
+    configs: dict[str, Any] = {}
+    if pl.rdzv_backend == "static":
+        configs["rank"] = pl.node_rank
+    elif pl.ranked:
+        # Node 0 hosts the c10d store, the others connect (on one host both would try); without
+        # a node rank torch decides by matching the endpoint's host name with this machine's.
+        configs["is_host"] = pl.node_rank == 0
+    config = LaunchConfig(min_nodes=pl.nnodes, max_nodes=pl.nnodes,
+                          nproc_per_node=pl.nproc_per_node, run_id=pl.run_id,
+                          rdzv_endpoint=pl.endpoint, rdzv_backend=pl.rdzv_backend,
+                          rdzv_configs=configs, max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
+    with tempfile.TemporaryDirectory(prefix="imagepipe-ranks-") as codes:
+        failures: dict[int, int] = {}
+        try:
+            elastic_launch(config, _rank_entry)(pl.backend, pl.node_rank, target, argv, codes)
+        except ChildFailedError as err:
+            failures = {int(rank): int(f.exitcode) for rank, f in err.failures.items()}
+        except SignalException as err:
+            log.warning("the launch got %s: its processes were stopped", err.sigval.name)
+            return EXIT_INTERRUPTED if err.sigval == signal.SIGINT else EXIT_TERMINATED
+        except Exception as err:  # noqa: BLE001 - rendezvous and agent errors: the network's
+            log.error("the launch failed: %s: %s", type(err).__name__, err)
+            return EXIT_TRANSIENT
+        written = {int(f.name.removeprefix("rank")): int(f.read_text() or EXIT_BUG)
+                   for f in Path(codes).glob("rank*")}
+    return combine(written, failures)
+
+
+def combine(written: dict[int, int], failures: dict[int, int]) -> int:
+    """The stage's exit code from the codes ranks wrote and the exit codes the agent saw.
+
+    A rank that failed without writing one died by a signal (exit < 0: transient, as the
+    contract says) or before its door ran (a bug)."""
+    codes = list(written.values())
+    for rank, exitcode in failures.items():
+        if rank not in written:
+            codes.append(EXIT_TRANSIENT if exitcode < 0 else EXIT_BUG)
+    for code in PRIORITY:
+        if code in codes:
+            return code
+    bad = [c for c in codes if c != EXIT_OK]
+    return EXIT_BUG if bad else EXIT_OK
+
+
+class RankFailed(Exception):
+    """A training process failed with a bug (its traceback is above in the log)."""
+
+
+def raise_for(code: int, stage: str) -> None:
+    """Re-raise a launch's exit code in the parent, so that its stage door maps it back."""
+    said = f"{stage}: a training process failed (its message is above)"
+    if code == EXIT_OK:
+        return
+    if code == EXIT_BAD_INPUT:
+        raise BadInput(said)
+    if code == EXIT_TRANSIENT:
+        raise Transient(said)
+    if code == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if code == EXIT_TERMINATED:
+        raise Terminated(said)
+    raise RankFailed(said)
+
+
+def join(backend: str, node_rank: int) -> Comm:
+    """Join the process group torch elastic set up in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); make this process's Comm the current one."""
+    global _current
+    local = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    # Rank 0 writes: DDP's buffers (CPU BatchNorm statistics) are rank 0's too, so the outputs
+    # do not depend on which machine got which rank.
+    _current = Comm(dist.get_rank(), dist.get_world_size(), local,
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 0, backend)
+    log.debug("rank %d of %d (node %d, local rank %d)", _current.rank, _current.world,
+              node_rank, local)
+    return _current
+
+
+def leave() -> None:
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = SINGLE
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the launching one dies (Linux): a stage killed with -9 must
+    not leave ranks writing checkpoints behind it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _rank_entry(backend: str, node_rank: int, target: str, argv: list[str], codes: str) -> int:
+    """One rank: join, run the stage's rank function, write its exit code, exit with it."""
+    _die_with_parent()
+    rank = int(os.environ.get("RANK", "0"))
+    code = EXIT_BUG
+    try:
+        try:
+            comm = join(backend, node_rank)
+        except Exception as err:  # noqa: BLE001 - a peer or the store unreachable
+            print(f"rank {rank}: could not join the others: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+            code = EXIT_TRANSIENT
+        else:
+            if not comm.is_main:  # one log and one set of live MLflow curves, not one per rank
+                logging.getLogger("imagepipe").setLevel(logging.WARNING)
+                os.environ["IMAGEPIPE_TRACKING"] = "0"
+                os.environ.pop("IMAGEPIPE_EPOCH_LOG", None)  # core/epochlog.py's live curve
+            module, name = target.split(":")
+            code = int(getattr(importlib.import_module(module), name)(argv))
+    finally:
+        (Path(codes) / f"rank{rank}").write_text(str(code))
+    if code != EXIT_OK:
+        # No orderly goodbye: a peer may be waiting in a collective that will never complete.
+        sys.stderr.flush()
+        os._exit(code)
+    leave()
+    return code
