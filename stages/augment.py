@@ -11,17 +11,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.core.dataset import SPLIT_CODE, Dataset, dataset_writer, load_dataset
+from stages.core.dataset import (
+    SPLIT_CODE,
+    Dataset,
+    file_sha256,
+    iter_rows,
+    load_dataset,
+    write_sharded,
+)
 from stages.core.door import run_stage
-from stages.core.io import atomic_path, write_json
+from stages.core.engine import run_map
+from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.progress import progress
+from stages.core.shards import RowWriter
 from stages.params import AugmentParams, Params, load_params
 
 if TYPE_CHECKING:
@@ -30,6 +41,10 @@ if TYPE_CHECKING:
 # torch and torchvision (~2.5 s) are imported where they are used, not for --help or the door.
 
 log = logging.getLogger("imagepipe.augment")
+TRAIN = SPLIT_CODE["train"]
+# Augmented images below which the copies run in this process: starting workers that each
+# import torch (~2.5 s) costs more than augmenting the digits default (~1,400 images).
+INLINE_BELOW = 20_000
 
 
 def build_policy(p: AugmentParams, size: int, channels: int) -> v2.Compose:
@@ -72,55 +87,110 @@ def augment_batch(policy: v2.Compose, batch: np.ndarray) -> np.ndarray:
     return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
-    """Write the augmented dataset to `out`; return metrics."""
+@dataclass(frozen=True)
+class CopyTask:
+    """One augmented copy of one source shard's training rows: an engine task."""
+
+    source: str  # the source shard (.npy)
+    train_rows: np.ndarray  # its rows in the train split
+    dest: str  # the output shard
+    policy: AugmentParams
+    seed: int  # torch seed of this task alone: the bytes depend on the task, not the engine
+    batch: int
+
+
+def augment_shard(task: CopyTask) -> tuple[int, str]:
+    """Write the task's augmented copy; return (rows, sha256). Reads and writes in batches."""
     import torch
 
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)  # one task per core: the engine is the parallelism
+    src = np.load(task.source, mmap_mode="r")
+    policy = build_policy(task.policy, src.shape[1], src.shape[3])
+    torch.manual_seed(task.seed)
+    writer = RowWriter(Path(task.dest), src.shape[1:], capacity=len(task.train_rows))
+    for lo in range(0, len(task.train_rows), task.batch):
+        writer.write(augment_batch(policy, src[task.train_rows[lo:lo + task.batch]]))
+    writer.close()
+    return writer.n, file_sha256(Path(task.dest))
+
+
+def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
+    """Write the augmented dataset to `out`; return metrics.
+
+    Layout: every source shard's training rows, then copy by copy each shard's augmented
+    training rows (one engine task each), then each shard's val and test rows. Each output
+    shard is at most as large as its source shard; nothing is held whole in memory."""
     p = params.augment
     ds = load_dataset(source)
     size, _, channels = ds.image_shape
-    policy = build_policy(p, size, channels)
+    files, bounds = source_shards(source.resolve(), ds)  # absolute: read on other nodes too
     train = ds.indices("train")
-    others = np.concatenate([ds.indices("val"), ds.indices("test")])
-    n = len(train) * (1 + p.copies) + len(others)
-    start = time.perf_counter()
-    with dataset_writer(out, n, ds.image_shape) as writer:
-        pos = _copy(ds, train, writer, 0, p.batch_size)
+    n = len(train) * (1 + p.copies) + len(ds.labels) - len(train)
+    with atomic_dir(out) as tmp:
+        (tmp / "shards").mkdir()
+        made: list[tuple[Path, str, int]] = []
+        labels, splits = [], []
+        for k, path in enumerate(files):  # originals
+            lo, hi = bounds[k], bounds[k + 1]
+            made.append(_copy_rows(path, ds.split[lo:hi] == TRAIN, tmp / f"orig-{k}.npy"))
+            labels.append(ds.labels[lo:hi][ds.split[lo:hi] == TRAIN])
+        tasks = [CopyTask(str(path), np.flatnonzero(ds.split[bounds[k]:bounds[k + 1]] == TRAIN),
+                          str(tmp.resolve() / f"copy-{c}-{k}.npy"), p,
+                          params.seed * 1_000_003 + c * 100_003 + k, p.batch_size)
+                 for c in range(p.copies) for k, path in enumerate(files)]
+        start = time.perf_counter()
+        results: dict[int, tuple[int, str]] = {}
+        small = len(train) * p.copies < INLINE_BELOW
         with progress("augment", len(train) * p.copies) as advance:
-            for copy in range(p.copies):
-                # One seed per copy: the same params give the same bytes, copy by copy.
-                torch.manual_seed(params.seed * 1_000_003 + copy)
-                for lo in range(0, len(train), p.batch_size):
-                    idx = train[lo:lo + p.batch_size]
-                    writer.images[pos:pos + len(idx)] = augment_batch(policy, ds.images[idx])
-                    writer.labels[pos:pos + len(idx)] = ds.labels[idx]
-                    writer.split[pos:pos + len(idx)] = SPLIT_CODE["train"]
-                    pos += len(idx)
-                    advance(len(idx))
+            for i, result in run_map(augment_shard, tasks, engine="inline" if small else
+                                     params.data.engine, ray_address=params.data.ray_address):
+                results[i] = result
+                advance(result[0])
         seconds = time.perf_counter() - start
-        _copy(ds, others, writer, pos, p.batch_size)
-        writer.finish(ds.classes, {
+        made += [(Path(t.dest), results[i][1], results[i][0]) for i, t in enumerate(tasks)]
+        labels += [labels[k] for _ in range(p.copies) for k in range(len(files))]
+        splits = [np.full(sum(map(len, labels)), TRAIN, dtype=np.uint8)]
+        for k, path in enumerate(files):  # val and test, untouched
+            lo, hi = bounds[k], bounds[k + 1]
+            made.append(_copy_rows(path, ds.split[lo:hi] != TRAIN, tmp / f"rest-{k}.npy"))
+            labels.append(ds.labels[lo:hi][ds.split[lo:hi] != TRAIN])
+            splits.append(ds.split[lo:hi][ds.split[lo:hi] != TRAIN])
+        write_sharded(tmp, [m for m in made if m[2]], np.concatenate(labels),
+                      np.concatenate(splits), ds.classes, {
             "uri": ds.manifest.get("uri"), "role": "augmented", "source_sha256": ds.manifest["sha256"],
             "image_size": size, "channels": channels, "seed": params.seed,
             "params": {"augment": p.model_dump()},
         })
-    made = len(train) * p.copies
-    metrics = {"n_train_original": int(len(train)), "copies": p.copies, "n_augmented": made,
+        for path, _, _ in made:  # linked into shards/ by write_sharded
+            path.unlink(missing_ok=True)
+    made_n = len(train) * p.copies
+    metrics = {"n_train_original": int(len(train)), "copies": p.copies, "n_augmented": made_n,
                "n_total": n, "seconds": round(seconds, 3),
-               "images_per_s": round(made / seconds, 1) if made and seconds > 0 else 0.0}
+               "images_per_s": round(made_n / seconds, 1) if made_n and seconds > 0 else 0.0}
     log.info("augment: %d copies of %d training images at %.0f images/s -> %s",
              p.copies, len(train), metrics["images_per_s"], out)
     return metrics
 
 
-def _copy(ds: Dataset, idx: np.ndarray, writer: Any, pos: int, batch: int) -> int:
-    for lo in range(0, len(idx), batch):
-        part = idx[lo:lo + batch]
-        writer.images[pos:pos + len(part)] = ds.images[part]
-        writer.labels[pos:pos + len(part)] = ds.labels[part]
-        writer.split[pos:pos + len(part)] = ds.split[part]
-        pos += len(part)
-    return pos
+def source_shards(folder: Path, ds: Dataset) -> tuple[list[Path], np.ndarray]:
+    """The source's shard files and their row offsets (a one-array set is one shard)."""
+    if "shards" not in ds.manifest:
+        return [folder / "images.npy"], np.array([0, len(ds.labels)])
+    entries = ds.manifest["shards"]
+    return ([folder / e["file"] for e in entries],
+            np.concatenate([[0], np.cumsum([e["n"] for e in entries])]))
+
+
+def _copy_rows(path: Path, mask: np.ndarray, dest: Path, chunk: int = 2048
+               ) -> tuple[Path, str, int]:
+    """The rows of a shard where `mask`, into a new shard, in chunks: memory flat."""
+    shape = tuple(np.load(path, mmap_mode="r").shape[1:])
+    writer = RowWriter(dest, shape, capacity=int(mask.sum()))
+    for lo, rows in iter_rows(path, shape, chunk):
+        writer.write(rows[mask[lo:lo + len(rows)]])
+    writer.close()
+    return dest, file_sha256(dest), writer.n
 
 
 def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:

@@ -18,22 +18,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import zlib
 from collections import defaultdict
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.core.dataset import SPLIT_CODE, SPLITS, dataset_writer
+from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
-from stages.core.host import usable_cores
-from stages.core.io import write_json
+from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
-from stages.core.sources import BadFile, Listing, canonical, open_source
+from stages.core.shards import Built, build_shards
+from stages.core.sources import Listing, open_source
 from stages.params import DataParams, DatasetRole, Params, load_params
 
 log = logging.getLogger("imagepipe.ingest")
@@ -60,11 +60,13 @@ class Selection:
     shipped: bool = False  # every split came from the source (folders), none carved here
 
 
-def select(listing: Listing, role: DatasetRole, data: DataParams, rng: np.random.Generator,
+def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int],
            role_name: str = "target") -> Selection:
     """Filter classes, assign splits where none shipped, cap training images per class.
 
-    `role` should be filled (DatasetRole.filled); its unset fractions fall back to `data`."""
+    `role` should be filled (DatasetRole.filled); its unset fractions fall back to `data`.
+    Each class draws from a generator of its own, seeded by `seed` and the class name: a change
+    to one class's files changes no other class's split or cap (nor its shards)."""
     role = role.filled(data)
     labels, splits = listing.labels, listing.splits.copy()
     classes = listing.classes
@@ -83,6 +85,9 @@ def select(listing: Listing, role: DatasetRole, data: DataParams, rng: np.random
     if "test" in NEEDED[role_name]:
         note = _shipped_val_as_test(splits, keep, role)
         notes += [note] if note else []
+    def rng(cls: int, step: int) -> np.random.Generator:
+        return np.random.default_rng([*seed, step, zlib.crc32(classes[cls].encode())])
+
     _assign_splits(labels, splits, keep, role, rng)
     capped: dict[str, int] = {}
     if role.train_per_class is not None:
@@ -120,7 +125,7 @@ def _share(n: int, fraction: float, spare: int) -> int:
 
 
 def _assign_splits(labels: np.ndarray, splits: np.ndarray, keep: np.ndarray, role: DatasetRole,
-                   rng: np.random.Generator) -> None:
+                   rng: Callable[[int, int], np.random.Generator]) -> None:
     """In place: items without a split get one, per class, by seeded permutation.
 
     Per class rather than sklearn's train_test_split(stratify=...), which refuses classes with
@@ -129,7 +134,7 @@ def _assign_splits(labels: np.ndarray, splits: np.ndarray, keep: np.ndarray, rol
     has_test = bool(np.any(splits[keep] == TEST))
     for cls in np.unique(labels[keep]):
         free = np.flatnonzero(keep & (labels == cls) & (splits < 0))
-        free = rng.permutation(free)
+        free = rng(int(cls), 0).permutation(free)
         n = len(free)
         n_test = 0 if has_test else _share(n, role.test_fraction, n - 1)
         n_val = _share(n, role.val_fraction, n - 1 - n_test)
@@ -139,84 +144,74 @@ def _assign_splits(labels: np.ndarray, splits: np.ndarray, keep: np.ndarray, rol
 
 
 def _cap_train(labels: np.ndarray, splits: np.ndarray, keep: np.ndarray, cap: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, dict[int, int]]:
+               rng: Callable[[int, int], np.random.Generator]
+               ) -> tuple[np.ndarray, dict[int, int]]:
     """(mask of the items kept, {class: training images before the cap} of capped classes)."""
     mask = np.ones(len(labels), dtype=bool)
     before: dict[int, int] = {}
     for cls in np.unique(labels[keep]):
         train = np.flatnonzero(keep & (labels == cls) & (splits == TRAIN))
         if len(train) > cap:
-            mask[rng.choice(train, size=len(train) - cap, replace=False)] = False
+            mask[rng(int(cls), 1).choice(train, size=len(train) - cap, replace=False)] = False
             before[int(cls)] = len(train)
     return mask, before
-
-
-def _decode_batches(listing: Listing, refs: list[str], size: int, channels: int, batch: int
-                    ) -> Iterator[list[tuple[str, str | None, np.ndarray | str]]]:
-    """Yield batches of (ref, digest or None, image or reason), in input order.
-
-    Threads, not processes: Pillow releases the GIL while decoding, and threads share the
-    listing without pickling it.
-    """
-    def one(ref: str) -> tuple[str, str | None, np.ndarray | str]:
-        try:
-            digest, img = listing.fetch(ref)
-            return ref, digest, canonical(img, size, channels)
-        except BadFile as err:
-            return ref, None, str(err)
-        except OSError as err:  # unreadable on disk (permissions, vanished)
-            return ref, None, f"unreadable: {err}"
-
-    with ThreadPoolExecutor(max_workers=max(usable_cores(), 2)) as pool:
-        for start in range(0, len(refs), batch):
-            yield list(pool.map(one, refs[start:start + batch]))
 
 
 def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) -> dict[str, Any]:
     """Ingest one role into `out`; return its report."""
     data = params.data
     role = role.filled(data)
-    rng = np.random.default_rng([params.seed, ROLES.index(role_name)])
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
                           max_file_bytes=int(data.max_file_mb * 2**20))
-    sel = select(listing, role, data, rng, role_name)
+    sel = by_class(select(listing, role, data, [params.seed, ROLES.index(role_name)], role_name))
     for note in sel.notes:
         log.info("ingest %s: %s", role_name, note)
     _require_training_images(sel, sel.labels, sel.splits, role.uri)
     _require_splits(role_name, role, sel, sel.labels, sel.splits, after_decoding=False)
-    shape = (role.image_size, role.image_size, role.channels)
-    bad: list[dict[str, str]] = []
+    built = _decode(role_name, listing, sel, role, data, out.parent / f".{out.name}.shards")
+    labels, splits, bad = sel.labels[built.keep], sel.splits[built.keep], built.bad
     digests: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    with dataset_writer(out, len(sel.refs), shape) as writer:
-        kept = 0
-        with progress(f"ingest {role_name}", len(sel.refs)) as advance:
-            for offset, results in _batched_with_offset(listing, sel, shape, data.batch_size):
-                for i, (ref, digest, result) in enumerate(results, start=offset):
-                    if digest is None:
-                        bad.append({"path": ref, "reason": str(result)})
-                        continue
-                    writer.images[kept] = result
-                    writer.labels[kept] = sel.labels[i]
-                    writer.split[kept] = sel.splits[i]
-                    digests[digest].append((int(sel.splits[i]), ref))
-                    kept += 1
-                advance(len(results))
+    for i in np.flatnonzero(built.keep):
+        digests[built.digests[i]].append((int(sel.splits[i]), sel.refs[i]))  # type: ignore[index]
+    with atomic_dir(out) as tmp:
         report = _validate(role_name, role, data, sel, bad, digests, listing,
                            out.parent / f"{out.name}.report.json")
-        writer.truncate(kept)
-        _require_training_images(sel, writer.labels, writer.split, role.uri)
-        _require_splits(role_name, role, sel, writer.labels, writer.split, after_decoding=True)
-        manifest = writer.finish(sel.classes, {
+        _require_training_images(sel, labels, splits, role.uri)
+        _require_splits(role_name, role, sel, labels, splits, after_decoding=True)
+        manifest = write_sharded(tmp, built.shards, labels, splits, sel.classes, {
             "uri": role.uri, "role": role_name, "image_size": role.image_size,
             "channels": role.channels, "seed": params.seed,
-            "params": {"data": data.model_dump(exclude={"source", "target"}), role_name: role.model_dump()},
+            "params": {"data": data.model_dump(exclude={"source", "target", "engine",
+                                                        "ray_address"}),
+                       role_name: role.model_dump()},
         })
-        write_json(writer.folder / "report.json", report)
+        write_json(tmp / "report.json", report)
+    built.prune()
     log.info("%s", counts_table(role_name, role, manifest["counts"], sel.capped))
-    log.info("%s: %d images, %d classes, %d bad, %d duplicate groups -> %s", role_name,
-             manifest["n"], len(sel.classes), len(bad), len(report["duplicates"]), out)
+    log.info("%s: %d images in %d shard(s) (%d decoded now), %d classes, %d bad, %d duplicate "
+             "groups -> %s", role_name, manifest["n"], len(built.shards), built.decoded,
+             len(sel.classes), len(bad), len(report["duplicates"]), out)
     return report
+
+
+def by_class(sel: Selection) -> Selection:
+    """The selection in class order (stable within a class): shards are class-local."""
+    order = np.argsort(sel.labels, kind="stable")
+    return replace(sel, refs=[sel.refs[i] for i in order], labels=sel.labels[order],
+                   splits=sel.splits[order])
+
+
+def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
+            data: DataParams, staging: Path) -> Built:
+    """Staged shards of the selection on data.engine; only missing or changed ones decoded."""
+    with progress(f"ingest {role_name}", len(sel.refs)) as advance:
+        return build_shards(
+            sel.refs, sel.labels, files=role.uri.startswith("imagefolder:"), fetch=listing.fetch,
+            size=role.image_size, channels=role.channels,  # type: ignore[arg-type]
+            max_bytes=int(data.max_file_mb * 2**20), shard_mb=data.shard_mb,
+            batch=data.batch_size, engine=data.engine, ray_address=data.ray_address,
+            staging=staging, advance=advance)
 
 
 def counts_table(role_name: str, role: DatasetRole, counts: dict[str, dict[str, int]],
@@ -241,14 +236,6 @@ def counts_table(role_name: str, role: DatasetRole, counts: dict[str, dict[str, 
                      f"{len(classes)} classes ({shown}{more}): {unused} training images unused; "
                      f"raise or remove data.{role_name}.train_per_class to use them")
     return "\n".join(lines)
-
-
-def _batched_with_offset(listing: Listing, sel: Selection, shape: tuple[int, int, int], batch: int
-                         ) -> Iterator[tuple[int, list[tuple[str, str | None, np.ndarray | str]]]]:
-    offset = 0
-    for results in _decode_batches(listing, sel.refs, shape[0], shape[2], batch):
-        yield offset, results
-        offset += len(results)
 
 
 def _require_training_images(sel: Selection, labels: np.ndarray, splits: np.ndarray, uri: str) -> None:

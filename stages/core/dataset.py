@@ -1,17 +1,23 @@
 """The canonical dataset format every stage reads and ingest/augment write.
 
 A dataset is a folder:
-  images.npy     uint8 N x H x W x C, memory-mappable (np.load(mmap_mode="r"))
+  shards/*.npy   uint8 images, n_k x H x W x C each, bounded in size (data.shard_mb); in the
+                 order of manifest["shards"], together the logical N x H x W x C array
+                 (stages/core/shards.py). Older or hand-written sets have one images.npy.
   labels.npy     int64 N, indices into manifest["classes"]
   split.npy      uint8 N: 0 train, 1 val, 2 test
-  manifest.json  classes, counts per split and class, sha256 of each array, source URI, params
+  manifest.json  classes, counts per split and class, sha256 of each shard and array (the
+                 images' entry, "images.npy" as in one-array sets, is one digest over the
+                 shards' digests), source URI, params
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ import numpy as np
 
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, disk_full, is_disk_full, reserve
+from stages.core.shards import HEADER, MAGIC
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
@@ -29,7 +36,8 @@ ARRAYS = ("images.npy", "labels.npy", "split.npy")
 
 @dataclass(frozen=True)
 class Dataset:
-    images: np.ndarray  # N x H x W x C uint8, usually a read-only memmap
+    # N x H x W x C uint8: a read-only memmap (one shard), else a ShardedArray over the shards'
+    images: np.ndarray | ShardedArray
     labels: np.ndarray  # N int64
     split: np.ndarray  # N uint8
     classes: list[str]
@@ -48,6 +56,129 @@ class Dataset:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
 
+class ShardedArray:
+    """Read-only N x ... uint8 array over several same-shaped shard arrays (usually memmaps)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("a sharded array needs at least one shard")
+        self.parts = list(parts)
+        sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # shard k holds [o[k], o[k+1])
+        self.shape = (int(self.offsets[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):
+            first = self[key[0]]
+            rest = key[1:]
+            if not rest:
+                return first
+            return first[rest] if np.ndim(key[0]) == 0 and not isinstance(key[0], slice) \
+                else first[(slice(None), *rest)]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {key} is out of bounds for {len(self)} images")
+            k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.parts[k][i - self.offsets[k]]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._range(start, max(start, stop))
+            return self._take(np.arange(start, stop, step))
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {idx.shape} for {len(self)} images")
+            idx = np.flatnonzero(idx)
+        return self._take(idx)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for k in range(max(first, 0), len(self.parts)):
+            lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
+            if lo >= stop:
+                break
+            if hi > lo:
+                out[lo - start:hi - start] = self.parts[k][lo - self.offsets[k]:hi - self.offsets[k]]
+        return out
+
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        idx = idx.astype(np.int64, copy=False).reshape(-1) if idx.ndim else idx.reshape(1)
+        idx = np.where(idx < 0, idx + len(self), idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of bounds for {len(self)} images")
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.parts[k][idx[sel] - self.offsets[k]]
+        return out
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, shards={len(self.parts)})"
+
+
+def root_digest(digests: Sequence[str]) -> str:
+    """One digest for all shards, in order: the data's identity in lineage tags."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link (no second copy on disk), a copy where the file system refuses links."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int = 1024
+              ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of a shard in chunks, read with plain reads: memory flat, no map."""
+    row = int(np.prod(row_shape))
+    with open(path, "rb") as f:
+        f.seek(HEADER if _fixed_header(f) else _npy_offset(path))
+        lo = 0
+        while True:
+            buf = f.read(chunk * row)
+            if not buf:
+                return
+            rows = np.frombuffer(buf, dtype=np.uint8).reshape(-1, *row_shape)
+            yield lo, rows
+            lo += len(rows)
+
+
+def _fixed_header(f: Any) -> bool:
+    head = f.read(10)
+    f.seek(0)
+    return head[:8] == MAGIC and int.from_bytes(head[8:10], "little") == HEADER - 10
+
+
+def _npy_offset(path: Path) -> int:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.tell()
+
+
 def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """uint8 N x H x W x C -> the model's float32 N x C x H x W input (see the module doc)."""
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -63,8 +194,13 @@ def load_dataset(folder: str | Path, *, mmap: bool = True) -> Dataset:
         raise BadInput(f"{folder} is not a dataset (no manifest.json): run the stage that makes it")
     manifest = json.loads(manifest_path.read_text())
     mode = "r" if mmap else None
+    if "shards" in manifest:
+        parts = [np.load(folder / s["file"], mmap_mode=mode) for s in manifest["shards"]]
+        images: np.ndarray | ShardedArray = parts[0] if len(parts) == 1 else ShardedArray(parts)
+    else:
+        images = np.load(folder / "images.npy", mmap_mode=mode)
     return Dataset(
-        images=np.load(folder / "images.npy", mmap_mode=mode),
+        images=images,
         labels=np.load(folder / "labels.npy"),
         split=np.load(folder / "split.npy"),
         classes=list(manifest["classes"]),
@@ -123,6 +259,30 @@ class DatasetWriter:
         }
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
+
+
+def write_sharded(folder: Path, shards: list[tuple[Path, str, int]], labels: np.ndarray,
+                  split: np.ndarray, classes: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Complete a sharded dataset in `folder` (a dataset_writer's temporary, or any empty one).
+
+    `shards`: (finished shard file, its sha256, its rows) in logical order; each is hard-linked
+    (copied where links fail) to folder/shards/NNNNN.npy, so a shard is never written twice."""
+    (folder / "shards").mkdir(exist_ok=True)
+    entries = []
+    for k, (path, digest, n) in enumerate(shards):
+        name = f"shards/{k:05d}.npy"
+        link_or_copy(path, folder / name)
+        entries.append({"file": name, "n": int(n), "sha256": digest})
+    np.save(folder / "labels.npy", labels.astype(np.int64, copy=False))
+    np.save(folder / "split.npy", split.astype(np.uint8, copy=False))
+    # Keyed images.npy as in one-array sets: lineage tags (data.<set>.images.sha256) and the
+    # registry's promotion tags read it unchanged. Its value is the digest over the shards'.
+    sums = {"images.npy": root_digest([e["sha256"] for e in entries])}
+    sums |= {name: file_sha256(folder / name) for name in ("labels.npy", "split.npy")}
+    manifest = {"classes": classes, "n": int(len(labels)), "counts": counts(labels, split, classes),
+                "sha256": sums, "shards": entries, **meta}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _new_images(path: Path, shape: tuple[int, ...]) -> np.memmap:

@@ -78,3 +78,33 @@ def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5_000
 
+
+
+def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each copy of each shard is its own seeded task: where it runs changes no byte."""
+    augment.run(_params(copies=2), source, tmp_path / "inline")
+    monkeypatch.setattr(augment, "INLINE_BELOW", 0)
+    monkeypatch.setattr("stages.core.engine.usable_cores", lambda: 2)
+    augment.run(_params(copies=2), source, tmp_path / "pool")
+    a, b = load_dataset(tmp_path / "inline"), load_dataset(tmp_path / "pool")
+    assert a.manifest["sha256"] == b.manifest["sha256"]
+    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+
+
+def test_a_one_array_source_is_read_as_one_shard(tmp_path: Path) -> None:
+    """Sets written whole (dataset_writer: images.npy, as tests and older stages made them)
+    are augmented like sharded ones, through numpy's own .npy header."""
+    from stages.core.dataset import SPLIT_CODE, dataset_writer
+
+    rng = np.random.default_rng(1)
+    with dataset_writer(tmp_path / "old", 40, (8, 8, 1)) as w:
+        w.images[:] = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+        w.labels[:] = np.arange(40) % 2
+        w.split[:] = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"])
+        w.finish(["a", "b"], {"uri": "test:old"})
+    augment.run(_params(copies=1), tmp_path / "old", tmp_path / "aug")
+    old, aug = load_dataset(tmp_path / "old"), load_dataset(tmp_path / "aug")
+    np.testing.assert_array_equal(aug.images[:30], old.images[:30])
+    np.testing.assert_array_equal(aug.part("test")[0], old.part("test")[0])
+    assert len(aug.indices("train")) == 60

@@ -1,0 +1,126 @@
+"""Map a function over independent tasks (shards, pieces of shards) on a data engine.
+
+  inline   in this process, one task after another (tiny sets; sources held in memory)
+  local    a process pool over every usable core (stages.core.host.usable_cores)
+  ray      one Ray task per item on a cluster: RAY_ADDRESS, else data.ray_address, else a
+           Ray started here. Tasks read and write files on the storage the workspace is on,
+           so every node must see the workspace at the same path (a shared file system).
+
+Results come back as tasks finish, in any order: callers key them by the task they ran. A task
+is a module-level function and picklable arguments; it returns small metadata, never images.
+The same function on the same items gives the same files on every engine: where a task writes
+depends on the item alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stages.core.errors import BadInput
+from stages.core.host import usable_cores
+
+log = logging.getLogger("imagepipe.engine")
+T = TypeVar("T")
+R = TypeVar("R")
+ENGINES = ("local", "ray")
+
+
+def workers(engine: str) -> int:
+    """Parallel tasks the engine runs at once (for sizing pieces)."""
+    if engine == "ray":
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return usable_cores()
+
+
+def run_map(fn: Callable[[T], R], items: Sequence[T], *, engine: str = "local",
+            ray_address: str | None = None, max_workers: int | None = None
+            ) -> Iterator[tuple[int, R]]:
+    """(index into items, fn(item)) for every item, as they finish.
+
+    `local` with one usable core (or one item) runs inline: a pool would only add start-up."""
+    if engine not in (*ENGINES, "inline"):
+        raise BadInput(f"data.engine: {engine!r} is not one of {ENGINES}")
+    n_workers = max_workers or usable_cores()
+    if engine == "inline" or (engine == "local" and (n_workers < 2 or len(items) < 2)):
+        for i, item in enumerate(items):
+            yield i, fn(item)
+    elif engine == "local":
+        yield from _pool_map(fn, items, n_workers)
+    else:
+        yield from _ray_map(fn, items, ray_address)
+
+
+def _pool_map(fn: Callable[[T], R], items: Sequence[T], n_workers: int
+              ) -> Iterator[tuple[int, R]]:
+    # forkserver, not fork: a forked child of a threaded parent (the progress bar, torch's
+    # pools in augment) can inherit a held lock and hang.
+    ctx = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(max_workers=min(n_workers, len(items)), mp_context=ctx)
+    try:
+        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+    except BaseException:
+        # A failed task, Ctrl-C or SIGTERM: stop the workers now rather than let them finish
+        # their shards (minutes on photos); what they leave are temporaries the rerun sweeps.
+        workers_alive = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers_alive:
+            proc.terminate()
+        raise
+    pool.shutdown(wait=True)
+
+
+def ray_address(configured: str | None) -> str | None:
+    """RAY_ADDRESS wins (what `ray job submit` and KubeRay set), then data.ray_address."""
+    return os.environ.get("RAY_ADDRESS") or configured or None
+
+
+def _ray_map(fn: Callable[[T], R], items: Sequence[T], configured: str | None
+             ) -> Iterator[tuple[int, R]]:
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("data.engine: ray needs Ray: pip install -e '.[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = ray_address(configured)
+        # The workspace is on storage every node mounts at the same path: workers import the
+        # project from it (no upload of the code, no runtime_env working_dir).
+        root = str(Path(__file__).resolve().parents[2])
+        env = {"env_vars": {"PYTHONPATH": root}}
+        log.info("ray: %s", f"connecting to {address}" if address else "starting a local Ray")
+        ray.init(address=address, runtime_env=env, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2)(fn)
+        # A bounded window of tasks in flight: the queue of refs stays small on 10^5 shards.
+        window = 2 * workers("ray")
+        refs: dict[Any, int] = {}
+        queue = iter(enumerate(items))
+        for i, item in queue:
+            refs[task.remote(item)] = i
+            if len(refs) >= window:
+                break
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                i = refs.pop(ref)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    refs[task.remote(nxt[1])] = nxt[0]
+                yield i, ray.get(ref)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,168 @@
+"""Sharded datasets: the shard file format, the one logical array readers see, class-local
+shards, and an interrupted ingest that resumes with only the missing shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import ingest
+from stages.core import engine, shards
+from stages.core.dataset import ShardedArray, load_dataset
+from stages.params import parse_params
+from tests.helpers import default_params
+
+RNG = np.random.default_rng(0)
+
+
+def test_a_streamed_shard_is_a_plain_npy_file(tmp_path: Path) -> None:
+    rows = RNG.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    w = shards.RowWriter(tmp_path / "a.npy", (4, 4, 3), capacity=10)
+    w.write(rows[:3])
+    w.write(rows[3:])
+    w.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), rows)
+    assert (tmp_path / "a.npy").stat().st_size == shards.HEADER + rows.nbytes  # reserve undone
+    n, digest = shards.concat([tmp_path / "a.npy", tmp_path / "a.npy"], (4, 4, 3), tmp_path / "b.npy")
+    assert n == 14 and digest == shards.file_sha256(tmp_path / "b.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy", mmap_mode="r"), np.concatenate([rows, rows]))
+
+
+def test_sharded_array_indexes_like_one_array() -> None:
+    whole = RNG.integers(0, 256, (23, 2, 2, 1), dtype=np.uint8)
+    cuts = [0, 5, 5, 14, 23]  # an empty shard too
+    arr = ShardedArray([whole[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+    assert len(arr) == 23 and arr.shape == whole.shape and arr.dtype == np.uint8
+    idx = RNG.permutation(23)[:11]
+    mask = RNG.random(23) < 0.5
+    for key in (3, -1, 13, slice(None), slice(4, 16), slice(2, 20, 3), slice(20, 2, -2),
+                idx, np.sort(idx), mask, [0, 22, 5], (idx, 0), (7, 1, 1)):
+        np.testing.assert_array_equal(arr[key], whole[key], err_msg=str(key))
+    np.testing.assert_array_equal(np.asarray(arr), whole)
+    with pytest.raises(IndexError):
+        arr[23]
+
+
+def test_plan_is_one_shard_when_it_fits_else_per_class() -> None:
+    labels = np.repeat([0, 1, 2], [5, 12, 3])
+    assert shards.plan(labels, 1000, 1) == [(0, 20)]
+    ranges = shards.plan(labels, 2**20 // 4, 1)  # 4 rows a shard
+    assert ranges == [(0, 2), (2, 5), (5, 9), (9, 13), (13, 17), (17, 20)]
+
+
+def _folder(root: Path, counts: dict[str, int], start: int = 0) -> None:
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + n):
+            arr = RNG.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+
+
+def _params(root: Path, **data: object):  # noqa: ANN202
+    raw = default_params()
+    # 64 x 64 x 3 = 12 KB an image: shard_mb=1 holds 85, so 100+ images make per-class shards.
+    raw["data"].update({"image_size": 64, "channels": 3, "shard_mb": 1, **data})
+    raw["data"]["source"] = {"uri": f"imagefolder:{root}"}
+    raw["data"]["target"] = {"uri": f"imagefolder:{root}"}
+    return parse_params(raw)
+
+
+@pytest.fixture
+def inline(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Decode in this process and count the pieces decoded."""
+    monkeypatch.setattr(engine, "usable_cores", lambda: 1)
+    calls: list[int] = []
+    real = shards.decode_piece
+
+    def counted(piece, fetch=None):  # noqa: ANN001, ANN202
+        calls.append(len(piece.refs))
+        return real(piece, fetch)
+
+    monkeypatch.setattr(shards, "decode_piece", counted)
+    return calls
+
+
+def test_a_change_to_one_class_rewrites_its_shards_only(tmp_path: Path, inline: list[int]) -> None:
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 60, "b": 60, "c": 60})
+    params = _params(root)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    before = load_dataset(tmp_path / "out").manifest
+    assert len(before["shards"]) == 3  # 180 images over 85 a shard: one a class
+    _folder(root, {"b": 5}, start=60)
+    inline.clear()
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    after = load_dataset(tmp_path / "out")
+    assert inline == [65]  # only b was decoded again
+    old = [s["sha256"] for s in before["shards"]]
+    new = [s["sha256"] for s in after.manifest["shards"]]
+    assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
+    assert after.images.shape == (185, 64, 64, 3) and isinstance(after.images, ShardedArray)
+    assert after.manifest["counts"]["train"]["a"] == before["counts"]["train"]["a"]  # splits local
+    mask = os.umask(0)
+    os.umask(mask)
+    for entry in after.manifest["shards"]:  # readable by others, as every output
+        assert ((tmp_path / "out" / entry["file"]).stat().st_mode & 0o777) == 0o666 & ~mask
+    staged = sorted(p.name for p in (tmp_path / ".out.shards").iterdir())
+    assert len(staged) == 6  # the old b shard was pruned: 3 shards and their metas
+
+
+def test_a_killed_ingest_redoes_only_the_missing_shards(tmp_path: Path, inline: list[int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 50, "b": 50, "c": 50})
+    params = _params(root)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "clean")
+    counted = shards.decode_piece
+
+    def dies_on_third(piece, fetch=None):  # noqa: ANN001, ANN202
+        if len(inline) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C or SIGTERM mid-ingest
+        return counted(piece, fetch)
+
+    monkeypatch.setattr(shards, "decode_piece", dies_on_third)
+    inline.clear()
+    with pytest.raises(KeyboardInterrupt):
+        ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(shards, "decode_piece", counted)
+    inline.clear()
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert inline == [50]  # the shard the kill left undone, nothing else
+    assert load_dataset(tmp_path / "out").manifest["sha256"] == \
+        load_dataset(tmp_path / "clean").manifest["sha256"]
+
+
+def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 40, "b": 30})
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.bytes(100))
+    params = _params(root, shard_mb=256, max_bad_fraction=0.1)
+    monkeypatch.setattr(shards, "MIN_PIECE", 8)  # one shard in pieces, as CIFAR is
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
+    pooled = ingest.ingest_role("source", params.data.source, params, tmp_path / "pool")
+    monkeypatch.setattr(engine, "usable_cores", lambda: 1)
+    alone = ingest.ingest_role("source", params.data.source, params, tmp_path / "one" / "pool")
+    a, b = load_dataset(tmp_path / "pool"), load_dataset(tmp_path / "one" / "pool")
+    assert a.manifest["sha256"] == b.manifest["sha256"] and len(a.manifest["shards"]) == 1
+    assert pooled["bad"] == alone["bad"] and len(pooled["bad"]) == 1
+    assert a.images.shape == (70, 64, 64, 3)
+
+
+def test_new_decoding_code_reuses_no_staged_shard(tmp_path: Path, inline: list[int],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 10, "b": 10})
+    params = _params(root)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    inline.clear()
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert inline == []  # nothing changed: nothing decoded
+    monkeypatch.setattr(shards, "_code_digest", lambda: "an edited canonical()")
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert inline == [20]
