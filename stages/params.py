@@ -116,6 +116,14 @@ class DataParams(_Section):
     # ingest's peak memory from 0.55 to 2.3 GB. The default is generous for the photos a
     # classifier ingests, and finite.
     max_file_mb: Annotated[float, Field(gt=0.0, le=1_000_000.0)] = 64.0
+    # Images are stored in shards of at most this many MB (a set that fits is one shard; a
+    # larger one has shards per class, so a change to one class rewrites only its shards).
+    shard_mb: Annotated[int, Field(ge=1, le=16384)] = 256
+    # Where decoding runs: a process pool over this machine's usable cores, or a Ray cluster
+    # (RAY_ADDRESS, else ray_address, else a Ray started here) with the workspace on storage
+    # every node mounts at the same path. Same params, same bytes on either.
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     def role(self, name: Literal["source", "target"]) -> DatasetRole:
         """The role with every per-role setting filled in (its own value, else data.*)."""
@@ -178,6 +186,16 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile the model (CUDA mostly: on a CPU the compile time rarely pays back).
     compile: bool = False
+    # Training processes per machine (DistributedDataParallel when more than one): auto = every
+    # visible GPU (1 on a CPU). batch_size stays the global batch: each process takes 1/N of it.
+    devices: PositiveInt | Literal["auto"] = 1
+    # Machines; above 1 the rendezvous is PET_RDZV_ENDPOINT (or rdzv_endpoint, host:port).
+    nodes: PositiveInt = 1
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$")
+    # auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on a CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # torch.use_deterministic_algorithms on GPU runs (CPU runs are bit-reproducible already).
+    deterministic: bool = False
 
 
 class PretrainParams(TrainParams):
@@ -221,7 +239,12 @@ class ExportParams(_Section):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     # Target images for the parity gate: the test split, topped up from val/train if smaller.
     parity_images: Annotated[int, Field(ge=1)] = 256
+    # The gate is np.allclose's test on every logit and probability, ORT's CPU provider from
+    # uint8 pixels against torch: |onnx - torch| <= parity_atol + parity_rtol * |torch|, as
+    # timm checks its exports. Relative, because fp32 rounding grows with the logits: an
+    # absolute 1e-4 left a 3x margin on the digits model and would refuse larger models.
     parity_atol: PositiveFloat = 1e-4
+    parity_rtol: Annotated[float, Field(ge=0.0, le=0.1)] = 1e-3
     # Extra artifacts in models/onnx_variants/, each with its accuracy delta on the test split.
     quantize_int8: bool = True
     calibration_images: Annotated[int, Field(ge=1)] = 256
