@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
+from stages.core.device import select_device  # noqa: E402
 from stages.core.devicedata import DeviceBatches, OnlineAugment  # noqa: E402
 from stages.core.host import usable_cores as cpu_cores  # noqa: E402
-from stages.core.train import select_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

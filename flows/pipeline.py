@@ -70,12 +70,13 @@ def _backoff(retries: int, first_s: float) -> list[float]:
       retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S), retry_jitter_factor=0.2,
       retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE, persist_result=False)
 def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
-               gpu: bool) -> dict[str, Any]:
-    """One dvc.yaml stage through DVC; `needed=False` (DVC said up to date) spawns nothing."""
+               gpus: int) -> dict[str, Any]:
+    """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
+    said up to date) spawns nothing."""
     if not needed:
         return {"outcome": "up to date", "seconds": 0.0, "attempts": 0}
     logger = get_run_logger()
-    with gpu_slot(gpu) as device_env:
+    with gpu_slot(gpus) as device_env:
         done = dvcstage.run_dvc_stage(Path(project_dir), stage,
                                       dvcstage.child_env({**_lineage_env(), **device_env}),
                                       timeout_s, logger.info)
@@ -135,6 +136,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     plan = _planned(root, stages)
     _log_plan(plan)
     gpu = set(GPU_STAGES if gpu_stages is None else gpu_stages)
+    wanted = _gpus_wanted(root)
     limits = {**TIMEOUTS_S, **(timeouts_s or {})}
     results: dict[str, dict[str, Any]] = {s: {"outcome": "not reached"} for s in plan.order}
     decision: dict[str, Any] | None = None
@@ -147,7 +149,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             try:
                 results[name] = stage_task.with_options(**options)(
                     name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S),
-                    name in gpu)
+                    wanted.get(name, 1) if name in gpu else 0)
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise
@@ -167,7 +169,7 @@ def _params_validator(root: Path) -> Any:
     """The project's own params schema, when it has one (stages/params.py), else none."""
     if not (root / "stages" / "params.py").is_file():
         return None
-    from stages.params import load_params  # pydantic only: no torch, no mlflow
+    from stages.params import load_params  # pydantic only: no torch, no tracking client
 
     return load_params
 
@@ -243,22 +245,47 @@ def uses_server_limit() -> bool:
     return bool(url) and url != _TEMPORARY_API_URL
 
 
+def _gpus_wanted(root: Path) -> dict[str, int]:
+    """GPU slots per training stage: its `devices` param (`auto`: every slot of this machine).
+    A project without our params schema (or with a broken params.yaml, which the stage itself
+    reports) asks for one."""
+    if not (root / "stages" / "params.py").is_file():
+        return {}
+    from stages.params import load_params
+
+    try:
+        params = load_params(root / "params.yaml")
+    except Exception:  # noqa: BLE001 - the stage says what is wrong, with its exit code
+        return {}
+    wanted = {}
+    for name in GPU_STAGES:
+        devices = getattr(getattr(params, name, None), "devices", 1)
+        wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
+    return wanted
+
+
 @contextlib.contextmanager
-def gpu_slot(gpu: bool) -> Iterator[dict[str, str]]:
-    """Hold a GPU slot of this machine (and of the server's `gpu` limit); yield the env that
-    points the stage at its GPU. See flows/slots.py for why two layers."""
-    if not gpu:
+def gpu_slot(gpus: int) -> Iterator[dict[str, str]]:
+    """Hold `gpus` GPU slots of this machine (and as many of the server's `gpu` limit); yield
+    the env that points the stage at them. See flows/slots.py for why two layers."""
+    if gpus <= 0:
         yield {}
         return
     logger = get_run_logger()
     count = slots.gpu_slots()
-    with slots.local_gpu_slot(count, on_wait=logger.info) as index:
+    want = min(gpus, count)
+    if want < gpus:
+        logger.warning("the stage asks for %d GPUs; this machine has %d slot(s): it gets %d",
+                       gpus, count, want)
+    with slots.local_gpu_slots(count, want, on_wait=logger.info) as indices:
+        env = {**slots.visible_devices(indices, count), **slots.granted_env(len(indices))}
         if not uses_server_limit():
-            yield slots.visible_device(index, count)
+            yield env
             return
         ensure_concurrency_limit(GPU_LIMIT, count)
-        with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-            yield slots.visible_device(index, count)
+        with concurrency(GPU_LIMIT, occupy=want, strict=True,
+                         raise_on_lease_renewal_failure=False):
+            yield env
 
 
 def ensure_concurrency_limit(name: str, limit: int) -> None:

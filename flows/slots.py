@@ -1,4 +1,5 @@
-"""GPU slots: a training stage holds one for its whole run, so no two share a GPU.
+"""GPU slots: a training stage holds as many as it trains on (its `devices`) for its whole run,
+so no two stages share a GPU.
 
 Two layers, because they fail differently:
 * a lock file per GPU on this machine (`flock`): the kernel frees it when its holder dies, even
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stages.core.host import visible_gpus
+from stages.core.host import GPUS_GRANTED_ENV, visible_gpus
 
 log = logging.getLogger("imagepipe.flow")
 
@@ -47,11 +48,16 @@ def lock_dir() -> Path:
 
 
 @contextlib.contextmanager
-def local_gpu_slot(slots: int, on_wait: Callable[[str], None] = log.info) -> Iterator[int]:
-    """Hold one of `slots` lock files; yield its index. Waits (polling) while all are held."""
+def local_gpu_slots(slots: int, want: int,
+                    on_wait: Callable[[str], None] = log.info) -> Iterator[list[int]]:
+    """Hold `want` of the `slots` lock files at once; yield their indices. All or none: a stage
+    that holds some while it waits for more could deadlock with another doing the same. Waits
+    (polling) while fewer than `want` are free."""
+    want = max(1, min(want, slots))
     folder = lock_dir()
     waited = False
     while True:
+        held: list[tuple[int, int]] = []
         for index in range(slots):
             # Read-only is enough for flock, and works on a file another user created.
             fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
@@ -60,22 +66,48 @@ def local_gpu_slot(slots: int, on_wait: Callable[[str], None] = log.info) -> Ite
             except BlockingIOError:
                 os.close(fd)
                 continue
+            held.append((index, fd))
+            if len(held) == want:
+                break
+        if len(held) == want:
             try:
-                yield index
+                yield [index for index, _ in held]
             finally:
-                os.close(fd)  # closing releases the lock
+                for _, fd in held:
+                    os.close(fd)  # closing releases the lock
             return
+        for _, fd in held:
+            os.close(fd)
         if not waited:
-            on_wait(f"all {slots} GPU slot(s) of this machine are busy ({folder}); waiting")
+            on_wait(f"{want} of the {slots} GPU slot(s) of this machine are not free ({folder}); "
+                    "waiting")
             waited = True
         time.sleep(POLL_S)
 
 
-def visible_device(index: int, slots: int) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for slot `index` on a machine with several GPUs; nothing with one
+@contextlib.contextmanager
+def local_gpu_slot(slots: int, on_wait: Callable[[str], None] = log.info) -> Iterator[int]:
+    """Hold one of `slots` lock files; yield its index."""
+    with local_gpu_slots(slots, 1, on_wait) as indices:
+        yield indices[0]
+
+
+def visible_devices(indices: list[int], slots: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the slots held, on a machine with several GPUs; nothing with one
     (or none), so a single-GPU or CPU setup is left exactly as the user configured it."""
     if slots < 2:
         return {}
     listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    device = listed[index] if index < len(listed) else str(index)
-    return {"CUDA_VISIBLE_DEVICES": device}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(listed[i] if i < len(listed) else str(i)
+                                             for i in indices)}
+
+
+def granted_env(n: int) -> dict[str, str]:
+    """Tells the stage it was granted n GPUs, where this machine has any: a stage that then
+    finds CUDA not loading fails (exit 2) instead of training on the CPU for hours."""
+    return {GPUS_GRANTED_ENV: str(n)} if visible_gpus() > 0 else {}
+
+
+def visible_device(index: int, slots: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for one slot (see visible_devices)."""
+    return visible_devices([index], slots)

@@ -224,8 +224,9 @@ class Scorer:
     """Logits of a model file's network on arrays of uint8 test images."""
 
     def __init__(self, path: Path, p: EvaluateParams, classes: list[str]) -> None:
+        from stages.core.device import select_device
         from stages.core.models import load_model_file
-        from stages.core.train import Runtime, prepare, select_device
+        from stages.core.train import Runtime, prepare
 
         self.model, self.mf = load_model_file(path)
         if self.mf.classes != classes:

@@ -13,6 +13,8 @@ from pathlib import Path
 # Set by the Prefect flow for every stage it runs: MLflow groups the stages' runs under one
 # parent run by it and tags every run with it (lineage).
 FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
+# Set by the flow when it granted the stage GPU slots on a machine that has GPUs: the number.
+GPUS_GRANTED_ENV = "IMAGEPIPE_GPUS_GRANTED"
 
 
 def usable_cores() -> int:

@@ -257,7 +257,7 @@ def test_gpu_limit_serialises_training_stages(harness: None, tmp_path: Path,
     @task
     def train(name: str, other: str) -> None:
         started[name].set()
-        with pipeline.gpu_slot(True):
+        with pipeline.gpu_slot(1):
             with lock:
                 inside["now"] += 1
                 inside["most"] = max(inside["most"], inside["now"])

@@ -134,3 +134,59 @@ def test_child_env_puts_this_python_first(monkeypatch: pytest.MonkeyPatch) -> No
     env = dvcstage.child_env({"IMAGEPIPE_FLOW_RUN_ID": "x"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["IMAGEPIPE_FLOW_RUN_ID"] == "x"
+
+
+def test_a_stage_gets_all_the_slots_it_asks_for_or_waits(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three GPUs; the first stage holds two, so a second asking for two must wait (holding
+    # none: all or nothing), and gets two when the first lets go.
+    monkeypatch.setenv("IMAGEPIPE_GPU_LOCK_DIR", str(tmp_path))
+    a_in, release_a, b_waits, b_in = (threading.Event() for _ in range(4))
+    got: dict[str, list[int]] = {}
+
+    def first() -> None:
+        with slots.local_gpu_slots(3, 2, on_wait=lambda _: None) as held:
+            got["a"] = held
+            a_in.set()
+            release_a.wait(30)
+
+    def second() -> None:
+        with slots.local_gpu_slots(3, 2, on_wait=lambda _: b_waits.set()) as held:
+            got["b"] = held
+            b_in.set()
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert a_in.wait(30) and got["a"] == [0, 1]
+    b = threading.Thread(target=second)
+    b.start()
+    assert b_waits.wait(30) and not b_in.is_set()
+    with slots.local_gpu_slots(3, 1, on_wait=lambda _: None) as third:  # the free one is free
+        assert third == [2]
+    release_a.set()
+    assert b_in.wait(30) and len(got["b"]) == 2
+    a.join()
+    b.join()
+
+
+def test_granted_slots_map_to_the_devices_the_process_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert slots.visible_devices([0, 2], 3) == {"CUDA_VISIBLE_DEVICES": "4,6"}
+    assert slots.visible_devices([0], 1) == {}  # one GPU: left as the user set it
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: no grant to announce
+    assert slots.granted_env(2) == {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert slots.granted_env(1) == {"IMAGEPIPE_GPUS_GRANTED": "1"}
+
+
+def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
+    from flows import pipeline
+    from tests.helpers import REPO, default_params, write_params
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "params.py").write_text("# marker: the project has our schema\n")
+    raw = default_params()
+    raw["pretrain"]["devices"] = 2
+    write_params(tmp_path / "params.yaml", raw)
+    assert pipeline._gpus_wanted(tmp_path) == {"pretrain": 2, "finetune": 1}
+    assert pipeline._gpus_wanted(REPO / "flows") == {}  # not a project with our schema

@@ -19,10 +19,11 @@ import yaml
 from stages import evaluate, finetune, pretrain
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
 from stages.core.dataset import SPLIT_CODE, dataset_writer
+from stages.core.device import select_device
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
 from stages.core.errors import BadInput
 from stages.core.models import load_model_file, preprocess
-from stages.core.train import schedule_factor, select_device
+from stages.core.train import schedule_factor
 from stages.params import Params, parse_params
 from tests.helpers import REPO, default_params
 
@@ -190,7 +191,7 @@ def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPa
 
 
 def test_precision_on_the_cpu() -> None:
-    from stages.core.train import resolve_precision
+    from stages.core.device import resolve_precision
 
     assert resolve_precision("auto", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     with pytest.raises(BadInput, match="fp16 needs a CUDA device"):
@@ -356,3 +357,13 @@ def test_cifar10_preset_is_valid_and_names_every_section() -> None:
     assert preset["data"]["source"]["classes"] == sorted(cifar)[:6]
     assert preset["data"]["target"]["classes"] == sorted(cifar)[6:]
     assert preset["data"]["target"]["train_per_class"] == 50
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal when CUDA is absent")
+def test_a_stage_granted_gpus_refuses_to_train_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEPIPE_GPUS_GRANTED", "2")
+    with pytest.raises(BadInput, match="granted 2 GPU"):
+        select_device("auto")
+    assert select_device("cpu").type == "cpu"  # asked for explicitly: allowed
+    monkeypatch.delenv("IMAGEPIPE_GPUS_GRANTED")
+    assert select_device("auto").type == "cpu"
