@@ -153,7 +153,7 @@ def _stage(tmp: Path, tree: Path) -> dict:
                              str(tmp / "stage.yaml"), "--out", str(tmp / "stage")], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**ENV, "IMAGEPIPE_TRACKING": "1",
-                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/runs.db"})
     peak = _tree_peak(proc)
     _, err = proc.communicate()
     seconds = time.perf_counter() - start

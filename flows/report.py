@@ -34,7 +34,7 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def mlflow_run_ids(decision: Mapping[str, Any] | None) -> dict[str, str]:
+def tracking_run_ids(decision: Mapping[str, Any] | None) -> dict[str, str]:
     """Run ids the promotion step reported: any `*run_id` key, or a `run_ids` mapping.
 
     The hook for the MLflow side: `imagepipe promote --json` may add e.g.
@@ -116,7 +116,7 @@ def render(*, title: str, flow_run_id: str | None, stages: Mapping[str, Mapping[
 
 def _runs_section(decision: Mapping[str, Any] | None, flow_run_id: str | None) -> list[str]:
     """Run ids, and only commands that exist to find the rest."""
-    ids = mlflow_run_ids(decision)
+    ids = tracking_run_ids(decision)
     lines = ["## MLflow runs", ""]
     lines += [f"- {k}: `{v}`" for k, v in ids.items()]
     if flow_run_id:

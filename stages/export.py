@@ -4,7 +4,7 @@ models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
 The ONNX file takes raw pixels: input `image`, uint8 N x H x W x C; the graph itself casts,
 scales by 1/255, normalises by the model's mean/std and transposes to NCHW, and answers
 `probabilities` (softmax) and `logits`. So every ONNX consumer (ONNX Runtime, Triton,
-`mlflow models serve`) gets the right answer from pixels, and nobody can feed it pixels
+MLflow's model server) gets the right answer from pixels, and nobody can feed it pixels
 normalised the wrong way. It has a dynamic batch axis, a pinned opset and metadata_props that
 carry what a server needs (stages.core.onnxio). It is moved into place only after the parity
 gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU provider, from uint8

@@ -138,8 +138,6 @@ def lineage_tags(root: Path, stage: str | None = None, deps: list[str] | None = 
     commit = git_commit(root)
     if commit:
         tags["git.commit"] = commit
-        # MLflow's own key: the UI links the run to its commit.
-        tags["mlflow.source.git.commit"] = commit
     dirty = git_dirty(root)
     if dirty is not None:
         tags["git.dirty"] = str(dirty).lower()

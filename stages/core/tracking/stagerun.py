@@ -96,6 +96,8 @@ class StageRun:
         experiment = store.experiment_id()
         self.tags = {metric_key(k): v for k, v in
                      lineage_tags(self.root, self.stage, self.decl.deps).items()}
+        if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
+            self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
         key, started_by = group_key()
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
                                     {**self.tags, "imagepipe.started_by": started_by},
