@@ -6,6 +6,8 @@ Transfer in two phases. Phase 1 ("head", `head_epochs`): a new head for the targ
 trains on a frozen backbone, BatchNorm statistics included; its result is the linear probe
 (models/probe.pt). Phase 2 ("full", `full_epochs`): everything trains, the backbone at
 `backbone_lr_scale` x the head's lr, so the pretrained features move less than the new head.
+With `l2sp` > 0 the backbone's weight decay toward zero is replaced by an L2 penalty toward its
+pretrained weights (L2-SP, stages/core/regularize.py); the head keeps ordinary weight decay.
 The target may have its own image size and channel count (data.target.image_size/channels):
 the backbone is adapted first, and the change is logged (see `adapt_to_target`).
 
@@ -45,6 +47,7 @@ from stages.core.models import (
     load_model_file,
     save_model_file,
 )
+from stages.core.regularize import L2SP, l2sp_groups
 from stages.core.train import (
     EVAL_BATCH,
     Runtime,
@@ -167,9 +170,11 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
     gc.collect()
     if rt.comm.is_main:
         save_model_file(out.probe, model, t.model_file("probe", head, head_epochs=p.head_epochs))
-    groups = param_groups([(model.backbone, p.lr * p.backbone_lr_scale), (model.head, p.lr)],
-                          p.weight_decay)
+    groups = l2sp_groups(model.backbone, model.head, p.lr * p.backbone_lr_scale, p.lr,
+                         p.weight_decay, p.l2sp)
     tr = make_trainer(model, groups, p, rt, p.full_epochs, steps)
+    if p.l2sp > 0:  # anchored at the backbone as phase 2 starts: the pretrained weights
+        tr.penalty = L2SP(model.backbone, p.l2sp)
     full = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "full.pt",
                                                    {**fp, "phase": "full"}, rt.comm),
                phase="full", epochs=p.full_epochs, epoch_offset=p.head_epochs,

@@ -214,6 +214,10 @@ class FinetuneParams(TrainParams):
     # Phase 2: everything trains; backbone lr = backbone_lr_scale x lr.
     full_epochs: Annotated[int, Field(ge=0)] = 5
     backbone_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    # L2-SP strength alpha (phase 2): 0 = the backbone decays toward zero (weight_decay); > 0 =
+    # its weight decay is replaced by alpha/2 * ||w - w_pretrained||^2 in the loss (the head
+    # keeps weight_decay). The scratch baseline has no pretrained weights: it keeps weight_decay.
+    l2sp: NonNegFloat = 0.0
     # The same network trained from scratch on the same data, epochs (head + full) and schedule.
     baseline: bool = True
     # Learning rate of the from-scratch baseline (tuned on its own, never weakened).

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.core.checkpoint import CheckpointStore, Position
+from stages.core.device import resolve_precision, select_device
 from stages.core.devicedata import DeviceBatches
 from stages.core.distributed import SINGLE, Comm, current
 from stages.core.errors import BadInput
@@ -60,30 +61,6 @@ class Runtime:
             dtype = torch.bfloat16 if self.bf16 else torch.float16
             return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadInput("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
-
-
-def resolve_precision(asked: str, device: torch.device) -> str:
-    """bf16, fp16 or fp32 for `asked` on `device` (nanoGPT's rule: bf16 where supported)."""
-    if device.type != "cuda":
-        if asked == "fp16":
-            raise BadInput("precision: fp16 needs a CUDA device (its loss scaling is for GPUs); "
-                           "use auto, bf16 or fp32")
-        return "bf16" if asked == "bf16" else "fp32"
-    if asked in ("auto", "bf16"):
-        if torch.cuda.is_bf16_supported():
-            return "bf16"
-        if asked == "bf16":
-            log.warning("precision: this GPU has no bf16: fp16 with loss scaling instead")
-        return "fp16"
-    return asked
 
 
 def make_runtime(p: TrainParams) -> Runtime:
@@ -193,6 +170,7 @@ class Trainer:
     frozen: nn.Module | None = None
     # Micro-batches per step: 1 until a step runs out of device memory.
     parts: int = 1
+    penalty: Callable[[], torch.Tensor] | None = None  # added to the loss: L2-SP (regularize.py)
 
     def states(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
@@ -266,7 +244,7 @@ def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
         with tr.net.no_sync() if quiet else nullcontext():  # type: ignore[operator]
             with tr.rt.autocast():
                 logits = tr.net(xi)
-            loss = tr.loss_fn(logits.float(), yi)
+            loss = tr.loss_fn(logits.float(), yi) + (tr.penalty() if tr.penalty else 0.0)
             if parts > 1:
                 loss = loss * (len(yi) / len(y))
             tr.scaler.scale(loss).backward()

@@ -1,0 +1,41 @@
+"""L2-SP (Li, Grandvalet & Davoine 2018): an L2 penalty toward the pretrained weights instead of
+toward zero. module + alpha -> a callable returning alpha/2 * ||w - w_pretrained||^2.
+
+Why: with 50 labels a class, weight decay toward zero pulls the backbone away from the features
+that make transfer worth doing; anchoring it at its starting point keeps them unless the target
+data pays for the change. The anchor is the weights at the time `L2SP` is made (finetune makes
+it at the start of phase 2, when the backbone is still the pretrained one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class L2SP:
+    """alpha/2 * sum ||w - w0||^2 over `module`'s weights of two or more dimensions: those that
+    weight decay would touch (biases and norm scales are not decayed either way)."""
+
+    def __init__(self, module: nn.Module, alpha: float) -> None:
+        self.alpha = alpha
+        self.weights = [p for p in module.parameters() if p.ndim > 1]
+        self.anchors = [p.detach().clone() for p in self.weights]
+
+    def __call__(self) -> torch.Tensor:
+        if not self.weights:
+            return torch.zeros(())
+        total = sum((w.float() - a.float()).pow(2).sum()
+                    for w, a in zip(self.weights, self.anchors, strict=True))
+        return 0.5 * self.alpha * total  # type: ignore[return-value]
+
+
+def l2sp_groups(backbone: nn.Module, head: nn.Module, backbone_lr: float, head_lr: float,
+                weight_decay: float, alpha: float) -> list[dict[str, object]]:
+    """Optimiser groups for phase 2: with alpha > 0 the backbone gets no weight decay (L2-SP
+    replaces it), the head keeps the ordinary one. Biases and norm weights are never decayed."""
+    from stages.core.train import param_groups
+
+    backbone_decay = 0.0 if alpha > 0 else weight_decay
+    return (param_groups([(backbone, backbone_lr)], backbone_decay)
+            + param_groups([(head, head_lr)], weight_decay))
