@@ -14,11 +14,16 @@ Extracts ../shared/data/cifar10-jpg.tar.gz to a temporary folder (skipped when a
 * `dvc push` to a folder remote of the dataset with shard_mb: 16 (class-local shards), then
   of the same after 100 new images in one class: bytes sent each time, and `dvc add` time.
 
-Figures depend on the machine's load: `uptime`'s 1-minute load is recorded with them.
+Figures depend on the machine's load: `uptime`'s 1-minute load is recorded with them, and
+the CPU seconds of each run's process tree (less sensitive to others' load than wall time).
+
+`python -m benchmarks.bench_ingest --tree DIR --quick --repeat 3` compares only the plain
+2-process pool and ingest's core on 2 cores, alternately, on an already extracted tree.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -80,21 +85,39 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+_CPU: dict[str, float] = {"last": 0.0}  # CPU seconds of the last _child's process tree
+
+
 def _tree_peak(proc: subprocess.Popen) -> float:
-    """Peak summed RSS (MB) of `proc` and all its descendants, sampled every 50 ms."""
+    """Peak summed RSS (MB) of `proc` and all its descendants, sampled every 50 ms; their CPU
+    seconds (the last sample of each process: up to 50 ms of a process's end is missed) go to
+    _CPU["last"]."""
     import psutil
 
     root, peak = psutil.Process(proc.pid), 0
+    cpu: dict[int, float] = {}
     while proc.poll() is None:
         total = 0
-        try:
-            for p in [root, *root.children(recursive=True)]:
+        for p in [root, *_children(root)]:
+            try:
                 total += p.memory_info().rss
-        except psutil.Error:
-            pass
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
+            except psutil.Error:
+                pass
         peak = max(peak, total)
         time.sleep(0.05)
+    _CPU["last"] = sum(cpu.values())
     return peak / 2**20
+
+
+def _children(root: object) -> list:
+    import psutil
+
+    try:
+        return root.children(recursive=True)  # type: ignore[attr-defined]
+    except psutil.Error:
+        return []
 
 
 def _child(args: list[str], cpus: str | None = None) -> tuple[str, float]:
@@ -122,9 +145,11 @@ def _core(tmp: Path, tree: Path, name: str, cpus: str, **data: object) -> dict:
     n, seconds = line.split()
     row = {"images": int(n), "seconds": round(float(seconds), 2),
            "images_per_s": round(int(n) / float(seconds)), "peak_rss_mb": round(peak),
+           "cpu_us_per_image": round(_CPU["last"] / int(n) * 1e6, 1),
            "load_before": round(before, 2), "load_after": round(load(), 2)}
     print(f"  {name:<22} {row['images_per_s']:>7,} images/s  {row['seconds']:>6} s  "
-          f"peak RSS {row['peak_rss_mb']:>5,} MB  (load {before:.1f})", flush=True)
+          f"peak RSS {row['peak_rss_mb']:>5,} MB  {row['cpu_us_per_image']:>5} CPU us/image  "
+          f"(load {before:.1f})", flush=True)
     return row
 
 
@@ -134,9 +159,11 @@ def _plain(tree: Path, workers: int, cpus: str) -> dict:
     n, seconds = line.split()
     row = {"images": int(n), "seconds": round(float(seconds), 2),
            "images_per_s": round(int(n) / float(seconds)), "peak_rss_mb": round(peak),
+           "cpu_us_per_image": round(_CPU["last"] / int(n) * 1e6, 1),
            "load_before": round(before, 2)}
     print(f"  plain PIL, {workers} proc(s)     {row['images_per_s']:>7,} images/s  "
-          f"{row['seconds']:>6} s  peak RSS {row['peak_rss_mb']:>5,} MB  (load {before:.1f})")
+          f"{row['seconds']:>6} s  peak RSS {row['peak_rss_mb']:>5,} MB  "
+          f"{row['cpu_us_per_image']:>5} CPU us/image  (load {before:.1f})", flush=True)
     return row
 
 
@@ -229,16 +256,43 @@ def _push(tmp: Path, tree: Path) -> dict:
     return row
 
 
-def main() -> dict | None:
-    if not TARBALL.exists():
+def _quick(tmp: Path, tree: Path, repeat: int) -> dict:
+    """Plain 2-process pool and ingest's core on the same 2 cores, alternately, `repeat`
+    times: the ratio of their images/s is the figure (each pair ran under the same load).
+    Which goes first alternates (ABBA): on a shared machine whose others' load comes in waves,
+    a fixed order kept giving the same one the quiet moments."""
+    rows: dict = {"plain_2": [], "local_2": [], "ratio": [], "first": []}
+    for i in range(repeat):
+        shutil.rmtree(tmp / "local_2", ignore_errors=True)  # a cold ingest each time
+        if i % 2 == 0:
+            rows["plain_2"].append(_plain(tree, 2, "0,1"))
+            rows["local_2"].append(_core(tmp, tree, "local_2", "0,1"))
+        else:
+            rows["local_2"].append(_core(tmp, tree, "local_2", "0,1"))
+            rows["plain_2"].append(_plain(tree, 2, "0,1"))
+        rows["first"].append("plain" if i % 2 == 0 else "ingest")
+        rows["ratio"].append(round(rows["local_2"][-1]["images_per_s"]
+                                   / rows["plain_2"][-1]["images_per_s"], 2))
+    print(f"  ingest / plain pool, images/s: {rows['ratio']}")
+    return rows
+
+
+def main(tree: Path | None = None, quick: bool = False, repeat: int = 1) -> dict | None:
+    if tree is None and not TARBALL.exists():
         print(f"bench_ingest: skipped ({TARBALL.name} not found beside the repo)")
         return None
     result: dict = {"cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        tree = tmp / "cifar"
-        with tarfile.open(TARBALL) as tar:
-            tar.extractall(tree, filter="data")
+        if tree is None:
+            tree = tmp / "cifar"
+            with tarfile.open(TARBALL) as tar:
+                tar.extractall(tree, filter="data")
+        if quick:
+            result["quick"] = _quick(tmp, tree, repeat)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "ingest_quick.json").write_text(json.dumps(result, indent=2) + "\n")
+            return result
         result["plain_1"] = _plain(tree, 1, "0")
         result["plain_2"] = _plain(tree, 2, "0,1")
         result["local_1"] = _core(tmp, tree, "local_1", "0")
@@ -254,11 +308,17 @@ def main() -> dict | None:
         result["augment_copy"] = _augment_copy(tmp, tmp / "local_2" / "source")
         result["stage"] = _stage(tmp, tree)
         result["dvc_push"] = _push(tmp, tree)
-        shutil.rmtree(tree, ignore_errors=True)
+        if tree.is_relative_to(tmp):
+            shutil.rmtree(tree, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", type=Path, help="an extracted CIFAR JPEG tree (read only)")
+    parser.add_argument("--quick", action="store_true", help="plain pool vs ingest only")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    main(args.tree, args.quick, args.repeat)

@@ -23,7 +23,6 @@ import numpy as np
 from stages.core.dataset import (
     SPLIT_CODE,
     Dataset,
-    file_sha256,
     iter_rows,
     load_dataset,
     write_sharded,
@@ -108,11 +107,12 @@ def augment_shard(task: CopyTask) -> tuple[int, str]:
     src = np.load(task.source, mmap_mode="r")
     policy = build_policy(task.policy, src.shape[1], src.shape[3])
     torch.manual_seed(task.seed)
-    writer = RowWriter(Path(task.dest), src.shape[1:], capacity=len(task.train_rows))
+    writer = RowWriter(Path(task.dest), src.shape[1:], capacity=len(task.train_rows),
+                       hashed=True)  # hashed as written: the shard is not read back
     for lo in range(0, len(task.train_rows), task.batch):
         writer.write(augment_batch(policy, src[task.train_rows[lo:lo + task.batch]]))
     writer.close()
-    return writer.n, file_sha256(Path(task.dest))
+    return writer.n, writer.digest
 
 
 def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
@@ -186,11 +186,11 @@ def _copy_rows(path: Path, mask: np.ndarray, dest: Path, chunk: int = 2048
                ) -> tuple[Path, str, int]:
     """The rows of a shard where `mask`, into a new shard, in chunks: memory flat."""
     shape = tuple(np.load(path, mmap_mode="r").shape[1:])
-    writer = RowWriter(dest, shape, capacity=int(mask.sum()))
+    writer = RowWriter(dest, shape, capacity=int(mask.sum()), hashed=True)
     for lo, rows in iter_rows(path, shape, chunk):
         writer.write(rows[mask[lo:lo + len(rows)]])
     writer.close()
-    return dest, file_sha256(dest), writer.n
+    return dest, writer.digest, writer.n
 
 
 def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:

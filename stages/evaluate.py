@@ -238,12 +238,13 @@ class Scorer:
         self.batch_size = p.batch_size
 
     def logits(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        from stages.core.devicedata import DeviceBatches
+        from stages.core.stream import batches as make_batches
         from stages.core.train import predict
 
-        batches = DeviceBatches(images, labels, np.arange(len(labels)), device=self.rt.device,
-                                mean=self.mf.mean, std=self.mf.std, batch_size=self.batch_size,
-                                train=False)
+        # Resident where the split fits on the device, else streamed (stream.py).
+        batches = make_batches(images, labels, np.arange(len(labels)), device=self.rt.device,
+                               mean=self.mf.mean, std=self.mf.std, batch_size=self.batch_size,
+                               train=False)
         return predict(self.net, batches, self.rt)
 
 

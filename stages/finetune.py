@@ -48,6 +48,7 @@ from stages.core.models import (
     save_model_file,
 )
 from stages.core.regularize import L2SP, l2sp_groups
+from stages.core.stream import batches
 from stages.core.train import (
     EVAL_BATCH,
     Runtime,
@@ -132,11 +133,12 @@ def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed
     if not len(ds.indices("train")):
         raise BadInput("the target train split is empty")
     common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
-    train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
-                          train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                          rank=rt.comm.rank, world=rt.comm.world, **common)
-    val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
-                        train=False, **common)
+    # Each resident on the device where it fits, else streamed from the shards (core/stream.py).
+    train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
+                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                    rank=rt.comm.rank, world=rt.comm.world, **common)
+    val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
+                  **common)
     fingerprint = {"stage": "finetune", "seed": seed, "data": ds.manifest["sha256"],
                    "spec": vars(mf.spec), "mean": mf.mean, "std": mf.std,
                    **distributed.world_fingerprint(p, rt.comm, "finetune")}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.core import engine
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
@@ -58,6 +59,7 @@ class Selection:
     notes: list[str] = field(default_factory=list)  # split decisions worth a line in the log
     capped: dict[str, int] = field(default_factory=dict)  # class -> train images before the cap
     shipped: bool = False  # every split came from the source (folders), none carved here
+    stamps: np.ndarray | None = None  # the files' (size, mtime_ns) as listed (Listing.stamps)
 
 
 def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int],
@@ -95,8 +97,9 @@ def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int
         keep &= mask
         capped = {classes[c]: n for c, n in before.items()}
     idx = np.flatnonzero(keep)
+    stamps = None if listing.stamps is None else listing.stamps[idx]
     return Selection(classes, [listing.refs[i] for i in idx], labels[idx],
-                     splits[idx].astype(np.uint8), notes, capped, shipped)
+                     splits[idx].astype(np.uint8), notes, capped, shipped, stamps)
 
 
 def _shipped_val_as_test(splits: np.ndarray, keep: np.ndarray, role: DatasetRole) -> str | None:
@@ -161,9 +164,15 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) ->
     """Ingest one role into `out`; return its report."""
     data = params.data
     role = role.filled(data)
+    files = role.uri.startswith("imagefolder:")
+    if files and data.engine == "local" and engine.usable_cores() > 1:
+        engine.prestart(build_shards.__module__)  # the workers' imports overlap the listing
+    # By file type only: no stat per file before decoding starts; each worker's fstat stamps
+    # its files for the shards' meta and refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
-                          max_file_bytes=int(data.max_file_mb * 2**20))
+                          max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes,
+                          stat_files=False)
     sel = by_class(select(listing, role, data, [params.seed, ROLES.index(role_name)], role_name))
     for note in sel.notes:
         log.info("ingest %s: %s", role_name, note)
@@ -172,10 +181,11 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) ->
     built = _decode(role_name, listing, sel, role, data, out.parent / f".{out.name}.shards")
     labels, splits, bad = sel.labels[built.keep], sel.splits[built.keep], built.bad
     digests: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for i in np.flatnonzero(built.keep):
-        digests[built.digests[i]].append((int(sel.splits[i]), sel.refs[i]))  # type: ignore[index]
+    for digest, split, ref in zip(built.digests, sel.splits.tolist(), sel.refs, strict=True):
+        if digest is not None:  # a bad file has none
+            digests[digest].append((split, ref))
     with atomic_dir(out) as tmp:
-        report = _validate(role_name, role, data, sel, bad, digests, listing,
+        report = _validate(role_name, role, data, sel, bad, digests, listing, built.skipped,
                            out.parent / f"{out.name}.report.json")
         _require_training_images(sel, labels, splits, role.uri)
         _require_splits(role_name, role, sel, labels, splits, after_decoding=True)
@@ -199,7 +209,8 @@ def by_class(sel: Selection) -> Selection:
     """The selection in class order (stable within a class): shards are class-local."""
     order = np.argsort(sel.labels, kind="stable")
     return replace(sel, refs=[sel.refs[i] for i in order], labels=sel.labels[order],
-                   splits=sel.splits[order])
+                   splits=sel.splits[order],
+                   stamps=None if sel.stamps is None else sel.stamps[order])
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
@@ -211,7 +222,7 @@ def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
             size=role.image_size, channels=role.channels,  # type: ignore[arg-type]
             max_bytes=int(data.max_file_mb * 2**20), shard_mb=data.shard_mb,
             batch=data.batch_size, engine=data.engine, ray_address=data.ray_address,
-            staging=staging, advance=advance)
+            staging=staging, stamps=sel.stamps, advance=advance)
 
 
 def counts_table(role_name: str, role: DatasetRole, counts: dict[str, dict[str, int]],
@@ -281,27 +292,30 @@ def _fix(role_name: str, role: DatasetRole, sel: Selection, split: str, labels: 
 
 def _validate(role_name: str, role: DatasetRole, data: DataParams, sel: Selection,
               bad: list[dict[str, str]], digests: dict[str, list[tuple[int, str]]],
-              listing: Listing, failed_report: Path) -> dict[str, Any]:
+              listing: Listing, refused: list[dict[str, str]], failed_report: Path
+              ) -> dict[str, Any]:
     """The role's report; BadInput past the bad-file threshold or on a leak into test, after
-    writing the report to `failed_report` (beside the output, which is not written then)."""
+    writing the report to `failed_report` (beside the output, which is not written then).
+    `refused`: the files the workers found over data.max_file_mb, skipped as the listing's."""
     duplicates = [
         {"sha256": d, "items": [{"split": SPLITS[s], "path": p} for s, p in group]}
         for d, group in digests.items() if len(group) > 1
     ]
     leaks = [g for g in duplicates
              if {i["split"] for i in g["items"]} & {"test"} and len({i["split"] for i in g["items"]}) > 1]
-    report = {"role": role_name, "uri": role.uri, "candidates": len(sel.refs), "bad": bad,
+    skipped, candidates = [*listing.skipped, *refused], len(sel.refs) - len(refused)
+    report = {"role": role_name, "uri": role.uri, "candidates": candidates, "bad": bad,
               "duplicates": duplicates, "leaks_into_test": len(leaks),
               "ignored_files": listing.ignored,
               # Links out of the tree, FIFOs, sockets, devices, files over data.max_file_mb: never
               # opened, so not "bad" images and not counted against data.max_bad_fraction.
-              "skipped": listing.skipped, "notes": sel.notes, "capped": sel.capped}
+              "skipped": skipped, "notes": sel.notes, "capped": sel.capped}
     _say_skipped(role_name, "skipped", bad)
-    _say_skipped(role_name, "not read", listing.skipped)
+    _say_skipped(role_name, "not read", skipped)
     failure = None
-    if sel.refs and len(bad) / len(sel.refs) > data.max_bad_fraction:
+    if candidates and len(bad) / candidates > data.max_bad_fraction:
         first = ", ".join(b["path"] for b in bad[:3])
-        failure = (f"{role_name}: {len(bad)} of {len(sel.refs)} files are bad, over "
+        failure = (f"{role_name}: {len(bad)} of {candidates} files are bad, over "
                    f"data.max_bad_fraction={data.max_bad_fraction}; first: {first}")
     elif leaks and not data.allow_leakage:
         paths = ", ".join(i["path"] for i in leaks[0]["items"])

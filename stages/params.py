@@ -206,6 +206,10 @@ class PretrainParams(TrainParams):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # imagenet: start from torchvision's ImageNet weights (needs a network once).
     weights: Literal["none", "imagenet"] = "none"
+    # Side of the training images. None: the stored size (data.image_size), with the padded
+    # crop and flip above. Smaller: random-resized crops of this side from the stored images,
+    # flipped when hflip, on the device (stages/core/crops.py); validation sees whole images.
+    train_size: Annotated[int, Field(ge=8, le=1024)] | None = None
 
 
 class FinetuneParams(TrainParams):

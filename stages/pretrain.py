@@ -2,8 +2,10 @@
 metrics/pretrain.json, plots/pretrain.csv; checkpoints in checkpoints/pretrain/.
 
 Trains the chosen architecture on the augmented source set with online crop/flip on the
-device. The normalisation (per-channel mean and std of the training split) is computed here
-and recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
+device (random-resized crops of `train_size` where that is below the stored size). A set that
+does not fit on the device is streamed from its shards ahead of the step (core/stream.py).
+The normalisation (per-channel mean and std of the training split) is computed here and
+recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
 A run killed mid-way resumes from its last checkpoint when the params and data are unchanged.
 With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
 (stages/core/distributed.py); the first process of node 0 writes every output.
@@ -26,6 +28,7 @@ from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
+from stages.core.stream import batches
 from stages.core.train import (
     EVAL_BATCH,
     Runtime,
@@ -44,13 +47,14 @@ log = logging.getLogger("imagepipe.pretrain")
 
 def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],
            seed: int) -> tuple[DeviceBatches, DeviceBatches]:
-    """Training batches (shuffled, augmented on the device) and validation batches (plain)."""
+    """Training batches (shuffled, augmented on the device) and validation batches (plain),
+    each resident on the device where it fits, else streamed from the shards."""
     common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last}
-    train = DeviceBatches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
-                          train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                          rank=rt.comm.rank, world=rt.comm.world, **common)
-    val = DeviceBatches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH,
-                        train=False, **common)
+    train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
+                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                    rank=rt.comm.rank, world=rt.comm.world, train_size=p.train_size, **common)
+    val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
+                  **common)
     return train, val
 
 
@@ -96,7 +100,8 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     write_csv(plot, history)
     save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, {}, extra={
         "stage": "pretrain", "weights": p.weights, "hflip_policy": hflip_in_policy(ds, p),
-        "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs}))
+        "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs,
+        "train_size": train.train_size or size}))
     return metrics
 
 

@@ -9,6 +9,9 @@ A dataset is a folder:
   manifest.json  classes, counts per split and class, sha256 of each shard and array (the
                  images' entry, "images.npy" as in one-array sets, is one digest over the
                  shards' digests), source URI, params
+
+A shard file is written by RowWriter (rows appended after a fixed header; see shards.py for
+why) and read by ShardedArray or iter_rows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import numpy as np
 
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, disk_full, is_disk_full, reserve
-from stages.core.shards import HEADER, MAGIC
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
@@ -135,6 +137,60 @@ class ShardedArray:
 
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, shards={len(self.parts)})"
+
+
+HEADER = 128  # bytes; numpy pads its own headers to 64 and accepts more padding
+MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A version-1.0 .npy header for uint8 C-order `shape`, padded to exactly HEADER bytes."""
+    text = "{'descr': '|u1', 'fortran_order': False, 'shape': " + repr(tuple(shape)) + ", }"
+    body_len = HEADER - len(MAGIC) - 2
+    if len(text) + 1 > body_len:
+        raise ValueError(f"shape {shape} does not fit a {HEADER}-byte .npy header")
+    body = text.ljust(body_len - 1) + "\n"
+    return MAGIC + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+class RowWriter:
+    """Append uint8 rows of one shape to `path` (a temporary), then `close()` writes the header.
+
+    Rows start at byte HEADER whatever `path` later becomes: a whole shard (header written in
+    place) or a piece whose rows the driver copies after its own header (shards._Joiner).
+    With `hashed`, `digest` is the file's sha256 after close(), hashed as written on the bet
+    that all `capacity` rows come (no bad file); a lost bet reads the file back."""
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...], capacity: int = 0,
+                 hashed: bool = False) -> None:
+        self.path, self.row_shape, self.n = path, tuple(row_shape), 0
+        self.row = int(np.prod(row_shape))
+        # Claim the blocks of every row now: a full disk is DiskFull (exit 75) before decoding.
+        path.write_bytes(b"\0" * HEADER)
+        if capacity:
+            reserve(path, HEADER + capacity * self.row)
+        self._f = open(path, "r+b")  # noqa: SIM115 - closed in close()
+        self._f.seek(HEADER)
+        self.capacity, self.digest = capacity, ""
+        self._sha = hashlib.sha256(npy_header((capacity, *self.row_shape))) if hashed else None
+
+    def write(self, rows: np.ndarray) -> None:
+        if rows.shape[1:] != self.row_shape or rows.dtype != np.uint8:
+            raise ValueError(f"rows {rows.shape} {rows.dtype} are not uint8 x {self.row_shape}")
+        data = np.ascontiguousarray(rows).data
+        self._f.write(data)
+        if self._sha is not None:
+            self._sha.update(data)
+        self.n += len(rows)
+
+    def close(self) -> None:
+        self._f.seek(0)
+        self._f.write(npy_header((self.n, *self.row_shape)))
+        self._f.truncate(HEADER + self.n * self.row)  # the reserved rows of bad files
+        self._f.close()
+        if self._sha is not None:
+            self.digest = (self._sha.hexdigest() if self.n == self.capacity
+                           else file_sha256(self.path))
 
 
 def root_digest(digests: Sequence[str]) -> str:

@@ -20,6 +20,11 @@ Several processes (DDP): every rank draws the same epoch from (seed, epoch); `ba
 the global batch and rank r of w takes its images r, r + w, r + 2w, ... So the ranks read
 disjoint parts of each epoch that together cover it, and w ranks see, step for step, the
 images (and crops and flips) that one process with the whole batch would.
+
+Stored images larger than the train size (`train_size`, pretrain's): each training image is a
+random-resized crop of the train size, flipped when `hflip` (stages/core/crops.py), drawn per
+epoch like the small images' crops. A set that does not fit on the device is streamed from its
+shards by a background reader (stages/core/stream.py, `StreamBatches`, which `batches` picks).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from stages.core.crops import draw_boxes, resized_crop
 
 log = logging.getLogger("imagepipe.data")
 
@@ -95,10 +102,13 @@ class DeviceBatches:
                  device: torch.device, mean: list[float], std: list[float], batch_size: int,
                  train: bool, augment: OnlineAugment = OnlineAugment(), seed: int = 0,
                  channels_last: bool = False, resident: bool | None = None, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, train_size: int | None = None) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.n = len(self.indices)
         self.size = (int(images.shape[1]), int(images.shape[2]))
+        # Random-resized crops to train_size where the stored images are larger (training only).
+        self.train_size = train_size if train and train_size and train_size < min(self.size) \
+            else None
         self.device, self.train, self.seed = device, train, seed
         self.augment = augment if train else OnlineAugment()
         self.batch_size = min(batch_size, self.n) if train else batch_size
@@ -156,10 +166,18 @@ class DeviceBatches:
         if not self.train:
             return np.arange(self.n), np.zeros((self.n, 2), np.int64), np.zeros(self.n, bool)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.n)
+        return self._augmentation(rng, rng.permutation(self.n))
+
+    def _augmentation(self, rng: np.random.Generator, order: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, offsets, flips) for an epoch in `order`. With random-resized crops the
+        offsets are n x 4 boxes (top, left, height, width), drawn after the small-image draws so
+        those stay what they were."""
         pad = self.augment.crop_padding
         offsets = rng.integers(0, 2 * pad + 1, size=(self.n, 2))
         flips = rng.random(self.n) < 0.5 if self.augment.hflip else np.zeros(self.n, bool)
+        if self.train_size is not None:
+            offsets = draw_boxes(rng, self.n, self.size)
         return order, offsets, flips
 
     def _batch(self, pos: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> torch.Tensor:
@@ -173,6 +191,14 @@ class DeviceBatches:
                 self._source[self.indices[pos][sort]]))
             src = src.to(self.device, non_blocking=True)
             which = torch.arange(len(pos), device=self.device)
+        return self.augmented(src, which, offsets, flips)
+
+    def augmented(self, src: torch.Tensor, which: torch.Tensor, offsets: np.ndarray,
+                  flips: np.ndarray) -> torch.Tensor:
+        """Images `which` of uint8 `src` on the device, cropped, flipped and normalised."""
+        if self.train_size is not None:
+            x = src[which].permute(0, 3, 1, 2).float().div_(255.0)
+            return self._finish(resized_crop(x, offsets, flips, self.train_size))
         if self.augment.active:
             rows, cols = crop_flip_grid(offsets, flips, self.size, self.augment.crop_padding,
                                         self.device)
@@ -184,7 +210,11 @@ class DeviceBatches:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 B x H x W x C -> float B x C x H x W, the same arithmetic as models.preprocess."""
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        return self._finish(x.permute(0, 3, 1, 2).float().div_(255.0))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Float B x C x H x W on the [0, 1] scale -> normalised, in the model's memory format."""
+        x = x.sub_(self._mean).div_(self._std)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 

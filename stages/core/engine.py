@@ -59,11 +59,27 @@ def run_map(fn: Callable[[T], R], items: Sequence[T], *, engine: str = "local",
         yield from _ray_map(fn, items, ray_address)
 
 
+def prestart(module: str) -> multiprocessing.context.BaseContext:
+    """Start this process's fork server now, importing `module` (a task's: numpy, PIL) while
+    the caller does other work (ingest lists the files meanwhile); the pool's workers then
+    fork from it ready, rather than each importing after its start. Returns its context.
+
+    forkserver, not fork: a forked child of a threaded parent (the progress bar, torch's
+    pools in augment) can inherit a held lock and hang. A server already running keeps what
+    it loaded first; the workers import the rest themselves."""
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    # Not "__main__" (the default) unless the task is there: the stage's own entry module
+    # imports pydantic, rich and the rest, which no task needs (0.27 s of CPU).
+    ctx.set_forkserver_preload([module])
+    forkserver.ensure_running()
+    return ctx
+
+
 def _pool_map(fn: Callable[[T], R], items: Sequence[T], n_workers: int
               ) -> Iterator[tuple[int, R]]:
-    # forkserver, not fork: a forked child of a threaded parent (the progress bar, torch's
-    # pools in augment) can inherit a held lock and hang.
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = prestart(fn.__module__)
     pool = ProcessPoolExecutor(max_workers=min(n_workers, len(items)), mp_context=ctx)
     try:
         pending = {pool.submit(fn, item): i for i, item in enumerate(items)}

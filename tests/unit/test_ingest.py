@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -121,6 +122,28 @@ def test_bad_files_are_skipped_and_listed(tmp_path: Path) -> None:
     assert any(p.endswith("README.txt") for p in report["ignored_files"])
 
 
+def test_a_file_over_the_size_limit_is_skipped_by_its_reader_not_bad(tmp_path: Path) -> None:
+    """Ingest lists by file type (no stat); the worker's fstat refuses the file unread, and
+    report.json says so under "skipped", as the listing does: not a bad image."""
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        for i in range(10):
+            _save(_img("RGB"), root / cls / f"{i}.png", "PNG")
+    with open(root / "b" / "huge.png", "wb") as f:
+        f.truncate(3 * 2**20)  # sparse: costs no disk
+    listing = sources.open_source(f"imagefolder:{root}", root="", download=False,
+                                  max_file_bytes=2**20, stat_files=False)
+    assert listing.stamps is None and listing.skipped == []
+    assert str(root / "b" / "huge.png") in listing.refs
+    params = parse_params(_params(tmp_path, f"imagefolder:{root}", max_file_mb=1,
+                                  max_bad_fraction=0.0))
+    report = ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert report["bad"] == [] and report["candidates"] == 20
+    assert [(Path(s["path"]).name, "too large" in s["reason"]) for s in report["skipped"]] == [
+        ("huge.png", True)]
+    assert load_dataset(tmp_path / "out").images.shape[0] == 20
+
+
 def test_too_many_bad_files_is_exit_2_naming_count_and_paths(tmp_path: Path) -> None:
     _with_bad_files(tmp_path / "imgs")
     params = write_params(tmp_path / "p.yaml", _params(tmp_path, f"imagefolder:{tmp_path / 'imgs'}"))
@@ -202,6 +225,57 @@ def test_unknown_class_lists_the_valid_ones(tmp_path: Path) -> None:
     raw["data"]["target"]["classes"] = ["5", "eleven"]
     with pytest.raises(BadInput, match=r"\['eleven'\] are not in sklearn:digits; it has \['0'"):
         ingest.run(parse_params(raw), tmp_path)
+
+
+def _tree_with_an_excluded_class(root: Path) -> None:
+    """train/ and test/ of classes a and b (kept) and c (excluded): c holds a README, a nested
+    folder, and a FIFO that no walk may touch."""
+    for split, n in (("train", 4), ("test", 1)):
+        for cls in ("a", "b", "c"):
+            for i in range(n):
+                _save(_img("RGB"), root / split / cls / f"{i}.png", "PNG")
+    (root / "train" / "c" / "README.txt").write_text("not an image")
+    _save(_img("RGB"), root / "train" / "c" / "more" / "deep.png", "PNG")
+    os.mkfifo(root / "train" / "c" / "pipe.png")
+
+
+def test_a_class_filter_walks_only_the_kept_class_folders(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "imgs"
+    _tree_with_an_excluded_class(root)
+    opened: list[str] = []
+    real = os.scandir
+
+    def counted(path):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(sources.os, "scandir", counted)
+    listing = sources.open_source(f"imagefolder:{root}", root="", download=False,
+                                  classes=["a", "b"])
+    assert listing.classes == ["a", "b", "c"]  # every name, for the "not in" message
+    assert sorted(Path(p).parent.name for p in opened) == ["test", "test", "train", "train"]
+    assert {Path(r).parent.name for r in listing.refs} == {"a", "b"} and len(listing.refs) == 10
+    assert listing.ignored == [] and listing.skipped == []  # c's README and FIFO never seen
+    assert listing.stamps is not None and listing.stamps.tolist() == [  # exact: fingerprints
+        [os.stat(r).st_size, os.stat(r).st_mtime_ns] for r in listing.refs]
+    whole = sources.open_source(f"imagefolder:{root}", root="", download=False)
+    assert len(whole.refs) == 16 and len(whole.ignored) == 1 and len(whole.skipped) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder of mode 000")
+def test_an_unreadable_excluded_class_does_not_stop_ingest(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    _tree_with_an_excluded_class(root)
+    (root / "train" / "c").chmod(0)
+    try:
+        raw = _params(tmp_path, f"imagefolder:{root}")
+        raw["data"]["source"]["classes"] = ["a", "b"]
+        params = parse_params(raw)
+        ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    finally:
+        (root / "train" / "c").chmod(0o755)
+    assert load_dataset(tmp_path / "out").classes == ["a", "b"]
 
 
 def _write_cifar_root(root: Path, n: int = 6) -> None:

@@ -21,15 +21,33 @@ RNG = np.random.default_rng(0)
 
 def test_a_streamed_shard_is_a_plain_npy_file(tmp_path: Path) -> None:
     rows = RNG.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
-    w = shards.RowWriter(tmp_path / "a.npy", (4, 4, 3), capacity=10)
-    w.write(rows[:3])
-    w.write(rows[3:])
-    w.close()
-    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), rows)
-    assert (tmp_path / "a.npy").stat().st_size == shards.HEADER + rows.nbytes  # reserve undone
-    n, digest = shards.concat([tmp_path / "a.npy", tmp_path / "a.npy"], (4, 4, 3), tmp_path / "b.npy")
-    assert n == 14 and digest == shards.file_sha256(tmp_path / "b.npy")
-    np.testing.assert_array_equal(np.load(tmp_path / "b.npy", mmap_mode="r"), np.concatenate([rows, rows]))
+    for name, capacity in (("short.npy", 10), ("full.npy", 7)):  # the hash's bet lost, then won
+        w = shards.RowWriter(tmp_path / name, (4, 4, 3), capacity=capacity, hashed=True)
+        w.write(rows[:3])
+        w.write(rows[3:])
+        w.close()
+        np.testing.assert_array_equal(np.load(tmp_path / name), rows)
+        assert (tmp_path / name).stat().st_size == shards.HEADER + rows.nbytes  # reserve undone
+        assert w.digest == shards.file_sha256(tmp_path / name)
+
+
+@pytest.mark.parametrize("planned", [14, 15])  # every row came; one was a bad file
+def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned: int) -> None:
+    rows = RNG.integers(0, 256, (14, 4, 4, 3), dtype=np.uint8)
+    results = {}
+    for part, (lo, hi) in enumerate([(0, 5), (5, 9), (9, 14)]):
+        w = shards.RowWriter(tmp_path / f"p{part}.tmp", (4, 4, 3))
+        w.write(rows[lo:hi])
+        w.close()
+        results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)], "bad": []}
+    joiner = shards._Joiner(tmp_path, "s.npy", planned, (4, 4, 3))
+    for part in (2, 0, 1):
+        joiner.add(part, results[part])
+    meta = joiner.finish()
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), rows)
+    assert meta["n"] == 14 and meta["sha256"] == shards.file_sha256(tmp_path / "s.npy")
+    assert meta["digests"] == ["0", "1", "2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "s.npy.json"]  # pieces gone
 
 
 def test_sharded_array_indexes_like_one_array() -> None:
@@ -166,3 +184,29 @@ def test_new_decoding_code_reuses_no_staged_shard(tmp_path: Path, inline: list[i
     monkeypatch.setattr(shards, "_code_digest", lambda: "an edited canonical()")
     ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
     assert inline == [20]
+
+
+def test_a_changed_file_redoes_its_shard_only(tmp_path: Path, inline: list[int]) -> None:
+    """Shards are named by refs and params; a file rewritten in place (same name, new size or
+    mtime, stamped by its reader's fstat) makes its shard's meta stale, and only that shard."""
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 60, "b": 60, "c": 60})
+    params = _params(root)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    before = load_dataset(tmp_path / "out").manifest
+    staged = sorted(p.name for p in (tmp_path / ".out.shards").iterdir())
+    target = root / "c" / "7.png"
+    Image.fromarray(RNG.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(target)
+    inline.clear()
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    after = load_dataset(tmp_path / "out").manifest
+    assert inline == [60]  # c alone
+    old = [s["sha256"] for s in before["shards"]]
+    new = [s["sha256"] for s in after["shards"]]
+    assert new[:2] == old[:2] and new[2] != old[2]
+    assert sorted(p.name for p in (tmp_path / ".out.shards").iterdir()) == staged  # same names
+    os.utime(target, ns=(1, 1))  # touched only: the bytes are the same, the stamp is not
+    inline.clear()
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert inline == [60] and [s["sha256"] for s in
+                               load_dataset(tmp_path / "out").manifest["shards"]] == new

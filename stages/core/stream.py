@@ -1,0 +1,201 @@
+"""Batches streamed from a dataset's shards by a background reader, for sets that do not fit.
+
+Input: a dataset's uint8 N x H x W x C images (a memmap, or the ShardedArray over its shards,
+stages/core/dataset.py), labels and one split's indices. Output: the same per-epoch iterator of
+(normalised float images, int64 labels) on the device as `DeviceBatches`, which `StreamBatches`
+extends: same `epoch(epoch, start_step)`, `__len__`, `images_per_epoch`, `normalise`, crops and
+flips (on the device), rank partitioning. `batches()` picks: resident where the split fits on
+the device, as before; streamed where it does not, or where IMAGEPIPE_STREAM=1 says so (tests
+and benchmarks: the resident path is the default wherever it fits).
+
+Order: a block-shuffled permutation, a pure function of (seed, epoch). The split, in storage
+order, is cut into blocks of `block` images that never straddle a shard; the blocks are
+shuffled, then the images within each `window` of the result, then each batch is sorted back
+into storage order (a batch is a set: its order changes nothing but the reads, which become
+runs within a few blocks). So reads are near-sequential while a batch still mixes `window`
+images from many places, and a run resumed at `start_step` reads exactly the batches it had
+left. DDP: every rank draws the same order and takes images r, r + w, ... of each batch, as
+`DeviceBatches` does.
+
+Reading: one daemon thread per epoch reads each batch (this rank's share) into a host tensor,
+pinned when the device is CUDA (so the copy to the device is asynchronous; pinning on a CPU
+only costs), at most `ahead` batches ahead of the training step (a semaphore, so memory is
+bounded whatever the set's size). The consumer stopping early stops and joins the thread; an
+exception in the reader is raised in the consumer.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from stages.core.dataset import ShardedArray
+from stages.core.devicedata import RESIDENT_SHARE, DeviceBatches, free_memory_bytes
+
+STREAM_ENV = "IMAGEPIPE_STREAM"  # 1: stream even a set that fits (tests, benchmarks)
+# 256 images is 38 MB of 224 px RGB: one sequential read; a window of 16 blocks mixes 16
+# places of the set (often 16 classes of a class-local set) into every batch.
+BLOCK = 256
+WINDOW = 16 * BLOCK
+# Batches read ahead of the step: enough to hide a slow read behind a few steps, few enough
+# that host memory stays a few batches (4 x 512 x 150 KB = 300 MB at ImageNet's size).
+AHEAD = 4
+
+T = TypeVar("T")
+
+
+def block_order(n: int, starts: np.ndarray, rng: np.random.Generator, block: int = BLOCK,
+                window: int = WINDOW) -> np.ndarray:
+    """A permutation of range(n): shuffled blocks (split at `starts`, where shards begin),
+    then shuffled within consecutive windows of `window` images."""
+    edges = np.unique(np.concatenate([[0], np.asarray(starts, dtype=np.int64), [n]]))
+    los, his = [], []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        lo = np.arange(a, b, block)
+        los.append(lo)
+        his.append(np.minimum(lo + block, b))
+    lo_all, hi_all = np.concatenate(los), np.concatenate(his)
+    perm = rng.permutation(len(lo_all))
+    seq = np.concatenate([np.arange(lo_all[i], hi_all[i]) for i in perm]) if n else \
+        np.zeros(0, np.int64)
+    keys = rng.random(n)
+    return seq[np.lexsort((keys, np.arange(n) // max(window, 1)))]
+
+
+def shard_starts(images: Any, indices: np.ndarray) -> np.ndarray:
+    """Positions in the (sorted) split where a new shard begins."""
+    if isinstance(images, ShardedArray):
+        return np.searchsorted(indices, images.offsets[1:-1])
+    return np.zeros(0, np.int64)
+
+
+def read_rows(source: Any, idx: np.ndarray, out: np.ndarray) -> None:
+    """Rows `idx` (ascending) of `source` into `out`, shard by shard, without a temporary."""
+    if isinstance(source, ShardedArray):
+        which = np.searchsorted(source.offsets, idx, side="right") - 1
+        cuts = [0, *(np.flatnonzero(np.diff(which)) + 1), len(idx)]
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            if hi > lo:
+                k = int(which[lo])
+                # mode="clip": numpy buffers `out` under the default "raise" (bounds are known).
+                np.take(source.parts[k], idx[lo:hi] - source.offsets[k], axis=0,
+                        out=out[lo:hi], mode="clip")
+    else:
+        np.take(source, idx, axis=0, out=out, mode="clip")
+
+
+class Prefetch(Generic[T]):
+    """`read(task)` for each task in a background thread, handed over in order, at most
+    `ahead` results read and not yet taken. Iterate it once."""
+
+    def __init__(self, tasks: Iterable[Any], read: Callable[[Any], T], ahead: int) -> None:
+        self._tasks, self._read = tasks, read
+        self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._room = threading.Semaphore(max(ahead, 1))
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="imagepipe-reader", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for task in self._tasks:
+                self._room.acquire()
+                if self._stop.is_set():
+                    return
+                self._results.put((True, self._read(task)))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            self._results.put((False, err))
+            return
+        self._results.put((False, None))
+
+    def __iter__(self) -> Iterator[T]:
+        self.thread.start()
+        try:
+            while True:
+                ok, item = self._results.get()
+                if not ok:
+                    if item is None:
+                        return
+                    raise item
+                self._room.release()
+                yield item
+        finally:
+            self._stop.set()
+            self._room.release()  # a reader waiting for room wakes, sees the stop, returns
+            self.thread.join()
+
+
+class StreamBatches(DeviceBatches):
+    """DeviceBatches whose images stay in their shards and are read ahead of the step."""
+
+    def __init__(self, images: Any, labels: np.ndarray, indices: np.ndarray, *,
+                 block: int = BLOCK, window: int = WINDOW, ahead: int = AHEAD,
+                 **kw: Any) -> None:
+        kw["resident"] = False
+        super().__init__(images, labels, indices, **kw)
+        self.block, self.window, self.ahead = block, window, ahead
+        self.pin = self.device.type == "cuda"
+        self._sorted = bool(np.all(np.diff(self.indices) >= 0))
+        self._starts = shard_starts(images, self.indices) if self._sorted else np.zeros(0, int)
+
+    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.train:
+            return super()._draw(epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = block_order(self.n, self._starts, rng, self.block, self.window)
+        full = len(self) * self.batch_size
+        order[:full].reshape(len(self), self.batch_size).sort(axis=1)
+        return self._augmentation(rng, order)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self._draw(epoch)
+
+        def share(step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            lo = step * self.batch_size
+            pos = order[lo:lo + self.batch_size]
+            off, flip = offsets[lo:lo + len(pos)], flips[lo:lo + len(pos)]
+            if self.world > 1:
+                pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
+            return pos, off, flip
+
+        def read(step: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+            pos, off, flip = share(step)
+            return self._read(self.indices[pos]), pos, off, flip
+
+        for host, pos, off, flip in Prefetch(range(start_step, len(self)), read, self.ahead):
+            src = host.to(self.device, non_blocking=True)
+            which = torch.arange(len(pos), device=self.device)
+            yield self.augmented(src, which, off, flip), self._labels[pos]
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 images `idx` in a (pinned, on CUDA) host tensor, in the order of `idx`."""
+        host = torch.empty((len(idx), *self._source.shape[1:]), dtype=torch.uint8,
+                           pin_memory=self.pin)
+        out = host.numpy()
+        if len(idx) < 2 or np.all(np.diff(idx) >= 0):
+            read_rows(self._source, idx, out)
+        else:  # an unsorted split (never one of a dataset's): sorted reads, then the order back
+            sort = np.argsort(idx, kind="stable")
+            tmp = np.empty_like(out)
+            read_rows(self._source, idx[sort], tmp)
+            out[sort] = tmp
+        return host
+
+
+def forced() -> bool:
+    return os.environ.get(STREAM_ENV, "").strip() not in ("", "0")
+
+
+def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: torch.device,
+            **kw: Any) -> DeviceBatches:
+    """A split's batches: resident on the device where it fits (and streaming is not forced),
+    else streamed from the shards. Keywords are DeviceBatches'."""
+    nbytes = len(indices) * int(np.prod(images.shape[1:]))
+    if not forced() and nbytes <= RESIDENT_SHARE * free_memory_bytes(device):
+        return DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
+    return StreamBatches(images, labels, indices, device=device, **kw)
