@@ -3,8 +3,11 @@
 Usage: imagepipe predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
 
 MODEL is an .onnx file or a registered version, models:/NAME@ALIAS (downloaded from the
-project's tracking store, MLFLOW_TRACKING_URI where set). A folder stands for every image file
-under it, recursively, in sorted path order (hidden files and folders skipped).
+project's tracking store, MLFLOW_TRACKING_URI where set). Of a registered version only the
+ONNX file is used (it sits inside the serving wrapper that `mlflow models serve` runs, see
+stages/core/tracking/serving.py), run here with ONNX Runtime as a local file is. A folder
+stands for every image file under it, recursively, in sorted path order (hidden files and
+folders skipped).
 
 Images of any size and mode go through the same canonical form as ingest (EXIF orientation,
 alpha over white, grey or RGB, resize and centre crop), at the size and channel count the
@@ -57,12 +60,12 @@ class Outcome:
 
 def load_image(path: str, size: int, channels: int) -> np.ndarray:
     """One file -> uint8 size x size x channels; BadInput with the reason when it cannot."""
+    if Path(path).is_dir():  # a folder argument whose walk found no image file
+        raise BadInput("a folder without image files")
     try:
         _, img = read_image_file(path)  # the same reader and checks as ingest
     except FileNotFoundError:
         raise BadInput("no such file") from None
-    except IsADirectoryError:
-        raise BadInput("a folder without image files") from None
     except PermissionError:
         raise BadInput("permission denied") from None
     except BadFile as err:

@@ -3,7 +3,8 @@ needs to talk to the others.
 
 Input: a training section of params.yaml (devices, nodes, rdzv_endpoint) and torch elastic's
 environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_RDZV_ENDPOINT, PET_RDZV_BACKEND,
-PET_RDZV_ID, as flows/k8s.py sets them; or MASTER_ADDR/MASTER_PORT). Output: an exit code.
+PET_RDZV_ID, as flows/k8s.py sets them, and PET_LOCAL_ADDR, torchrun's --local-addr; or
+MASTER_ADDR/MASTER_PORT). Output: an exit code.
 
 Why elastic_launch from inside the stage rather than `torchrun` in dvc.yaml: torchrun reports
 any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, with restarts,
@@ -11,6 +12,12 @@ reruns bad input. Here each rank runs the stage's body behind the stage door, wr
 code it means to a small file, and exits with it; the parent combines the codes (`combine`).
 
 One device on one machine never comes here (`plan` returns None): today's path, no process.
+
+Out of device memory on some ranks only: `Ballot` tells every rank, in the gradient all-reduce.
+
+Rank 0 (the writer) is the first process of node 0 whenever node ranks are given: the c10d
+rendezvous numbers machines by their address, then the agent's pid, not by node rank, so `join`
+renumbers the processes node-major before the process group starts (see `_node_major`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from stages.core.errors import (
     EXIT_BAD_INPUT,
@@ -41,7 +49,7 @@ from stages.core.errors import (
     Terminated,
     Transient,
 )
-from stages.core.host import visible_gpus
+from stages.core.host import die_with_parent, visible_gpus
 from stages.params import TrainParams
 
 log = logging.getLogger("imagepipe.distributed")
@@ -54,10 +62,10 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_TRANSIENT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TER
 
 @dataclass(frozen=True)
 class Comm:
-    """This process's place among the training processes. `root` (rank 0) is the writer. With
-    the c10d rendezvous torch numbers the machines in the order of their host names (then
-    process ids), so rank 0 is on the machine whose name sorts first: node 0 in a Kubernetes
-    Indexed Job (<job>-0); with the static rendezvous it is node_rank 0."""
+    """This process's place among the training processes. `root` (rank 0) is the writer: local
+    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as flows/k8s.py sets it), whatever
+    order the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
+    numbers the machines by address (host name), then the launching process's id."""
 
     rank: int = 0
     world: int = 1
@@ -99,6 +107,47 @@ class Comm:
 
 
 SINGLE = Comm()
+
+
+class Ballot(nn.Module):
+    """What DDP wraps when there are several processes: the model, and one scalar parameter
+    whose gradient is this rank's vote: 1 when it ran out of device memory in this step, else 0.
+
+    DDP averages it with the gradients: after each synchronised backward every rank reads
+    whether any ran out (`tally`) and all redo the step in more micro-batches together. Not a
+    collective of its own (a flag all-reduced per step): the ranks that did not run out are in
+    DDP's all-reduces by then, where it would meet the wrong partner. The happy path pays no
+    collective, only reading a scalar (on a GPU, a wait for the all-reduce before the step)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.vote = nn.Parameter(torch.zeros(()))
+        self.out_of_memory = False  # this rank's vote in the next backward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if not torch.is_grad_enabled():
+            return out
+        return _Vote.apply(out, self.vote, float(self.out_of_memory))
+
+    def tally(self) -> bool:
+        """Whether any rank voted out of memory in the last synchronised backward; clears it."""
+        grad, self.vote.grad = self.vote.grad, None
+        return grad is not None and float(grad) > 0
+
+
+class _Vote(torch.autograd.Function):
+    """Identity on the output; its backward gives the vote parameter the gradient `flag`."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, vote: torch.Tensor, flag: float) -> torch.Tensor:
+        ctx.flag = flag
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full((), ctx.flag, device=grad.device), None
 _current = SINGLE
 
 
@@ -117,6 +166,7 @@ class Plan:
     run_id: str
     backend: str  # the process group's: nccl on CUDA, gloo on the CPU
     ranked: bool = False  # node_rank was given (PET_NODE_RANK / NODE_RANK), not assumed
+    local_addr: str | None = None  # this machine's address for the rendezvous (PET_LOCAL_ADDR)
 
     @property
     def world(self) -> int:
@@ -181,7 +231,8 @@ def plan(p: TrainParams, stage: str) -> Plan | None:
     run_id = os.environ.get("PET_RDZV_ID") or (f"imagepipe-{stage}" if nnodes > 1
                                                  else uuid.uuid4().hex)
     return Plan(nproc, nnodes, node_rank, endpoint, os.environ.get("PET_RDZV_BACKEND", "c10d"),
-                run_id, "nccl" if cuda else "gloo", given is not None)
+                run_id, "nccl" if cuda else "gloo", given is not None,
+                os.environ.get("PET_LOCAL_ADDR") or None)
 
 
 def launch(pl: Plan, target: str, argv: list[str]) -> int:
@@ -204,11 +255,12 @@ def launch(pl: Plan, target: str, argv: list[str]) -> int:
                           nproc_per_node=pl.nproc_per_node, run_id=pl.run_id,
                           rdzv_endpoint=pl.endpoint, rdzv_backend=pl.rdzv_backend,
                           rdzv_configs=configs, max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
+                          start_method="spawn", local_addr=pl.local_addr)
     with tempfile.TemporaryDirectory(prefix="imagepipe-ranks-") as codes:
         failures: dict[int, int] = {}
         try:
-            elastic_launch(config, _rank_entry)(pl.backend, pl.node_rank, target, argv, codes)
+            node = pl.node_rank if pl.ranked or pl.nnodes == 1 else None
+            elastic_launch(config, _rank_entry)(pl.backend, node, target, argv, codes)
         except ChildFailedError as err:
             failures = {int(rank): int(f.exitcode) for rank, f in err.failures.items()}
         except SignalException as err:
@@ -258,21 +310,48 @@ def raise_for(code: int, stage: str) -> None:
     raise RankFailed(said)
 
 
-def join(backend: str, node_rank: int) -> Comm:
+def join(backend: str, node_rank: int | None) -> Comm:
     """Join the process group torch elastic set up in the environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); make this process's Comm the current one."""
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); make this process's Comm the current one.
+
+    `node_rank`: this machine's, when known (None: torch's numbering is kept). Ranks are then
+    node-major, so rank 0 is node 0's first process: it writes, DDP copies its weights and
+    buffers (CPU BatchNorm statistics) to the others, and it reads the first share of each
+    batch, so the outputs do not depend on the order the machines joined in."""
     global _current
     local = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    # Rank 0 writes: DDP's buffers (CPU BatchNorm statistics) are rank 0's too, so the outputs
-    # do not depend on which machine got which rank.
-    _current = Comm(dist.get_rank(), dist.get_world_size(), local,
-                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 0, backend)
-    log.debug("rank %d of %d (node %d, local rank %d)", _current.rank, _current.world,
-              node_rank, local)
+    given = int(os.environ["RANK"])
+    if node_rank is None or int(os.environ["WORLD_SIZE"]) == local_world:
+        dist.init_process_group(backend)
+    else:
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, world = next(rendezvous("env://"))  # the agent's store, as env:// opens it
+        rank = _node_major(store, given, world, node_rank, local)
+        dist.init_process_group(backend, store=dist.PrefixStore("imagepipe/pg", store),
+                                rank=rank, world_size=world)
+    _current = Comm(dist.get_rank(), dist.get_world_size(), local, local_world, 0, backend)
+    log.debug("rank %d of %d (node %s, local rank %d, torch's rank %d)", _current.rank,
+              _current.world, node_rank, local, given)
     return _current
+
+
+def _node_major(store: dist.Store, given: int, world: int, node_rank: int, local: int) -> int:
+    """This process's rank when the processes are ordered by (node rank, local rank).
+
+    Through the agent's store, before the process group exists (once per launch, not per step):
+    each process posts its place under torch's rank and reads the others'."""
+    store.set(f"imagepipe/place/{given}", f"{node_rank} {local}")
+    places = [tuple(int(v) for v in store.get(f"imagepipe/place/{r}").decode().split())
+              for r in range(world)]
+    if len(set(places)) < world:
+        nodes = sorted(n for n, lr in places if lr == 0)
+        raise BadInput(f"two machines were given the same node rank (node ranks {nodes}): set "
+                       "PET_NODE_RANK to 0, 1, ... once per machine")
+    return sorted(places).index((node_rank, local))
 
 
 def leave() -> None:
@@ -282,25 +361,24 @@ def leave() -> None:
     _current = SINGLE
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the launching one dies (Linux): a stage killed with -9 must
-    not leave ranks writing checkpoints behind it."""
-    try:
-        import ctypes
+def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str],
+                codes: str) -> int:
+    """One rank: join, run the stage's rank function, write its exit code, exit with it.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _rank_entry(backend: str, node_rank: int, target: str, argv: list[str], codes: str) -> int:
-    """One rank: join, run the stage's rank function, write its exit code, exit with it."""
-    _die_with_parent()
+    The code file is named by torch's rank, as the agent reports failures."""
+    # SIGKILL when the launching process dies: a stage killed with -9 must not leave ranks
+    # writing checkpoints behind it.
+    arm = die_with_parent(signal.SIGKILL, os.getppid())
+    if arm is not None:
+        arm()
     rank = int(os.environ.get("RANK", "0"))
     code = EXIT_BUG
     try:
         try:
             comm = join(backend, node_rank)
+        except BadInput as err:
+            print(f"rank {rank}: {err}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
         except Exception as err:  # noqa: BLE001 - a peer or the store unreachable
             print(f"rank {rank}: could not join the others: {type(err).__name__}: {err}",
                   file=sys.stderr)

@@ -1,5 +1,6 @@
 """What this process may use and where it runs: usable CPU cores, visible GPUs, the project root,
-and the environment variable that carries the Prefect flow-run id into stages.
+the environment variable that carries the Prefect flow-run id into stages, and a child's tie to
+its parent (it dies with it).
 
 The one place each of these is answered (the flow, the stages and the commands all ask here), and
 nothing here imports torch: counting GPUs must not cost a CUDA initialisation.
@@ -7,7 +8,11 @@ nothing here imports torch: counting GPUs must not cost a CUDA initialisation.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # Set by the Prefect flow for every stage it runs: MLflow groups the stages' runs under one
@@ -15,6 +20,8 @@ from pathlib import Path
 FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
 # Set by the flow when it granted the stage GPU slots on a machine that has GPUs: the number.
 GPUS_GRANTED_ENV = "IMAGEPIPE_GPUS_GRANTED"
+# Linux's prctl option: a signal the kernel sends to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 def usable_cores() -> int:
@@ -62,3 +69,36 @@ def project_root(start: Path | None = None) -> Path:
         if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
             return folder.parent.parent.parent
     return found
+
+
+def die_with_parent(sig: int, parent: int | None = None) -> Callable[[], None] | None:
+    """A function that makes the process calling it receive `sig` when its parent dies (Linux's
+    PR_SET_PDEATHSIG; None elsewhere): a stage killed with -9 must not leave its children running.
+
+    `parent`: the pid the caller's parent should be; default this process, for a preexec_fn the
+    forked child calls; a spawned child passes os.getppid() and calls it itself. When that parent
+    is already gone (it died before prctl took effect) the caller exits at once, 128 + `sig`.
+    The signal comes when the parent *thread* that forked ends: fork from one that outlives the
+    child. libc is looked up here, before a fork: the child only calls it.
+    """
+    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if libc_name is None:
+        return None
+    prctl = ctypes.CDLL(libc_name, use_errno=True).prctl
+    expected = os.getpid() if parent is None else parent
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != expected:
+            os._exit(128 + int(sig))
+
+    return arm
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the environment variables of `saved` as they were (None: it was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

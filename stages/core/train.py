@@ -1,5 +1,6 @@
-"""The training loop that pretrain and finetune share: device set-up, optimiser, schedule,
-`train_one_epoch`, `evaluate`, and `fit` (epochs with checkpoints and one history row each).
+"""The training loop that pretrain and finetune share: the model prepared for the device,
+optimiser, schedule, `train_one_epoch`, `evaluate`, and `fit` (epochs with checkpoints and one
+history row each). Device set-up (`Runtime`, `make_runtime`) is core/device.py's.
 
 Device: `auto` takes CUDA when present: `precision` auto is bf16 autocast where the GPU has it,
 else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once per model. CPU:
@@ -8,7 +9,7 @@ runs in fp32. Several processes (core/distributed.py): DDP, each rank on its sha
 the root alone writes checkpoints and calls `on_epoch`; SyncBatchNorm on CUDA only (it has no
 CPU/gloo implementation: CPU ranks normalise over their own share). Out of device memory: the
 step is redone in 2, 4, ... micro-batches whose gradients add up to the batch's; at micro-batch
-1, exit 2 with a hint (a retry cannot fit).
+1, exit 2 with a hint (a retry cannot fit). Several processes decide that together (`_step`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import csv
 import io
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.core.checkpoint import CheckpointStore, Position
-from stages.core.device import resolve_precision, select_device
+from stages.core.device import Runtime
+from stages.core.device import make_runtime as make_runtime  # where the stages import it from
 from stages.core.devicedata import DeviceBatches
-from stages.core.distributed import SINGLE, Comm, current
-from stages.core.errors import BadInput
-from stages.core.host import usable_cores
+from stages.core.distributed import Ballot
+from stages.core.errors import BadInput, Transient
 from stages.core.io import atomic_path
 from stages.core.progress import progress
 from stages.params import TrainParams
@@ -47,48 +47,6 @@ EVAL_BATCH = 512
 log = logging.getLogger("imagepipe.train")
 
 
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    bf16: bool
-    channels_last: bool
-    compile: bool
-    fp16: bool = False  # fp16 autocast with loss scaling (GPUs without bf16)
-    comm: Comm = SINGLE
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.bf16 or self.fp16:
-            dtype = torch.bfloat16 if self.bf16 else torch.float16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
-        return nullcontext()
-
-
-def make_runtime(p: TrainParams) -> Runtime:
-    comm = current()
-    device = select_device(p.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", comm.local_rank if comm.world > 1 else torch.cuda.current_device())
-        # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = not p.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if p.deterministic:  # cuBLAS reads its workspace setting at its first call
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic = True
-        precision = resolve_precision(p.precision, device)
-        return Runtime(device, bf16=precision == "bf16", channels_last=True, compile=p.compile,
-                       fp16=precision == "fp16", comm=comm)
-    # The ranks of one machine share its cores: all of them each would oversubscribe it.
-    torch.set_num_threads(max(1, usable_cores() // comm.local_world))
-    # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
-    # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
-    torch.set_flush_denormal(True)
-    precision = resolve_precision(p.precision, device)
-    return Runtime(device, bf16=precision == "bf16", channels_last=False, compile=p.compile,
-                   comm=comm)
-
-
 def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
     """Move `model` to the device in place; return what to call (compiled, DDP-wrapped)."""
     distributed = rt.comm.world > 1
@@ -98,18 +56,20 @@ def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = compiled(model) if rt.compile else model
+    net = compiled(model, rt.backend()) if rt.compile else model
     if distributed:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=ids)
+        net = DistributedDataParallel(Ballot(net), device_ids=ids)
     return net
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """torch.compile(model), once per model (finetune's phases used to compile it each)."""
+def compiled(model: nn.Module, backend: str | Callable[..., Any] = "inductor") -> nn.Module:
+    """torch.compile(model), once per model: finetune's phases share one wrapper, whose graphs
+    dynamo reuses while their guards hold (phase 2 adds the graphs of a trainable backbone).
+    The first call's backend stays."""
     cached = model.__dict__.get("_imagepipe_compiled")  # not a submodule: outside state_dict
     if cached is None:
-        cached = model.__dict__["_imagepipe_compiled"] = torch.compile(model)
+        cached = model.__dict__["_imagepipe_compiled"] = torch.compile(model, backend=backend)
     return cached
 
 
@@ -136,8 +96,10 @@ def schedule_factor(kind: str, total: int, warmup: int) -> Callable[[int], float
     """Multiplier of the peak lr at step t: linear warm-up over `warmup` steps, then down to 0
     by the last step, linearly (onecycle, Smith's triangle as airbench uses it) or along a
     cosine. Written out rather than torch's OneCycleLR, which divides by zero when a phase is
-    a step or two long (a few batches per epoch is normal on a small target set)."""
-    warmup = min(warmup, total - 1) if total > 1 else 0
+    a step or two long (a few batches per epoch is normal on a small target set). The warm-up
+    takes at most half the phase: a one-epoch phase with a one-epoch warm-up used to end at the
+    peak lr, and fine-tuning's first phase then handed a diverged head to the second."""
+    warmup = min(warmup, total // 2)
 
     def factor(t: int) -> float:
         if t < warmup:
@@ -170,6 +132,7 @@ class Trainer:
     frozen: nn.Module | None = None
     # Micro-batches per step: 1 until a step runs out of device memory.
     parts: int = 1
+    syncing: bool = False  # in the backward that all-reduces the gradients (several processes)
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss: L2-SP (regularize.py)
 
     def states(self) -> dict[str, Any]:
@@ -220,13 +183,24 @@ def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Positi
 
 
 def _step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the batch. Several processes: a rank out of memory still joins this
+    step's gradient all-reduce (`_abstain`), voting to redo it; every rank reads the vote after
+    the backward and all halve together, so they keep running the same collectives."""
+    ballot = tr.net.module if isinstance(tr.net, DistributedDataParallel) else None
     while True:
         tr.opt.zero_grad(set_to_none=True)
+        err: torch.OutOfMemoryError | None = None
         try:
             logits, loss = _accumulate(tr, x, y)
+        except torch.OutOfMemoryError as oom:
+            err = oom
+            if ballot is not None:
+                _abstain(tr, ballot, x)
+        if ballot is not None and ballot.tally() and err is None:
+            err = torch.OutOfMemoryError("another training process ran out of device memory")
+        if err is None:
             break
-        except torch.OutOfMemoryError as err:
-            _halve(tr, len(y), err)
+        _halve(tr, len(y), err)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.sched.step()
@@ -238,19 +212,55 @@ def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
     """Forward and backward of the batch in `tr.parts` micro-batches, each loss weighted by
     its share, so the gradients sum to the whole batch's. DDP syncs on the last one only."""
     parts = min(tr.parts, len(y))
+    ddp = isinstance(tr.net, DistributedDataParallel)
     outs, total = [], torch.zeros((), device=y.device)
     for i, (xi, yi) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts), strict=True)):
-        quiet = i < parts - 1 and isinstance(tr.net, DistributedDataParallel)
+        quiet = i < parts - 1 and ddp
         with tr.net.no_sync() if quiet else nullcontext():  # type: ignore[operator]
             with tr.rt.autocast():
                 logits = tr.net(xi)
             loss = tr.loss_fn(logits.float(), yi) + (tr.penalty() if tr.penalty else 0.0)
             if parts > 1:
                 loss = loss * (len(yi) / len(y))
+            tr.syncing = ddp and not quiet
             tr.scaler.scale(loss).backward()
+            tr.syncing = False
         outs.append(logits.detach())
         total = total + loss.detach()
     return (outs[0] if parts == 1 else torch.cat(outs)), total
+
+
+def _abstain(tr: Trainer, ballot: Ballot, x: torch.Tensor) -> None:
+    """This rank ran out of memory while the others go on to the gradient all-reduce: join it
+    with zero gradients and a vote to redo the step, from a forward of one image in eval mode
+    (no BatchNorm statistics move). DDP's buffer broadcast of this step came with this rank's
+    first forward already, so not again. Where the collectives cannot be matched any more (out
+    of memory inside the all-reducing backward, or in SyncBatchNorm's forward collectives) the
+    stage exits 75 instead, to be started afresh; a smaller batch_size avoids it."""
+    if tr.syncing or any(isinstance(m, nn.SyncBatchNorm) for m in tr.model.modules()):
+        raise Transient("out of device memory inside the processes' synchronised part of a "
+                        "step (the gradient all-reduce or SyncBatchNorm); lower batch_size")
+    ddp = tr.net
+    assert isinstance(ddp, DistributedDataParallel)
+    tr.opt.zero_grad(set_to_none=True)
+    ballot.vote.grad = None
+    if tr.rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    flag = "forward_sync_buffers" if hasattr(ddp, "forward_sync_buffers") else "broadcast_buffers"
+    sync_buffers = getattr(ddp, flag)
+    setattr(ddp, flag, False)
+    ballot.out_of_memory = True
+    ddp.eval()
+    try:
+        with tr.rt.autocast():
+            out = ddp(x[:1])
+        (out.float().sum() * 0).backward()
+    finally:
+        setattr(ddp, flag, sync_buffers)
+        ballot.out_of_memory = False
+        ddp.train()
+        if tr.frozen is not None:
+            tr.frozen.eval()
 
 
 def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:

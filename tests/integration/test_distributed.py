@@ -42,8 +42,24 @@ def tiny_net(batchnorm: bool) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
+class OutOfMemoryOnRank1(nn.Module):
+    """A stand-in for a GPU out of memory (there is none here): on rank 1 only, a forward of more
+    than 8 images raises torch.OutOfMemoryError, as CUDA's caching allocator does. Inside what
+    DDP wraps, so DDP's forward (its buffer broadcast) has run when it raises."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if distributed.current().rank == 1 and len(x) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, on rank 1 only)")
+        return self.net(x)
+
+
 def train_tiny(argv: list[str]) -> int:
-    """20 SGD steps of a global batch of 32 over 640 images; weights saved per rank."""
+    """20 SGD steps of a global batch of 32 over 640 images; weights and micro-batches per step
+    saved per rank. argv: folder, bn|plain, and "oom" to run rank 1 out of memory."""
     out, batchnorm = Path(argv[0]), argv[1] == "bn"
     comm = distributed.current()
     rng = np.random.default_rng(0)
@@ -52,12 +68,14 @@ def train_tiny(argv: list[str]) -> int:
     batches = DeviceBatches(images, labels, np.arange(640), device=CPU, mean=[0.5], std=[0.25],
                             batch_size=32, train=True, augment=OnlineAugment(1, True), seed=0,
                             rank=comm.rank, world=comm.world)
-    model = tiny_net(batchnorm)
+    inner = tiny_net(batchnorm)
+    model = OutOfMemoryOnRank1(inner) if argv[2:] == ["oom"] else inner
     rt = Runtime(CPU, bf16=False, channels_last=False, compile=False, comm=comm)
     p = TrainParams(lr=0.05, device="cpu")
     tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, 1, len(batches))
     train_one_epoch(tr, batches, 0, Position())
-    torch.save(model.state_dict(), out / f"rank{comm.rank}.pt")
+    torch.save(inner.state_dict(), out / f"rank{comm.rank}.pt")
+    (out / f"parts{comm.rank}").write_text(str(tr.parts))
     return 0
 
 
@@ -106,6 +124,31 @@ def test_ddp_with_batchnorm_keeps_the_ranks_weights_identical(tmp_path: Path) ->
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     params = {name for name, _ in tiny_net(True).named_parameters()}
     assert [k for k in params if not torch.equal(r0[k], r1[k])] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # a desynchronised DDP waits in a collective: fail, do not hang
+@pytest.mark.parametrize("norm", ["plain", "bn"])
+def test_out_of_memory_on_one_rank_halves_every_rank_together(tmp_path: Path, norm: str) -> None:
+    """Rank 1 runs out of memory at 16 images a step, rank 0 does not: both go on in 2
+    micro-batches of 8 from that step on and end with the same weights; without BatchNorm, the
+    weights of one process with the whole batch. With BatchNorm (DDP broadcasts its buffers in
+    the forward) rank 1 must not add a collective of its own on the way."""
+    code = distributed.launch(two_processes(), f"{__name__}:train_tiny", [str(tmp_path), norm,
+                                                                          "oom"])
+    assert code == 0
+    assert [(tmp_path / f"parts{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    params = {name for name, _ in tiny_net(norm == "bn").named_parameters()}
+    assert [k for k in params if not torch.equal(r0[k], r1[k])] == []
+    if norm == "plain":
+        single = tmp_path / "single"
+        single.mkdir()
+        train_tiny([str(single), "plain"])
+        want = torch.load(single / "rank0.pt", weights_only=True)
+        diff = max(float((want[k] - r0[k]).abs().max()) for k in want)
+        print(f"max |weight difference| vs one process, no out-of-memory = {diff:.3g}")
+        assert diff <= 1e-5
 
 
 @pytest.mark.slow
@@ -287,23 +330,39 @@ def test_sigterm_to_the_stage_stops_every_process_with_143(reference: tuple[Path
 
 @pytest.mark.slow
 def test_two_machines_on_localhost_equal_one_launch_of_two(reference: tuple[Path, Path]) -> None:
+    """Node 0 writes, even where the c10d rendezvous gives node 1 torch's rank 0: it orders the
+    machines by address, and node 1's, 127.0.0.1, sorts before node 0's, localhost. Each
+    "machine" names its own output folder, as two machines' disks would be."""
     root, ref = reference
-    params, port, out = tiny_params(root, devices=1, nodes=2), free_port(), root / "nodes"
+    params, port = tiny_params(root, devices=1, nodes=2), free_port()
     # Each "machine" gets half the cores, as each of one launch's two processes uses half:
     # other thread counts sum convolutions in another order (not bit-identical then).
     cores = sorted(os.sched_getaffinity(0))
     half = [set(cores[: max(len(cores) // 2, 1)]), set(cores[len(cores) // 2:] or cores)]
-    procs = []
-    for node in (0, 1):
+    procs, outs = [], [root / "node0", root / "node1"]
+    for node, addr in ((0, "localhost"), (1, "127.0.0.1")):
         env = {**os.environ, "IMAGEPIPE_TRACKING": "0", "PET_NODE_RANK": str(node),
-               "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "test-two-nodes"}
+               "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "test-two-nodes",
+               "PET_LOCAL_ADDR": addr}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stages.pretrain", *stage_args(params, root / "data", out)],
+            [sys.executable, "-m", "stages.pretrain", *stage_args(params, root / "data",
+                                                                  outs[node])],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             preexec_fn=lambda cpus=half[node]: os.sched_setaffinity(0, cpus)))
     results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
     assert [code for code, _ in results] == [0, 0], results
-    assert_same_weights(ref, out)
+    assert_same_weights(ref, outs[0])
+    assert (outs[0] / "ck" / "pretrain.pt").exists() and (outs[0] / "m.json").exists()
+    assert [f for f in outs[1].rglob("*") if f.is_file()] == []  # its folders, made, stay empty
+
+
+def test_the_same_node_rank_twice_is_bad_input() -> None:
+    store = torch.distributed.HashStore()
+    store.set("imagepipe/place/0", "0 0")
+    with pytest.raises(BadInput, match="the same node rank"):
+        distributed._node_major(store, 1, 2, 0, 0)
+    store.set("imagepipe/place/0", "1 0")
+    assert distributed._node_major(store, 1, 2, 0, 0) == 0  # torch's rank 1 is node 0
 
 
 # ------------------------------------------------------------ on a GPU only

@@ -1,13 +1,22 @@
 """project_root(): the nearest DVC project, and the real one from DVC's temporary experiment
-workspaces (where a queued experiment's stages run and must find the project's mlflow.db)."""
+workspaces (where a queued experiment's stages run and must find the project's mlflow.db).
+die_with_parent(): a child, forked (preexec_fn) or spawned (a training rank), dies with its
+parent, real processes and signals."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from stages.core.host import project_root
+from stages.core.host import die_with_parent, project_root
+from tests.helpers import REPO
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
 
 
 @pytest.fixture
@@ -54,3 +63,55 @@ def test_a_folder_merely_named_exps_is_not_a_workspace(tmp_path: Path) -> None:
     root = tmp_path / "tmp" / "exps" / "proj"
     (root / ".dvc").mkdir(parents=True)
     assert project_root(root) == root.resolve()
+
+
+
+# A spawned child arms itself, as a training rank does (stages/core/distributed.py).
+SPAWNED = ("import os, signal, sys, time; from stages.core.host import die_with_parent; "
+           "die_with_parent(signal.SIGKILL, int(sys.argv[1]) or os.getppid())(); "
+           "print(os.getpid(), flush=True); time.sleep(60)")
+
+
+def gone(pid: int) -> bool:
+    """Ended (a zombie counts: nothing reaps orphans in some containers)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@linux
+def test_a_spawned_child_dies_with_its_parent() -> None:
+    # parent: python that starts the child and sleeps; killed with -9, no handler runs.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+         f"'-c', {SPAWNED!r}, '0']); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert not gone(child)
+    parent.kill()
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(child), f"child {child} outlived its parent"
+
+
+@linux
+def test_a_child_whose_parent_died_before_it_armed_exits_at_once() -> None:
+    # Its parent is this process, not pid 1: as if the expected one had died and it was adopted.
+    done = subprocess.run([sys.executable, "-c", SPAWNED, "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGKILL and done.stdout == ""
+
+
+@linux
+def test_a_forked_child_gets_the_signal_from_a_preexec_fn() -> None:
+    arm = die_with_parent(signal.SIGTERM)
+    assert arm is not None
+    child = subprocess.run([sys.executable, "-c", "print('armed')"], preexec_fn=arm,
+                           capture_output=True, text=True, timeout=60)
+    # Its parent is the one expected (this process): it runs; the kill -9 of a flow process
+    # with such children is tests/integration/test_hardening_procs.py's.
+    assert (child.returncode, child.stdout) == (0, "armed\n")

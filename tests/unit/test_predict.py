@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -159,3 +160,71 @@ def test_the_model_takes_uint8_pixels(served: dict) -> None:
     out = onnxio.predict_outputs(session, pixels)
     ref = torch.softmax(torch.from_numpy(out["logits"]).double(), 1).numpy()
     assert np.abs(out["probabilities"] - ref).max() < 1e-6
+
+
+# ---------------------------------------------------------------- the registered serving wrapper
+# stages/core/tracking/serving.py, in process with its real ONNX session (no MLflow store, no
+# server: tests/integration/test_serving.py posts to the real `mlflow models serve`).
+
+
+@pytest.fixture(scope="module")
+def wrapper(served: dict) -> Any:
+    """An ImageClassifier on the served ONNX file (importing it loads mlflow: imported here)."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from stages.core.tracking.serving import ARTIFACT, ImageClassifier
+
+    model = ImageClassifier()
+    model.load_context(PythonModelContext({ARTIFACT: str(served["onnx"])}, None))
+    return model
+
+
+def test_the_wrapper_answers_pixels_and_image_files_as_predict_does(served: dict,
+                                                                    wrapper: Any) -> None:
+    import base64
+
+    pixels = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    rows = wrapper.predict(None, pixels.astype(np.int64))  # JSON integers arrive as int64
+    want = onnxio.predict_outputs(onnxio.make_session(served["onnx"]), pixels)["probabilities"]
+    got = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows])
+    assert np.abs(got - want).max() < 1e-6
+    assert [r["class"] for r in rows] == [CLASSES[k] for k in want.argmax(1)]
+    # A file of another size and mode (30 x 40 RGB, 2 x 3 RGBA): the canonical form of predict.
+    files = [base64.b64encode((served["root"] / n).read_bytes()).decode()
+             for n in ("rgb.png", "tiny.png")]
+    rows = wrapper.predict(None, np.array(files))
+    for name, row in zip(("rgb.png", "tiny.png"), rows, strict=True):
+        ref = _torch_probs(served["model"], served["root"] / name)
+        got = np.array([row["probabilities"][c] for c in CLASSES])
+        assert np.abs(got - ref).max() < 1e-4 and row["class"] == CLASSES[ref.argmax()]
+
+
+@pytest.mark.parametrize(("sent", "why"), [
+    (np.full((2, SIZE, SIZE, 3), 0.5), "non-integer values in [0.5, 0.5] (pixels scaled to 0-1"),
+    (np.full((1, SIZE, SIZE, 3), 12.5), "non-integer values in [12.5, 12.5]"),
+    (np.full((1, SIZE, SIZE, 3), 256), "got values in [256, 256]"),
+    (np.full((1, SIZE, SIZE, 3), -1), "got values in [-1, -1]"),
+    (np.zeros((1, 8, 8, 3), np.uint8), "got an array of shape (1, 8, 8, 3)"),
+    (np.zeros((SIZE, SIZE, 3), np.uint8), "got an array of shape (16, 16, 3)"),
+    (np.zeros((1, SIZE, SIZE, 3), bool), "got bool values"),
+    ({"image": np.zeros((1, SIZE, SIZE, 3)), "extra": 1}, "got ['extra', 'image']"),
+    (np.array(["not base64!"]), "item 0 is not base64"),
+    (np.array(["aGVsbG8="]), "item 0: not an image file"),
+])
+def test_the_wrapper_refuses_what_is_not_pixels(wrapper: Any, sent: object, why: str) -> None:
+    from stages.core.tracking.serving import BadRequest
+
+    with pytest.raises(BadRequest) as err:
+        wrapper.predict(None, sent)
+    assert why in err.value.message
+    assert ("multiply by 255" in err.value.message) == ("0-1" in why)
+    if "item 0:" not in why:  # a refusal of the request's form names the form it should have
+        assert f"uint8 pixels N x {SIZE} x {SIZE} x 3 (NHWC, channel order RGB)" in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_the_wrapper_takes_the_onnx_input_name_and_integral_floats(wrapper: Any) -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3))
+    plain = wrapper.predict(None, pixels)
+    assert wrapper.predict(None, {"image": pixels}) == plain
+    assert wrapper.predict(None, pixels.astype(np.float64)) == plain

@@ -153,6 +153,14 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
     assert schedule_factor("onecycle", total=1, warmup=5)(0) == 1.0
 
 
+def test_a_warm_up_as_long_as_the_phase_still_decays() -> None:
+    # One head epoch of 6 steps with warmup_epochs: 1 once ended at the peak lr.
+    for kind in ("onecycle", "cosine"):
+        lrs = [schedule_factor(kind, total=6, warmup=6)(t) for t in range(6)]
+        assert max(lrs) == 1.0 and lrs.index(1.0) == 3
+        assert lrs[-1] < 0.5, lrs
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
 def test_cuda_without_a_device_is_bad_input() -> None:
     with pytest.raises(BadInput, match="no CUDA device"):
@@ -238,24 +246,70 @@ def test_simulated_out_of_memory_accumulates_to_the_same_step(images: np.ndarray
         train_one_epoch(tr_fussy, b, 1, Position())
 
 
-def test_compile_happens_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[torch.nn.Module] = []
+class TwoPart(torch.nn.Module):
+    """A backbone (with BatchNorm) and a head, named as finetune freezes and unfreezes them."""
 
-    def fake_compile(model: torch.nn.Module) -> torch.nn.Module:
-        calls.append(model)
-        return torch.nn.Sequential(model)  # stands for the compiled wrapper
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(8, 5)
 
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    from stages.core.train import Runtime, make_trainer, param_groups
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def finetune_phases(images: np.ndarray, folder: Path, backend: Any
+                    ) -> tuple[TwoPart, list[Any], list[int], np.ndarray]:
+    """Finetune's two phases as transfer() runs them, through make_trainer and fit (2 epochs of
+    3 steps each, validated every epoch): head on a frozen backbone, then everything. Returns
+    the model, each phase's net, the compilations counted after each epoch, and the logits."""
+    from stages.core.train import Runtime, fit, make_trainer, param_groups, predict
     from stages.params import TrainParams
 
-    rt = Runtime(CPU, bf16=False, channels_last=False, compile=True)
-    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    p = TrainParams(device="cpu")
-    nets = [make_trainer(m, param_groups([(m, 0.1)], 0.0), p, rt, 1, 1).net
-            for m in (model, model, other)]  # finetune: head phase, full phase; scratch
-    assert calls == [model, other] and nets[0] is nets[1] and nets[0] is not nets[2]
+    model, p = TwoPart(), TrainParams(device="cpu")
+    rt = Runtime(CPU, bf16=False, channels_last=False, compile=backend is not None,
+                 compile_backend=backend)
+    train = batches(images, augment=OnlineAugment(crop_padding=1))
+    val = batches(images[:48], train=False)  # whole batches: one evaluation shape
+    nets: list[Any] = []
+    counts: list[int] = []
+    for phase, frozen in (("head", True), ("full", False)):
+        for q in model.backbone.parameters():
+            q.requires_grad_(not frozen)
+        part = model.head if frozen else model
+        tr = make_trainer(model, param_groups([(part, 0.05)], 5e-4), p, rt, 2, len(train),
+                          frozen=model.backbone if frozen else None)
+        fit(tr, train, val, CheckpointStore(folder / f"{phase}.pt", {"phase": phase}),
+            phase=phase, epochs=2, epoch_offset=0 if frozen else 2,
+            on_epoch=lambda _: counts.append(getattr(backend, "frame_count", 0)))
+        nets.append(tr.net)
+    return model, nets, counts, predict(nets[-1], val, rt)
+
+
+def test_compile_for_real_once_per_model_and_equal_to_eager(images: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    """torch.compile itself (dynamo and AOTAutograd, with the aot_eager backend rather than
+    inductor, whose C++ build takes ~45 s here: COMPILE_BACKEND_ENV) through the training code.
+    A backend that counts what dynamo hands it counts the real graph compilations."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()  # other tests' graphs would be reused and not counted
+    counter = CompileCounterWithBackend("aot_eager")
+    model, nets, counts, logits = finetune_phases(images, tmp_path / "compiled", counter)
+    eager, _, _, want = finetune_phases(images, tmp_path / "eager", None)
+    assert nets[0] is nets[1] and type(nets[0]).__name__ == "OptimizedModule"  # one wrapper
+    # Phase 1: a training graph and an evaluation graph in its first epoch, none in its second
+    # (no recompilation per step or epoch); phase 2, a new trainer on the same model, adds the
+    # same two for a backbone that now needs gradients (dynamo guards on requires_grad), once.
+    assert counts == [2, 2, 4, 4], counts
     assert "_imagepipe_compiled" not in "".join(model.state_dict())
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(model.head.weight, TwoPart().head.weight)  # it did train
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
 
 
 def test_rng_restore_uses_the_gpus_visible_now(monkeypatch: pytest.MonkeyPatch) -> None:
