@@ -4,8 +4,12 @@ stage, with tracking off (IMAGEPIPE_TRACKING=0) and on (the SQLite default), N r
 interleaved so the shared machine's load hits both alike; and the same for a tiny `export`
 whose body returns a model to register (PyTorch and ONNX models logged, a version made).
 
+"on" is the default: the run kept by the tracking agent (stages/core/tracking/remote.py, the
+stage never imports mlflow; the agent is started once and reused, as a pipeline's stages reuse
+it); "inproc" is tracking in the stage's own process (IMAGEPIPE_TRACKING_AGENT=0, the fallback).
 Reports the median wall time of each, the median overhead per stage, and the first tracked
-run on a new project (it creates mlflow.db's tables) separately: that is paid once per clone.
+run on a new project (it creates mlflow.db's tables and starts the agent) separately: that is
+paid once per clone.
 `python -m benchmarks tracking`; N from BENCH_TRACKING_N (default 5).
 """
 
@@ -104,9 +108,11 @@ def _write_target(folder: Path) -> None:
     write_target(folder, labels_of(tiny_model("good"), images), images)
 
 
-def run_once(root: Path, tracking: bool, script: str = "stage.py") -> float:
-    """Seconds of one `python SCRIPT` in a fresh process (imports and all)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "IMAGEPIPE_TRACKING": "1" if tracking else "0"}
+def run_once(root: Path, mode: str, script: str = "stage.py") -> float:
+    """Seconds of one `python SCRIPT` in a fresh process (imports and all); mode off, on (the
+    agent) or inproc."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IMAGEPIPE_TRACKING": "0" if mode == "off" else "1",
+           "IMAGEPIPE_TRACKING_AGENT": "0" if mode == "inproc" else "1"}
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
     start = time.perf_counter()
@@ -123,27 +129,36 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
         make_project(root)
-        first = run_once(root, True)  # creates mlflow.db: once per clone
-        times: dict[str, list[float]] = {k: [] for k in
-                                          ("stage_off", "stage_on", "export_off", "export_on")}
+        first = run_once(root, "on")  # creates mlflow.db, starts the agent: once per clone
+        times: dict[str, list[float]] = {f"{k}_{m}": [] for k in ("stage", "export")
+                                          for m in ("off", "on", "inproc")}
         for _ in range(n):
             for key in times:
-                script = "stage_export.py" if key.startswith("export") else "stage.py"
-                times[key].append(run_once(root, key.endswith("_on"), script))
+                kind, mode = key.split("_")
+                times[key].append(run_once(root, mode, f"{kind}.py" if kind == "stage"
+                                           else "stage_export.py"))
+    from stages.core.tracking.remote import stop_agents
+
+    stop_agents(Path(tmp))
     load = os.getloadavg()[0]
     result: dict = {"rounds": n, "load_1min": round(load, 2),
                     "first_tracked_run_s": round(first, 3)}
     for kind in ("stage", "export"):
-        off, on = times[f"{kind}_off"], times[f"{kind}_on"]
+        off, on, inproc = (times[f"{kind}_{m}"] for m in ("off", "on", "inproc"))
         result[kind] = {
             "off_median_s": round(statistics.median(off), 3),
             "on_median_s": round(statistics.median(on), 3),
+            "inproc_median_s": round(statistics.median(inproc), 3),
             "overhead_median_s": round(statistics.median(
                 b - a for a, b in zip(off, on, strict=True)), 3),
-            "off_s": [round(x, 3) for x in off], "on_s": [round(x, 3) for x in on]}
+            "inproc_overhead_median_s": round(statistics.median(
+                b - a for a, b in zip(off, inproc, strict=True)), 3),
+            "off_s": [round(x, 3) for x in off], "on_s": [round(x, 3) for x in on],
+            "inproc_s": [round(x, 3) for x in inproc]}
         r = result[kind]
-        print(f"tracking, {kind}: off {r['off_median_s']} s, on {r['on_median_s']} s, "
-              f"overhead {r['overhead_median_s']} s (median of {n}, load {load:.2f})")
+        print(f"tracking, {kind}: off {r['off_median_s']} s, on (agent) {r['on_median_s']} s, "
+              f"overhead {r['overhead_median_s']} s; in-process {r['inproc_median_s']} s, "
+              f"overhead {r['inproc_overhead_median_s']} s (median of {n}, load {load:.2f})")
     print(f"tracking: first tracked run of a new project {result['first_tracked_run_s']} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tracking.json").write_text(json.dumps(result, indent=2))

@@ -8,22 +8,20 @@ model no better than always answering one class is never champion, not even the 
 its accuracy is at least the champion's + registry.min_improvement (the first version that
 clears the floor becomes champion). The decision and both scores are tagged on both versions;
 the replaced champion keeps the alias `previous-champion`. `--json` prints it as one JSON object.
-Two refusals that only `--force` overrides (and the reason says so): a challenger whose
-`onnx.sha256` tag is not the sha256 of this workspace's models/model.onnx (the export that made
-the workspace's model failed or did not register it, so the challenger is an older model), and
-a challenger that was rolled back (version tag `rolled_back=true`, with `rolled_back.time`).
+Two refusals only `--force` overrides (the reason says so): a challenger whose `onnx.sha256` tag
+is not the sha256 of this workspace's models/model.onnx (the export that made it failed or did
+not register it: the challenger is an older model), and a rolled-back one (version tag
+`rolled_back=true`). It runs in the tracking agent when one is up (remote.py's `call`).
 
 rollback: `champion` back to `previous-champion`; `previous-champion` then steps one further
 back (the predecessor recorded when that version was promoted), so rollbacks walk history. The
 version rolled back from is tagged `rolled_back=true`, so the next promote does not bring it back.
 
-Concurrency: alias moves hold a lock (a file for the processes of this machine, i.e. everyone on
-the SQLite default; against a server also one held on the server, for other checkouts) and
-re-read the champion just before moving it (compare-and-set): if it moved since it was scored,
-the decision is taken again against the new champion; if it became this challenger meanwhile,
-another run promoted it and this one says so ("already champion (promoted by another run)").
-
-Exit codes: 0 decided (promoted or not), 2 bad input, 75 tracking unreachable.
+Concurrency: alias moves hold a lock (a file on this machine; against a server also one held
+on the server) and re-read the champion just before moving it (compare-and-set): if it moved
+since it was scored, the decision is taken again; if it became this challenger meanwhile, this
+run says so ("already champion (promoted by another run)"). Exit codes: 0 decided (promoted or
+not), 2 bad input, 75 tracking unreachable.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ import numpy as np
 
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
+from stages.core.tracking.remote import call
 from stages.params import RegistryParams, load_params
 
 # Accuracies are means over the same images: equal counts are equal, whatever the float noise.
@@ -363,8 +362,9 @@ def promote_main(argv: list[str] | None = None) -> int:
                              "rolled back (the accuracy gate still applies)")
     args = parser.parse_args(argv)
 
-    def body() -> None:
-        d = promote(registry_params(args), args.data, model=args.model, force=args.force)
+    def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
+        d = call("commands.registry:promote", promote, registry_params(args), args.data,
+                 model=args.model, force=args.force)
         verdict = "promoted" if d.promoted else "not promoted"
         now = _version(d.current_champion_version, "no champion")
         _print(asdict(d), args.json, f"{d.model_name} v{d.challenger_version} {verdict}: "

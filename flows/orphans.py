@@ -8,34 +8,17 @@ shell, the stage and its workers) when the flow process dies.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 # `kill -9` of `imagepipe run` left the Prefect API server, `dvc repro` and the stage running.
 # Linux's PR_SET_PDEATHSIG sends a signal to a child when its parent dies, but only to that
-# child (not to DVC's own children), and when the parent *thread* that forked it ends: the
-# thread that spawns waits for the child, so it outlives it unless the process dies.
-_PR_SET_PDEATHSIG = 1
+# child (not to DVC's own children): die_with_parent (shared with the training ranks, in
+# stages/core/host.py) for a direct child, the guard below for a whole process group.
+from stages.core.host import die_with_parent
 
-
-def die_with_parent(sig: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the child receive `sig` when this process dies (Linux; None
-    elsewhere). libc is looked up here, before the fork: the child only calls it."""
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if libc_name is None:
-        return None
-    prctl = ctypes.CDLL(libc_name, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(128 + int(sig))
-
-    return preexec
+__all__ = ["die_with_parent", "guarded"]
 
 
 # The group leader `run_killable` starts: it runs the command in its own process group and, when

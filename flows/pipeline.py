@@ -100,8 +100,16 @@ def promote_task(project_dir: str, timeout_s: float) -> dict[str, Any]:
     if not lines:
         raise StageError("promote", 0, "printed no JSON object on stdout")
     decision = json.loads(lines[-1])
-    logger.info("promotion: %s", decision)
+    logger.info("promotion: %s", _said(decision))
     return decision
+
+
+def _said(d: dict[str, Any]) -> str:
+    """The decision in the words `imagepipe promote` prints (the JSON goes to the artifact)."""
+    verdict = "promoted" if d.get("promoted") else "not promoted"
+    now = d.get("current_champion_version")
+    return (f"{d.get('model_name')} v{d.get('challenger_version')} {verdict}: {d.get('reason')} "
+            f"(champion now: {'v' + str(now) if now else 'no champion'})")
 
 
 @task(name="dvc-push", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
@@ -135,6 +143,8 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
         logger.info("params override: %s", line)
     plan = _planned(root, stages)
     _log_plan(plan)
+    if plan.to_run or promote:
+        _prewarm_tracking(root)
     gpu = set(GPU_STAGES if gpu_stages is None else gpu_stages)
     wanted = _gpus_wanted(root)
     limits = {**TIMEOUTS_S, **(timeouts_s or {})}
@@ -174,6 +184,17 @@ def _params_validator(root: Path) -> Any:
     return load_params
 
 
+def _prewarm_tracking(root: Path) -> None:
+    """Start the project's tracking agent now (stages/core/tracking/remote.py): its mlflow import
+    overlaps DVC's start-up instead of delaying the first stage (or the promotion, which runs
+    there too). Only with tracking on, for the code the stages run (this project's `stages`)."""
+    from stages.core.tracking import remote
+    from stages.core.tracking.store import tracking_enabled
+
+    if tracking_enabled() and remote.CODE == root:
+        remote.prewarm()
+
+
 def _log_plan(plan: Plan) -> None:
     logger = get_run_logger()
     fresh = [s for s in plan.order if s not in plan.to_run]
@@ -194,6 +215,10 @@ def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
     rollback, a challenger registered from another machine), and caching is DVC's job."""
     if not promote:
         return None, "Skipped (promote=False)."
+    from stages.core.tracking.store import SWITCH_ENV, tracking_enabled
+
+    if not tracking_enabled():
+        return None, f"Skipped: tracking is off ({SWITCH_ENV}=0), so no version was registered."
     if not (root / "commands" / "registry.py").is_file():
         return None, "Skipped: this project has no commands/registry.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:

@@ -18,6 +18,9 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "ORT_DISABLE_TELEMETRY": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # Tracking agents the tests start (stages/core/tracking/remote.py) go idle quickly; the
+    # session stops the rest at its end (tracking_agents below).
+    "IMAGEPIPE_TRACKING_AGENT_IDLE_S": "20",
 }
 os.environ.update(QUIET_ENV)
 
@@ -26,6 +29,17 @@ os.environ.update(QUIET_ENV)
 # closes afterwards, and every later in-process DVC call fails with "I/O operation on closed
 # file". Imported here, they bind to the session's streams, which stay open.
 import dvc  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_agents(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Every tracking agent this session's stages started is stopped when it ends: those serving
+    this checkout's code and those serving project copies under the session's tmp folder."""
+    yield
+    from stages.core.tracking.remote import stop_agents
+
+    stop_agents(REPO)
+    stop_agents(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -107,9 +107,10 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
     try:
         with _sigterm_unwinds():
             if track:
-                from stages.core.tracking import StageRun  # the tracking client loads only to open a run
+                # Kept by the tracking agent (no mlflow import here) or, failing that, in-process.
+                from stages.core.tracking.remote import start_stage_run
 
-                stage_run = StageRun.start(name)
+                stage_run = start_stage_run(name)
             outcome = _run_body(name, body)
             code = outcome.code
             if stage_run is not None:

@@ -24,6 +24,7 @@ import pytest
 from commands.lineage import lineage_main
 from commands.registry import promote_main, rollback_main
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from stages.core.tracking.remote import AGENT_ENV
 from tests.integration.tracking_kit import REPO, MlflowServer, save_tiny, tiny_model
 
 pytestmark = pytest.mark.slow
@@ -172,7 +173,9 @@ def test_two_promotions_at_once_leave_exactly_one_champion(
     name = model_name(project, backend)
     assert tiny_export("good") == 0
     cmd = [sys.executable, "-m", "commands.cli", "promote", "--json"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # In-process promotes: one tracking agent would take the two one after the other and leave
+    # the lock untested.
+    env = {**os.environ, "PYTHONPATH": str(REPO), AGENT_ENV: "0"}
     procs = [subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -183,6 +186,41 @@ def test_two_promotions_at_once_leave_exactly_one_champion(
     assert "already champion" in loser["reason"]
     assert alias(backend, name, "champion") == "1"
     assert alias(backend, name, "previous-champion") is None
+
+
+PROMOTE_AND_SAY = """
+import json, sys
+from pathlib import Path
+from commands.registry import promote_main
+code = promote_main(["--json", *sys.argv[1:]])
+Path("mlflow_imported.json").write_text(json.dumps("mlflow" in sys.modules))
+sys.exit(code)
+"""
+
+
+def test_promote_runs_in_the_tracking_agent_and_answers_as_in_process(
+        project: Path, tiny_export: Callable[..., int]) -> None:
+    """`imagepipe promote` hands the decision to the project's tracking agent (mlflow is
+    imported there, not in the command's process); bad input comes back as exit 2 with its
+    message; switched off, the same command decides in its own process."""
+    assert tiny_export("good") == 0
+
+    def promote(*args: str, agent: bool = True) -> tuple[subprocess.CompletedProcess[str], bool]:
+        env = {**os.environ, "PYTHONPATH": str(REPO), AGENT_ENV: "1" if agent else "0"}
+        done = subprocess.run([sys.executable, "-c", PROMOTE_AND_SAY, *args], cwd=project,
+                              env=env, capture_output=True, text=True, timeout=300)
+        return done, json.loads((project / "mlflow_imported.json").read_text())
+
+    done, imported = promote()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["promoted"] and not imported
+    assert alias(f"sqlite:///{(project / 'mlflow.db').as_posix()}", NAME, "champion") == "1"
+    bad, imported = promote("--data", "no-such-folder")
+    assert bad.returncode == EXIT_BAD_INPUT and "promote: error: " in bad.stderr, bad.stderr
+    assert "no-such-folder" in bad.stderr and not imported
+    off, imported = promote(agent=False)
+    assert off.returncode == 0, off.stderr
+    assert json.loads(off.stdout)["reason"] == "version 1 is already champion" and imported
 
 
 def test_a_challenger_older_than_the_workspace_is_refused(
@@ -258,7 +296,8 @@ def test_five_checkouts_promoting_at_once_print_promoted_once(
     checkouts = [tmp_path / f"checkout-{i}" for i in range(5)]
     for folder in checkouts:
         shutil.copytree(project, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Checkouts on machines of their own: no shared tracking agent (and set_alias patched here).
+    env = {**os.environ, "PYTHONPATH": str(REPO), AGENT_ENV: "0"}
     procs = [subprocess.Popen([sys.executable, "-c", CHECKOUT_PROMOTE, str(folder)], cwd=folder,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for folder in checkouts]

@@ -3,12 +3,17 @@ export stage door (gate, MLflow run, registration with signature and input examp
 SQLite store in tmp, gets alias champion, and then
 
 * `mlflow models serve -m models:/NAME@champion --env-manager local` answers raw uint8 pixels
-  posted as JSON with per-class probabilities whose argmax is the torch path's class;
+  and base64-encoded image files posted as JSON with class names and per-class probabilities
+  whose argmax is the torch path's class, and refuses pixels divided by 255 (which MLflow
+  would otherwise cast to uint8 zeros) with a 400 naming the input the model takes;
+* the same wrapper loaded in Python refuses the same way;
 * `imagepipe predict models:/NAME@champion FOLDER` downloads it and classifies the same way.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -119,11 +124,31 @@ def _torch_classes(path: Path, images: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(preprocess(images, mf.mean, mf.std))).argmax(1).numpy()
 
 
-def _post(url: str, body: dict) -> dict:
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON answer), for refusals too."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _png_b64(img: np.ndarray, size: int) -> str:
+    """One grey image as a base64 PNG file of size x size pixels (not the model's size)."""
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0], "L").resize((size, size), Image.Resampling.NEAREST).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _classes_of_files(files: list[str], path: Path) -> list[str]:
+    """What the torch path says for posted files after predict's canonical form."""
+    from stages.core.sources import canonical
+
+    imgs = np.stack([canonical(Image.open(io.BytesIO(base64.b64decode(f))), SIZE, CHANNELS)
+                     for f in files])
+    return [CLASSES[k] for k in _torch_classes(path, imgs)]
 
 
 def _wait_until_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
@@ -142,19 +167,60 @@ def _wait_until_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s
 
 
 def test_logged_with_signature_and_input_example(registered: dict) -> None:
+    """The registered version is the serving wrapper: outputs declared, no input schema (one
+    would make the server cast the request), the contract in its metadata, a real example. The
+    ONNX model in the same run keeps its uint8 tensor signature for ONNX consumers."""
+    import mlflow.artifacts
     from mlflow.models import Model
 
     from stages.core.tracking import Registry
 
     reg = Registry.connect(registered["root"])
-    _, onnx_path = reg.download(MODEL_NAME, "champion", registered["root"] / "dl-sig")
-    mlmodel = Model.load(str(onnx_path.parent))
+    served = Model.load(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{MODEL_NAME}@champion",
+        dst_path=str(registered["root"] / "dl-serving"), tracking_uri=registered["uri"]))
+    assert served.signature.inputs is None
+    assert [o["name"] for o in served.signature.outputs.to_dict()] == [
+        "class", "probability", "probabilities"]
+    assert f"N x {SIZE} x {SIZE} x {CHANNELS}" in served.metadata["input"]
+    assert served.metadata["classes"] == CLASSES
+    assert served.saved_input_example_info is not None
+
+    onnx_uri = reg.version(MODEL_NAME, registered["version"]).tags["onnx_model_uri"]
+    mlmodel = Model.load(mlflow.artifacts.download_artifacts(
+        artifact_uri=onnx_uri, dst_path=str(registered["root"] / "dl-onnx"),
+        tracking_uri=registered["uri"]))
+    assert "onnx" in mlmodel.flavors
     inputs = mlmodel.signature.inputs.to_dict()
     outputs = {o["name"] for o in mlmodel.signature.outputs.to_dict()}
     spec = inputs[0]["tensor-spec"]
     assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, SIZE, SIZE, CHANNELS]
     assert outputs == {"probabilities", "logits"}
     assert mlmodel.saved_input_example_info is not None
+
+
+def test_the_wrapper_in_python_answers_pixels_and_refuses_floats(registered: dict) -> None:
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{MODEL_NAME}@champion",
+        dst_path=str(registered["root"] / "dl-python"), tracking_uri=registered["uri"]))
+    images = registered["images"][:3]
+    rows = model.predict(images)
+    assert [r["class"] for r in rows] == [CLASSES[k] for k in registered["torch"][:3]]
+    for r in rows:
+        assert set(r["probabilities"]) == set(CLASSES)
+        assert r["probability"] == pytest.approx(max(r["probabilities"].values()))
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # Integral floats are pixels too (JSON has one number type); fractions and 300 are not.
+    assert model.predict(images.astype(np.float64)) == rows
+    for bad, why in [(images / 255.0, "multiply by 255"), (images.astype(int) + 200, "got values in ["),
+                     (images[..., 0], "shape (3, 12, 12)")]:
+        with pytest.raises(MlflowException, match=r"this model takes uint8 pixels") as err:
+            model.predict(bad)
+        assert why in err.value.message and f"N x {SIZE} x {SIZE} x {CHANNELS}" in err.value.message
 
 
 def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path) -> None:
@@ -172,13 +238,30 @@ def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_until_up(proc, f"http://127.0.0.1:{port}/ping", log, timeout_s=180)
+        url = f"http://127.0.0.1:{port}/invocations"
         two = registered["images"][:2]
-        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": two.tolist()})
-        probs = np.asarray(answer["predictions"]["probabilities"])
+        status, answer = _post(url, {"inputs": two.tolist()})
+        assert status == 200, answer
+        rows = answer["predictions"]
+        probs = np.asarray([[r["probabilities"][c] for c in CLASSES] for r in rows])
         assert probs.shape == (2, len(CLASSES))
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-        assert list(probs.argmax(1)) == list(registered["torch"][:2])
+        assert [r["class"] for r in rows] == [CLASSES[k] for k in registered["torch"][:2]]
         assert list(probs.argmax(1)) == list(registered["labels"][:2])  # trained: right too
+
+        # Pixels divided by 255: MLflow's uint8 signature cast these to zeros and answered 200.
+        status, answer = _post(url, {"inputs": (two / 255.0).tolist()})
+        assert status == 400, answer
+        assert answer["message"].startswith(
+            f"this model takes uint8 pixels N x {SIZE} x {SIZE} x {CHANNELS}")
+        assert "multiply by 255" in answer["message"]
+
+        # Image files, at another size than the model's: decoded and resized by the wrapper.
+        files = [_png_b64(img, 3 * SIZE) for img in registered["images"][2:4]]
+        status, answer = _post(url, {"inputs": files})
+        assert status == 200, answer
+        want = _classes_of_files(files, registered["root"] / "models" / "finetuned.pt")
+        assert [r["class"] for r in answer["predictions"]] == want
     finally:
         with_group = proc.poll() is None
         if with_group:

@@ -190,3 +190,14 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
     write_params(tmp_path / "params.yaml", raw)
     assert pipeline._gpus_wanted(tmp_path) == {"pretrain": 2, "finetune": 1}
     assert pipeline._gpus_wanted(REPO / "flows") == {}  # not a project with our schema
+
+
+def test_the_flow_logs_the_promotion_in_words() -> None:
+    from flows.pipeline import _said
+
+    kept = {"promoted": False, "model_name": "m", "challenger_version": "3",
+            "reason": "version 3 is already champion", "current_champion_version": "3"}
+    assert _said(kept) == "m v3 not promoted: version 3 is already champion (champion now: v3)"
+    first = {**kept, "promoted": True, "reason": "no champion yet",
+             "current_champion_version": None}
+    assert _said(first).endswith("promoted: no champion yet (champion now: no champion)")

@@ -204,3 +204,17 @@ def test_the_parent_run_name_says_which_pipeline_run(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("DVC_EXP_NAME", "exp-bfe64")
     assert parent_label(tags) == "exp-bfe64"
     assert parent_name(tags).startswith("pipeline exp-bfe64 20")
+
+
+def test_an_agent_log_is_kept_only_when_it_holds_a_warning_or_a_traceback(tmp_path: Path) -> None:
+    from stages.core.tracking.agent import _drop_log_if_quiet
+
+    logs = {name: tmp_path / f"{name}.log" for name in ("quiet", "warned", "crashed")}
+    logs["quiet"].write_text("2026-12-01 07:00:00 INFO imagepipe.tracking.agent: listening\n")
+    logs["warned"].write_text(logs["quiet"].read_text() + "2026-12-01 07:00:01 WARNING "
+                              "imagepipe.tracking.agent: a stage dropped its connection\n")
+    logs["crashed"].write_text("Traceback (most recent call last):\n  File ...\n")
+    for path in logs.values():
+        _drop_log_if_quiet(path)
+    assert {name: path.exists() for name, path in logs.items()} == {
+        "quiet": False, "warned": True, "crashed": True}

@@ -6,6 +6,9 @@ Where runs go: MLFLOW_TRACKING_URI when set (a team server), else the SQLite fil
 the project root with artifacts in mlartifacts/ beside it. IMAGEPIPE_TRACKING=0 switches
 tracking off. Any store failure is TrackingDown (exit 75, naming the URI) after bounded
 retries; a run a killed stage left open is ended FAILED by the next session (journal.py).
+A stage's run is kept by the tracking agent (remote.py, agent.py), so the stage process itself
+never imports mlflow; IMAGEPIPE_TRACKING_AGENT=0, or an agent that cannot start, keeps it
+in-process.
 
 | module | its one job |
 |---|---|
@@ -19,6 +22,9 @@ retries; a run a killed stage left open is ended FAILED by the next session (jou
 | stagerun.py | one stage's run: open, fill, register what the body returned, close |
 | registration.py | what a stage hands over to register a model version (no MLflow) |
 | register.py | logging the models and registering the version, alias challenger |
+| serving.py | the pyfunc `mlflow models serve` runs: checks pixels, answers class names |
+| remote.py | the stage's side of the tracking agent: a run kept there, mlflow never imported |
+| agent.py | the tracking agent: one process per project code keeps the runs of its stages |
 | describe.py | the registered version's one-paragraph description |
 | registry.py | the verbs of promote, rollback and lineage |
 """

@@ -1,5 +1,7 @@
-"""Registering one model version: the PyTorch model and the ONNX file logged into the stage's
-run, the ONNX one registered under the model name with alias challenger.
+"""Registering one model version: the PyTorch model, the ONNX file (onnx flavour, uint8 tensor
+signature: for ONNX consumers) and the serving wrapper around the same file (serving.py: what
+`mlflow models serve` runs, refusing float pixels) logged into the stage's run; the wrapper is
+registered under the model name with alias challenger.
 
 Input: a Registration (registration.py) and the run it belongs to. Output: the new version,
 or an error with nothing half-registered.
@@ -21,13 +23,16 @@ from stages.core.tracking.store import Store, TrackingDown
 
 def register_model_version(store: Store, run_id: str, reg: Registration,
                            tags: dict[str, str]) -> str:
-    """Log the PyTorch model and the ONNX file into run `run_id`, register the ONNX one under
-    `reg.model_name` with alias `challenger`; return the new version. A version whose alias
-    could not be set is deleted again, so a failure never leaves a half-registered version."""
+    """Log the PyTorch model, the ONNX model and the serving wrapper into run `run_id`, register
+    the wrapper under `reg.model_name` with alias `challenger`; return the new version. A
+    version whose alias could not be set is deleted again, so a failure never leaves a
+    half-registered version."""
     import mlflow
     import onnx
 
     from stages.core.dataset import file_sha256
+    from stages.core.onnxio import read_metadata
+    from stages.core.tracking.serving import log_serving_model
 
     missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
     if missing:
@@ -37,7 +42,8 @@ def register_model_version(store: Store, run_id: str, reg: Registration,
     with contextlib.redirect_stdout(sys.stderr), _known_packages(), \
             store.call("open run for models", mlflow.start_run, run_id=run_id):
         torch_uri = _log_torch(store, Path(reg.torch_path), reg.dataset)
-        onnx_info = store.call("log onnx model", mlflow.onnx.log_model, onnx.load(reg.onnx_path),
+        proto = onnx.load(reg.onnx_path)
+        onnx_info = store.call("log onnx model", mlflow.onnx.log_model, proto,
                                name="onnx", pip_requirements=_onnx_requirements(),
                                onnx_execution_providers=["CPUExecutionProvider"],
                                save_as_external_data=False,
@@ -46,11 +52,15 @@ def register_model_version(store: Store, run_id: str, reg: Registration,
                                mlflow.models.infer_signature(reg.input_example,
                                                              reg.output_example),
                                input_example=reg.input_example)
+        # The same file again, byte for byte, inside the wrapper that serving runs.
+        serving_info = store.call("log serving model", log_serving_model, Path(reg.onnx_path),
+                                  reg.input_example, read_metadata(proto),
+                                  _serving_requirements())
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
                     **reg.parity.tags(), "imagepipe.run_id": run_id,
                     "onnx.sha256": file_sha256(Path(reg.onnx_path)),
-                    "pytorch_model_uri": torch_uri}
-    mv = store.call("register model", mlflow.register_model, onnx_info.model_uri,
+                    "pytorch_model_uri": torch_uri, "onnx_model_uri": str(onnx_info.model_uri)}
+    mv = store.call("register model", mlflow.register_model, serving_info.model_uri,
                     reg.model_name, tags=version_tags)
     try:
         # A paragraph on the registry page: what the many tags say, in words.
@@ -109,7 +119,7 @@ def _known_packages() -> Iterator[None]:
         yield
         return
     names = ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "mlflow", "cloudpickle")
-    ru._MODULES_TO_PACKAGES = {n: [n] for n in names}
+    ru._MODULES_TO_PACKAGES = {n: [n] for n in names} | {"PIL": ["pillow"]}
     try:
         yield
     finally:
@@ -159,3 +169,10 @@ def _onnx_requirements() -> list[str]:
     reqs = [f"onnx=={found['onnx']}"] if "onnx" in found else []
     reqs += [f"onnxruntime>={ort}"] if ort else ["onnxruntime"]
     return reqs + ([f"numpy=={found['numpy']}"] if "numpy" in found else [])
+
+
+def _serving_requirements() -> list[str]:
+    # The wrapper runs the ONNX file (onnxruntime), decodes posted image files (pillow) and is
+    # unpickled by cloudpickle; MLflow adds itself.
+    extra = _versions("pillow", "cloudpickle")
+    return _onnx_requirements() + [f"{n}=={v}" for n, v in extra.items()]

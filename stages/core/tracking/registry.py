@@ -78,7 +78,9 @@ class Registry:
                            tuple(sorted(getattr(mv, "aliases", None) or ())))
 
     def download(self, name: str, alias: str, dst: Path) -> tuple[str, Path]:
-        """Download models:/NAME@ALIAS; return (the version it was, the .onnx file)."""
+        """Download models:/NAME@ALIAS; return (the version it was, the .onnx file). A version
+        is the serving wrapper with the exported file among its artifacts (register.py), or,
+        registered before the wrapper, the onnx flavour itself: either holds one .onnx file."""
         import mlflow.artifacts
         import yaml
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
-from stages.core.host import project_root
+from stages.core.host import project_root, restore_env
 from stages.core.tracking.declared import StageDecl, stage_decl
 from stages.core.tracking.grouping import group_key, parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
@@ -51,8 +51,11 @@ class StageRun:
     written) and `finish` turns a success into exit 75 naming the URI.
     """
 
-    def __init__(self, stage: str, root: Path) -> None:
+    def __init__(self, stage: str, root: Path, local: dict[str, Any] | None = None) -> None:
         self.stage, self.root = stage, root
+        # What only the stage's process can tell when the run is kept by the tracking agent
+        # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
+        self.local = local or {}
         self.decl = stage_decl(root, stage) or StageDecl()
         self.store: Store | None = None
         self.run_id: str | None = None
@@ -65,13 +68,14 @@ class StageRun:
         self._saved_env = {k: os.environ.get(k) for k in (RUN_ID_ENV, EPOCH_LOG_ENV)}
 
     @classmethod
-    def start(cls, stage: str) -> StageRun | None:
+    def start(cls, stage: str, *, root: Path | None = None,
+              local: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
         (a command like `imagepipe predict` is not a pipeline stage: no run per call)."""
-        root = project_root()
+        root = root or project_root()
         if not tracking_enabled() or stage_decl(root, stage) is None:
             return None
-        run = cls(stage, root)
+        run = cls(stage, root, local)
         try:
             run._open()
         except BadInput as err:
@@ -94,11 +98,12 @@ class StageRun:
         for run_id in close_orphans(store):
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
         experiment = store.experiment_id()
-        self.tags = {metric_key(k): v for k, v in
-                     lineage_tags(self.root, self.stage, self.decl.deps).items()}
+        given = {**lineage_tags(self.root, self.stage, self.decl.deps),
+                 **self.local.get("tags", {})}
+        self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
             self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
-        key, started_by = group_key()
+        key, started_by = self.local.get("group") or group_key()
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
                                     {**self.tags, "imagepipe.started_by": started_by},
                                     self.root / self.decl.params_file)
@@ -106,7 +111,7 @@ class StageRun:
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
         self.run_id = str(run.info.run_id)
-        journal_add(store, self.run_id)
+        journal_add(store, self.run_id, self.local.get("owner"))
         os.environ[RUN_ID_ENV] = self.run_id
         self._log_params()
         self._start_tail()
@@ -173,11 +178,7 @@ class StageRun:
         return fail_code if code == EXIT_OK else code
 
     def _restore_env(self) -> None:
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(self._saved_env)
 
     def _stop_tail(self) -> None:
         tail, self.tail = self.tail, None
