@@ -35,11 +35,15 @@ run: install
 deploy: install
 	$(PY) -m flows.deploy $(ARGS)
 
+# Two workers (pytest-xdist), each test module on one of them (its module fixtures run once):
+# the suite waits on process start-up, servers and DVC much of the time, so two share 2 cores
+# well. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	$(PY) -m benchmarks

@@ -86,6 +86,29 @@ def _stage_names(root: Path, requested: str | None) -> list[str] | None:
     return stages
 
 
+def _check_overrides(root: Path, overrides: list[str]) -> None:
+    """The -S overrides applied to a copy of params.yaml and validated, as the flow will apply
+    them to the file itself: a bad one answers in a second or two, before Prefect's API starts
+    (tens of seconds on a new PREFECT_HOME). Deployments, which call the flow directly, are
+    checked there."""
+    if not overrides or not (root / "params.yaml").is_file():
+        return
+    import shutil
+    import tempfile
+
+    from flows.dvcstage import StageBadInput, apply_overrides
+
+    validate = None
+    if (root / "stages" / "params.py").is_file():  # the project's own schema (flows/pipeline.py)
+        from stages.params import load_params as validate
+    with tempfile.TemporaryDirectory(prefix="imagepipe-params-") as tmp:
+        shutil.copy2(root / "params.yaml", Path(tmp) / "params.yaml")
+        try:
+            apply_overrides(Path(tmp), overrides, validate=validate)
+        except StageBadInput as err:
+            raise _Refused(err.reason) from None
+
+
 LOCK_FILE = Path(".dvc") / "tmp" / "imagepipe-run.lock"
 _HELD: list[IO[str]] = []  # the open lock file: closing it (or exiting) releases the lock
 
@@ -141,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stages = _stage_names(root, args.stages)
         timeouts = _timeouts(args.timeout)
+        _check_overrides(root, args.set_param)
     except _Refused as err:
         print(f"imagepipe run: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

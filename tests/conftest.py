@@ -33,15 +33,35 @@ import dvc  # noqa: E402, F401
 
 @pytest.fixture(scope="session", autouse=True)
 def tracking_agents(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """Every tracking agent this session's stages started is stopped when it ends: those serving
-    this checkout's code and those serving project copies under the session's tmp folder."""
+    """The tracking agents serving project copies under this session's tmp folder (a worker's
+    own, under pytest-xdist) are stopped when it ends."""
     yield
     from stages.core.tracking.remote import stop_agents
 
-    stop_agents(REPO)
     stop_agents(tmp_path_factory.getbasetemp())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Agents serving this checkout's own code are shared by xdist's workers: the process that
+    outlives them all (the controller, or pytest itself without xdist) stops them."""
+    if not hasattr(session.config, "workerinput"):
+        from stages.core.tracking.remote import stop_agents
+
+        stop_agents(REPO)
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+# The longest modules first (seconds each on 2 cores, serially): `make test` runs the suite on
+# two pytest-xdist workers, each module on one worker, handed out in collection order; a long
+# module handed out last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_dvc_experiments", "test_distributed", "test_end_to_end", "test_registry",
+                 "test_resume", "test_flow", "test_dvc_data_stages", "test_prefect")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept

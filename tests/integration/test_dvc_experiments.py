@@ -1,7 +1,11 @@
-"""Real DVC experiments on a tiny copy of the project: experiments carry metrics and plots,
-push/pull round-trips to an up-to-date clone, a queued experiment reruns only what its params
-change and tracks into the project's mlflow.db, and `imagepipe tune pick` applies the best
-experiment of a sweep by validation accuracy."""
+"""Real DVC on a tiny copy of the project: `dvc repro` writes every training output, metric
+and plot, DVC reads their definitions, and a second repro runs nothing; experiments carry
+metrics and plots, push/pull round-trips to an up-to-date clone, a queued experiment reruns
+only what its params change and tracks into the project's mlflow.db, and `imagepipe tune pick`
+applies the best experiment of a sweep by validation accuracy.
+
+Experiments that change finetune's params reproduce only up to the stage their assertions
+read (`dvc exp run ... evaluate`): export would add ~10 s to each and is tested elsewhere."""
 
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ from commands.tune import Refused, Row, check_metric, pick, rows_of
 from tests.helpers import default_params, dvc, git, project_copy, write_params
 
 pytestmark = pytest.mark.slow
+
+EVALUATE_KEYS = {"accuracy", "top5_accuracy", "macro_f1", "ece", "scratch_accuracy",
+                 "transfer_gain", "n_test", "probe_accuracy", "shift_consistency",
+                 "flip_consistency"}
 
 
 def tiny_params() -> dict[str, Any]:
@@ -100,9 +108,42 @@ def stages_run(log: str) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", log))
 
 
+# The project as `dvc repro` left it (these run first: the module's tests run in file order).
+
+def test_repro_writes_models_checkpoints_metrics_and_plots(project: Path) -> None:
+    for rel in ("models/pretrained.pt", "models/finetuned.pt", "models/probe.pt",
+                "models/scratch.pt", "models/model.onnx", "checkpoints/pretrain/pretrain.pt",
+                "checkpoints/finetune/head.pt", "checkpoints/finetune/full.pt",
+                "checkpoints/finetune/scratch.pt", "plots/pretrain.csv", "plots/finetune.csv",
+                "plots/scratch.csv", "plots/confusion.png", "plots/confusion.csv",
+                "metrics/pretrain.json", "metrics/finetune.json", "metrics/per_class.json",
+                "metrics/export.json"):
+        assert (project / rel).is_file(), rel
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert EVALUATE_KEYS <= metrics.keys()
+    assert metrics["top5_accuracy"] is None  # five target classes: top-5 would be trivial
+    assert metrics["flip_consistency"] is None  # digits: flips are not in the policy
+
+
+def test_dvc_reads_the_metrics_and_plot_definitions(project: Path, tmp_path: Path) -> None:
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    assert files["metrics/evaluate.json"]["data"]["n_test"] > 0
+    assert "val_accuracy" in files["metrics/pretrain.json"]["data"]
+    plots = json.loads(dvc(project, "plots", "show", "--json", "-o", str(tmp_path)).stdout)
+    assert "errors" not in plots, plots["errors"]
+    assert {"plots/pretrain.csv", "plots/finetune.csv", "plots/confusion.csv", "plots/confusion.png",
+            "transfer vs scratch (target val accuracy)"} <= set(plots["data"]), sorted(plots["data"])
+
+
+def test_second_repro_runs_nothing(project: Path) -> None:
+    out = dvc(project, "repro").stdout
+    assert "Running stage" not in out, out
+
+
 def test_experiments_carry_metrics_and_plots(project: Path) -> None:
-    dvc(project, "exp", "run", "-n", "lr-low", "-S", "finetune.lr=0.01")
-    dvc(project, "exp", "run", "-n", "lr-high", "-S", "finetune.lr=0.03")
+    dvc(project, "exp", "run", "-n", "lr-low", "-S", "finetune.lr=0.01", "evaluate")
+    dvc(project, "exp", "run", "-n", "lr-high", "-S", "finetune.lr=0.03", "evaluate")
     try:
         shown = exp_metrics(project)
         for name in ("lr-low", "lr-high"):
@@ -166,7 +207,8 @@ def test_queued_experiment_reruns_downstream_only_and_tracks_into_the_project(
 
 
 def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
-    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03")
+    # finetune's val accuracy is what pick reads: the sweep reproduces up to finetune.
+    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03", "finetune")
     dvc(project, "queue", "start", "-j", "1")
     try:
         status = wait_for_queue(project)

@@ -3,9 +3,11 @@ stage through export, then the promotion gate; the registry afterwards (champion
 an ONNX file that names its run); and the exit codes of `imagepipe run` (0, 2, 75).
 
 Training runs the default epochs (the digits' finetune is seconds long; a 1 + 4-epoch finetune
-at the default lr 0.05 overshoots, 0.51 val accuracy, so cutting it tested luck); quantizing is
-cut (-S, as a user would try a change). The stages, the flow, DVC, the MLflow store and the
-registry are all the real ones."""
+at the default lr 0.05 overshoots, 0.51 val accuracy, so cutting it tested luck); augmented
+copies and quantizing are cut (-S, as a user would try a change; augment still runs, and
+tests/integration/test_dvc_data_stages.py makes copies). The stages, the flow, DVC, the MLflow
+store and the registry are all the real ones. The module's runs share one PREFECT_HOME: the
+first creates Prefect's database (about 15 s), the others reuse it."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tests.helpers import dvc, project_copy
 
 pytestmark = pytest.mark.slow
 MODEL = "imagepipe-classifier"
-SHORT = ["-S", "export.quantize_int8=false"]
+SHORT = ["-S", "export.quantize_int8=false", "-S", "augment.copies=0"]
 
 
 def imagepipe(project: Path, home: Path, *args: str, extra_env: dict[str, str] | None = None,
@@ -39,12 +41,18 @@ def imagepipe(project: Path, home: Path, *args: str, extra_env: dict[str, str] |
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The PREFECT_HOME of this module's runs (one at a time: they share its database)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory, home: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("e2e")
     project = project_copy(root / "project")
-    done = imagepipe(project, root / "prefect-home", "run", *SHORT)
+    done = imagepipe(project, home, "run", *SHORT)
     assert done.returncode == 0, done.stderr[-6000:]
-    return {"project": project, "home": root / "prefect-home", "stderr": done.stderr}
+    return {"project": project, "home": home, "stderr": done.stderr}
 
 
 def client(project: Path) -> Any:
@@ -89,23 +97,33 @@ def test_second_run_runs_no_stage_and_still_checks_promotion(ran: dict[str, Any]
     assert len(versions) == 1  # nothing retrained, nothing registered again
 
 
-def test_bad_input_exits_2_before_any_stage(tmp_path: Path) -> None:
+def test_bad_input_exits_2_before_any_stage(tmp_path: Path, home: Path) -> None:
     project = project_copy(tmp_path / "project")
-    typo = imagepipe(project, tmp_path / "home", "run", "--stages", "pretrian")
+    params = (project / "params.yaml").read_bytes()
+    typo = imagepipe(project, home, "run", "--stages", "pretrian")
     assert typo.returncode == 2 and "unknown stage 'pretrian'" in typo.stderr, typo.stderr
     assert "Traceback" not in typo.stderr
-    bad = imagepipe(project, tmp_path / "home", "run", "-S", "pretrain.epochs=-1")
-    assert bad.returncode == 2, bad.stderr[-3000:]
-    assert "pretrain.epochs" in bad.stderr
+    for override, named in (("pretrain.epochs=-1", "pretrain.epochs"),
+                            ("pretrain.epoch=3", "pretrain.epoch"),
+                            ("pretrain.epochs=[1", "pretrain.epochs")):
+        bad = imagepipe(project, home, "run", "-S", override)
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        assert named in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+        # Refused before Prefect's API starts: no flow run, params.yaml as it was.
+        assert "Flow run" not in bad.stderr, bad.stderr[-3000:]
+        assert (project / "params.yaml").read_bytes() == params
     assert not (project / "data").exists()
 
 
-def test_tracking_server_down_exits_75(tmp_path: Path) -> None:
+def test_tracking_server_down_exits_75(tmp_path: Path, home: Path) -> None:
     project = project_copy(tmp_path / "project")
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    down = imagepipe(project, tmp_path / "home", "run", "--stages", "ingest", "--retries", "0",
+    # No HTTP retries inside each probe (the stage still makes its 3 attempts): the default 2
+    # add seconds of waiting that test nothing more.
+    down = imagepipe(project, home, "run", "--stages", "ingest", "--retries", "0",
                      "--no-promote",
-                     extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+                     extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+                                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert down.returncode == 75, down.stderr[-3000:]
