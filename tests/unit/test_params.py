@@ -128,3 +128,19 @@ def test_new_data_keys_have_safe_defaults() -> None:
     data = parse_params(default_params()).data
     assert data.follow_symlinks is False
     assert 0 < data.max_file_mb < float("inf")
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params/cifar10.yaml"])
+def test_a_dvc_set_param_edits_only_its_own_line(name: str, tmp_path: Path) -> None:
+    # `dvc exp run -S` rewrites the file with DVC's YAML writer: a file already in its form
+    # (list indentation, quoting, null as empty) keeps every other line and every comment.
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    copy.write_bytes((REPO / name).read_bytes())
+    apply_overrides(str(copy), ["seed=7"])
+    before = (REPO / name).read_text().splitlines()
+    after = copy.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    assert len(changed) == 1 and changed[0][1].startswith("seed: 7"), changed
