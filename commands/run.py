@@ -96,15 +96,12 @@ def _check_overrides(root: Path, overrides: list[str]) -> None:
     import shutil
     import tempfile
 
-    from flows.dvcstage import StageBadInput, apply_overrides
+    from flows.dvcstage import StageBadInput, apply_overrides, params_validator
 
-    validate = None
-    if (root / "stages" / "params.py").is_file():  # the project's own schema (flows/pipeline.py)
-        from stages.params import load_params as validate
     with tempfile.TemporaryDirectory(prefix="imagepipe-params-") as tmp:
         shutil.copy2(root / "params.yaml", Path(tmp) / "params.yaml")
         try:
-            apply_overrides(Path(tmp), overrides, validate=validate)
+            apply_overrides(Path(tmp), overrides, validate=params_validator(root))
         except StageBadInput as err:
             raise _Refused(err.reason) from None
 

@@ -159,6 +159,15 @@ def _why(changes: Iterable[Any]) -> str:
 # -- params overrides, as `dvc exp run -S` applies them ------------------------------------
 
 
+def params_validator(root: Path) -> Callable[[Path], object] | None:
+    """The project's own params schema, when it has one (stages/params.py), else none."""
+    if not (root / "stages" / "params.py").is_file():
+        return None
+    from stages.params import load_params  # pydantic only: no torch, no tracking client
+
+    return load_params
+
+
 def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "params.yaml",
                     validate: Callable[[Path], object] | None = None) -> list[str]:
     """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to the params file in

@@ -138,7 +138,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     logger = get_run_logger()
     began = time.perf_counter()
     root = Path(project_dir).resolve()
-    overrides = dvcstage.apply_overrides(root, set_params or [], validate=_params_validator(root))
+    overrides = dvcstage.apply_overrides(root, set_params or [], validate=dvcstage.params_validator(root))
     for line in overrides:
         logger.info("params override: %s", line)
     plan = _planned(root, stages)
@@ -173,15 +173,6 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
         logger.info("stage processes %.1f s of this flow's %.1f s", busy,
                     time.perf_counter() - began)
     return {"stages": results, "promotion": decision, "overrides": overrides}
-
-
-def _params_validator(root: Path) -> Any:
-    """The project's own params schema, when it has one (stages/params.py), else none."""
-    if not (root / "stages" / "params.py").is_file():
-        return None
-    from stages.params import load_params  # pydantic only: no torch, no tracking client
-
-    return load_params
 
 
 def _prewarm_tracking(root: Path) -> None:

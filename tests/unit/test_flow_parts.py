@@ -201,3 +201,21 @@ def test_the_flow_logs_the_promotion_in_words() -> None:
     first = {**kept, "promoted": True, "reason": "no champion yet",
              "current_champion_version": None}
     assert _said(first).endswith("promoted: no champion yet (champion now: no champion)")
+
+
+def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> None:
+    # What `imagepipe run -S` checks before Prefect's API starts (commands/run.py).
+    import shutil
+
+    from commands import run as run_command
+    from tests.helpers import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "stages").mkdir()
+    shutil.copy(REPO / "stages" / "params.py", tmp_path / "stages" / "params.py")
+    before = (tmp_path / "params.yaml").read_bytes()
+    for bad in ("pretrain.epochs=-1", "pretrain.epoch=3", "pretrain.epochs=[1"):
+        with pytest.raises(run_command._Refused, match=r"pretrain\.epoch"):
+            run_command._check_overrides(tmp_path, [bad])
+    run_command._check_overrides(tmp_path, ["pretrain.epochs=3", "augment.copies=0"])
+    assert (tmp_path / "params.yaml").read_bytes() == before
