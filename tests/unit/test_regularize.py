@@ -32,7 +32,7 @@ def test_gradient_steps_on_the_penalty_pull_back_toward_the_pretrained_weights()
     opt = torch.optim.SGD([conv.weight], lr=0.1)
     distances = []
     for _ in range(5):
-        distances.append(float((conv.weight - start).norm()))
+        distances.append(float((conv.weight.detach() - start).norm()))
         opt.zero_grad()
         penalty().backward()
         opt.step()
