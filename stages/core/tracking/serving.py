@@ -160,10 +160,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             return []
         out = onnxio.predict_outputs(self._session, pixels)
         probs = out.get("probabilities")
-        if probs is None:  # a format-1 model (logits only): its softmax, in float64
-            z = out["logits"].astype(np.float64)
-            e = np.exp(z - z.max(1, keepdims=True))
-            probs = e / e.sum(1, keepdims=True)
+        if probs is None:  # a format-1 model (logits only): its softmax, as predict takes it
+            from scipy.special import softmax
+
+            probs = softmax(out["logits"].astype(np.float64), axis=1)
         best = probs.argmax(1)
         return [{"class": self._classes[k], "probability": float(p[k]),
                  "probabilities": dict(zip(self._classes, map(float, p), strict=True))}
