@@ -318,3 +318,30 @@ def test_five_checkouts_promoting_at_once_print_promoted_once(
 
     with pytest.raises(MlflowException):  # the lock held on the server was released
         client(mlflow_server.uri).get_registered_model(f"{name}.promotion-lock")
+
+
+def test_a_lock_released_while_the_server_reads_it_is_a_retry_not_a_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI met: the server's create finds the lock's name taken, the holder deletes it,
+    the server's read-back then answers RESOURCE_DOES_NOT_EXIST. On the real SQL registry store,
+    the release is placed in that window; the waiter must simply try again and then hold it."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    from stages.core.tracking.registry import Registry
+    from stages.core.tracking.store import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = Registry(Store(tmp_path, uri, client(uri)))
+    key = "m.promotion-lock"
+    assert registry._try_lock(key, "holder")
+    original = SqlAlchemyStore.get_registered_model
+
+    def released_meanwhile(self: Any, name: str) -> Any:
+        monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", original)
+        client(uri).delete_registered_model(key)  # the holder's release, inside the window
+        return original(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", released_meanwhile)
+    assert registry._try_lock(key, "waiter") is False  # not taken, and not an error
+    assert registry._try_lock(key, "waiter") is True
+    assert client(uri).get_registered_model(key).tags["imagepipe.lock.holder"] == "waiter"

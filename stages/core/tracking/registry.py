@@ -160,6 +160,10 @@ class Registry:
                             "delete it only if no promotion is running")
             return True
         except MlflowException as err:
+            # DOES_NOT_EXIST: the server found the name taken, then could not read it back: the
+            # holder released it in between. Not ours; the caller's loop tries again.
+            if error_code(err) == "RESOURCE_DOES_NOT_EXIST":
+                return False
             if error_code(err) != "RESOURCE_ALREADY_EXISTS":
                 return self.store.call("take the promotion lock", reraise, err)
         except store_errors() as err:
