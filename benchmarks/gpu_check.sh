@@ -7,7 +7,7 @@
 # 1. installs the wheels carried in WHEELS_DIR (offline, one at a time: a missing or broken
 #    one is skipped and named), 2. `pytest -m gpu` (bf16 autocast step, channels_last,
 #    torch.compile, the out-of-memory fallback), 3. pretrain on the CIFAR-10 JPEG tree
-#    (../shared/data/cifar10-jpg.tar.gz, all 10 classes) with bf16 + channels_last: images/s
+#    (../shared/data/cifar10-jpg.tar.gz, all 10 classes) with bf16 + channels_last: images/s, MFU
 #    and the time to 90% / 94% val accuracy when reached, 4. the same with DDP over every GPU
 #    (when there are 2 or more), 5. ONNX Runtime's CUDA provider vs PyTorch latency, 6.
 #    airbench94 on the same images when an airbench wheel is carried.
@@ -142,8 +142,32 @@ from pathlib import Path
 d, label = Path(sys.argv[1]), sys.argv[2]
 m = json.loads((d / "pretrain.json").read_text())
 rows = list(csv.DictReader(open(d / "pretrain.csv")))
-print(f"{label}: {m['images_per_s']:.0f} images/s (world size {m.get('world_size')}), "
-      f"{m['epochs']} epochs in {m['train_seconds']:.1f} s, val accuracy {m['val_accuracy']}")
+seconds = sum(float(r["seconds"]) for r in rows)
+rate = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in rows) / max(seconds, 1e-9)
+print(f"{label}: {rate:.0f} images/s (world size {m.get('world_size')}), "
+      f"{m['epochs']} epochs in {seconds:.1f} s, val accuracy {m['val_accuracy']}")
+# MFU: the model's training FLOPs (3 x forward, counted by torch at the stored size) times the
+# epochs' images/s, over the GPUs' dense bf16 peak (PEAK_TFLOPS, else a table by GPU name).
+# The epoch time includes its validation pass, so this slightly understates the step's MFU.
+try:
+    import os, torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from stages.core.models import load_model_file
+    model, mf = load_model_file(d / "pretrained.pt")
+    x = torch.zeros(1, mf.spec.in_channels, mf.spec.image_size, mf.spec.image_size)
+    with FlopCounterMode(display=False) as fc:
+        model.eval()(x)
+    train_flops = 3 * fc.get_total_flops()
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    table = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
+    peak = float(os.environ.get("PEAK_TFLOPS") or next(
+        (v for k, v in table.items() if k in name), 0)) * 1e12 * max(1, int(m.get("world_size") or 1))
+    achieved = train_flops * rate
+    mfu = f"{achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known"
+    print(f"  MFU {mfu} ({train_flops / 1e6:.1f} MFLOP a training image, "
+          f"{achieved / 1e12:.2f} TFLOP/s on {name})")
+except Exception as err:  # a figure missing must not hide the others
+    print(f"  MFU: not computed ({type(err).__name__}: {err})")
 for goal in (0.90, 0.94):
     spent = 0.0
     for r in rows:
