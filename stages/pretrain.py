@@ -37,6 +37,7 @@ from stages.core.train import (
     make_trainer,
     param_groups,
     summary,
+    throughput,
     write_csv,
 )
 from stages.params import Params, PretrainParams, load_params
@@ -93,8 +94,9 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
                   every=p.checkpoint_every_steps, on_epoch=lambda rows: write_csv(plot, rows))
     figures = summary(history)
     metrics = {**figures, "n_train": train.n, "n_val": val.n, "world_size": rt.comm.world,
-               "parameters": sum(t.numel() for t in model.parameters()),
-               "wall_seconds": round(time.perf_counter() - start, 3)}
+               "parameters": sum(t.numel() for t in model.parameters())}
+    if history:
+        log.info("pretrain: %s (stage %.1f s)", throughput(history), time.perf_counter() - start)
     if not rt.comm.is_main:
         return metrics
     write_csv(plot, history)

@@ -157,6 +157,10 @@ def test_experiments_carry_metrics_and_plots(project: Path) -> None:
         assert finetune["val_accuracy"]["old"] == shown["lr-low"]["metrics/finetune.json"]["val_accuracy"]
         assert finetune["val_accuracy"]["new"] == shown["lr-high"]["metrics/finetune.json"]["val_accuracy"]
         assert finetune["val_accuracy"]["old"] != finetune["val_accuracy"]["new"]
+        # Only what the lr changed: no timing differs in a metrics file on every run.
+        timings = [f"{f}:{k}" for f, keys in diff.items() for k in keys
+                   if "seconds" in k or "per_s" in k]
+        assert not timings, timings
 
         plots = json.loads(dvc(project, "plots", "diff", "lr-low", "lr-high", "--json").stdout)["data"]
         curve = plots["plots/finetune.csv"][0]["content"]["data"]["values"]
