@@ -138,7 +138,10 @@ def backbone(params: Any, cache: Path) -> tuple[Path, Path]:
 
     data_key = digest(params.data.model_dump(), params.seed)
     data = cached(cache / "ingest" / data_key, lambda d: ingest.run(params, d))
-    aug_key = digest(data_key, params.augment.model_dump())
+    # Keyed by the source's content, not by all data params: recipes that change only the
+    # target (target32) reuse the same augmented source and the same pretrained backbone.
+    source = json.loads((data / "source" / "manifest.json").read_text())["sha256"]
+    aug_key = digest(source, params.augment.model_dump(), params.seed)
     aug = cached(cache / "augment" / aug_key,
                  lambda d: augment.run(params, data / "source", d / "data"))
     pre_key = digest(aug_key, params.pretrain.model_dump())
