@@ -84,6 +84,10 @@ class Registry:
         import mlflow.artifacts
         import yaml
 
+        # MLflow resolves models:/ through the process-wide registry URI, whatever registry_uri
+        # says (ModelsArtifactRepository._get_model_uri_infos): in the tracking agent that is
+        # whichever project it served last. Point it at this store first.
+        self.store.use_fluent()
         local = Path(self.store.call(
             f"download models:/{name}@{alias}", mlflow.artifacts.download_artifacts,
             artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst),
