@@ -348,8 +348,7 @@ def test_a_lock_released_while_the_server_reads_it_is_a_retry_not_a_failure(
 
 
 def test_download_reads_its_own_store_whatever_project_mlflow_points_at(
-        project: Path, tiny_export: Callable[..., int], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        project: Path, tiny_export: Callable[..., int], tmp_path: Path) -> None:
     """The tracking agent serves many projects in one process, and MLflow resolves models:/
     through its process-wide registry URI, not the one passed in (CI met it: 'Registered
     Model ... not found' in a promotion). Left pointing at another project's store, a
@@ -360,14 +359,17 @@ def test_download_reads_its_own_store_whatever_project_mlflow_points_at(
 
     assert tiny_export("good") == 0
     elsewhere = f"sqlite:///{(tmp_path / 'other.db').as_posix()}"
-    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_tracking_uri(elsewhere)  # also exports MLFLOW_TRACKING_URI: taken back below
     mlflow.set_registry_uri(elsewhere)
     # As in the agent: the request's own environment (here: none) replaces the process's.
+    # (Not monkeypatch.delenv: its teardown would put `elsewhere` back for the next tests.)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(var, raising=False)
+        os.environ.pop(var, None)
     try:
         version, onnx = Registry.connect(project).download(NAME, "challenger", tmp_path / "dl")
         assert version == "1" and onnx.suffix == ".onnx"
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            os.environ.pop(var, None)

@@ -82,21 +82,24 @@ class Registry:
         is the serving wrapper with the exported file among its artifacts (register.py), or,
         registered before the wrapper, the onnx flavour itself: either holds one .onnx file."""
         import mlflow.artifacts
-        import yaml
 
-        # MLflow resolves models:/ through the process-wide registry URI, whatever registry_uri
-        # says (ModelsArtifactRepository._get_model_uri_infos): in the tracking agent that is
-        # whichever project it served last. Point it at this store first.
-        self.store.use_fluent()
+        # Not a models:/ URI: MLflow resolves those through its process-wide registry URI,
+        # whatever registry_uri says (ModelsArtifactRepository._get_model_uri_infos), and in the
+        # tracking agent that is whichever project it served last; setting it would leak into
+        # the process's environment (set_tracking_uri exports MLFLOW_TRACKING_URI). So: the
+        # alias and the version's location from this store's client, then the files.
+        client = self.store.client
+        mv = self.store.call(f"read alias {alias}", client.get_model_version_by_alias, name,
+                             alias)
+        uri = self.store.call(f"locate {name} v{mv.version}",
+                              client.get_model_version_download_uri, name, mv.version)
         local = Path(self.store.call(
             f"download models:/{name}@{alias}", mlflow.artifacts.download_artifacts,
-            artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst),
-            tracking_uri=self.store.uri, registry_uri=self.store.uri))
-        meta = yaml.safe_load((local / "registered_model_meta").read_text()) or {}
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=self.store.uri))
         onnx_files = sorted(local.rglob("*.onnx"))
         if not onnx_files:
             raise BadInput(f"models:/{name}@{alias} holds no .onnx file")
-        return str(meta.get("model_version", "")), onnx_files[0]
+        return str(mv.version), onnx_files[0]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
