@@ -142,8 +142,8 @@ from pathlib import Path
 d, label = Path(sys.argv[1]), sys.argv[2]
 m = json.loads((d / "pretrain.json").read_text())
 rows = list(csv.DictReader(open(d / "pretrain.csv")))
-seconds = sum(float(r["seconds"]) for r in rows)
-rate = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in rows) / max(seconds, 1e-9)
+from stages.core.train import speed
+seconds, rate = speed(rows)  # the figure of the stage's own log line, from its plots table
 print(f"{label}: {rate:.0f} images/s (world size {m.get('world_size')}), "
       f"{m['epochs']} epochs in {seconds:.1f} s, val accuracy {m['val_accuracy']}")
 # MFU: the model's training FLOPs (3 x forward, counted by torch at the stored size) times the

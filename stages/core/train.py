@@ -374,12 +374,17 @@ def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def speed(history: list[dict[str, Any]]) -> tuple[float, float]:
+    """(training seconds, images/s) over the epochs of a history or of its plots table."""
+    seconds = sum(float(r["seconds"]) for r in history)
+    seen = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in history)
+    return seconds, seen / max(seconds, 1e-9)
+
+
 def throughput(history: list[dict[str, Any]]) -> str:
     """'15 epochs in 13.7 s, 1,891 images/s' for the log line that ends a training phase."""
-    seconds = sum(r["seconds"] for r in history)
-    seen = sum(r["images_per_s"] * r["seconds"] for r in history)
-    return (f"{len(history)} epochs in {seconds:.1f} s, "
-            f"{seen / max(seconds, 1e-9):,.0f} images/s")
+    seconds, rate = speed(history)
+    return f"{len(history)} epochs in {seconds:.1f} s, {rate:,.0f} images/s"
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
