@@ -135,16 +135,19 @@ def cached(folder: Path, make: Any) -> Path:
 def backbone(params: Any, cache: Path) -> tuple[Path, Path]:
     """(target data folder, pretrained model file), reused across recipes that share them."""
     from stages import augment, ingest, pretrain
+    from stages.core.codeid import code_digest
 
-    data_key = digest(params.data.model_dump(), params.seed)
+    # Every key holds the code of the stage that makes it (the rule checkpoints follow): a
+    # backbone from older training code is not a measure of the current one.
+    data_key = digest(params.data.model_dump(), params.seed, code_digest("stages.ingest"))
     data = cached(cache / "ingest" / data_key, lambda d: ingest.run(params, d))
     # Keyed by the source's content, not by all data params: recipes that change only the
     # target (target32) reuse the same augmented source and the same pretrained backbone.
     source = json.loads((data / "source" / "manifest.json").read_text())["sha256"]
-    aug_key = digest(source, params.augment.model_dump(), params.seed)
+    aug_key = digest(source, params.augment.model_dump(), params.seed, code_digest("stages.augment"))
     aug = cached(cache / "augment" / aug_key,
                  lambda d: augment.run(params, data / "source", d / "data"))
-    pre_key = digest(aug_key, params.pretrain.model_dump())
+    pre_key = digest(aug_key, params.pretrain.model_dump(), code_digest("stages.pretrain"))
     pre = cached(cache / "pretrain" / pre_key, lambda d: pretrain.run(
         params, aug / "data", d / "pretrained.pt", d / "checkpoints", d / "pretrain.csv"))
     return data / "target", pre / "pretrained.pt"

@@ -34,6 +34,7 @@ from typing import Any
 
 from stages.core import distributed
 from stages.core.checkpoint import CheckpointStore, seed_everything
+from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.door import run_stage
@@ -142,7 +143,8 @@ def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed
                   **common)
     fingerprint = {"stage": "finetune", "seed": seed, "data": ds.manifest["sha256"],
                    "spec": vars(mf.spec), "mean": mf.mean, "std": mf.std,
-                   **distributed.world_fingerprint(p, rt.comm, "finetune")}
+                   **distributed.world_fingerprint(p, rt.comm, "finetune"),
+                   "code": code_fingerprint("stages.finetune")}
     return Target(train, val, ds.classes, fingerprint, mf)
 
 

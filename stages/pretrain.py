@@ -22,6 +22,7 @@ from typing import Any
 
 from stages.core import distributed
 from stages.core.checkpoint import CheckpointStore, seed_everything
+from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
 from stages.core.door import run_stage
@@ -88,8 +89,8 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
                       len(train))
     checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when epochs is 0
     store = CheckpointStore(checkpoints / "pretrain.pt", {
-        "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world},
-        rt.comm)
+        "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world,
+        "code": code_fingerprint("stages.pretrain")}, rt.comm)
     history = fit(tr, train, val, store, phase="pretrain", epochs=p.epochs,
                   every=p.checkpoint_every_steps, on_epoch=lambda rows: write_csv(plot, rows))
     figures = summary(history)

@@ -3,16 +3,19 @@
 One file per training run (checkpoints/<stage>/<run>.pt), replaced atomically each time, holds:
 model, optimizer, scheduler and grad-scaler states; the python, numpy, torch and CUDA RNG
 states; the position (epoch, steps done in it, the epoch's running totals); the history of
-finished epochs; and the fingerprint (params and input hashes) it was made under.
+finished epochs; and the fingerprint it was made under: params, input hashes, world size and the
+digests of the code files the stage runs (stages/core/codeid.py).
 
 Several training processes (stages/core/distributed.py): the root writes the file; it holds
 every rank's RNG states and running totals (`ranks`), and the root reads it and sends it to
 the others, so machines without the file resume too. The world size is in the fingerprint.
 
 A checkpoint is resumed only when its fingerprint equals the current one: one made under other
-params would silently mix two experiments. Then the run starts fresh and the log says which
-keys differ. Loading uses torch.load(weights_only=True): the file holds only tensors and
-plain containers (RNG states are converted to them).
+params would silently mix two experiments, and one made by other code would ship the old code's
+weights under the new code's name (a "complete" checkpoint trains nothing). Then the run starts
+fresh and the log says which code files or keys differ. Loading uses
+torch.load(weights_only=True): the file holds only tensors and plain containers (RNG states are
+converted to them).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from stages.core.distributed import SINGLE, Comm
-from stages.core.io import atomic_path
+from stages.core.io import save_torch
 
 log = logging.getLogger("imagepipe.checkpoint")
 FORMAT = 1
@@ -126,8 +129,7 @@ class CheckpointStore:
             "ranks": ranks[1:],  # the other ranks' (empty in one process)
             "history": json.dumps(history),
         }
-        with atomic_path(self.path) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, self.path)
 
     def resume(self, objects: dict[str, Any]) -> Resumed | None:
         """Load the states into `objects` and restore the RNGs; None means start fresh."""
@@ -153,9 +155,24 @@ class CheckpointStore:
                         type(err).__name__, err)
             return None
         if raw.get("format") != FORMAT or stored != self.fingerprint:
-            diff = differences(stored, self.fingerprint) or ["checkpoint format"]
-            shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
-            log.warning("not resuming %s: it was made under other params (%s); starting fresh",
-                        self.path, shown)
+            log.warning("not resuming %s: %s; starting fresh", self.path,
+                        why_not(stored, self.fingerprint))
             return None
         return raw
+
+
+def why_not(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs between a checkpoint's fingerprint and the current one, in one line: the
+    code files that changed by name, then the first params or inputs that did."""
+    old_code, new_code = stored.get("code") or {}, current.get("code") or {}
+    files = sorted(f for f in set(old_code) | set(new_code) if old_code.get(f) != new_code.get(f))
+    diff = differences({k: v for k, v in stored.items() if k != "code"},
+                       {k: v for k, v in current.items() if k != "code"})
+    parts = []
+    if files:
+        parts.append("it was made by other code (" + ", ".join(files[:5])
+                     + (f" and {len(files) - 5} more" if len(files) > 5 else "") + " differ)")
+    if diff:
+        parts.append("under other params or data (" + "; ".join(diff[:5])
+                     + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "") + ")")
+    return " and ".join(parts) or "its format is another"

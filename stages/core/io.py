@@ -35,12 +35,24 @@ def disk_full(folder: Path, needed: int | None, err: OSError) -> DiskFull:
     named by the folder it is in: the one the user knows and can free space on)."""
     while _TEMP.match(folder.name):
         folder = folder.parent
+    if err.errno == errno.EFBIG:  # not the disk: a limit on one file's size
+        return DiskFull(f"file too large: writing into {folder} hit {_size_limit()} "
+                        f"({os.strerror(errno.EFBIG)}); raise it or write less, and run again")
     free = "?"
     with contextlib.suppress(OSError):
         free = f"{shutil.disk_usage(folder).free:,}"
     need = f"needs {needed:,} bytes" if needed else "needs more space"
     return DiskFull(f"disk full: {folder} {need}, {free} bytes free "
                     f"({os.strerror(err.errno or errno.ENOSPC)}); free some space and run again")
+
+
+def _size_limit() -> str:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return "the file system's largest file size"
+    return f"the file-size limit (RLIMIT_FSIZE, `ulimit -f`) of {soft:,} bytes"
 
 
 def reserve(path: Path, nbytes: int | None = None) -> None:
@@ -98,6 +110,41 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save(obj) to `path` atomically, the same bytes for the same tensors.
+
+    torch.save given a file *name* calls the zip's records after it (".pretrained.pt.1843.
+    wyt_23ej/data.pkl" for our temporary), so identical weights gave a new md5 on every run
+    and `dvc checkout` of an earlier commit found none of its models in the cache. Through a
+    file object the records are "archive/...": the bytes are the tensors' and nothing else's.
+    torch's zip writer reports a failed write (a full disk) as RuntimeError, not OSError: it is
+    DiskFull here when the disk is what failed.
+    """
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+            f.flush()
+        except RuntimeError as err:
+            no_room = _failed_write(f)
+            if no_room is not None:
+                raise disk_full(path.parent, None, no_room) from err
+            raise
+
+
+def _failed_write(f: Any) -> OSError | None:
+    """The OSError a write to `f` gives now, if it is a full disk or a size limit: what torch's
+    writer met but did not say."""
+    try:
+        f.write(b"\0")
+        f.flush()
+    except OSError as err:
+        return err if is_disk_full(err) else None
+    return None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from stages.core.dataset import preprocess  # noqa: F401 - part of this module's contract
 from stages.core.errors import BadInput
-from stages.core.io import atomic_path
+from stages.core.io import save_torch
 
 ARCHS = ("resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
 # Above this input size the torchvision stems keep their ImageNet downsampling.
@@ -185,8 +185,7 @@ def save_model_file(path: str | Path, model: Classifier, mf: ModelFile) -> None:
         "spec": asdict(mf.spec), "classes": list(mf.classes),
         "mean": list(mf.mean), "std": list(mf.std), "extra": dict(mf.extra),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_model_file(path: str | Path) -> tuple[Classifier, ModelFile]:

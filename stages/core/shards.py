@@ -80,14 +80,13 @@ def _stamp(ref: str) -> tuple[int, int]:
 
 
 def _code_digest() -> str:
-    """The decoding code's own digest: an edit to it (a resize method, a mode rule) must not
-    reuse shards staged by the old code, though their inputs did not change."""
-    from stages.core import dataset, sources
+    """The decoding code's own digest (this module and the project files it runs, by
+    stages/core/codeid.py, the rule checkpoints follow too): an edit to it (a resize method, a
+    mode rule) must not reuse shards staged by the old code, though their inputs did not
+    change."""
+    from stages.core.codeid import code_digest
 
-    h = hashlib.sha256()
-    for module in (sources.__file__, dataset.__file__, __file__):
-        h.update(Path(module).read_bytes())
-    return h.hexdigest()
+    return code_digest("stages.core.shards")
 
 
 def decode_piece(piece: Piece, fetch: Callable[[str], tuple[str, Any]] | None = None
