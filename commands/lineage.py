@@ -14,6 +14,7 @@ from typing import Any
 from commands.registry import command_parser, registry_params
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
+from stages.core.lineage import DIFF_ARTIFACT
 from stages.params import RegistryParams
 
 
@@ -69,8 +70,10 @@ def lineage_summary(walked: dict[str, Any]) -> str:
         lines.append(f"  rolled back {tags.get('rolled_back.time', '')}: not promoted again "
                      "without --force")
     head = runs[0]["lineage"] if runs else {}
-    lines.append(f"  git commit {head.get('git.commit', 'unknown')[:12]}"
-                 + (" (dirty)" if head.get("git.dirty") == "true" else ""))
+    dirty = ""
+    if head.get("git.dirty") == "true":  # the code that ran is the commit plus this diff
+        dirty = f" (dirty: the diff that ran is {DIFF_ARTIFACT} of run {runs[0]['run_id']})"
+    lines.append(f"  git commit {head.get('git.commit', 'unknown')[:12]}{dirty}")
     for run in runs:
         lin = run.get("lineage", {})
         deps = ", ".join(f"{k[len('dvc.dep.'):]} {v[:8]}" for k, v in lin.items()

@@ -52,19 +52,28 @@ def visible_gpus() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
+def workspace_root(start: Path | None = None) -> Path:
+    """The DVC workspace at or above `start` (default: cwd): the nearest folder holding
+    dvc.yaml or .dvc/, as dvc itself looks; `start` itself when there is none. Inside a queued
+    or `--temp` experiment that is the experiment's own clone: its params, dvc.lock, metrics
+    and models are the ones a run there describes."""
+    here = (start or Path.cwd()).resolve()
+    return next((folder for folder in (here, *here.parents)
+                 if (folder / "dvc.yaml").is_file() or (folder / ".dvc").is_dir()), here)
+
+
 def project_root(start: Path | None = None) -> Path:
-    """The DVC project at or above `start` (default: cwd): the nearest folder holding dvc.yaml
-    or .dvc/, as dvc itself looks; `start` itself when there is none.
+    """The project that owns the workspace at `start`: where its MLflow store (mlflow.db) and
+    tracking bookkeeping live. The workspace itself, except for an experiment's clone.
 
     A queued (`dvc exp run --queue`) or `--temp` experiment runs in a git clone DVC makes at
     <project>/.dvc/tmp/exps/{celery,standalone}/tmpXXXX/ and throws away afterwards; there
-    the answer is <project>, so its runs land in the project's own MLflow store. Read from
-    the path rather than from DVC_ROOT (which DVC sets to <project> for such a run's stages)
-    so a stage started by hand in that folder agrees.
+    the answer is <project>, so its runs land in the project's own MLflow store (while they
+    describe the clone's files: workspace_root). Read from the path rather than from DVC_ROOT
+    (which DVC sets to <project> for such a run's stages) so a stage started by hand in that
+    folder agrees.
     """
-    here = (start or Path.cwd()).resolve()
-    found = next((folder for folder in (here, *here.parents)
-                  if (folder / "dvc.yaml").is_file() or (folder / ".dvc").is_dir()), here)
+    found = workspace_root(start)
     for folder in found.parents:
         if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
             return folder.parent.parent.parent

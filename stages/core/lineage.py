@@ -1,5 +1,6 @@
-"""Where a result came from: git commit and dirty flag, the `dvc.lock` hashes of a stage's
-inputs, the content hashes of the datasets, the Prefect flow run and the device.
+"""Where a result came from: git commit and dirty flag (and the diff, when dirty), the
+`dvc.lock` hashes of a stage's inputs, the content hashes of the datasets, the Prefect flow run
+and the device.
 
 `lineage_tags(root, stage)` gathers all of it as flat string tags (what tracking puts on every
 MLflow run and on every registered model version). Reads files and asks git; imports nothing
@@ -41,6 +42,28 @@ def git_dirty(cwd: Path | None = None) -> bool | None:
     """True when tracked files differ from HEAD; None outside a git checkout."""
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
     return None if status is None else bool(status)
+
+
+DIFF_ARTIFACT = "lineage/git-diff.patch"  # where a dirty tree's diff goes in a stage's run
+_DIFF_LIMIT = 5_000_000  # characters: past this the diff is cut, and says so
+
+
+def git_diff(cwd: Path) -> str | None:
+    """What makes the tree at `cwd` differ from its HEAD: `git diff HEAD` (binary files named,
+    not dumped) and the untracked files git does not ignore, listed. None when it does not
+    differ (or this is no git checkout): a clean run's commit says it all."""
+    if not git_dirty(cwd) and not _git("ls-files", "--others", "--exclude-standard", cwd=cwd):
+        return None
+    head = git_commit(cwd) or "?"
+    diff = _git("diff", "HEAD", "--no-color", "--no-ext-diff", cwd=cwd) or ""
+    untracked = (_git("ls-files", "--others", "--exclude-standard", cwd=cwd) or "").splitlines()
+    if len(diff) > _DIFF_LIMIT:
+        diff = diff[:_DIFF_LIMIT] + f"\n# ... cut at {_DIFF_LIMIT:,} characters\n"
+    lines = [f"# The working tree this run saw: `git diff HEAD` against {head}"]
+    if untracked:
+        lines += ["# Untracked files (not ignored, contents not included):",
+                  *(f"#   {name}" for name in untracked)]
+    return "\n".join(lines) + "\n" + diff + ("\n" if diff and not diff.endswith("\n") else "")
 
 
 def dvc_lock_deps(root: Path, stage: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.host import die_with_parent, project_root
+from stages.core.host import die_with_parent, project_root, workspace_root
 from tests.helpers import REPO
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
@@ -47,6 +47,9 @@ def test_experiment_workspace_answers_the_real_project(project: Path, queue: str
     (workspace / "stages").mkdir()
     assert project_root(workspace) == project.resolve()
     assert project_root(workspace / "stages") == project.resolve()
+    # ... while the files a run there describes are the experiment's own.
+    assert workspace_root(workspace / "stages") == workspace.resolve()
+    assert workspace_root(project / "stages") == project.resolve()
 
 
 def test_project_in_a_git_subfolder_inside_a_workspace(project: Path) -> None:

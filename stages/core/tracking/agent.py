@@ -148,12 +148,14 @@ class Agent:
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from stages.core.epochlog import EPOCH_LOG_ENV
+        from stages.core.host import workspace_root
         from stages.core.lineage import git_commit
         from stages.core.tracking.stagerun import RUN_ID_ENV, StageRun
 
         git_commit.cache_clear()  # HEAD moves between stages: never a stale commit
         run = StageRun.start(message["stage"], local=message.get("local"),
-                             root=Path(message["root"]))
+                             root=Path(message["root"]),
+                             workspace=workspace_root(Path(message.get("cwd") or self.code)))
         if run is None:
             return None, {"env": {}, "failed": None}
         env = {k: os.environ[k] for k in (RUN_ID_ENV, EPOCH_LOG_ENV) if k in os.environ}

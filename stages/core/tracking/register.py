@@ -21,12 +21,13 @@ from stages.core.tracking.registration import CHALLENGER, Registration
 from stages.core.tracking.store import Store, TrackingDown
 
 
-def register_model_version(store: Store, run_id: str, reg: Registration,
+def register_model_version(store: Store, run_id: str, reg: Registration, workspace: Path,
                            tags: dict[str, str]) -> str:
     """Log the PyTorch model, the ONNX model and the serving wrapper into run `run_id`, register
     the wrapper under `reg.model_name` with alias `challenger`; return the new version. A
     version whose alias could not be set is deleted again, so a failure never leaves a
-    half-registered version."""
+    half-registered version. `workspace`: where the stage ran (its metrics describe the
+    version; a queued experiment's own, not the project's)."""
     import mlflow
     import onnx
 
@@ -65,7 +66,7 @@ def register_model_version(store: Store, run_id: str, reg: Registration,
     try:
         # A paragraph on the registry page: what the many tags say, in words.
         store.call("describe version", store.client.update_model_version, reg.model_name,
-                   mv.version, description=version_description(store.root, run_id, reg, tags))
+                   mv.version, description=version_description(workspace, run_id, reg, tags))
         store.call("set alias", store.client.set_registered_model_alias, reg.model_name,
                    CHALLENGER, mv.version)
     except TrackingDown:

@@ -20,7 +20,7 @@ from typing import Any
 
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
-from stages.core.host import project_root, restore_env
+from stages.core.host import project_root, restore_env, workspace_root
 from stages.core.tracking.declared import StageDecl, stage_decl
 from stages.core.tracking.grouping import group_key, parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
@@ -51,8 +51,11 @@ class StageRun:
     written) and `finish` turns a success into exit 75 naming the URI.
     """
 
-    def __init__(self, stage: str, root: Path, local: dict[str, Any] | None = None) -> None:
-        self.stage, self.root = stage, root
+    def __init__(self, stage: str, root: Path, local: dict[str, Any] | None = None,
+                 store_root: Path | None = None) -> None:
+        # root: the workspace the stage ran in, whose files the run describes (a queued
+        # experiment's own clone); store_root: the project whose MLflow store keeps the run.
+        self.stage, self.root, self.store_root = stage, root, store_root or root
         # What only the stage's process can tell when the run is kept by the tracking agent
         # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
         self.local = local or {}
@@ -68,14 +71,17 @@ class StageRun:
         self._saved_env = {k: os.environ.get(k) for k in (RUN_ID_ENV, EPOCH_LOG_ENV)}
 
     @classmethod
-    def start(cls, stage: str, *, root: Path | None = None,
+    def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
               local: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
-        (a command like `imagepipe predict` is not a pipeline stage: no run per call)."""
-        root = root or project_root()
-        if not tracking_enabled() or stage_decl(root, stage) is None:
+        (a command like `imagepipe predict` is not a pipeline stage: no run per call).
+        `root`: the project whose store keeps the run; `workspace`: where the stage ran
+        (default: both from the working folder, host.py)."""
+        workspace = workspace or workspace_root()
+        root = root or project_root(workspace)
+        if not tracking_enabled() or stage_decl(workspace, stage) is None:
             return None
-        run = cls(stage, root, local)
+        run = cls(stage, workspace, local, store_root=root)
         try:
             run._open()
         except BadInput as err:
@@ -93,7 +99,7 @@ class StageRun:
     def _open(self) -> None:
         from stages.core.lineage import lineage_tags
 
-        store = Store.connect(self.root)
+        store = Store.connect(self.store_root)
         self.store = store
         for run_id in close_orphans(store):
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
@@ -114,13 +120,25 @@ class StageRun:
         journal_add(store, self.run_id, self.local.get("owner"))
         os.environ[RUN_ID_ENV] = self.run_id
         self._log_params()
+        self._log_diff()
         self._start_tail()
+
+    def _log_diff(self) -> None:
+        """A dirty tree's diff against its commit, as an artifact of the run (airbench keeps its
+        own source with its results): the commit tag alone would name code that did not run."""
+        from stages.core.lineage import DIFF_ARTIFACT, git_diff
+
+        assert self.store is not None and self.run_id is not None
+        text = git_diff(self.root)
+        if text is not None:
+            self.store.call("log the tree's diff", self.store.client.log_text, self.run_id, text,
+                            DIFF_ARTIFACT)
 
     def _start_tail(self) -> None:
         """The epoch file the training loop appends to (stages/core/epochlog.py), tailed into
         this run while the body runs."""
         assert self.store is not None and self.run_id is not None
-        path = state_dir(self.root) / "epochs" / f"{self.run_id}.jsonl"
+        path = state_dir(self.store_root) / "epochs" / f"{self.run_id}.jsonl"
         stems = {Path(rel).stem for rel in self.decl.plots}
         self.tail = EpochTail(self.store, self.run_id, path, self.stage, stems)
         self.tail.start()
@@ -192,7 +210,7 @@ class StageRun:
         assert self.store is not None and self.run_id is not None
         status = "FINISHED" if ok else "FAILED"
         self.store.terminate(self.run_id, status)
-        journal_remove(self.root, self.run_id)
+        journal_remove(self.store_root, self.run_id)
         if self.parent_id:
             # The parent shows the outcome of its latest stage (a retried stage that then
             # succeeds turns it back to FINISHED).
@@ -207,7 +225,7 @@ class StageRun:
             self._stop_tail()
         with contextlib.suppress(Exception):
             self.store.terminate(self.run_id, "FAILED")
-            journal_remove(self.root, self.run_id)
+            journal_remove(self.store_root, self.run_id)
             if self.parent_id:
                 self.store.terminate(self.parent_id, "FAILED")
 
@@ -259,7 +277,7 @@ class StageRun:
 
         assert self.store is not None and self.run_id is not None
         version = register_model_version(
-            self.store, self.run_id, registration,
+            self.store, self.run_id, registration, self.root,
             tags={**self.tags, "imagepipe.pipeline_run_id": self.parent_id or ""})
         print(f"{self.stage}: registered {registration.model_name} version {version} "
               f"(alias {CHALLENGER}) from run {self.run_id}", file=sys.stderr)
