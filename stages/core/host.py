@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -25,11 +26,64 @@ _PR_SET_PDEATHSIG = 1
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on: taskset/cgroup affinity, unlike os.cpu_count()."""
+    """CPU cores this process may keep busy: its affinity (taskset, cpuset), unlike
+    os.cpu_count(), and its cgroup's CPU quota (`docker run --cpus`, a Kubernetes CPU limit),
+    rounded up. Without the quota a pod limited to 8 CPUs on a 64-core node ran 64 threads a
+    stage and was throttled most of each period."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cpu_quota(cgroups: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
+              ) -> float | None:
+    """The CPUs this process's cgroup quota allows (quota / period, the tightest of its cgroup
+    and their ancestors'), v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); None when there is no
+    quota or it cannot be read (not Linux, no cgroup file system)."""
+    try:
+        lines = cgroups.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            bases = [mount, mount / "unified"]
+            read = _v2_quota
+        elif "cpu" in controllers.split(","):
+            bases = [mount / controllers, mount / "cpu", mount / "cpu,cpuacct"]
+            read = _v1_quota
+        else:
+            continue
+        for base in bases:
+            folder = base / path.lstrip("/")
+            for level in (folder, *folder.parents):
+                if not level.is_relative_to(base):
+                    break
+                quota = read(level)
+                if quota is not None:
+                    found.append(quota)
+    return min(found) if found else None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        limit, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def visible_gpus() -> int:

@@ -118,3 +118,44 @@ def test_a_forked_child_gets_the_signal_from_a_preexec_fn() -> None:
     # Its parent is the one expected (this process): it runs; the kill -9 of a flow process
     # with such children is tests/integration/test_hardening_procs.py's.
     assert (child.returncode, child.stdout) == (0, "armed\n")
+
+
+def _cpu_cgroup(name: str) -> tuple[Path, dict[str, str]] | None:
+    """A new cgroup this test may limit (root only): v2 where the cpu controller is on, else v1's
+    cpu hierarchy; with the files that set a quota of half a CPU."""
+    v2 = Path("/sys/fs/cgroup")
+    if "cpu" in (v2 / "cgroup.controllers").read_text().split() if (
+            v2 / "cgroup.controllers").is_file() else False:
+        return v2 / name, {"cpu.max": "50000 100000"}
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").is_file():
+        return v1 / name, {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"}
+    return None
+
+
+def test_a_cpu_quota_caps_the_cores_a_child_counts(tmp_path: Path) -> None:
+    """A child in a cgroup allowed half a CPU counts 1 core, whatever its affinity (2 here):
+    what `docker run --cpus 0.5` or a Kubernetes limit of 500m gives a stage."""
+    import os
+    import subprocess
+    import sys
+
+    found = _cpu_cgroup(f"imagepipe-test-{os.getpid()}")
+    if found is None or os.geteuid() != 0:
+        pytest.skip("no writable cpu cgroup here (needs root and a cgroup file system)")
+    group, settings = found
+    try:
+        group.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot make a cgroup: {err}")
+    try:
+        for name, value in settings.items():
+            (group / name).write_text(value)
+        script = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
+                  "'from stages.core.host import usable_cores, cpu_quota; "
+                  "print(usable_cores(), cpu_quota())'")
+        out = subprocess.run(["sh", "-c", script], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        assert out.split() == ["1", "0.5"]
+    finally:
+        group.rmdir()
