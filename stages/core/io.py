@@ -88,7 +88,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         # mkstemp makes the file 0600; an output is for others too (a server, a teammate).
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +106,14 @@ def _no_room_is_disk_full(path: Path, make: Any) -> Any:
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc/self/status):
+    reading it by setting it and back is racy under threads (a file another thread creates in
+    between gets mode 0666), so that is only the fallback elsewhere."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -176,7 +183,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if is_disk_full(err):
             raise disk_full(path.parent, None, err) from None  # type: ignore[arg-type]
         raise
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

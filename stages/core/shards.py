@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.dataset import HEADER, MAGIC, RowWriter, file_sha256, npy_header  # noqa: F401
+from stages.core.io import umask
 from stages.core.sources import BadFile, TooLarge, canonical, read_image_file
 
 FORMAT = "shards-1"  # part of every shard's fingerprint: a format change rebuilds them all
@@ -210,7 +211,7 @@ def finish_shard(staging: Path, shard: str, tmp: Path, n: int, digest: str,
     """A finished temporary (n rows, its sha256) -> staging/shard, renamed into place, and
     staging/shard.json, written last: a shard counts as done only once its meta exists."""
     # mkstemp makes 0600; a dataset is for others too (a server, a teammate)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     tmp.replace(staging / shard)
     meta = {"n": int(n), "sha256": digest,  # "inputs": checked for files only (build_shards)
             "digests": [d for r in results for d in r["digests"]],
@@ -221,12 +222,6 @@ def finish_shard(staging: Path, shard: str, tmp: Path, n: int, digest: str,
     tmp_meta.write_text(json.dumps(meta))
     tmp_meta.replace(staging / f"{shard}.json")
     return meta
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def staged_meta(staging: Path, shard: str) -> dict[str, Any] | None:
