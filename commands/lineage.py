@@ -76,8 +76,9 @@ def lineage_summary(walked: dict[str, Any]) -> str:
     lines.append(f"  git commit {head.get('git.commit', 'unknown')[:12]}{dirty}")
     for run in runs:
         lin = run.get("lineage", {})
+        # Data and models; the code deps are what the commit (and a dirty run's diff) name.
         deps = ", ".join(f"{k[len('dvc.dep.'):]} {v[:8]}" for k, v in lin.items()
-                         if k.startswith("dvc.dep."))
+                         if k.startswith("dvc.dep.") and not k.endswith(".py"))
         commit = f"  commit {lin['git.commit'][:8]}" if lin.get("git.commit") else ""
         lines.append(f"  {run.get('stage', '?'):<9} run {run['run_id']}  {run.get('status', '?')}"
                      f"{commit}" + (f"  from: {deps}" if deps else ""))

@@ -47,11 +47,11 @@ def tracking_off() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, tracking_off: None) -> Path:
-    """Reproduced up to evaluate and committed: checkpoints/ holds complete checkpoints."""
+    """Reproduced and committed: checkpoints/ holds complete checkpoints."""
     root = project_copy(tmp_path_factory.mktemp("codeid"))
     write_params(root / "params.yaml", tiny_params())
     git(root, "commit", "-qam", "tiny params")
-    dvc(root, "repro", "evaluate")
+    dvc(root, "repro")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "repro")
     assert (root / "checkpoints" / "pretrain" / "pretrain.pt").is_file()
@@ -128,6 +128,7 @@ def test_identical_training_writes_identical_model_files(restore: Path) -> None:
     assert {m: again[m] for m in MODELS} == {m: committed[m] for m in MODELS}
 
 
+@pytest.mark.timeout(1500)  # two experiments, three tracked stages each, one after the other
 def test_queued_experiments_record_their_own_workspace(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two queued experiments with different params: every MLflow run of each (parent and
@@ -141,9 +142,9 @@ def test_queued_experiments_record_their_own_workspace(
     lrs = {"q-low": 0.01, "q-high": 0.1}
     for name, lr in lrs.items():
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"finetune.lr={lr}")
-    dvc(project, "queue", "start", "-j", "1")
+    dvc(project, "queue", "start", "-j", "1", timeout=1200)
     try:
-        status = wait_for_queue(project)
+        status = wait_for_queue(project, timeout=1200)
         assert status.count("Success") == 2, status
         shown = {exp["revs"][0]["name"]: exp["revs"][0]
                  for record in json.loads(dvc(project, "exp", "show", "--json").stdout)
@@ -171,7 +172,7 @@ def test_queued_experiments_record_their_own_workspace(
             version = client.search_model_versions(
                 f"run_id = '{children['export'].info.run_id}'")[0]
             assert f"Test accuracy {metrics['accuracy']:.3f}" in version.description
-            walked = json.loads(_cli(project, "lineage", version.version, "--json"))
+            walked = json.loads(_cli(project, "lineage", str(version.version), "--json"))
             finetune_runs = [r["run_id"] for r in walked["runs"] if r["stage"] == "finetune"]
             assert finetune_runs == [children["finetune"].info.run_id], walked["runs"]
     finally:
