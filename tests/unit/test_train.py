@@ -351,7 +351,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_phase_one_freezes_backbone_weights_and_batchnorm_statistics(chain: Path) -> None:
     pre = torch.load(chain / "pretrained.pt", weights_only=True)["state_dict"]
     probe = torch.load(chain / "probe.pt", weights_only=True)["state_dict"]
-    tuned = torch.load(chain / "finetuned.pt", weights_only=True)["state_dict"]
+    # Phase 2's last epoch, from its checkpoint: finetuned.pt is the best epoch by validation,
+    # which may be a head-only one.
+    tuned = torch.load(chain / "ck" / "finetune" / "full.pt", weights_only=True)["state"]["model"]
     backbone = [k for k in pre if k.startswith("backbone.")]
     assert any(k.endswith("running_mean") for k in backbone)
     assert any(k.endswith("num_batches_tracked") for k in backbone)
