@@ -12,9 +12,10 @@ the backbone is adapted first, and the change is logged (see `adapt_to_target`).
 
 With `keep_best` (the default) models/finetuned.pt holds the epoch of both phases with the
 best validation accuracy, not the last one (stages/core/best.py); the log and the metrics
-say which (`selected_epoch`; `val_accuracy` is that epoch's, `last_val_accuracy` the last's). The from-scratch baseline that measures
-the transfer gain is its own stage (stages/scratch.py), so a transfer-only setting
-(params.TRANSFER_ONLY: lr, backbone_lr_scale, l2sp) does not retrain it.
+say which (`selected_epoch`; `val_accuracy` is that epoch's, `last_val_accuracy` the last's).
+The from-scratch baseline that measures the transfer gain is its own stage (stages/scratch.py),
+so a transfer-only setting (params.TRANSFER_ONLY: lr, backbone_lr_scale, l2sp) does not
+retrain it.
 
 With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
 (stages/core/distributed.py); the first process of node 0 writes every output.
@@ -27,6 +28,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -245,32 +247,51 @@ def outputs(args: argparse.Namespace) -> Outputs:
     return Outputs(args.model, args.probe, args.checkpoints, args.plot)
 
 
+# The work of a training stage's process, from its params and parsed arguments: its metrics.
+Work = Callable[[Params, argparse.Namespace], dict[str, Any]]
+
+
+def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    return run(params, args.data, args.pretrained, outputs(args))
+
+
 def main(argv: list[str] | None = None) -> int:
+    return training_main("finetune", "stages.finetune:rank_main", argv, arguments, _work)
+
+
+def rank_main(argv: list[str]) -> int:
+    return training_rank("finetune", argv, arguments, _work)
+
+
+def training_main(stage: str, target: str, argv: list[str] | None,
+                  parse: Callable[[list[str]], argparse.Namespace], work: Work) -> int:
+    """The door of a stage that trains with params.finetune (finetune, scratch): one process,
+    or the processes `finetune.devices`/`nodes` ask for, each running `target` on `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = arguments(argv)
+    args = parse(argv)
 
     def body() -> None:
         params = load_params(args.params)
         plan = distributed.plan(params.finetune, "finetune")
         if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, "stages.finetune:rank_main", argv),
-                                  "finetune")
+            distributed.raise_for(distributed.launch(plan, target, argv), stage)
             return
-        write_json(args.metrics, run(params, args.data, args.pretrained, outputs(args)))
+        write_json(args.metrics, work(params, args))
 
-    return run_stage("finetune", body)
+    return run_stage(stage, body)
 
 
-def rank_main(argv: list[str]) -> int:
+def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argparse.Namespace],
+                  work: Work) -> int:
     """One training process of a launched run (tracking stays with the launching process)."""
-    args = arguments(argv)
+    args = parse(argv)
 
     def body() -> None:
-        metrics = run(load_params(args.params), args.data, args.pretrained, outputs(args))
+        metrics = work(load_params(args.params), args)
         if distributed.current().is_main:
             write_json(args.metrics, metrics)
 
-    return run_stage("finetune", body, track=False)
+    return run_stage(stage, body, track=False)
 
 
 if __name__ == "__main__":

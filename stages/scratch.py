@@ -28,16 +28,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stages.core import distributed
 from stages.core.best import BestEpoch, chosen
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.dataset import load_dataset
-from stages.core.door import run_stage
-from stages.core.io import write_json
 from stages.core.models import build_model, load_model_file, save_model_file
 from stages.core.train import fit, make_runtime, make_trainer, param_groups, throughput, write_csv
-from stages.finetune import adapt_to_target, load_target, run_metrics
-from stages.params import Params, load_params
+from stages.finetune import (
+    adapt_to_target,
+    load_target,
+    run_metrics,
+    training_main,
+    training_rank,
+)
+from stages.params import Params
 
 log = logging.getLogger("imagepipe.scratch")
 
@@ -102,32 +105,16 @@ def outputs(args: argparse.Namespace) -> Outputs:
     return Outputs(args.model, args.checkpoints, args.plot)
 
 
+def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    return run(params, args.data, args.pretrained, outputs(args))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = arguments(argv)
-
-    def body() -> None:
-        params = load_params(args.params)
-        plan = distributed.plan(params.finetune, "finetune")
-        if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, "stages.scratch:rank_main", argv),
-                                  "scratch")
-            return
-        write_json(args.metrics, run(params, args.data, args.pretrained, outputs(args)))
-
-    return run_stage("scratch", body)
+    return training_main("scratch", "stages.scratch:rank_main", argv, arguments, _work)
 
 
 def rank_main(argv: list[str]) -> int:
-    """One training process of a launched run (tracking stays with the launching process)."""
-    args = arguments(argv)
-
-    def body() -> None:
-        metrics = run(load_params(args.params), args.data, args.pretrained, outputs(args))
-        if distributed.current().is_main:
-            write_json(args.metrics, metrics)
-
-    return run_stage("scratch", body, track=False)
+    return training_rank("scratch", argv, arguments, _work)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from torch import nn
 log = logging.getLogger("imagepipe.train")
 
 
-def _key(row: dict[str, Any]) -> tuple[float, float]:
+def validation_key(row: dict[str, Any]) -> tuple[float, float]:
     """Higher is better: validation accuracy, then the lower validation loss. Equal keys keep
-    the earlier epoch: more epochs that add nothing on validation are not more evidence."""
+    the earlier epoch: more epochs that add nothing on validation are not more evidence.
+    (history.summary's best_epoch ranks by the same key.)"""
     loss = row.get("val_loss")
     return float(row["val_acc"]), -float(loss) if loss is not None else float("-inf")
 
@@ -41,7 +42,7 @@ class BestEpoch:
         """After an epoch (the model holds its weights): keep them if this epoch is the best."""
         if row.get("val_acc") is None:  # no validation split: nothing to choose by
             return
-        if self.row is None or _key(row) > _key(self.row):
+        if self.row is None or validation_key(row) > validation_key(self.row):
             self.row = dict(row)
             self.weights = {k: v.detach().to("cpu", copy=True)
                             for k, v in self.model.state_dict().items()}

@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from stages.core.best import validation_key
 from stages.core.io import atomic_path
 
 
@@ -22,7 +23,8 @@ def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
         return {"epochs": 0}
     last = history[-1]
     scored = [r for r in history if r["val_acc"] is not None]
-    best = max(scored, key=lambda r: r["val_acc"]) if scored else None
+    # The epoch keep_best ships (core/best.py); max keeps the first of equal ones.
+    best = max(scored, key=validation_key) if scored else None
     return {
         "epochs": len(history), "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
         "val_loss": last["val_loss"], "val_accuracy": last["val_acc"],

@@ -119,7 +119,7 @@ def test_finetune_ships_the_epoch_that_peaked_on_validation(
     assert best["epoch"] < last["epoch"] and best["val_acc"] > last["val_acc"], history
     loss, acc = val_figures(out.finetuned, project / "target")
     assert (acc, loss) == pytest.approx((best["val_acc"], best["val_loss"]), abs=1e-4)
-    assert metrics["selected_epoch"] == best["epoch"]
+    assert metrics["selected_epoch"] == metrics["best_epoch"] == best["epoch"]
     assert metrics["val_accuracy"] == pytest.approx(best["val_acc"])
     assert metrics["last_val_accuracy"] == pytest.approx(last["val_acc"])
     extra = load_model_file(out.finetuned)[1].extra
