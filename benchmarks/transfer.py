@@ -155,17 +155,19 @@ def backbone(params: Any, cache: Path) -> tuple[Path, Path]:
 
 def one_seed(raw: dict[str, Any], seed: int, cache: Path, run_dir: Path) -> dict[str, Any]:
     """Every stage for one seed; the figures of evaluate (test split) and the wall time."""
-    from stages import evaluate, finetune
+    from stages import evaluate, finetune, scratch
     from stages.params import parse_params
 
     start = time.perf_counter()
     params = parse_params({**raw, "seed": seed})
     target, pretrained = backbone(params, cache)
     out = run_dir / f"seed{seed}"
-    ft = finetune.Outputs(out / "finetuned.pt", out / "probe.pt", out / "scratch.pt",
-                          out / "checkpoints", out / "finetune.csv", out / "scratch.csv")
+    ft = finetune.Outputs(out / "finetuned.pt", out / "probe.pt", out / "checkpoints",
+                          out / "finetune.csv")
     finetune.run(params, target, pretrained, ft)
-    m = evaluate.run(params, target, ft.finetuned, ft.scratch, ft.probe, evaluate.Outputs(
+    base = scratch.Outputs(out / "scratch.pt", out / "checkpoints-scratch", out / "scratch.csv")
+    scratch.run(params, target, pretrained, base)
+    m = evaluate.run(params, target, ft.finetuned, base.model, ft.probe, evaluate.Outputs(
         out / "evaluate.json", out / "per_class.json", out / "confusion.png",
         out / "confusion.csv"))
     keys = ("accuracy", "scratch_accuracy", "probe_accuracy", "transfer_gain",

@@ -6,8 +6,8 @@ metrics -> the pick -> a table, the pick, and `dvc exp apply NAME` (run with --a
 
 The pick never looks at the test split: metrics/evaluate.json (test) is refused, only a key
 with "val" in its name counts. The finetuned model and its from-scratch baseline are tuned
-alike, each by its own validation accuracy (`val_accuracy` and `scratch_val_accuracy` of
-metrics/finetune.json): on a grid sweep of finetune.lr x finetune.scratch_lr, the pick is the
+alike, each by its own validation accuracy (`val_accuracy` of metrics/finetune.json and of
+metrics/scratch.json): on a grid sweep of finetune.lr x finetune.scratch_lr, the pick is the
 experiment with the finetuned model's best lr and the baseline's best scratch_lr, so the
 transfer gain compares two tuned models, never a tuned one with a weakened one.
 """
@@ -26,7 +26,7 @@ from stages.core.errors import EXIT_BAD_INPUT
 from stages.core.host import project_root
 
 METRIC = "finetune.val_accuracy"
-SCRATCH_METRIC = "finetune.scratch_val_accuracy"
+SCRATCH_METRIC = "scratch.val_accuracy"  # the scratch stage's metrics
 SCRATCH_PARAM = "finetune.scratch_lr"
 # The metrics files measured on the test split: choosing by them would fit the test set.
 TEST_FILES = ("evaluate", "per_class", "export")

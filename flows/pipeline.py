@@ -38,9 +38,9 @@ FLOW_NAME = "imagepipe-pipeline"
 ARTIFACT_KEY = "imagepipe-pipeline"
 # One slot per GPU: a training stage holds one for its whole run (see README, "GPU slots").
 GPU_LIMIT = "gpu"
-GPU_STAGES = ("pretrain", "finetune")
+GPU_STAGES = ("pretrain", "finetune", "scratch")
 # Per-stage wall-clock limits; past them the stage's process group is killed.
-TIMEOUTS_S = {"pretrain": 6 * 3600.0, "finetune": 6 * 3600.0}
+TIMEOUTS_S = {"pretrain": 6 * 3600.0, "finetune": 6 * 3600.0, "scratch": 6 * 3600.0}
 DEFAULT_TIMEOUT_S = 3600.0
 RETRIES = 3
 STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates its database
@@ -275,7 +275,8 @@ def _gpus_wanted(root: Path) -> dict[str, int]:
         return {}
     wanted = {}
     for name in GPU_STAGES:
-        devices = getattr(getattr(params, name, None), "devices", 1)
+        section = "finetune" if name == "scratch" else name  # the baseline trains as finetune
+        devices = getattr(getattr(params, section, None), "devices", 1)
         wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
     return wanted
 

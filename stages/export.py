@@ -1,5 +1,9 @@
-"""export: models/finetuned.pt + data/target/ + params.export -> models/model.onnx,
-models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
+"""export: models/finetuned.pt + models/scratch.pt + data/target/ + params.export ->
+models/model.onnx, models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
+
+The model exported is export.model's: the finetuned one, the from-scratch baseline, or (best,
+the default) whichever did better on the validation split (stages/core/selection.py); the log,
+the metrics (`model`, both validation accuracies) and the registered version say which and why.
 
 The ONNX file takes raw pixels: input `image`, uint8 N x H x W x C; the graph itself casts,
 scales by 1/255, normalises by the model's mean/std and transposes to NCHW, and answers
@@ -58,6 +62,7 @@ from stages.core.parity import (  # noqa: F401 - re-exported: export.compare, PA
     parity_set,
     torch_threads,
 )
+from stages.core.selection import Choice, choose
 from stages.core.tracking.registration import Parity, Registration
 from stages.params import ExportParams, Params, load_params
 
@@ -336,7 +341,7 @@ def serving_example(onnx_path: Path, target: Path, n: int = 2
 
 
 def registration(params: Params, metrics: dict[str, Any], model_path: Path, target: Path,
-                 out: Path) -> Registration:
+                 out: Path, choice: Choice | None = None) -> Registration:
     """What tracking registers for a model that passed the gate: the files, the verdict with
     its figures, the registered model's name, and the input example with its outputs."""
     example, outputs = serving_example(out, target)
@@ -348,7 +353,9 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
                       max_abs_diff=float(metrics["max_abs_diff"]),
                       top1_agreement=float(metrics["top1_agreement"]),
                       atol=p.parity_atol, images=int(metrics["parity_images"]), rtol=p.parity_rtol),
-        input_example=example, output_example=outputs)
+        input_example=example, output_example=outputs,
+        shipped=choice.model if choice else "finetuned",
+        selection=choice.reason if choice else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="models/finetuned.pt", type=Path)
+    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
     parser.add_argument("--target", default="data/target", type=Path)
     parser.add_argument("--out", default="models/model.onnx", type=Path)
     parser.add_argument("--variants", default="models/onnx_variants", type=Path)
@@ -364,13 +372,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> Registration:
         params = load_params(args.params)
+        choice = choose(params.export.model, args.model, args.scratch)
         try:
-            metrics = run(params, args.model, args.target, args.out, args.variants)
+            metrics = run(params, choice.path, args.target, args.out, args.variants)
         except ParityFailed as err:
-            write_json(args.metrics, err.metrics)  # the figures, for whoever asks why
+            # The figures, for whoever asks why.
+            write_json(args.metrics, {**choice.metrics(), **err.metrics})
             raise
+        metrics = {**choice.metrics(), **metrics}
         write_json(args.metrics, metrics)
-        return registration(params, metrics, args.model, args.target, args.out)
+        return registration(params, metrics, choice.path, args.target, args.out, choice)
 
     return run_stage("export", body)
 

@@ -1,6 +1,5 @@
 """finetune: data/target/ + models/pretrained.pt + params.finetune -> models/finetuned.pt,
-models/probe.pt, models/scratch.pt, metrics/finetune.json, plots/finetune.csv,
-plots/scratch.csv; checkpoints in checkpoints/finetune/.
+models/probe.pt, metrics/finetune.json, plots/finetune.csv; checkpoints in checkpoints/finetune/.
 
 Transfer in two phases. Phase 1 ("head", `head_epochs`): a new head for the target classes
 trains on a frozen backbone, BatchNorm statistics included; its result is the linear probe
@@ -11,11 +10,12 @@ pretrained weights (L2-SP, stages/core/regularize.py); the head keeps ordinary w
 The target may have its own image size and channel count (data.target.image_size/channels):
 the backbone is adapted first, and the change is logged (see `adapt_to_target`).
 
-Baseline ("scratch", on by default): the same architecture from random weights on the same
-target train split, with the same data draws, epochs (head + full) and schedule, at its own
-lr (`scratch_lr`, tuned like the finetune's). Without it the transfer gain would be assumed,
-not measured. With `baseline: false`, models/scratch.pt still exists (DVC's graph is fixed) but
-holds the untrained network, marked `extra.baseline = false`, and evaluate reports no gain.
+With `keep_best` (the default) models/finetuned.pt holds the epoch of both phases with the
+best validation accuracy, not the last one (stages/core/best.py); the log and the metrics
+say which (`selected_epoch`; `val_accuracy` is that epoch's, `last_val_accuracy` the last's).
+The from-scratch baseline that measures the transfer gain is its own stage (stages/scratch.py),
+so a transfer-only setting (params.TRANSFER_ONLY: lr, backbone_lr_scale, l2sp) does not
+retrain it.
 
 With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
 (stages/core/distributed.py); the first process of node 0 writes every output.
@@ -28,11 +28,13 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from stages.core import distributed
+from stages.core.best import BestEpoch, chosen
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
@@ -70,10 +72,8 @@ log = logging.getLogger("imagepipe.finetune")
 class Outputs:
     finetuned: Path
     probe: Path
-    scratch: Path
     checkpoints: Path
     plot: Path
-    scratch_plot: Path
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,15 @@ class Target:
     fingerprint: dict[str, Any]
     base: ModelFile  # the pretrained model's file: spec, normalisation, extra carried over
 
-    def model_file(self, stage: str, history: list[dict[str, Any]], **extra: Any) -> ModelFile:
-        """The file of a target model; mean/std stay the pretrained model's (one preprocessing;
-        converted by adapt_to_target when the channel counts differ)."""
-        last = history[-1]["val_acc"] if history else None
+    def model_file(self, stage: str, row: dict[str, Any], **extra: Any) -> ModelFile:
+        """The file of a target model whose weights are those of epoch `row` (a history row;
+        {}: none trained); mean/std stay the pretrained model's (one preprocessing; converted
+        by adapt_to_target when the channel counts differ). export compares val_accuracy."""
         return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
                          self.base.mean, self.base.std, {}, extra={
-                             **self.base.extra, "stage": stage, "val_accuracy": last,
-                             "pretrained_classes": self.base.classes, **extra})
+                             **self.base.extra, "stage": stage, "val_accuracy": row.get("val_acc"),
+                             "epoch": row.get("epoch"), "pretrained_classes": self.base.classes,
+                             **extra})
 
 
 def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Classifier, ModelFile]:
@@ -154,8 +155,10 @@ def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
 
 
 def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs,
-             pretrained_sha: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Phase 1 then phase 2 on `model` (already carrying the new head); return both histories."""
+             pretrained_sha: str, best: BestEpoch | None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Phase 1 then phase 2 on `model` (already carrying the new head); return both histories.
+    `best` follows both phases: the best epoch may be a head-only one."""
     steps, rows = len(t.train), []
     fp = {**t.fingerprint, "pretrained": pretrained_sha}
 
@@ -168,13 +171,15 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
                       p.head_epochs, steps, frozen=model.backbone)
     head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
                                                    {**fp, "phase": "head"}, rt.comm),
-               phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot)
+               phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot,
+               best=best)
     rows += head
     set_backbone_trainable(model, True)
     del tr  # its DDP's gradient hooks must be gone before the next one's exist
     gc.collect()
     if rt.comm.is_main:
-        save_model_file(out.probe, model, t.model_file("probe", head, head_epochs=p.head_epochs))
+        save_model_file(out.probe, model, t.model_file("probe", head[-1] if head else {},
+                                                       head_epochs=p.head_epochs))
     groups = l2sp_groups(model.backbone, model.head, p.lr * p.backbone_lr_scale, p.lr,
                          p.weight_decay, p.l2sp)
     tr = make_trainer(model, groups, p, rt, p.full_epochs, steps)
@@ -183,29 +188,13 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
     full = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "full.pt",
                                                    {**fp, "phase": "full"}, rt.comm),
                phase="full", epochs=p.full_epochs, epoch_offset=p.head_epochs,
-               every=p.checkpoint_every_steps, on_epoch=plot)
+               every=p.checkpoint_every_steps, on_epoch=plot, best=best)
     plot(full)
     return head, full
 
 
-def scratch(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs
-            ) -> list[dict[str, Any]]:
-    """The baseline: same network, data draws, epochs and schedule, from random weights."""
-    epochs = p.head_epochs + p.full_epochs
-    tr = make_trainer(model, param_groups([(model, p.scratch_lr)], p.weight_decay), p, rt,
-                      epochs, len(t.train))
-    history = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "scratch.pt",
-                                                      {**t.fingerprint, "phase": "scratch"},
-                                                      rt.comm),
-                  phase="scratch", epochs=epochs, every=p.checkpoint_every_steps,
-                  on_epoch=lambda rows: write_csv(out.scratch_plot, rows))
-    if rt.comm.is_main:
-        write_csv(out.scratch_plot, history)
-    return history
-
-
 def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
-    """Transfer, then the baseline; write the three model files and the CSVs; return metrics."""
+    """Transfer; write the finetuned and probe model files and the CSV; return the metrics."""
     start = time.perf_counter()
     p = params.finetune
     rt = make_runtime(p)
@@ -216,28 +205,30 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     # The new head's initial weights depend on the seed only, not on what ran before.
     seed_everything(params.seed)
     model.replace_head(len(t.classes))
-    head, full = transfer(model, t, p, rt, out, file_sha256(pretrained))
+    best = BestEpoch(model) if p.keep_best else None
+    head, full = transfer(model, t, p, rt, out, file_sha256(pretrained), best)
+    row = chosen(best, head + full, "finetune")
     hflip = bool(mf.extra.get("hflip_policy", False) or p.hflip)
     if rt.comm.is_main:
         save_model_file(out.finetuned, model, t.model_file(
-            "finetune", full or head, hflip_policy=hflip, head_epochs=p.head_epochs,
-            full_epochs=p.full_epochs))
-    seed_everything(params.seed)
-    base = build_model(replace(mf.spec, num_classes=len(t.classes)))
-    history = scratch(base, t, p, rt, out) if p.baseline else []
-    if rt.comm.is_main:
-        save_model_file(out.scratch, base, t.model_file(
-            "scratch", history, baseline=p.baseline, hflip_policy=bool(p.hflip)))
-    ft, sc, probe = summary(head + full), summary(history), summary(head)
-    gain = (None if ft.get("val_accuracy") is None or sc.get("val_accuracy") is None
-            else round(ft["val_accuracy"] - sc["val_accuracy"], 6))
-    for name, rows in (("transfer", head + full), ("scratch", history)):
-        if rows:
-            log.info("finetune: %s %s", name, throughput(rows))
+            "finetune", row, hflip_policy=hflip, head_epochs=p.head_epochs,
+            full_epochs=p.full_epochs, keep_best=p.keep_best))
+    if head + full:
+        log.info("finetune: transfer %s", throughput(head + full))
     log.info("finetune: stage %.1f s", time.perf_counter() - start)
-    return {**ft, "probe_val_accuracy": probe.get("val_accuracy"),
-            "scratch_val_accuracy": sc.get("val_accuracy"), "val_transfer_gain": gain,
+    return {**run_metrics(head + full, row), "probe_val_accuracy": summary(head).get("val_accuracy"),
             "n_train": t.train.n, "n_val": t.val.n, "world_size": rt.comm.world}
+
+
+def run_metrics(history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
+    """A run's summary where val_loss/val_accuracy are those of the model file (the epoch
+    `row`, `selected_epoch`: what `imagepipe tune` and export compare), with the last epoch's
+    beside them. Shared with stages/scratch.py."""
+    out = summary(history)
+    if row:
+        out.update(val_loss=row["val_loss"], val_accuracy=row["val_acc"],
+                   selected_epoch=row["epoch"], last_val_accuracy=history[-1]["val_acc"])
+    return out
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -248,45 +239,61 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default="models/pretrained.pt", type=Path)
     parser.add_argument("--model", default="models/finetuned.pt", type=Path)
     parser.add_argument("--probe", default="models/probe.pt", type=Path)
-    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
     parser.add_argument("--checkpoints", default="checkpoints/finetune", type=Path)
     parser.add_argument("--metrics", default="metrics/finetune.json", type=Path)
     parser.add_argument("--plot", default="plots/finetune.csv", type=Path)
-    parser.add_argument("--scratch-plot", default="plots/scratch.csv", type=Path)
     return parser.parse_args(argv)
 
 
 def outputs(args: argparse.Namespace) -> Outputs:
-    return Outputs(args.model, args.probe, args.scratch, args.checkpoints, args.plot,
-                   args.scratch_plot)
+    return Outputs(args.model, args.probe, args.checkpoints, args.plot)
+
+
+# The work of a training stage's process, from its params and parsed arguments: its metrics.
+Work = Callable[[Params, argparse.Namespace], dict[str, Any]]
+
+
+def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    return run(params, args.data, args.pretrained, outputs(args))
 
 
 def main(argv: list[str] | None = None) -> int:
+    return training_main("finetune", "stages.finetune:rank_main", argv, arguments, _work)
+
+
+def rank_main(argv: list[str]) -> int:
+    return training_rank("finetune", argv, arguments, _work)
+
+
+def training_main(stage: str, target: str, argv: list[str] | None,
+                  parse: Callable[[list[str]], argparse.Namespace], work: Work) -> int:
+    """The door of a stage that trains with params.finetune (finetune, scratch): one process,
+    or the processes `finetune.devices`/`nodes` ask for, each running `target` on `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = arguments(argv)
+    args = parse(argv)
 
     def body() -> None:
         params = load_params(args.params)
         plan = distributed.plan(params.finetune, "finetune")
         if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, "stages.finetune:rank_main", argv),
-                                  "finetune")
+            distributed.raise_for(distributed.launch(plan, target, argv), stage)
             return
-        write_json(args.metrics, run(params, args.data, args.pretrained, outputs(args)))
+        write_json(args.metrics, work(params, args))
 
-    return run_stage("finetune", body)
+    return run_stage(stage, body)
 
 
-def rank_main(argv: list[str]) -> int:
+def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argparse.Namespace],
+                  work: Work) -> int:
     """One training process of a launched run (tracking stays with the launching process)."""
-    args = arguments(argv)
+    args = parse(argv)
 
     def body() -> None:
-        metrics = run(load_params(args.params), args.data, args.pretrained, outputs(args))
+        metrics = work(load_params(args.params), args)
         if distributed.current().is_main:
             write_json(args.metrics, metrics)
 
-    return run_stage("finetune", body, track=False)
+    return run_stage(stage, body, track=False)
 
 
 if __name__ == "__main__":

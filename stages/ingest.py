@@ -6,6 +6,7 @@ the role's own image_size and channels (data.<role>.*, else data.*). Bad files a
 listed in report.json; too many of them, a duplicate that leaks into the test split, a class
 left with no training image, or an empty split that a later stage needs (source: train, val;
 target: train, val, test) end the stage with exit code 2, here rather than after pretraining.
+A split no stage reads (the source's test split) is carved but not decoded, and the log says so.
 
 A folder that ships train/ and val/ but no test/ (a common layout) gives the target no test
 split: its val/ becomes the held-out test split and validation is carved from train/ (seeded,
@@ -160,8 +161,10 @@ def _cap_train(labels: np.ndarray, splits: np.ndarray, keep: np.ndarray, cap: in
     return mask, before
 
 
-def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) -> dict[str, Any]:
-    """Ingest one role into `out`; return its report."""
+def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
+                skip_unread: bool = False) -> dict[str, Any]:
+    """Ingest one role into `out`; return its report. `skip_unread` (the stage's run): the
+    splits no later stage reads are not decoded (_drop_unread)."""
     data = params.data
     role = role.filled(data)
     files = role.uri.startswith("imagefolder:")
@@ -178,6 +181,8 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) ->
         log.info("ingest %s: %s", role_name, note)
     _require_training_images(sel, sel.labels, sel.splits, role.uri)
     _require_splits(role_name, role, sel, sel.labels, sel.splits, after_decoding=False)
+    if skip_unread:
+        sel = _drop_unread(role_name, sel)
     built = _decode(role_name, listing, sel, role, data, out.parent / f".{out.name}.shards")
     labels, splits, bad = sel.labels[built.keep], sel.splits[built.keep], built.bad
     digests: dict[str, list[tuple[int, str]]] = defaultdict(list)
@@ -203,6 +208,23 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path) ->
              "groups -> %s", role_name, manifest["n"], len(built.shards), built.decoded,
              len(sel.classes), len(bad), len(report["duplicates"]), out)
     return report
+
+
+def _drop_unread(role_name: str, sel: Selection) -> Selection:
+    """The selection without the splits no stage reads (NEEDED: the source's test split), said
+    in the log. They are still carved out first, so train and val hold the same images as with
+    them; decoding them cost time and disk (6,000 CIFAR-10 source test images) for nothing."""
+    wanted = np.isin(sel.splits, [SPLIT_CODE[s] for s in NEEDED[role_name]])
+    if wanted.all():
+        return sel
+    left = np.bincount(sel.splits[~wanted], minlength=len(SPLITS))
+    said = ", ".join(f"{int(n)} {SPLITS[k]}" for k, n in enumerate(left) if n)
+    log.info("ingest %s: %s images not decoded: no stage reads the %s's %s split", role_name,
+             said, role_name, " or ".join(SPLITS[k] for k, n in enumerate(left) if n))
+    idx = np.flatnonzero(wanted)
+    return replace(sel, refs=[sel.refs[i] for i in idx], labels=sel.labels[idx],
+                   splits=sel.splits[idx],
+                   stamps=None if sel.stamps is None else sel.stamps[idx])
 
 
 def by_class(sel: Selection) -> Selection:
@@ -337,7 +359,8 @@ def _say_skipped(role_name: str, what: str, items: list[dict[str, str]]) -> None
 
 def run(params: Params, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Ingest both roles into out_dir/<role>/; return the reports by role."""
-    return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name)
+    return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name,
+                              skip_unread=True)
             for name in ROLES}
 
 

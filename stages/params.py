@@ -226,12 +226,29 @@ class FinetuneParams(TrainParams):
     baseline: bool = True
     # Learning rate of the from-scratch baseline (tuned on its own, never weakened).
     scratch_lr: PositiveFloat = 0.1
+    # Each model file holds the epoch with the best validation accuracy (ties: the lower val
+    # loss, then the earlier epoch), the finetuned model's over both phases and the baseline's
+    # alike; false: the last epoch. A model whose accuracy peaked early was shipped degraded.
+    keep_best: bool = True
+
+    def baseline_view(self) -> FinetuneParams:
+        """What the from-scratch baseline (stages/scratch.py) trains with: these params with
+        the transfer-only keys at their defaults, so they cannot reach it."""
+        return self.model_copy(update={k: type(self).model_fields[k].default
+                                       for k in TRANSFER_ONLY})
 
     @model_validator(mode="after")
     def _some_training(self) -> FinetuneParams:
         if self.head_epochs + self.full_epochs == 0:
             raise ValueError("head_epochs + full_epochs must be at least 1")
         return self
+
+
+# finetune keys that only the transfer reads, and keys that only the baseline reads. dvc.yaml's
+# scratch stage lists every finetune key but TRANSFER_ONLY and its finetune stage every key but
+# BASELINE_ONLY, so a change to one (finetune.l2sp, say) leaves the other stage up to date.
+TRANSFER_ONLY = ("lr", "backbone_lr_scale", "l2sp")
+BASELINE_ONLY = ("baseline", "scratch_lr")
 
 
 class EvaluateParams(_Section):
@@ -260,6 +277,11 @@ class ExportParams(_Section):
     # ORT (and torch) threads for the parity gate and variant scoring; 0 = every usable core.
     # Timings are not the stage's business: `make bench` measures ORT against torch.
     threads: Annotated[int, Field(ge=0)] = 0
+    # Which model becomes model.onnx: best = the finetuned model or the from-scratch baseline,
+    # whichever has the higher validation accuracy (a tie keeps the finetuned one); never the
+    # test split, which is evaluate's. The choice is logged, in the metrics and in the
+    # registered version's description.
+    model: Literal["finetuned", "scratch", "best"] = "best"
 
 
 class RegistryParams(_Section):

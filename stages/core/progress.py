@@ -1,4 +1,8 @@
-"""Progress for long work: a live bar on a terminal, a line every ~10% in logs (DVC, Prefect, CI).
+"""Progress for long work: a live bar on a terminal, log lines elsewhere (DVC, Prefect, CI).
+Both show the time left from the first seconds: the bar's own estimate, and in logs a first
+line after FIRST_REPORT_S, then one at every 10% and at least every REPORT_EVERY_S, each with
+the rate and the time left at that rate (a 10-minute stage used to say nothing for a minute,
+and its log lines never said how long was left).
 
 While the bar is live, log records that would go to the same terminal are printed through the
 bar's console instead (above the bar, each on its own line): a handler writing to the stream
@@ -16,6 +20,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("imagepipe")
+
+# Seconds before the first log line (unless 10% comes sooner): long enough for a rate that
+# means something, short enough that a person watching sees the stage's pace at once.
+FIRST_REPORT_S = 5.0
+# At most this long between log lines: an epoch of a large set is more than 10% of nothing.
+REPORT_EVERY_S = 60.0
+
+
+def clock(seconds: float) -> str:
+    """'0:07:05' for 425 s (rich's format for time left)."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 class ConsoleHandler(logging.Handler):
@@ -92,14 +108,26 @@ def progress(description: str, total: int, unit: str = "img", *,
 
             yield advance
         return
-    done, next_report, start = 0, 0.1, time.perf_counter()
+    yield _log_lines(description, total, unit)
+
+
+def _log_lines(description: str, total: int, unit: str) -> Callable[[int], None]:
+    """advance(n) that logs progress lines with the time left (see the module doc)."""
+    start = time.perf_counter()
+    done, tenth, next_time = 0, 1, start + FIRST_REPORT_S  # next line at tenth/10 of total
 
     def advance_log(n: int) -> None:
-        nonlocal done, next_report
+        nonlocal done, tenth, next_time
         done += n
-        if total and done / total >= next_report:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            log.info(f"{description}: {done}/{total} ({done / total:.0%}, {rate:,.0f} {unit}/s)")
-            next_report += 0.1
+        now = time.perf_counter()
+        if not total or not done or (done * 10 < tenth * total and now < next_time):
+            return
+        rate = done / max(now - start, 1e-9)
+        left = (f"{clock((total - done) / rate)} left" if done < total
+                else f"done in {clock(now - start)}")
+        log.info(f"{description}: {done}/{total} ({done / total:.0%}, {rate:,.0f} {unit}/s, "
+                 f"{left})")
+        tenth = done * 10 // total + 1
+        next_time = now + REPORT_EVERY_S
 
-    yield advance_log
+    return advance_log

@@ -1,6 +1,7 @@
 """The training loop that pretrain and finetune share: the model prepared for the device,
 optimiser, schedule, `train_one_epoch`, `evaluate`, and `fit` (epochs with checkpoints and one
-history row each). Device set-up (`Runtime`, `make_runtime`) is core/device.py's.
+history row each, and the best epoch's weights kept when asked: core/best.py). Device set-up
+(`Runtime`, `make_runtime`) is core/device.py's; reporting a history is core/history.py's.
 
 Device: `auto` takes CUDA when present: `precision` auto is bf16 autocast where the GPU has it,
 else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once per model. CPU:
@@ -14,15 +15,12 @@ step is redone in 2, 4, ... micro-batches whose gradients add up to the batch's;
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,13 +28,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from stages.core.best import BestEpoch
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.device import Runtime
 from stages.core.device import make_runtime as make_runtime  # where the stages import it from
 from stages.core.devicedata import DeviceBatches
 from stages.core.distributed import Ballot
 from stages.core.errors import BadInput, Transient
-from stages.core.io import atomic_path
+from stages.core.history import speed as speed  # the stages import these from here
+from stages.core.history import summary as summary
+from stages.core.history import throughput as throughput
+from stages.core.history import write_csv as write_csv
 from stages.core.progress import progress
 from stages.params import TrainParams
 
@@ -303,14 +305,20 @@ def evaluate(net: nn.Module, batches: DeviceBatches, rt: Runtime, loss_fn: nn.Mo
 
 def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: CheckpointStore, *,
         phase: str, epochs: int, epoch_offset: int = 0, every: int = 0,
-        on_epoch: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+        on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+        best: BestEpoch | None = None) -> list[dict[str, Any]]:
     """Train for `epochs`, resuming from `store` when it matches; return one row per epoch.
 
     A checkpoint is written after every epoch and every `every` steps; a finished run's last
     checkpoint makes a rerun with the same fingerprint a no-op that returns the same history.
     Every rank calls this; rows hold the totals of all ranks; only the root calls `on_epoch`.
+    `best` sees each epoch before its checkpoint is written, and is saved and resumed with it.
     """
-    resumed = store.resume(tr.states())
+
+    def states() -> dict[str, Any]:
+        return tr.states() if best is None else {**tr.states(), "best": best}
+
+    resumed = store.resume(states())
     pos = resumed.position if resumed else Position()
     history = resumed.history if resumed else []
     if resumed and pos.epoch >= epochs:
@@ -322,9 +330,11 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
         for epoch in range(pos.epoch, epochs):
             # The data epoch counts across phases, so phase 2 does not replay phase 1's draws.
             pos = train_one_epoch(tr, train, epoch_offset + epoch, pos, advance,
-                                  save=lambda p: store.save(tr.states(), p, history), every=every)
+                                  save=lambda p: store.save(states(), p, history), every=every)
             row = _row(tr, phase, epoch_offset + epoch + 1, pos, val)
             history.append(row)
+            if best is not None:
+                best.observe(row)
             from stages.core.epochlog import record_epoch  # stdlib only: the live curve
 
             record_epoch(phase, row)
@@ -332,7 +342,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
                      "images/s", phase, epoch + 1, epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], row["images_per_s"])
             pos = Position(epoch=epoch + 1)
-            store.save(tr.states(), pos, history)
+            store.save(states(), pos, history)
             if on_epoch is not None and tr.rt.comm.is_main:
                 on_epoch(history)
     return history
@@ -353,48 +363,3 @@ def _row(tr: Trainer, phase: str, epoch: int, pos: Position, val: DeviceBatches 
         "images_per_s": round(seen / max(pos.seconds, 1e-9), 1),
         "seconds": round(pos.seconds, 3),
     }
-
-
-def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final and best figures of a run's history, for the metrics file (numbers only).
-
-    No timings: the metrics file is what `dvc metrics diff` and `dvc exp show` compare, and a
-    rerun of the same params would show a changed images/s nobody made. Timings live in the
-    plots table (per epoch), hence in the MLflow run's curves, and in the log (throughput)."""
-    if not history:
-        return {"epochs": 0}
-    last = history[-1]
-    scored = [r for r in history if r["val_acc"] is not None]
-    best = max(scored, key=lambda r: r["val_acc"]) if scored else None
-    return {
-        "epochs": len(history), "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
-        "val_loss": last["val_loss"], "val_accuracy": last["val_acc"],
-        "best_val_accuracy": best["val_acc"] if best else None,
-        "best_epoch": best["epoch"] if best else None,
-    }
-
-
-def speed(history: list[dict[str, Any]]) -> tuple[float, float]:
-    """(training seconds, images/s) over the epochs of a history or of its plots table."""
-    seconds = sum(float(r["seconds"]) for r in history)
-    seen = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in history)
-    return seconds, seen / max(seconds, 1e-9)
-
-
-def throughput(history: list[dict[str, Any]]) -> str:
-    """'15 epochs in 13.7 s, 1,891 images/s' for the log line that ends a training phase."""
-    seconds, rate = speed(history)
-    return f"{len(history)} epochs in {seconds:.1f} s, {rate:,.0f} images/s"
-
-
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV (columns in first-seen order), written atomically."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())

@@ -273,9 +273,8 @@ def test_finetune_on_two_processes_keeps_phase_one_frozen(reference: tuple[Path,
     params, out = write_params(root / "finetune.yaml", raw), root / "ft"
     done = run_stage("finetune", "--params", params, "--data", root / "target", "--pretrained",
                      ref / "m.pt", "--model", out / "f.pt",
-                     "--probe", out / "p.pt", "--scratch", out / "s.pt", "--checkpoints",
-                     out / "ck", "--metrics", out / "m.json", "--plot", out / "f.csv",
-                     "--scratch-plot", out / "s.csv")
+                     "--probe", out / "p.pt", "--checkpoints", out / "ck",
+                     "--metrics", out / "m.json", "--plot", out / "f.csv")
     assert done.returncode == 0, done.stderr
     pre, probe = weights(ref), torch.load(out / "p.pt", weights_only=True)["state_dict"]
     assert [k for k in pre if k.startswith("backbone.") and not torch.equal(pre[k], probe[k])] == []

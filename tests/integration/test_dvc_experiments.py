@@ -114,10 +114,10 @@ def test_repro_writes_models_checkpoints_metrics_and_plots(project: Path) -> Non
     for rel in ("models/pretrained.pt", "models/finetuned.pt", "models/probe.pt",
                 "models/scratch.pt", "models/model.onnx", "checkpoints/pretrain/pretrain.pt",
                 "checkpoints/finetune/head.pt", "checkpoints/finetune/full.pt",
-                "checkpoints/finetune/scratch.pt", "plots/pretrain.csv", "plots/finetune.csv",
+                "checkpoints/scratch/scratch.pt", "plots/pretrain.csv", "plots/finetune.csv",
                 "plots/scratch.csv", "plots/confusion.png", "plots/confusion.csv",
                 "metrics/pretrain.json", "metrics/finetune.json", "metrics/per_class.json",
-                "metrics/export.json"):
+                "metrics/scratch.json", "metrics/export.json"):
         assert (project / rel).is_file(), rel
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert EVALUATE_KEYS <= metrics.keys()
@@ -139,6 +139,25 @@ def test_dvc_reads_the_metrics_and_plot_definitions(project: Path, tmp_path: Pat
 def test_second_repro_runs_nothing(project: Path) -> None:
     out = dvc(project, "repro").stdout
     assert "Running stage" not in out, out
+
+
+def test_a_transfer_only_param_reruns_finetune_but_not_the_baseline(project: Path) -> None:
+    """finetune.l2sp concerns the transfer alone: finetune and what reads it rerun, the scratch
+    stage stays up to date and its model is the one HEAD has (issue 22: 220 s of a 522 s
+    experiment went to retraining a bit-identical baseline)."""
+    def scratch_outs() -> dict[str, str]:
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+        return {o["path"]: o["md5"] for o in lock["stages"]["scratch"]["outs"]}
+
+    before = scratch_outs()
+    try:
+        out = dvc(project, "exp", "run", "-S", "finetune.l2sp=0.01", "evaluate").stdout
+        assert {"finetune", "evaluate"} <= stages_run(out), out
+        assert "scratch" not in stages_run(out), out
+        assert scratch_outs() == before
+        assert yaml.safe_load((project / "params.yaml").read_text())["finetune"]["l2sp"] == 0.01
+    finally:
+        back_to_head(project)
 
 
 def test_experiments_carry_metrics_and_plots(project: Path) -> None:

@@ -95,9 +95,8 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(tmp_path: Path) -> None:
 def finetune_args(params: Path, data: Path, pretrained: Path, out: Path) -> list[str | Path]:
     return ["--params", params, "--data", data, "--pretrained", pretrained,
             "--model", out / "finetuned.pt", "--probe", out / "probe.pt",
-            "--scratch", out / "scratch.pt", "--checkpoints", out / "ck",
-            "--metrics", out / "finetune.json", "--plot", out / "finetune.csv",
-            "--scratch-plot", out / "scratch.csv"]
+            "--checkpoints", out / "ck", "--metrics", out / "finetune.json",
+            "--plot", out / "finetune.csv"]
 
 
 def test_finetune_killed_in_the_full_phase_resumes_bit_identical(tmp_path: Path) -> None:

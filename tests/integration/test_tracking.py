@@ -457,8 +457,8 @@ def test_a_registered_version_is_described_in_one_paragraph(
 def test_real_training_epochs_land_once_under_the_plots_tables_keys(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """finetune through the door, as DVC runs it: the rows the training loop records live
-    (head, full, scratch) and the plots tables it writes name each epoch alike, so every
-    curve has one point per epoch and no second set of keys appears."""
+    (head, full) and the plots table it writes name each epoch alike, so every curve has one
+    point per epoch and no second set of keys appears."""
     from stages import finetune, pretrain
     from stages.core.tracking.metrics import per_epoch_metrics
     from tests.unit.test_train import tiny_params, write_dataset
@@ -466,25 +466,23 @@ def test_real_training_epochs_land_once_under_the_plots_tables_keys(
     monkeypatch.setenv("IMAGEPIPE_EPOCH_LOG_INTERVAL_S", "0.1")
     write_dvc_yaml(project, {"finetune": {
         "cmd": "python -m stages.finetune", "deps": ["data/target"],
-        "plots": [{"plots/finetune.csv": {"x": "epoch"}}, {"plots/scratch.csv": {"x": "epoch"}}]}})
+        "plots": [{"plots/finetune.csv": {"x": "epoch"}}]}})
     write_dataset(project / "data/augmented", ["a", "b"], {"train": 16, "val": 4, "test": 2})
     write_dataset(project / "data/target", ["x", "y"], {"train": 6, "val": 4, "test": 4}, seed=1)
     params = tiny_params()
     pretrain.run(params, project / "data/augmented", project / "models/pretrained.pt",
                  project / "ck/pretrain", project / "plots/pretrain.csv")
     out = finetune.Outputs(*(project / p for p in (
-        "models/finetuned.pt", "models/probe.pt", "models/scratch.pt", "ck/finetune",
-        "plots/finetune.csv", "plots/scratch.csv")))
+        "models/finetuned.pt", "models/probe.pt", "ck/finetune", "plots/finetune.csv")))
     assert run_stage("finetune", lambda: finetune.run(
         params, project / "data/target", project / "models/pretrained.pt", out)) == 0
 
     uri = f"sqlite:///{(project / 'mlflow.db').as_posix()}"
     run = next(r for r in runs(uri) if r.info.run_name == "finetune")
-    table = [m for f in ("finetune.csv", "scratch.csv")
-             for m in per_epoch_metrics(project / "plots" / f)]
+    table = per_epoch_metrics(project / "plots" / "finetune.csv")
     assert {k for k in run.data.metrics if "/" in k} == {k for k, _, _ in table}
     stamps: set[int] = set()
-    for key in ("finetune/head/val_acc", "finetune/full/train_loss", "scratch/val_acc"):
+    for key in ("finetune/head/val_acc", "finetune/full/train_loss"):
         history = client(uri).get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == sorted({s for k, _, s in table if k == key}), key
         stamps |= {m.timestamp for m in history}

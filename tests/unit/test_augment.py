@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,25 @@ def test_zero_copies_keeps_the_originals_only(source: Path, tmp_path: Path) -> N
     metrics = augment.run(_params(copies=0), source, tmp_path / "aug")
     assert metrics["n_augmented"] == 0
     assert load_dataset(tmp_path / "aug").manifest["counts"] == load_dataset(source).manifest["counts"]
+
+
+def test_zero_copies_links_the_source_shards_instead_of_writing_them(
+        source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="imagepipe"):
+        metrics = augment.run(_params(copies=0), source, tmp_path / "aug")
+    src, aug = load_dataset(source), load_dataset(tmp_path / "aug")
+    theirs = [source / e["file"] for e in src.manifest["shards"]]
+    ours = [tmp_path / "aug" / e["file"] for e in aug.manifest["shards"]]
+    assert len(ours) == len(theirs) and all(map(os.path.samefile, ours, theirs))
+    # The same dataset as a written copy would be: rows, labels and splits, one row order.
+    np.testing.assert_array_equal(aug.images[:], src.images[:])
+    np.testing.assert_array_equal(aug.labels, src.labels)
+    np.testing.assert_array_equal(aug.split, src.split)
+    assert aug.manifest["sha256"]["images.npy"] == src.manifest["sha256"]["images.npy"]
+    assert aug.manifest["params"]["augment"]["copies"] == 0
+    assert metrics == {"n_train_original": len(src.indices("train")), "copies": 0,
+                       "n_augmented": 0, "n_total": len(src.labels)}
+    assert "linked, not copied" in caplog.text
 
 
 def test_each_image_in_a_batch_gets_its_own_draw() -> None:

@@ -236,7 +236,7 @@ def test_gate_fails_and_leaves_no_model(project: dict, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(export, "export_onnx", _perturbed(project["onnx"], 1e-2))
     monkeypatch.setenv("IMAGEPIPE_TRACKING", "0")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(model="finetuned")))
     out, variants = tmp_path / "models" / "model.onnx", tmp_path / "models" / "onnx_variants"
     out.parent.mkdir()
     out.write_bytes(b"stale model from an earlier finetuned.pt")
@@ -328,7 +328,7 @@ def test_main_body_returns_the_registration(project: dict, tmp_path: Path,
     monkeypatch.setattr(export, "run", lambda *args: project["metrics"])
     monkeypatch.setattr(export, "run_stage", lambda name, body: bodies.append(body()) or 0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {**make_params(), "registry": {"model_name": "digits-net"}}))
+        {**make_params(model="finetuned"), "registry": {"model_name": "digits-net"}}))
     # The files the relative paths name, as under DVC (the example is read from them).
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.onnx").write_bytes(project["onnx"].read_bytes())

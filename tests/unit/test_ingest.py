@@ -212,9 +212,12 @@ def test_digits_default_filters_classes_and_caps(tmp_path: Path) -> None:
     assert source.classes == ["0", "1", "2", "3", "4"] and target.classes == ["5", "6", "7", "8", "9"]
     assert set(target.manifest["counts"]["train"].values()) == {20}
     assert target.images.shape[1:] == (16, 16, 1)
-    # Stratified: every class in every split.
-    for split in ("train", "val", "test"):
+    # Stratified: every class in every split a stage reads. The source's test split is carved
+    # (train and val are what they were with it) but not decoded: no stage reads it.
+    for split in ("train", "val"):
         assert min(source.manifest["counts"][split].values()) > 0
+    assert sum(source.manifest["counts"]["test"].values()) == 0
+    assert min(target.manifest["counts"]["test"].values()) > 0
     again = tmp_path / "again"
     ingest.run(params, again)
     assert load_dataset(again / "source").manifest["sha256"] == source.manifest["sha256"]

@@ -62,3 +62,34 @@ def test_without_a_terminal_progress_is_plain_log_lines(terminal_logging: io.Str
     assert lines[0].startswith("imagepipe: augment: 1/10 (10%")
     assert lines[-1].startswith("imagepipe: augment: 10/10 (100%")
     assert "\x1b" not in terminal_logging.getvalue()
+
+
+def test_logs_show_the_time_left_from_the_first_seconds(terminal_logging: io.StringIO,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a terminal: a first line after FIRST_REPORT_S though 10% is far off, each line
+    with the time left at the rate so far; then every 10% or REPORT_EVERY_S, whichever first."""
+    import types
+
+    from stages.core import progress as module
+
+    now = [100.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    console = Console(force_terminal=False, file=io.StringIO())
+    with progress("pretrain (12 epochs)", 10_000, console=console) as advance:
+        now[0] += 1.0
+        advance(20)  # 1 s in, 0.2%: too early for a rate worth printing
+        assert terminal_logging.getvalue() == ""
+        now[0] += module.FIRST_REPORT_S
+        advance(100)  # 6 s in, 1.2%: 120 images at 20/s, 9,880 left = 494 s
+        now[0] += module.REPORT_EVERY_S
+        advance(100)  # a minute later, 2.2%: the time-based line again
+        now[0] += 1.0
+        advance(9_780)  # done
+    lines = terminal_logging.getvalue().splitlines()
+    assert lines[0] == "imagepipe: pretrain (12 epochs): 120/10000 (1%, 20 img/s, 0:08:14 left)"
+    assert lines[1].startswith("imagepipe: pretrain (12 epochs): 220/10000 (2%, ")
+    assert lines[1].endswith(" left)")
+    assert lines[-1] == "imagepipe: pretrain (12 epochs): 10000/10000 (100%, 149 img/s, " \
+                        "done in 0:01:07)"
+    assert len(lines) == 3
+

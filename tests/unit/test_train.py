@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate, finetune, pretrain
+from stages import evaluate, finetune, pretrain, scratch
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
 from stages.core.dataset import SPLIT_CODE, dataset_writer
 from stages.core.device import select_device
@@ -335,9 +335,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = tiny_params()
     pretrain.run(params, root / "augmented", root / "pretrained.pt", root / "ck" / "pretrain",
                  root / "pretrain.csv")
-    out = finetune.Outputs(root / "finetuned.pt", root / "probe.pt", root / "scratch.pt",
-                           root / "ck" / "finetune", root / "finetune.csv", root / "scratch.csv")
+    out = finetune.Outputs(root / "finetuned.pt", root / "probe.pt", root / "ck" / "finetune",
+                           root / "finetune.csv")
     finetune.run(params, root / "target", root / "pretrained.pt", out)
+    scratch.run(params, root / "target", root / "pretrained.pt",
+                scratch.Outputs(root / "scratch.pt", root / "ck" / "scratch", root / "scratch.csv"))
     ev = evaluate.Outputs(root / "evaluate.json", root / "per_class.json", root / "confusion.png",
                           root / "confusion.csv")
     metrics = evaluate.run(params, root / "target", root / "finetuned.pt", root / "scratch.pt",
@@ -349,7 +351,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_phase_one_freezes_backbone_weights_and_batchnorm_statistics(chain: Path) -> None:
     pre = torch.load(chain / "pretrained.pt", weights_only=True)["state_dict"]
     probe = torch.load(chain / "probe.pt", weights_only=True)["state_dict"]
-    tuned = torch.load(chain / "finetuned.pt", weights_only=True)["state_dict"]
+    # Phase 2's last epoch, from its checkpoint: finetuned.pt is the best epoch by validation,
+    # which may be a head-only one.
+    tuned = torch.load(chain / "ck" / "finetune" / "full.pt", weights_only=True)["state"]["model"]
     backbone = [k for k in pre if k.startswith("backbone.")]
     assert any(k.endswith("running_mean") for k in backbone)
     assert any(k.endswith("num_batches_tracked") for k in backbone)
@@ -380,10 +384,12 @@ def test_finetune_learns_a_task_built_to_be_learnable(chain: Path, tmp_path: Pat
     # another pattern): chance is 1/3, and a working transfer gets nearly all of them.
     write_dataset(tmp_path / "target", ["p", "q", "r"], {"train": 30, "val": 6, "test": 20}, seed=3)
     params = tiny_params(finetune={"hflip": False, "full_epochs": 4, "baseline": False})
-    out = finetune.Outputs(*(tmp_path / n for n in ("f.pt", "p.pt", "s.pt", "ck", "f.csv", "s.csv")))
+    out = finetune.Outputs(*(tmp_path / n for n in ("f.pt", "p.pt", "ck", "f.csv")))
     finetune.run(params, tmp_path / "target", chain / "pretrained.pt", out)
+    base = scratch.Outputs(*(tmp_path / n for n in ("s.pt", "ck-s", "s.csv")))
+    scratch.run(params, tmp_path / "target", chain / "pretrained.pt", base)
     ev = evaluate.Outputs(*(tmp_path / n for n in ("e.json", "pc.json", "c.png", "c.csv")))
-    m = evaluate.run(params, tmp_path / "target", out.finetuned, out.scratch, out.probe, ev)
+    m = evaluate.run(params, tmp_path / "target", out.finetuned, base.model, out.probe, ev)
     assert m["accuracy"] >= 0.9, m
     assert m["transfer_gain"] is None  # baseline: false -> no scratch model, no gain claimed
 

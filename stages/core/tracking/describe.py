@@ -1,6 +1,7 @@
 """The description of a registered model version: one paragraph that says what the 24-33
-lineage tags say (which data, which run and code, how accurate, how much transfer helped,
-whether ONNX Runtime agrees), so the registry page reads without opening the tags.
+lineage tags say (which data, which run and code, which trained model was exported and why,
+how accurate, how much transfer helped, whether ONNX Runtime agrees), so the registry page
+reads without opening the tags.
 
 Inputs: the Registration, the version's tags, the project's metrics/evaluate.json. Output: a
 string. No MLflow.
@@ -34,9 +35,13 @@ def _data_sentence(reg: Registration, tags: dict[str, str]) -> str:
     return f"Fine-tuned and tested on the target set `{name}`" + (f" ({ids})." if ids else ".")
 
 
-def _accuracy_sentence(m: dict[str, Any]) -> str:
+def _accuracy_sentence(m: dict[str, Any], shipped: str) -> str:
     if "accuracy" not in m:
         return "No evaluation figures were found (metrics/evaluate.json)."
+    if shipped == "scratch" and "scratch_accuracy" in m:
+        return (f"Test accuracy {m['scratch_accuracy']:.3f}"
+                f"{_interval(m, 'scratch_accuracy', '.3f')} for this from-scratch model, against "
+                f"{m['accuracy']:.3f} for the finetuned one.")
     text = f"Test accuracy {m['accuracy']:.3f}{_interval(m, 'accuracy', '.3f')}"
     if "scratch_accuracy" in m:
         text += f" against {m['scratch_accuracy']:.3f} for the same network trained from scratch"
@@ -59,8 +64,9 @@ def version_description(root: Path, run_id: str, reg: Registration, tags: dict[s
     parts = [
         f"ONNX classifier exported from {Path(reg.torch_path).name} by run {run_id}"
         + (f" of pipeline run {pipeline}" if pipeline else "") + (code if commit else "") + ".",
+        *([reg.selection] if reg.selection else []),
         _data_sentence(reg, tags),
-        _accuracy_sentence(headline_metrics(root, [EVALUATE_METRICS])),
+        _accuracy_sentence(headline_metrics(root, [EVALUATE_METRICS]), reg.shipped),
         f"ONNX Runtime {'agrees' if p.passed else 'disagrees'} with PyTorch on {p.images} "
         f"target images (max |logit difference| {p.max_abs_diff:.2g}, tolerance {p.atol:g}, "
         f"top-1 agreement {p.top1_agreement:.1%}).",

@@ -58,6 +58,10 @@ class Registration:
     parity: Parity
     model_name: str  # params.registry.model_name
     dataset: Path | None = None
+    # Which trained model was exported (finetuned or scratch) and why (export.model), one
+    # sentence for the version's description; None: said nowhere (as before).
+    shipped: str = "finetuned"
+    selection: str | None = None
     # Arrays: left out of ==, which numpy cannot answer for them.
     input_example: Any = field(default=None, compare=False)
     output_example: Any = field(default=None, compare=False)
