@@ -55,7 +55,9 @@ class Outputs:
 
 
 def embed(ds: Dataset, model: Path, p: AuditParams) -> np.ndarray:
-    """N x F backbone features of every image of the set, in one pass (fp32)."""
+    """N x F backbone features of every image of the set, in one pass (fp32): the probe's
+    input (val and test images too, though only train and val are audited: one pass is
+    simpler than three and costs little more)."""
     from stages.core.stream import batches
     from stages.core.train import predict
     from stages.evaluate import Scorer, require_shape
@@ -128,10 +130,10 @@ def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]
                          seed=params.seed)
     if found is None:
         log.warning("audit: a class has fewer than 2 train+val images: no label audit")
-    t = Thresholds(p.near_duplicate_similarity, p.embedding_similarity, p.dark_below,
-                   p.low_information_below, p.blurry_below)
+    t = Thresholds(p.near_duplicate_similarity, p.dark_below, p.low_information_below,
+                   p.blurry_below)
     images = np.asarray(ds.images)
-    issues = (near_duplicates(thumbnails(images), features, ds.split, t)
+    issues = (near_duplicates(thumbnails(images), ds.split, t)
               + quality_issues(statistics(images), t))
     metrics = summary(ds, rows, found, issues, p)
     write_rows(out.issues, label_rows(ds, rows, found) + image_rows(ds, issues))
