@@ -79,7 +79,8 @@ def headline(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
             ("transfer gain over scratch", gain),
             ("scratch accuracy (same data and budget)", _interval(ev, "scratch_accuracy")),
             ("majority-class floor", _interval(ev, "majority_accuracy")),
-            ("ECE (expected calibration error)", _interval(ev, "ece"))]
+            ("ECE (expected calibration error)", _interval(ev, "ece")),
+            ("audit: share flagged, audit_issues.csv", _interval(metrics.get("audit", {}), "issue_fraction"))]
     if "gate_passed" in ex:
         parity = ["passed" if ex["gate_passed"] is True else "**failed**"]
         parity += [f"{k.replace('_', ' ')} {_fmt(ex[k])}" for k in ("max_abs_diff", "top1_agreement")

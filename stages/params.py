@@ -258,6 +258,35 @@ class EvaluateParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class AuditParams(_Section):
+    """The label and image audit of the target set (stages/audit.py)."""
+
+    # Folds of the cross-validated linear probe: each image's class probabilities come from a
+    # probe that never saw it (confident learning needs out-of-sample probabilities).
+    folds: Annotated[int, Field(ge=2, le=20)] = 5
+    # Inverse L2 strength of the logistic-regression probe on standardised features.
+    probe_c: PositiveFloat = 0.1
+    # Near-duplicate across splits: a val/test image whose grey 8x8 thumbnail (mean removed,
+    # unit length) has at least this cosine with an earlier split's image. On digits, resized
+    # JPEG copies scored >= 0.998 and genuine look-alikes <= 0.990 (stages/core/imageissues.py).
+    near_duplicate_similarity: Annotated[float, Field(gt=0.0, le=1.0)] = 0.995
+    # Dark: the 99th percentile of an image's luminance (0..1) is below this (nothing bright).
+    dark_below: Fraction = 0.15
+    # Low information: the entropy of its grey levels is below this many bits (a flat image).
+    low_information_below: Annotated[float, Field(ge=0.0, le=8.0)] = 1.0
+    # Blurry: its sharpness (variance of the Laplacian over the variance of the image) is below
+    # this fraction of the set's median (sharpness depends on the set's size and content).
+    blurry_below: Fraction = 0.2
+    # Images in plots/label_issues.png (the top-ranked label issues).
+    grid_images: Annotated[int, Field(ge=1, le=100)] = 24
+    # Gate: the stage exits 2 when images with any issue exceed this fraction of the target
+    # set; null: off (the audit reports, never blocks).
+    max_issue_fraction: Fraction | None = None
+    # The backbone's one pass over every target image (features for the probe and duplicates).
+    batch_size: PositiveInt = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExportParams(_Section):
     # 18: the opset torch 2.14's dynamo exporter writes natively (others go through onnx's
     # version converter) and that onnxruntime 1.20+ runs in full.
@@ -296,6 +325,7 @@ class Params(_Section):
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    audit: AuditParams = AuditParams()
     export: ExportParams = ExportParams()
     registry: RegistryParams = RegistryParams()
 
