@@ -210,9 +210,31 @@ def test_queued_experiment_reruns_downstream_only_and_tracks_into_the_project(
         back_to_head(project)
 
 
-def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
-    # finetune's val accuracy is what pick reads: the sweep reproduces up to finetune.
-    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03", "finetune")
+def _registry(root: Path) -> tuple[dict[str, str], str | None]:
+    """{version: its dvc.exp_name tag} of the project's registered model, and challenger."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "imagepipe-classifier"
+    versions = {str(v.version): v.tags.get("dvc.exp_name", "")
+                for v in client.search_model_versions(f"name = '{name}'")}
+    try:
+        challenger = str(client.get_model_version_by_alias(name, "challenger").version)
+    except MlflowException:
+        challenger = None
+    return versions, challenger
+
+
+def test_tune_pick_applies_the_best_by_validation_and_only_it_becomes_challenger(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sweep runs through export with tracking on: each queued experiment registers a
+    # version tagged with its name, and none of them moves challenger (the last to finish
+    # would otherwise win); the pick, applied, becomes challenger and promote accepts it.
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "1")  # the worker `queue start` spawns inherits it
+    before, challenger_before = _registry(project) if (project / "mlflow.db").exists() else ({}, None)
+    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03")
     dvc(project, "queue", "start", "-j", "1")
     try:
         status = wait_for_queue(project)
@@ -220,14 +242,29 @@ def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
         rows = rows_of(json.loads(dvc(project, "exp", "show", "--json").stdout))
         best = max(rows, key=lambda r: r.metrics["finetune.val_accuracy"])
         assert not best.baseline, "the tiny baseline's lr=0.1 should lose to the sweep"
+        versions, challenger = _registry(project)
+        swept = {v: exp for v, exp in versions.items() if v not in before}
+        assert sorted(swept.values()) == sorted(r.name for r in rows if not r.baseline), swept
+        assert challenger == challenger_before, "a queued experiment moved challenger"
+
         done = subprocess.run([sys.executable, "-m", "commands.cli", "tune", "pick", "--apply"],
-                              cwd=project, capture_output=True, text=True, timeout=120)
+                              cwd=project, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"pick: {best.name}" in done.stdout
         params = yaml.safe_load((project / "params.yaml").read_text())
         assert params["finetune"]["lr"] == best.params["finetune.lr"]
         finetune = json.loads((project / "metrics" / "finetune.json").read_text())
         assert finetune["val_accuracy"] == best.metrics["finetune.val_accuracy"]
+        picked = next(v for v, exp in swept.items() if exp == best.name)
+        assert _registry(project)[1] == picked, done.stdout
+        assert f"v{picked} (experiment {best.name}) is now 'challenger'" in done.stdout
+        # The workspace now holds that model: promote judges it instead of refusing it.
+        promoted = subprocess.run([sys.executable, "-m", "commands.cli", "promote", "--json"],
+                                  cwd=project, capture_output=True, text=True, timeout=180)
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        decision = json.loads(promoted.stdout.strip().splitlines()[-1])
+        assert decision["challenger_version"] == picked
+        assert "older than the workspace" not in decision["reason"], decision
     finally:
         back_to_head(project)
 
