@@ -351,6 +351,24 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
         input_example=example, output_example=outputs)
 
 
+# What no one compares across runs (`dvc exp show`, `dvc metrics diff`): per-batch-size parity,
+# where the parity images came from, what ran the check. Written beside the metrics, not in them.
+DETAILS = ("by_batch_size", "cuda_parity", "parity_images_by_split", "parity_note", "providers",
+           "variants", "exporter", "fp16_skipped")
+
+
+def split_details(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the figures compared across runs, the details) of run()'s metrics."""
+    details = {k: v for k, v in metrics.items() if k in DETAILS or isinstance(v, dict | list | str)}
+    return {k: v for k, v in metrics.items() if k not in details}, details
+
+
+def _write(metrics: dict[str, Any], metrics_path: Path, details_path: Path) -> None:
+    compared, details = split_details(metrics)
+    write_json(metrics_path, compared)
+    write_json(details_path, details)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.export",
                                      description=__doc__.splitlines()[0])
@@ -360,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="models/model.onnx", type=Path)
     parser.add_argument("--variants", default="models/onnx_variants", type=Path)
     parser.add_argument("--metrics", default="metrics/export.json", type=Path)
+    parser.add_argument("--details", default="reports/export.json", type=Path)
     args = parser.parse_args(argv)
 
     def body() -> Registration:
@@ -367,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = run(params, args.model, args.target, args.out, args.variants)
         except ParityFailed as err:
-            write_json(args.metrics, err.metrics)  # the figures, for whoever asks why
+            _write(err.metrics, args.metrics, args.details)  # the figures, for whoever asks why
             raise
-        write_json(args.metrics, metrics)
+        _write(metrics, args.metrics, args.details)
         return registration(params, metrics, args.model, args.target, args.out)
 
     return run_stage("export", body)

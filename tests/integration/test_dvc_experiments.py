@@ -116,8 +116,8 @@ def test_repro_writes_models_checkpoints_metrics_and_plots(project: Path) -> Non
                 "checkpoints/finetune/head.pt", "checkpoints/finetune/full.pt",
                 "checkpoints/finetune/scratch.pt", "plots/pretrain.csv", "plots/finetune.csv",
                 "plots/scratch.csv", "plots/confusion.png", "plots/confusion.csv",
-                "metrics/pretrain.json", "metrics/finetune.json", "metrics/per_class.json",
-                "metrics/export.json"):
+                "metrics/pretrain.json", "metrics/finetune.json", "reports/per_class.json",
+                "metrics/export.json", "reports/export.json"):
         assert (project / rel).is_file(), rel
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert EVALUATE_KEYS <= metrics.keys()
