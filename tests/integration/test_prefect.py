@@ -81,7 +81,8 @@ def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, A
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(deploy.start_server(port, env, tmp_path / "server.log", services=False))
-        deploy.wait_healthy(api_url, procs[0], 180, tmp_path / "server.log")
+        # A first start creates the database: minutes on a machine shared by many test runs.
+        deploy.wait_healthy(api_url, procs[0], 420, tmp_path / "server.log")
         deploy.create_pool(env)
         procs.append(deploy.start_worker(env, tmp_path / "worker.log", tmp_path))
         deploy.deploy(project, env)
@@ -92,13 +93,13 @@ def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, A
         assert all(p.poll() is not None for p in procs), "a server or worker outlived the test"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_nightly_deployment_runs_on_a_process_worker(prefect_stack: dict[str, Any]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     run = deploy.trigger_and_watch(prefect_stack["api_url"], {"stages": ["ingest"]},
-                                   timeout_s=240)
+                                   timeout_s=480)
     worker_log = (prefect_stack["logs"] / "worker.log").read_text(errors="replace")
     assert run.state is not None and run.state.is_completed(), worker_log[-4000:]
     # The stage tracked into the project's store (the clone it ran in is gone), under the
