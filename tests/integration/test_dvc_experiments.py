@@ -93,6 +93,21 @@ def exp_metrics(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def readme_compare(root: Path) -> str:
+    """What the README's `dvc exp show ...` compare line prints in a 120-column terminal."""
+    import os
+    import shlex
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("dvc exp show --"))
+    args = shlex.split(line.partition("  #")[0])[1:]
+    env = {**os.environ, "COLUMNS": "120", "LINES": "50", "TERM": "dumb"}
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def wait_for_queue(root: Path, timeout: float = 480) -> str:
     """Poll `dvc queue status` until nothing is queued or running; its last answer."""
     deadline = time.monotonic() + timeout
@@ -161,6 +176,17 @@ def test_experiments_carry_metrics_and_plots(project: Path) -> None:
         timings = [f"{f}:{k}" for f, keys in diff.items() for k in keys
                    if "seconds" in k or "per_s" in k]
         assert not timings, timings
+
+        # The README's compare command fits 120 columns: no column folded into '…'.
+        shown_table = readme_compare(project)
+        assert "…" not in shown_table, shown_table
+        assert max(map(len, shown_table.splitlines())) <= 120, shown_table
+        assert all(w in shown_table for w in ("lr-low", "lr-high", "finetune.lr", "accuracy"))
+        # Per-class tables and per-batch parity are not metrics (reports/ holds them).
+        listed = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+        files = next(iter(listed.values()))["data"]
+        assert "reports/per_class.json" not in files
+        assert "by_batch_size" not in files["metrics/export.json"]["data"]
 
         plots = json.loads(dvc(project, "plots", "diff", "lr-low", "lr-high", "--json").stdout)["data"]
         curve = plots["plots/finetune.csv"][0]["content"]["data"]["values"]
