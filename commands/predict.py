@@ -2,8 +2,9 @@
 
 Usage: imagepipe predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
 
-MODEL is an .onnx file or a registered version, models:/NAME@ALIAS (downloaded from the
-project's tracking store, MLFLOW_TRACKING_URI where set). Of a registered version only the
+MODEL is an .onnx file or a registered version, models:/NAME@ALIAS or models:/NAME/VERSION
+(MLflow's two forms; downloaded from the project's tracking store, MLFLOW_TRACKING_URI where
+set; one that is not there is exit 2). Of a registered version only the
 ONNX file is used (it sits inside the serving wrapper that `mlflow models serve` runs, see
 stages/core/tracking/serving.py), run here with ONNX Runtime as a local file is. A folder
 stands for every image file under it, recursively, in sorted path order (hidden files and
@@ -38,7 +39,7 @@ from stages.core.sources import IMAGE_SUFFIXES, BadFile, canonical, read_image_f
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64
-REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)")
+REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,19 @@ def expand(args: list[str]) -> list[str]:
 
 
 def open_model(model: str, scratch: Path) -> Any:
-    """A session for an .onnx path or models:/NAME@ALIAS (downloaded into `scratch`)."""
+    """A session for an .onnx path, models:/NAME@ALIAS or models:/NAME/VERSION (downloaded
+    into `scratch`)."""
     if not model.startswith("models:/"):
         return onnxio.make_session(Path(model))
     match = REGISTERED.fullmatch(model)
     if not match:
-        raise BadInput(f"{model}: a registered model is models:/NAME@ALIAS "
-                       "(e.g. models:/imagepipe-classifier@champion)")
+        raise BadInput(f"{model}: a registered model is models:/NAME@ALIAS or "
+                       "models:/NAME/VERSION (e.g. models:/imagepipe-classifier@champion)")
     from stages.core.tracking import Registry
 
-    version, path = Registry.connect().download(match["name"], match["alias"], scratch)
+    version, path = Registry.connect().download(
+        match["name"], match["alias"] or match["version"], scratch,
+        by_version=match["version"] is not None)
     print(f"predict: {model} is version {version}", file=sys.stderr)
     return onnxio.make_session(path)
 
@@ -153,7 +157,7 @@ def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imagepipe predict", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="an ONNX model written by the export stage, or "
-                        "models:/NAME@ALIAS from the registry")
+                        "models:/NAME@ALIAS or models:/NAME/VERSION from the registry")
     parser.add_argument("images", nargs="+", help="image files (any format Pillow reads) or "
                         "folders (every image file under them, sorted)")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")

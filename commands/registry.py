@@ -1,4 +1,5 @@
-"""imagepipe promote / rollback: the promotion gate on the model registry (lineage: lineage.py).
+"""imagepipe promote: the promotion gate on the model registry (rollback: rollback.py; lineage:
+lineage.py).
 
 promote: registry.model_name's `challenger` and `champion` (loaded through models:/NAME@ALIAS)
 -> both re-scored with ONNX Runtime on the target test split as it is today (data/target)
@@ -13,15 +14,12 @@ is not the sha256 of this workspace's models/model.onnx (the export that made it
 not register it: the challenger is an older model), and a rolled-back one (version tag
 `rolled_back=true`). It runs in the tracking agent when one is up (remote.py's `call`).
 
-rollback: `champion` back to `previous-champion`; `previous-champion` then steps one further
-back (the predecessor recorded when that version was promoted), so rollbacks walk history. The
-version rolled back from is tagged `rolled_back=true`, so the next promote does not bring it back.
-
-Concurrency: alias moves hold a lock (a file on this machine; against a server also one held
-on the server) and re-read the champion just before moving it (compare-and-set): if it moved
-since it was scored, the decision is taken again; if it became this challenger meanwhile, this
-run says so ("already champion (promoted by another run)"). Exit codes: 0 decided (promoted or
-not), 2 bad input, 75 tracking unreachable.
+Concurrency: alias moves (promote's, rollback's) hold a lock (a file on this machine; against
+a server also one held on the server), and promote re-reads the champion just before moving it
+(compare-and-set): if it moved since it was scored, the decision is taken again; if it became
+this challenger meanwhile, this run says so ("already champion (promoted by another run)").
+Exit codes: 0 decided (promoted or not; with --missing-ok also "nothing to promote": no
+challenger at all), 2 bad input, 75 tracking unreachable.
 """
 
 from __future__ import annotations
@@ -190,6 +188,25 @@ def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarra
     return hits(onnx_path, *test)
 
 
+def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
+    """The decision when there is no challenger at all (a fresh clone's empty store, or a run
+    that exported nothing): nothing to promote, said as such; None when there is one."""
+    from stages.core.tracking import CHALLENGER, CHAMPION
+
+    name = params.model_name
+    if reg.alias(name, CHALLENGER) is not None:
+        return None
+    champion = reg.alias(name, CHAMPION)
+    now = champion.version if champion else None
+    return Decision(promoted=False, model_name=name, challenger_version=None,
+                    champion_version=now, challenger_accuracy=None, champion_accuracy=None,
+                    min_improvement=params.min_improvement, parity_passed="n/a",
+                    reason=f"nothing to promote: registered model {name!r} has no "
+                           f"{CHALLENGER!r} version (the export stage registers one when it "
+                           "runs)", test_images=0,
+                    current_champion_version=now)
+
+
 def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
            scratch: Path, ws: Workspace) -> Decision | None:
     """One compare-and-set round; None when an alias moved under it."""
@@ -269,13 +286,17 @@ def _apply(reg: Any, d: Decision) -> Decision:
 
 
 def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
-            model: Path = Path("models/model.onnx"), force: bool = False) -> Decision:
+            model: Path = Path("models/model.onnx"), force: bool = False,
+            missing_ok: bool = False) -> Decision:
     """Decide and apply one promotion (see the module doc). `model`: this workspace's exported
-    model, which the challenger must be; `force`: promote a stale or rolled-back one anyway."""
+    model, which the challenger must be; `force`: promote a stale or rolled-back one anyway;
+    `missing_ok`: no challenger at all is "nothing to promote", not bad input."""
     from stages.core.tracking import CHAMPION, Registry
 
-    images, truth, _ = load_test_split(data)
     reg = Registry.connect(root)
+    if missing_ok and (nothing := nothing_to_promote(reg, params)) is not None:
+        return nothing
+    images, truth, _ = load_test_split(data)
     before = reg.alias(params.model_name, CHAMPION)
     ws = Workspace(model, force, before.version if before else None)
     with reg.lock(params.model_name), reg.scratch_dir() as tmp:
@@ -291,39 +312,6 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
             return _apply(reg, decision)
     raise Transient(f"the aliases of {params.model_name} kept moving during {_ROUNDS} "
                     "promotion rounds; run promote again")
-
-
-def rollback(params: RegistryParams, root: Path | None = None) -> dict[str, Any]:
-    """champion <- previous-champion; previous-champion <- that version's own predecessor."""
-    from stages.core.tracking import CHAMPION, PREVIOUS, Registry
-
-    name = params.model_name
-    reg = Registry.connect(root)
-    with reg.lock(name):
-        champion, previous = reg.alias(name, CHAMPION), reg.alias(name, PREVIOUS)
-        if previous is None:
-            raise BadInput(f"registered model {name!r} has no {PREVIOUS!r} version to roll "
-                           "back to")
-        reg.set_alias(name, CHAMPION, previous.version)
-        older = previous.tags.get("promotion.previous_champion")
-        if older and older != previous.version:
-            reg.set_alias(name, PREVIOUS, older)
-        else:
-            reg.delete_alias(name, PREVIOUS)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if champion is not None:  # barred from promote until --force (see promote)
-            reg.tag(name, champion.version, {"rollback.replaced_by": previous.version,
-                                             "rollback.time": stamp, "rolled_back": "true",
-                                             "rolled_back.time": stamp})
-        restored = {"rollback.restored_from": str(champion and champion.version),
-                    "rollback.time": stamp}
-        if previous.tags.get("rolled_back") == "true":  # champion again: no longer barred
-            restored["rolled_back"] = "false"
-        reg.tag(name, previous.version, restored)
-    return {"rolled_back": True, "model_name": name,
-            "from_version": champion.version if champion else None,
-            "champion_version": previous.version,
-            "previous_champion_version": older if older and older != previous.version else None}
 
 
 # ---------------------------------------------------------------- command lines
@@ -343,12 +331,22 @@ def registry_params(args: argparse.Namespace) -> RegistryParams:
     return params.model_copy(update={"model_name": args.model_name}) if args.model_name else params
 
 
-def _print(result: dict[str, Any], as_json: bool, summary: str) -> None:
+def print_result(result: dict[str, Any], as_json: bool, summary: str) -> None:
     print(json.dumps(result, sort_keys=True) if as_json else summary, flush=True)
 
 
-def _version(v: str | None, none: str) -> str:
+def version_text(v: str | None, none: str) -> str:
     return f"v{v}" if v else none
+
+
+def said(d: dict[str, Any]) -> str:
+    """A decision (Decision as a dict: also what --json printed) in one line."""
+    now = version_text(d.get("current_champion_version"), "no champion")
+    if not d.get("challenger_version"):
+        return f"{d.get('model_name')}: {d.get('reason')} (champion now: {now})"
+    verdict = "promoted" if d.get("promoted") else "not promoted"
+    return (f"{d.get('model_name')} v{d.get('challenger_version')} {verdict}: {d.get('reason')} "
+            f"(champion now: {now})")
 
 
 def promote_main(argv: list[str] | None = None) -> int:
@@ -360,41 +358,18 @@ def promote_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="promote a challenger that is not the workspace's model or was "
                              "rolled back (the accuracy gate still applies)")
+    parser.add_argument("--missing-ok", action="store_true",
+                        help="no challenger version at all is 'nothing to promote' (exit 0), "
+                             "not an error: for a run that exported nothing")
     args = parser.parse_args(argv)
 
     def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
         d = call("commands.registry:promote", promote, registry_params(args), args.data,
-                 model=args.model, force=args.force)
-        verdict = "promoted" if d.promoted else "not promoted"
-        now = _version(d.current_champion_version, "no champion")
-        _print(asdict(d), args.json, f"{d.model_name} v{d.challenger_version} {verdict}: "
-               f"{d.reason} (champion now: {now})")
+                 model=args.model, force=args.force, missing_ok=args.missing_ok)
+        print_result(asdict(d), args.json, said(asdict(d)))
 
     return run_stage("promote", body, track=False)
 
 
-def rollback_main(argv: list[str] | None = None) -> int:
-    args = command_parser("imagepipe rollback", "move champion back to previous-champion").parse_args(argv)
-
-    def body() -> None:
-        r = rollback(registry_params(args))
-        _print(r, args.json, f"{r['model_name']}: champion "
-               f"{_version(r['from_version'], 'none')} -> v{r['champion_version']} "
-               f"(previous-champion now {_version(r['previous_champion_version'], 'none')}; "
-               f"{_version(r['from_version'], 'none')} is not promoted again without --force)")
-
-    return run_stage("rollback", body, track=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"promote": promote_main, "rollback": rollback_main}
-    if not argv or argv[0] not in commands:
-        print(f"usage: imagepipe {{{','.join(commands)}}} [--help]",
-              file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(promote_main())

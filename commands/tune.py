@@ -10,6 +10,13 @@ alike, each by its own validation accuracy (`val_accuracy` of metrics/finetune.j
 metrics/scratch.json): on a grid sweep of finetune.lr x finetune.scratch_lr, the pick is the
 experiment with the finetuned model's best lr and the baseline's best scratch_lr, so the
 transfer gain compares two tuned models, never a tuned one with a weakened one.
+
+A metric is maximised, unless its name says it is a loss or an error (`val_loss`, `ece`):
+those are minimised (`--direction` overrides). Rows that tie with the best are named.
+
+With --apply, the picked experiment's registered version (export tags each version with its
+DVC experiment name) becomes `challenger` when it is the model `dvc exp apply` put in the
+workspace: queued experiments never move that alias themselves (stages/core/tracking/register.py).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import EXIT_BAD_INPUT
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
 from stages.core.host import project_root
 
 METRIC = "finetune.val_accuracy"
@@ -99,25 +106,52 @@ def swept(rows: list[Row]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.params.get(k)) for r in rows}) > 1]
 
 
-def _best(rows: list[Row], metric: str) -> Row:
+# Key words of metrics that are better low: a loss, an error, calibration error (ece).
+_LOWER_IS_BETTER = ("loss", "error", "ece", "mae", "mse", "rmse", "perplexity")
+
+
+def direction_of(metric: str) -> str:
+    """'min' for a metric whose last name part says it is a loss or an error, else 'max'."""
+    words = metric.rpartition(".")[2].lower().split("_")
+    return "min" if any(w in _LOWER_IS_BETTER for w in words) else "max"
+
+
+def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, list[Row]]:
+    """The best row by `metric` in `direction` and every row that ties with it."""
     scored = [r for r in rows if isinstance(r.metrics.get(metric), (int, float))]
     if not scored:
         raise Refused(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
+    sign = -1.0 if direction == "min" else 1.0
+    top = max(sign * r.metrics[metric] for r in scored)
     # A tie goes to the first row: the baseline, then experiments newest first (exp show order).
-    return max(scored, key=lambda r: r.metrics[metric])
+    ties = [r for r in scored if sign * r.metrics[metric] == top]
+    return ties[0], ties
 
 
-def pick(rows: list[Row], metric: str, scratch_metric: str | None) -> tuple[Row, list[str]]:
-    """The chosen row and what was decided, one line each."""
-    best = _best(rows, metric)
-    notes = [f"best by {metric}: {best.name} ({best.metrics[metric]:.4f})"]
+def _said(metric: str, direction: str, best: Row, ties: list[Row]) -> str:
+    word = "lowest" if direction == "min" else "highest"
+    line = f"best by {metric} ({word}): {best.name} ({best.metrics[metric]:.4f})"
+    if len(ties) > 1:
+        line += (f"; a tie between {', '.join(r.name for r in ties)}: {best.name} is the first "
+                 "in `dvc exp show` order")
+    return line
+
+
+def pick(rows: list[Row], metric: str, scratch_metric: str | None,
+         direction: str | None = None) -> tuple[Row, list[str]]:
+    """The chosen row and what was decided, one line each. direction: 'max' or 'min' for
+    `metric` (None: from its name); the scratch metric's always comes from its name."""
+    direction = direction or direction_of(metric)
+    best, ties = _best(rows, metric, direction)
+    notes = [_said(metric, direction, best, ties)]
     keys = swept(rows)
     if scratch_metric is None or SCRATCH_PARAM not in keys:
         return best, notes
-    scratch = _best(rows, scratch_metric)
+    scratch_direction = direction_of(scratch_metric)
+    scratch, scratch_ties = _best(rows, scratch_metric, scratch_direction)
     value = scratch.params.get(SCRATCH_PARAM)
-    notes.append(f"best by {scratch_metric}: {SCRATCH_PARAM}={value} "
-                 f"({scratch.name}, {scratch.metrics[scratch_metric]:.4f})")
+    notes.append(f"{_said(scratch_metric, scratch_direction, scratch, scratch_ties)}: "
+                 f"{SCRATCH_PARAM}={value}")
     want = {k: best.params.get(k) for k in keys if k != SCRATCH_PARAM} | {SCRATCH_PARAM: value}
     both = [r for r in rows if all(r.params.get(k) == v for k, v in want.items())]
     if not both:
@@ -126,20 +160,23 @@ def pick(rows: list[Row], metric: str, scratch_metric: str | None) -> tuple[Row,
     return both[0], notes
 
 
-def table(rows: list[Row], metrics: list[str], chosen: Row) -> str:
-    """The rows, best first by metrics[0]: the swept params and the metrics; * marks the pick."""
+def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str = "max") -> str:
+    """The rows, best first by metrics[0] in `direction`: the swept params and the metrics;
+    * marks the pick."""
     keys = swept(rows)
+    sign = 1.0 if direction == "min" else -1.0
     grid = [["  experiment", *keys, *metrics]]
     grid += [[("* " if r is chosen else "  ") + r.name, *(str(r.params.get(k)) for k in keys),
               *(_fmt(r.metrics.get(m)) for m in metrics)]
-             for r in sorted(rows, key=lambda r: -_num(r.metrics.get(metrics[0])))]
+             for r in sorted(rows, key=lambda r: _rank(r.metrics.get(metrics[0]), sign))]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in grid)
 
 
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) else float("-inf")
+def _rank(value: Any, sign: float) -> float:
+    """Sort key: best first; rows without the metric last."""
+    return sign * float(value) if isinstance(value, (int, float)) else float("inf")
 
 
 def _fmt(value: Any) -> str:
@@ -160,7 +197,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     "dvc queue start -j 2.")
     parser.add_argument("action", choices=["pick"])
     parser.add_argument("--metric", default=METRIC,
-                        help=f"FILE.KEY of metrics/FILE.json to maximise (default {METRIC})")
+                        help=f"FILE.KEY of metrics/FILE.json to pick by (default {METRIC})")
+    parser.add_argument("--direction", choices=["auto", "max", "min"], default="auto",
+                        help="maximise or minimise --metric (auto: minimise a name with loss "
+                             "or error in it, e.g. finetune.val_loss; else maximise)")
     parser.add_argument("--scratch-metric", default=SCRATCH_METRIC,
                         help=f"picks {SCRATCH_PARAM} when the sweep varies it "
                              f"(default {SCRATCH_METRIC}; 'none' to pick by --metric alone)")
@@ -179,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if shown.returncode != 0:
             raise Refused(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
         rows = rows_of(json.loads(shown.stdout or "[]"))
-        chosen, notes = pick(rows, args.metric, scratch)
+        direction = direction_of(args.metric) if args.direction == "auto" else args.direction
+        chosen, notes = pick(rows, args.metric, scratch, direction)
     except Refused as err:
         print(f"imagepipe tune: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(table(rows, [m for m in (args.metric, scratch) if m], chosen))
+    print(table(rows, [m for m in (args.metric, scratch) if m], chosen, direction))
     print("\n" + "\n".join(notes))
     if chosen.baseline:
         print(f"pick: the baseline {chosen.name}: nothing to apply")
@@ -193,4 +234,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     applied = _dvc(root, "exp", "apply", chosen.name)
     print((applied.stdout + applied.stderr).strip())
-    return applied.returncode
+    if applied.returncode != 0:
+        return applied.returncode
+    try:
+        print(challenger_to(root, chosen.name))
+    except (BadInput, Transient) as err:
+        print(f"imagepipe tune: applied {chosen.name}, but the registry: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT
+    return 0
+
+
+def challenger_to(root: Path, experiment: str) -> str:
+    """After `dvc exp apply`: the version registered in `experiment` becomes `challenger` when
+    it is the workspace's models/model.onnx now (a queued experiment never moved the alias
+    itself: stages/core/tracking/register.py). One line saying what happened."""
+    from stages.core.dataset import file_sha256
+    from stages.core.tracking import CHALLENGER, Registry, tracking_enabled
+    from stages.core.tracking.register import EXP_TAG
+    from stages.params import load_params
+
+    if not tracking_enabled():
+        return f"tracking is off: {CHALLENGER!r} not moved"
+    name = load_params(root / "params.yaml").registry.model_name
+    reg = Registry.connect(root)
+    found = reg.tagged(name, EXP_TAG, experiment)
+    if found is None:
+        return (f"no version of {name} was registered in {experiment} (its run stopped before "
+                f"export?): {CHALLENGER!r} not moved; `dvc repro` exports and registers it")
+    onnx = root / "models" / "model.onnx"
+    if not onnx.is_file() or file_sha256(onnx) != found.tags.get("onnx.sha256"):
+        return (f"{name} v{found.version} ({experiment}) is not the workspace's {onnx.name} "
+                f"after the apply: {CHALLENGER!r} not moved; `dvc repro` exports and registers it")
+    with reg.lock(name):
+        reg.set_alias(name, CHALLENGER, found.version)
+    return f"{name} v{found.version} (experiment {experiment}) is now {CHALLENGER!r}"

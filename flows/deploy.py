@@ -6,7 +6,11 @@ Server and worker keep running afterwards (the UI, the schedule once resumed); t
 logs are in .prefect/. `python -m flows.deploy --stop` stops what this started.
 
 The worker clones IMAGEPIPE_GIT_URL (default: this checkout, so the run uses its committed
-code, not uncommitted edits) and pulls DVC data, as a worker on another machine would.
+code, not uncommitted edits) and pulls DVC data, as a worker on another machine would. The
+deployment's job variable env.MLFLOW_TRACKING_URI (prefect.yaml) is MLFLOW_TRACKING_URI, else
+this project's own store (sqlite:///<project>/mlflow.db): the run's stages track, and the
+promotion reads, the project's registry, not a new mlflow.db inside the worker's temporary
+clone that goes with it.
 """
 
 from __future__ import annotations
@@ -91,8 +95,26 @@ def start_worker(env: dict[str, str], log: Path, cwd: Path,
                                 stdin=subprocess.DEVNULL, process_group=0)
 
 
+def project_store(project: Path, env: dict[str, str]) -> str:
+    """The MLflow store the deployment's runs use: MLFLOW_TRACKING_URI of `env`, else the
+    project's own (made ready here: the experiment, with its artifacts beside mlflow.db, so
+    the first run from a temporary clone does not put them inside that clone)."""
+    if env.get("MLFLOW_TRACKING_URI"):
+        return env["MLFLOW_TRACKING_URI"]
+    from stages.core.tracking.store import tracking_uri
+
+    uri = tracking_uri(project.resolve())
+    if env.get("IMAGEPIPE_TRACKING", "1").strip().lower() not in {"0", "off", "false", "no"}:
+        from stages.core.tracking import Store
+
+        Store.connect(project.resolve()).experiment_id()
+    return uri
+
+
 def deploy(project: Path, env: dict[str, str], name: str = "nightly") -> None:
-    """`prefect deploy` of one deployment of the project's prefect.yaml."""
+    """`prefect deploy` of one deployment of the project's prefect.yaml, its job variable
+    env.MLFLOW_TRACKING_URI filled from project_store (prefect.yaml reads it when deploying)."""
+    env = {**env, "MLFLOW_TRACKING_URI": project_store(project, env)}
     done = subprocess.run(prefect_cmd("--no-prompt", "deploy", "--name", name), cwd=project,
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:

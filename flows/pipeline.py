@@ -39,6 +39,9 @@ ARTIFACT_KEY = "imagepipe-pipeline"
 # One slot per GPU: a training stage holds one for its whole run (see README, "GPU slots").
 GPU_LIMIT = "gpu"
 GPU_STAGES = ("pretrain", "finetune", "scratch")
+# The stage whose run registers a challenger version (stages/export.py): when it did not run,
+# no challenger at all means nothing to promote, not a failure.
+REGISTERS = "export"
 # Per-stage wall-clock limits; past them the stage's process group is killed.
 TIMEOUTS_S = {"pretrain": 6 * 3600.0, "finetune": 6 * 3600.0, "scratch": 6 * 3600.0}
 DEFAULT_TIMEOUT_S = 3600.0
@@ -88,10 +91,13 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
 @task(name="promote", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
       retry_jitter_factor=0.2, retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE,
       persist_result=False)
-def promote_task(project_dir: str, timeout_s: float) -> dict[str, Any]:
-    """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable."""
+def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> dict[str, Any]:
+    """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable.
+    exported=False (this run exported nothing): no challenger at all is "nothing to promote"
+    (a fresh clone's store, say), not a failure."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "commands.cli", "promote", "--json"]
+    cmd += [] if exported else ["--missing-ok"]
     done = dvcstage.run_killable(cmd, Path(project_dir), dvcstage.child_env(_lineage_env()),
                                  timeout_s, logger.info, capture_stdout=True)
     if done.code != 0:
@@ -100,16 +106,10 @@ def promote_task(project_dir: str, timeout_s: float) -> dict[str, Any]:
     if not lines:
         raise StageError("promote", 0, "printed no JSON object on stdout")
     decision = json.loads(lines[-1])
-    logger.info("promotion: %s", _said(decision))
+    from commands.registry import said  # the words `imagepipe promote` prints
+
+    logger.info("promotion: %s", said(decision))
     return decision
-
-
-def _said(d: dict[str, Any]) -> str:
-    """The decision in the words `imagepipe promote` prints (the JSON goes to the artifact)."""
-    verdict = "promoted" if d.get("promoted") else "not promoted"
-    now = d.get("current_champion_version")
-    return (f"{d.get('model_name')} v{d.get('challenger_version')} {verdict}: {d.get('reason')} "
-            f"(champion now: {'v' + str(now) if now else 'no champion'})")
 
 
 @task(name="dvc-push", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
@@ -163,8 +163,14 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise
-        decision, note = _promotion(root, plan, promote, options,
-                                    limits.get("promote", DEFAULT_TIMEOUT_S))
+        try:
+            decision, note = _promotion(root, plan, promote, options,
+                                        limits.get("promote", DEFAULT_TIMEOUT_S),
+                                        exported=results.get(REGISTERS, {}).get("outcome")
+                                        == "ran")
+        except StageError as err:  # the artifact says it ran and failed, not "Not run."
+            note = f"**Failed**: {err}"
+            raise
         if push:
             _push(root, plan, options, limits.get("push", DEFAULT_TIMEOUT_S))
     finally:
@@ -199,8 +205,9 @@ def _log_plan(plan: Plan) -> None:
 
 
 def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
-               timeout_s: float) -> tuple[dict[str, Any] | None, str]:
+               timeout_s: float, exported: bool) -> tuple[dict[str, Any] | None, str]:
     """Run the gate when the pipeline's last stage was part of this run; else say why not.
+    exported: REGISTERS ran in this run (else no challenger at all is nothing to promote).
 
     Always re-scored, never cached here: the registry can change without dvc.lock changing (a
     rollback, a challenger registered from another machine), and caching is DVC's job."""
@@ -214,7 +221,7 @@ def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
         return None, "Skipped: this project has no commands/registry.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:
         return None, f"Skipped: the run stopped before {plan.all_stages[-1]!r}."
-    return promote_task.with_options(**options)(str(root), timeout_s), ""
+    return promote_task.with_options(**options)(str(root), timeout_s, exported), ""
 
 
 def _push(root: Path, plan: Plan, options: dict[str, Any], timeout_s: float) -> None:

@@ -136,6 +136,11 @@ def _runs_section(decision: Mapping[str, Any] | None, flow_run_id: str | None) -
 def _decision_text(decision: Mapping[str, Any] | None, note: str) -> str:
     if not decision:
         return note or "Not run."
+    if not decision.get("challenger_version"):  # promote --missing-ok: no challenger at all
+        now = decision.get("current_champion_version")
+        reason = str(decision.get("reason", "-")).removeprefix("nothing to promote: ")
+        return (f"**nothing to promote**: {reason}. "
+                f"Champion now: {'v' + str(now) if now else 'none'}.")
     verdict = "**promoted**" if decision.get("promoted") else "**not promoted**"
     champion = decision.get("champion_version")
     against = (f"champion v{champion} (accuracy {_fmt(decision.get('champion_accuracy'))})"

@@ -4,8 +4,21 @@ worker, after the repository was cloned and before the flow is loaded."""
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("imagepipe.flow")
+
+
+def check_tracking_uri() -> dict[str, str]:
+    """A deployment made with MLFLOW_TRACKING_URI unset keeps prefect.yaml's `{{ $... }}`
+    placeholder as its value (Prefect fills it only from the environment of `prefect deploy`):
+    stop before cloning, naming the fix, instead of tracking into a store named by a template."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "{{" in uri:
+        raise ValueError(f"MLFLOW_TRACKING_URI is {uri!r}, prefect.yaml's unfilled placeholder: "
+                         "deploy again with MLFLOW_TRACKING_URI set to the project's MLflow store "
+                         "(make deploy sets it)")
+    return {"mlflow_tracking_uri": uri}
 
 
 def dvc_pull(directory: str) -> dict[str, str]:

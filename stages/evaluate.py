@@ -1,5 +1,5 @@
 """evaluate: data/target/ (test split) + models/finetuned.pt, models/scratch.pt, models/probe.pt
--> metrics/evaluate.json, metrics/per_class.json, plots/confusion.png, plots/confusion.csv.
+-> metrics/evaluate.json, reports/per_class.json, plots/confusion.png, plots/confusion.csv.
 
 Scores the finetuned model, the from-scratch baseline and the linear probe on the target test
 split with sklearn's metrics: accuracy, top-5 accuracy (6 classes or more), macro
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
     parser.add_argument("--probe", default="models/probe.pt", type=Path)
     parser.add_argument("--metrics", default="metrics/evaluate.json", type=Path)
-    parser.add_argument("--per-class", default="metrics/per_class.json", type=Path)
+    parser.add_argument("--per-class", default="reports/per_class.json", type=Path)
     parser.add_argument("--confusion", default="plots/confusion.png", type=Path)
     parser.add_argument("--confusion-data", default="plots/confusion.csv", type=Path)
     args = parser.parse_args(argv)

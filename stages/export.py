@@ -358,6 +358,29 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
         selection=choice.reason if choice else None)
 
 
+# What no one compares across runs (`dvc exp show`, `dvc metrics diff`): per-batch-size parity,
+# where the parity images came from, what ran the check. Written beside the metrics, not in them.
+DETAILS = ("by_batch_size", "cuda_parity", "parity_images_by_split", "parity_note", "providers",
+           "variants", "exporter", "fp16_skipped")
+
+
+# Words that are compared all the same: which model shipped, by which rule (export.model).
+COMPARED_WORDS = ("model", "model_rule")
+
+
+def split_details(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the figures compared across runs, the details) of run()'s metrics."""
+    details = {k: v for k, v in metrics.items() if k not in COMPARED_WORDS and (
+        k in DETAILS or isinstance(v, dict | list | str))}
+    return {k: v for k, v in metrics.items() if k not in details}, details
+
+
+def _write(metrics: dict[str, Any], metrics_path: Path, details_path: Path) -> None:
+    compared, details = split_details(metrics)
+    write_json(metrics_path, compared)
+    write_json(details_path, details)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.export",
                                      description=__doc__.splitlines()[0])
@@ -368,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="models/model.onnx", type=Path)
     parser.add_argument("--variants", default="models/onnx_variants", type=Path)
     parser.add_argument("--metrics", default="metrics/export.json", type=Path)
+    parser.add_argument("--details", default="reports/export.json", type=Path)
     args = parser.parse_args(argv)
 
     def body() -> Registration:
@@ -377,10 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run(params, choice.path, args.target, args.out, args.variants)
         except ParityFailed as err:
             # The figures, for whoever asks why.
-            write_json(args.metrics, {**choice.metrics(), **err.metrics})
+            _write({**choice.metrics(), **err.metrics}, args.metrics, args.details)
             raise
         metrics = {**choice.metrics(), **metrics}
-        write_json(args.metrics, metrics)
+        _write(metrics, args.metrics, args.details)
         return registration(params, metrics, choice.path, args.target, args.out, choice)
 
     return run_stage("export", body)

@@ -93,6 +93,21 @@ def exp_metrics(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def readme_compare(root: Path) -> str:
+    """What the README's `dvc exp show ...` compare line prints in a 120-column terminal."""
+    import os
+    import shlex
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("dvc exp show --"))
+    args = shlex.split(line.partition("  #")[0])[1:]
+    env = {**os.environ, "COLUMNS": "120", "LINES": "50", "TERM": "dumb"}
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def wait_for_queue(root: Path, timeout: float = 480) -> str:
     """Poll `dvc queue status` until nothing is queued or running; its last answer."""
     deadline = time.monotonic() + timeout
@@ -116,8 +131,8 @@ def test_repro_writes_models_checkpoints_metrics_and_plots(project: Path) -> Non
                 "checkpoints/finetune/head.pt", "checkpoints/finetune/full.pt",
                 "checkpoints/scratch/scratch.pt", "plots/pretrain.csv", "plots/finetune.csv",
                 "plots/scratch.csv", "plots/confusion.png", "plots/confusion.csv",
-                "metrics/pretrain.json", "metrics/finetune.json", "metrics/per_class.json",
-                "metrics/scratch.json", "metrics/export.json"):
+                "metrics/pretrain.json", "metrics/finetune.json", "reports/per_class.json",
+                "metrics/scratch.json", "metrics/export.json", "reports/export.json"):
         assert (project / rel).is_file(), rel
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert EVALUATE_KEYS <= metrics.keys()
@@ -181,6 +196,17 @@ def test_experiments_carry_metrics_and_plots(project: Path) -> None:
                    if "seconds" in k or "per_s" in k]
         assert not timings, timings
 
+        # The README's compare command fits 120 columns: no column folded into '…'.
+        shown_table = readme_compare(project)
+        assert "…" not in shown_table, shown_table
+        assert max(map(len, shown_table.splitlines())) <= 120, shown_table
+        assert all(w in shown_table for w in ("lr-low", "lr-high", "finetune.lr", "accuracy"))
+        # Per-class tables and per-batch parity are not metrics (reports/ holds them).
+        listed = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+        files = next(iter(listed.values()))["data"]
+        assert "reports/per_class.json" not in files
+        assert "by_batch_size" not in files["metrics/export.json"]["data"]
+
         plots = json.loads(dvc(project, "plots", "diff", "lr-low", "lr-high", "--json").stdout)["data"]
         curve = plots["plots/finetune.csv"][0]["content"]["data"]["values"]
         assert {row["rev"] for row in curve} == {"lr-low", "lr-high"}
@@ -229,9 +255,31 @@ def test_queued_experiment_reruns_downstream_only_and_tracks_into_the_project(
         back_to_head(project)
 
 
-def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
-    # finetune's val accuracy is what pick reads: the sweep reproduces up to finetune.
-    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03", "finetune")
+def _registry(root: Path) -> tuple[dict[str, str], str | None]:
+    """{version: its dvc.exp_name tag} of the project's registered model, and challenger."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "imagepipe-classifier"
+    versions = {str(v.version): v.tags.get("dvc.exp_name", "")
+                for v in client.search_model_versions(f"name = '{name}'")}
+    try:
+        challenger = str(client.get_model_version_by_alias(name, "challenger").version)
+    except MlflowException:
+        challenger = None
+    return versions, challenger
+
+
+def test_tune_pick_applies_the_best_by_validation_and_only_it_becomes_challenger(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sweep runs through export with tracking on: each queued experiment registers a
+    # version tagged with its name, and none of them moves challenger (the last to finish
+    # would otherwise win); the pick, applied, becomes challenger and promote accepts it.
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "1")  # the worker `queue start` spawns inherits it
+    before, challenger_before = _registry(project) if (project / "mlflow.db").exists() else ({}, None)
+    dvc(project, "exp", "run", "--queue", "-S", "finetune.lr=0.01,0.03")
     dvc(project, "queue", "start", "-j", "1")
     try:
         status = wait_for_queue(project)
@@ -239,14 +287,29 @@ def test_tune_pick_applies_the_best_by_validation(project: Path) -> None:
         rows = rows_of(json.loads(dvc(project, "exp", "show", "--json").stdout))
         best = max(rows, key=lambda r: r.metrics["finetune.val_accuracy"])
         assert not best.baseline, "the tiny baseline's lr=0.1 should lose to the sweep"
+        versions, challenger = _registry(project)
+        swept = {v: exp for v, exp in versions.items() if v not in before}
+        assert sorted(swept.values()) == sorted(r.name for r in rows if not r.baseline), swept
+        assert challenger == challenger_before, "a queued experiment moved challenger"
+
         done = subprocess.run([sys.executable, "-m", "commands.cli", "tune", "pick", "--apply"],
-                              cwd=project, capture_output=True, text=True, timeout=120)
+                              cwd=project, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"pick: {best.name}" in done.stdout
         params = yaml.safe_load((project / "params.yaml").read_text())
         assert params["finetune"]["lr"] == best.params["finetune.lr"]
         finetune = json.loads((project / "metrics" / "finetune.json").read_text())
         assert finetune["val_accuracy"] == best.metrics["finetune.val_accuracy"]
+        picked = next(v for v, exp in swept.items() if exp == best.name)
+        assert _registry(project)[1] == picked, done.stdout
+        assert f"v{picked} (experiment {best.name}) is now 'challenger'" in done.stdout
+        # The workspace now holds that model: promote judges it instead of refusing it.
+        promoted = subprocess.run([sys.executable, "-m", "commands.cli", "promote", "--json"],
+                                  cwd=project, capture_output=True, text=True, timeout=180)
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        decision = json.loads(promoted.stdout.strip().splitlines()[-1])
+        assert decision["challenger_version"] == picked
+        assert "older than the workspace" not in decision["reason"], decision
     finally:
         back_to_head(project)
 

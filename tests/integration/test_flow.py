@@ -59,7 +59,8 @@ DVC_YAML = {
 # it answers as the real one does and echoes the lineage env it was given.
 FAKE_CLI = textwrap.dedent("""\
     import json, os, pathlib, sys
-    assert sys.argv[1:] == ["promote", "--json"], sys.argv
+    # No `export` stage in this project: nothing was exported, so no challenger is no failure.
+    assert sys.argv[1:] == ["promote", "--json", "--missing-ok"], sys.argv
     calls = pathlib.Path("state/promote-calls"); calls.parent.mkdir(exist_ok=True)
     calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
     print("registry: scoring challenger and champion", file=sys.stderr)
@@ -241,6 +242,22 @@ def test_promotion_runs_with_lineage_and_again_when_nothing_changed(
     assert again.is_completed(), again.message
     assert all(r["outcome"].startswith("up to date") for r in again.result()["stages"].values())
     assert (project / "state" / "promote-calls").read_text() == "xx"
+
+
+def test_a_failed_promotion_is_said_in_the_artifact(harness: None, project: Path) -> None:
+    (project / "commands").mkdir()
+    (project / "commands" / "__init__.py").write_text("")
+    (project / "commands" / "cli.py").write_text(
+        "import sys\nprint('promote: error: data/target: the test split is empty', "
+        "file=sys.stderr)\nsys.exit(2)\n")
+    (project / "commands" / "registry.py").write_text("# marker: this project has a registry\n")
+    state = _run(project, promote=True)
+    assert state.is_failed()
+    assert isinstance(state.result(raise_on_failure=False), dvcstage.StageBadInput)
+    text = _artifact(state)
+    promotion = text.split("## Promotion", 1)[1].split("##", 1)[0]
+    assert "Not run." not in promotion, text
+    assert "**Failed**: promote: error: data/target: the test split is empty" in promotion, text
 
 
 def test_gpu_limit_serialises_training_stages(harness: None, tmp_path: Path,

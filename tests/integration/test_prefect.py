@@ -1,12 +1,17 @@
 """The nightly deployment for real: `prefect server start` on 127.0.0.1, the process work pool
 `gpu`, a worker, `prefect deploy` of prefect.yaml on a temporary copy of the project (its own
-git repo and a local DVC remote), and a triggered run that clones, pulls, runs ingest and pushes.
-Everything is started and stopped by the fixture; PREFECT_HOME lives in tmp_path."""
+git repo, a local DVC remote and its own MLflow store, mlflow.db, which git does not carry), and
+a triggered run that clones, pulls, runs ingest with tracking on, promotes and pushes. The run
+must track into the project's store, not into a new mlflow.db inside the worker's temporary
+clone, and with no challenger anywhere and nothing exported, the promotion is "nothing to
+promote", not a failure. Everything is started and stopped by the fixture; PREFECT_HOME lives
+in tmp_path."""
 
 from __future__ import annotations
 
 import shutil
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,9 +58,10 @@ def _project_copy(dest: Path, remote: Path) -> Path:
 
 
 @pytest.fixture
-def prefect_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, Any]]:
     remote = tmp_path / "dvc-remote"
     project = _project_copy(tmp_path / "project", remote)
+    shutil.copy(empty_mlflow_db, project / "mlflow.db")  # the project's store, tables made
     port = _free_port()
     (tmp_path / "tmp").mkdir()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -66,30 +72,45 @@ def prefect_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "IMAGEPIPE_GIT_BRANCH": "main",
         "IMAGEPIPE_GPU_LOCK_DIR": str(tmp_path / "locks"),
         "TMPDIR": str(tmp_path / "tmp"),  # the worker's runner_storage/ and the run's clone
+        "IMAGEPIPE_TRACKING": "1",
     })
+    # As for a user who never set it: the deployment must default to the project's store.
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID",
+                "IMAGEPIPE_FLOW_RUN_ID"):
+        env.pop(var, None)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(deploy.start_server(port, env, tmp_path / "server.log", services=False))
-        deploy.wait_healthy(api_url, procs[0], 180, tmp_path / "server.log")
+        # A first start creates the database: minutes on a machine shared by many test runs.
+        deploy.wait_healthy(api_url, procs[0], 420, tmp_path / "server.log")
         deploy.create_pool(env)
         procs.append(deploy.start_worker(env, tmp_path / "worker.log", tmp_path))
         deploy.deploy(project, env)
-        yield {"api_url": api_url, "remote": remote, "logs": tmp_path}
+        yield {"api_url": api_url, "remote": remote, "logs": tmp_path, "project": project}
     finally:
         for proc in reversed(procs):
             deploy.stop(proc)
         assert all(p.poll() is not None for p in procs), "a server or worker outlived the test"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_nightly_deployment_runs_on_a_process_worker(prefect_stack: dict[str, Any]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    run = deploy.trigger_and_watch(prefect_stack["api_url"],
-                                   {"stages": ["ingest"], "promote": False}, timeout_s=240)
+    run = deploy.trigger_and_watch(prefect_stack["api_url"], {"stages": ["ingest"]},
+                                   timeout_s=480)
     worker_log = (prefect_stack["logs"] / "worker.log").read_text(errors="replace")
     assert run.state is not None and run.state.is_completed(), worker_log[-4000:]
+    # The stage tracked into the project's store (the clone it ran in is gone), under the
+    # flow run, with its artifacts beside that store.
+    with sqlite3.connect(prefect_stack["project"] / "mlflow.db") as db:
+        runs = db.execute("select r.name, r.status, t.value from runs r join tags t on "
+                          "t.run_uuid = r.run_uuid and t.key = 'prefect.flow_run_id'").fetchall()
+        location = db.execute("select artifact_location from experiments "
+                              "where name = 'imagepipe'").fetchone()
+    assert ("ingest", "FINISHED", str(run.id)) in runs, (runs, worker_log[-4000:])
+    assert location and location[0].startswith((prefect_stack["project"] / "mlartifacts").as_uri())
     # prefect.yaml's push: true sent ingest's outputs to the DVC remote.
     assert any(p.is_file() for p in prefect_stack["remote"].rglob("*")), worker_log[-4000:]
     with temporary_settings(updates={PREFECT_API_URL: prefect_stack["api_url"]}):
@@ -101,3 +122,6 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_stack: dict[str, An
     assert dep.work_pool_name == "gpu"
     ours = [a for a in artifacts if a.flow_run_id == run.id and a.key == pipeline.ARTIFACT_KEY]
     assert ours and "| ingest | ran |" in str(ours[0].data)
+    # No challenger in the project's registry and nothing exported: nothing to promote, said.
+    assert "**nothing to promote**: registered model 'imagepipe-classifier' has no " \
+           "'challenger' version" in str(ours[0].data), str(ours[0].data)

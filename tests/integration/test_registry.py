@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from commands.lineage import lineage_main
-from commands.registry import promote_main, rollback_main
+from commands.registry import promote_main
+from commands.rollback import rollback_main
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from stages.core.tracking.remote import AGENT_ENV
 from tests.integration.tracking_kit import REPO, MlflowServer, save_tiny, tiny_model

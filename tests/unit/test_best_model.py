@@ -243,7 +243,8 @@ def test_export_ships_scratch_when_it_wins_on_validation(
     monkeypatch.setattr(export, "run_stage", lambda name, body: bodies.append(body()) or 0)
     args = ["--params", tmp_path / "params.yaml", "--model", ft, "--scratch", sc, "--target",
             tmp_path / "target", "--out", tmp_path / "model.onnx", "--variants",
-            tmp_path / "variants", "--metrics", tmp_path / "export.json"]
+            tmp_path / "variants", "--metrics", tmp_path / "export.json", "--details",
+            tmp_path / "details.json"]
     assert export.main([str(a) for a in args]) == 0
     metrics = json.loads((tmp_path / "export.json").read_text())
     assert (metrics["model"], metrics["model_rule"]) == ("scratch", "best")

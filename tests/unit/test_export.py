@@ -244,7 +244,8 @@ def test_gate_fails_and_leaves_no_model(project: dict, tmp_path: Path,
     code = export.main(["--params", str(tmp_path / "params.yaml"),
                         "--model", str(project["root"] / "finetuned.pt"),
                         "--target", str(project["root"] / "target"), "--out", str(out),
-                        "--variants", str(variants), "--metrics", str(tmp_path / "export.json")])
+                        "--variants", str(variants), "--metrics", str(tmp_path / "export.json"),
+                        "--details", str(tmp_path / "details.json")])
     assert code == 2
     err = capsys.readouterr().err
     assert "parity gate failed" in err and "batch 7: max|dlogit| " in err
@@ -253,6 +254,10 @@ def test_gate_fails_and_leaves_no_model(project: dict, tmp_path: Path,
     metrics = json.loads((tmp_path / "export.json").read_text())
     assert metrics["gate_passed"] is False and abs(metrics["max_abs_diff"] - 1e-2) < 1e-5
     assert metrics["tolerance_used"] > 1.0
+    # Per-batch figures beside the metrics, not among them (dvc exp show stays readable).
+    assert "by_batch_size" not in metrics and "parity_note" not in metrics
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert set(details["by_batch_size"]) == {"1", "7", "64"}
 
 
 def test_gate_needs_every_top1_to_agree() -> None:

@@ -194,7 +194,7 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
 
 
 def test_the_flow_logs_the_promotion_in_words() -> None:
-    from flows.pipeline import _said
+    from commands.registry import said as _said
 
     kept = {"promoted": False, "model_name": "m", "challenger_version": "3",
             "reason": "version 3 is already champion", "current_champion_version": "3"}
@@ -202,6 +202,22 @@ def test_the_flow_logs_the_promotion_in_words() -> None:
     first = {**kept, "promoted": True, "reason": "no champion yet",
              "current_champion_version": None}
     assert _said(first).endswith("promoted: no champion yet (champion now: no champion)")
+
+
+def test_nothing_to_promote_is_said_as_such() -> None:
+    from commands.registry import said as _said
+    from flows import report
+
+    nothing = {"promoted": False, "model_name": "m", "challenger_version": None,
+               "reason": "nothing to promote: registered model 'm' has no 'challenger' version",
+               "current_champion_version": "2"}
+    assert _said(nothing) == ("m: nothing to promote: registered model 'm' has no 'challenger' "
+                              "version (champion now: v2)")
+    text = report.render(title="t", flow_run_id=None, stages={}, overrides=[], metrics={},
+                         decision=nothing, promotion_note="")
+    assert "**nothing to promote**: nothing to promote: registered model 'm'" not in text
+    assert "**nothing to promote**: registered model 'm' has no 'challenger' version" in text
+    assert "Champion now: v2." in text and "vNone" not in text
 
 
 def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> None:

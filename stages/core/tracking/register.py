@@ -1,15 +1,25 @@
 """Registering one model version: the PyTorch model, the ONNX file (onnx flavour, uint8 tensor
 signature: for ONNX consumers) and the serving wrapper around the same file (serving.py: what
 `mlflow models serve` runs, refusing float pixels) logged into the stage's run; the wrapper is
-registered under the model name with alias challenger.
+registered under the model name.
 
-Input: a Registration (registration.py) and the run it belongs to. Output: the new version,
-or an error with nothing half-registered.
+Which versions become `challenger` (the sweep policy): a version made under `dvc exp run` is
+tagged `dvc.exp_name` with its experiment's name. `challenger` moves to the new version when
+the run happened in the workspace (`dvc repro`, `imagepipe run`, a workspace `dvc exp run`):
+its models/model.onnx is then the workspace's, which promote insists on. A queued or --temp
+experiment runs in DVC's temporary copy and leaves the alias alone, so a sweep does not hand
+`challenger` to whichever experiment finished last; `imagepipe tune pick --apply` moves it to
+the version of the experiment it applied (commands/tune.py).
+
+Input: a Registration (registration.py), the run it belongs to, the environment DVC gives a
+stage (DVC_EXP_NAME, DVC_ROOT). Output: the new version, or an error with nothing
+half-registered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +27,30 @@ from typing import Any
 
 from stages.core.errors import BadInput
 from stages.core.tracking.describe import version_description
+from stages.core.tracking.parentrun import EXP_NAME_ENV
 from stages.core.tracking.registration import CHALLENGER, Registration
 from stages.core.tracking.store import Store, TrackingDown
+
+EXP_TAG = "dvc.exp_name"  # the DVC experiment a version was made in (tune pick finds it by it)
+
+
+def experiment_run(cwd: Path | None = None) -> tuple[str | None, bool]:
+    """(the DVC experiment this stage runs in, or None; whether it runs in DVC's temporary copy
+    of the project: a queued or --temp experiment). DVC sets DVC_EXP_NAME for every stage of
+    an experiment and DVC_ROOT to the project it belongs to, which is not the stage's own
+    folder when DVC runs it in a temporary copy (dvc/repo/experiments/queue/base.py)."""
+    name = os.environ.get(EXP_NAME_ENV) or None
+    root = os.environ.get("DVC_ROOT")
+    here = (cwd or Path.cwd()).resolve()
+    return name, bool(name and root and Path(root).resolve() != here)
 
 
 def register_model_version(store: Store, run_id: str, reg: Registration, workspace: Path,
                            tags: dict[str, str]) -> str:
     """Log the PyTorch model, the ONNX model and the serving wrapper into run `run_id`, register
-    the wrapper under `reg.model_name` with alias `challenger`; return the new version. A
-    version whose alias could not be set is deleted again, so a failure never leaves a
+    the wrapper under `reg.model_name` and, unless it runs in a queued or --temp experiment,
+    give it the alias `challenger` (see the module doc); return the new version. A version
+    whose alias or description could not be set is deleted again, so a failure never leaves a
     half-registered version. `workspace`: where the stage ran (its metrics describe the
     version; a queued experiment's own, not the project's)."""
     import mlflow
@@ -57,22 +82,32 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
         serving_info = store.call("log serving model", log_serving_model, Path(reg.onnx_path),
                                   reg.input_example, read_metadata(proto),
                                   _serving_requirements())
+    experiment, temporary = experiment_run(workspace)
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
                     **reg.parity.tags(), "imagepipe.run_id": run_id,
                     "onnx.sha256": file_sha256(Path(reg.onnx_path)),
-                    "pytorch_model_uri": torch_uri, "onnx_model_uri": str(onnx_info.model_uri)}
+                    "pytorch_model_uri": torch_uri, "onnx_model_uri": str(onnx_info.model_uri),
+                    **({EXP_TAG: experiment} if experiment else {})}
     mv = store.call("register model", mlflow.register_model, serving_info.model_uri,
                     reg.model_name, tags=version_tags)
     try:
         # A paragraph on the registry page: what the many tags say, in words.
         store.call("describe version", store.client.update_model_version, reg.model_name,
                    mv.version, description=version_description(workspace, run_id, reg, tags))
-        store.call("set alias", store.client.set_registered_model_alias, reg.model_name,
-                   CHALLENGER, mv.version)
+        if not temporary:
+            store.call("set alias", store.client.set_registered_model_alias, reg.model_name,
+                       CHALLENGER, mv.version)
     except TrackingDown:
         with contextlib.suppress(Exception):
             store.client.delete_model_version(reg.model_name, mv.version)
         raise
+    if temporary:
+        print(f"export: version {mv.version} is experiment {experiment}'s ({EXP_TAG} tag); "
+              f"{CHALLENGER!r} stays where it was (a queued or --temp experiment never moves "
+              "it: `imagepipe tune pick --apply` moves it to the experiment it applies)",
+              file=sys.stderr)
+    else:
+        print(f"export: version {mv.version} is now {CHALLENGER!r}", file=sys.stderr)
     return str(mv.version)
 
 

@@ -28,6 +28,7 @@ from stages.core.tracking.store import (
     Store,
     error_code,
     is_local_store,
+    redact,
     reraise,
     state_dir,
     store_errors,
@@ -36,6 +37,10 @@ from stages.core.tracking.store import (
 # A server-held lock older than this is taken to be left by a killed process and broken (a
 # promotion downloads and scores two models: seconds to a few minutes, never this long).
 STALE_LOCK_S = 900
+# What MLflow answers for a model or version that is not there (RESOURCE_DOES_NOT_EXIST) and
+# for an alias that is not (INVALID_PARAMETER_VALUE, "alias ... not found"): a wrong name, not
+# an outage, so exit 2 rather than 75.
+NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,41 @@ class Registry:
         return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
 
     def version(self, name: str, version: str) -> VersionInfo:
-        mv = self.store.call("read version", self.store.client.get_model_version, name, version)
+        mv = self._found(f"models:/{name}/{version}", self.store.client.get_model_version,
+                         name, version)
         return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}),
                            tuple(sorted(getattr(mv, "aliases", None) or ())))
 
-    def download(self, name: str, alias: str, dst: Path) -> tuple[str, Path]:
-        """Download models:/NAME@ALIAS; return (the version it was, the .onnx file). A version
-        is the serving wrapper with the exported file among its artifacts (register.py), or,
+    def _found(self, what: str, fn: Any, *args: Any) -> Any:
+        """fn(*args) through Store.call, except that "not there" is BadInput naming `what`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn(*args)
+        except MlflowException as err:
+            if error_code(err) in NOT_FOUND:
+                raise BadInput(f"{what} is not in the registry at {redact(self.store.uri)}: "
+                               "check the name, version or alias (imagepipe lineage champion "
+                               "lists a version's aliases)") from None
+            return self.store.call(f"read {what}", reraise, err)
+        except store_errors() as err:
+            return self.store.call(f"read {what}", reraise, err)
+
+    def tagged(self, name: str, key: str, value: str) -> VersionInfo | None:
+        """The newest version of `name` whose tag `key` is `value`; None when there is none."""
+        found = self.store.call(f"search versions of {name}", self.store.client.search_model_versions,
+                                f"name = '{name}' and tags.`{key}` = '{value}'")
+        if not found:
+            return None
+        mv = max(found, key=lambda v: int(v.version))
+        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+
+    def download(self, name: str, ref: str, dst: Path, *, by_version: bool = False
+                 ) -> tuple[str, Path]:
+        """Download a version of `name`: `ref` an alias (models:/NAME@ALIAS), or with
+        by_version a version number (models:/NAME/VERSION; MLflow allows all-digit aliases, so
+        the caller says which); return (the version it was, the .onnx file). A version is the
+        serving wrapper with the exported file among its artifacts (register.py), or,
         registered before the wrapper, the onnx flavour itself: either holds one .onnx file."""
         import mlflow.artifacts
 
@@ -89,16 +122,19 @@ class Registry:
         # the process's environment (set_tracking_uri exports MLFLOW_TRACKING_URI). So: the
         # alias and the version's location from this store's client, then the files.
         client = self.store.client
-        mv = self.store.call(f"read alias {alias}", client.get_model_version_by_alias, name,
-                             alias)
+        shown = f"models:/{name}/{ref}" if by_version else f"models:/{name}@{ref}"
+        if by_version:
+            mv = self._found(shown, client.get_model_version, name, ref)
+        else:
+            mv = self._found(shown, client.get_model_version_by_alias, name, ref)
         uri = self.store.call(f"locate {name} v{mv.version}",
                               client.get_model_version_download_uri, name, mv.version)
         local = Path(self.store.call(
-            f"download models:/{name}@{alias}", mlflow.artifacts.download_artifacts,
+            f"download {shown}", mlflow.artifacts.download_artifacts,
             artifact_uri=uri, dst_path=str(dst), tracking_uri=self.store.uri))
         onnx_files = sorted(local.rglob("*.onnx"))
         if not onnx_files:
-            raise BadInput(f"models:/{name}@{alias} holds no .onnx file")
+            raise BadInput(f"{shown} holds no .onnx file")
         return str(mv.version), onnx_files[0]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:

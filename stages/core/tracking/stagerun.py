@@ -34,7 +34,7 @@ from stages.core.tracking.metrics import (
     stage_params,
 )
 from stages.core.tracking.parentrun import parent_name, update_parent_metrics
-from stages.core.tracking.registration import CHALLENGER, Registration
+from stages.core.tracking.registration import Registration
 from stages.core.tracking.store import Store, TrackingDown, state_dir, tracking_enabled
 
 log = logging.getLogger("imagepipe.tracking")
@@ -280,4 +280,4 @@ class StageRun:
             self.store, self.run_id, registration, self.root,
             tags={**self.tags, "imagepipe.pipeline_run_id": self.parent_id or ""})
         print(f"{self.stage}: registered {registration.model_name} version {version} "
-              f"(alias {CHALLENGER}) from run {self.run_id}", file=sys.stderr)
+              f"from run {self.run_id}", file=sys.stderr)  # the alias: register.py says

@@ -1,0 +1,48 @@
+"""Naming a registered version that is not there is the user's mistake, exit 2 with one line
+naming it, not exit 75 ("transient, retry may help"): `imagepipe lineage 99`, `imagepipe
+predict models:/NAME@nosuch`, an unknown model name. MLflow's own `models:/NAME/VERSION` form
+is accepted beside `models:/NAME@ALIAS`. Real SQLite store, a version registered by the export
+stage's door (conftest's tiny_export)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from commands import predict
+from commands.lineage import lineage_main
+from stages.core.errors import EXIT_BAD_INPUT
+
+pytestmark = pytest.mark.slow
+NAME = "imagepipe-classifier"
+
+
+def test_not_found_in_the_registry_is_exit_2_and_a_version_number_is_accepted(
+        project: Path, tiny_export: Callable[..., int], capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    assert tiny_export("good") == 0  # version 1, alias challenger
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((12, 12), 200, dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+
+    assert lineage_main(["99"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"models:/{NAME}/99 is not in the registry" in err, err
+    assert lineage_main(["--model-name", "no-such-model", "1"]) == EXIT_BAD_INPUT
+    assert "models:/no-such-model/1 is not in the registry" in capsys.readouterr().err
+
+    assert predict.main([f"models:/{NAME}@nosuch", str(photo)]) == EXIT_BAD_INPUT
+    assert f"models:/{NAME}@nosuch is not in the registry" in capsys.readouterr().err
+    assert predict.main([f"models:/{NAME}/7", str(photo)]) == EXIT_BAD_INPUT
+    assert f"models:/{NAME}/7 is not in the registry" in capsys.readouterr().err
+
+    # MLflow's version form, as the alias form: the same model, the same answer.
+    assert predict.main([f"models:/{NAME}/1", str(photo), "--json"]) == 0
+    by_version = capsys.readouterr()
+    assert f"models:/{NAME}/1 is version 1" in by_version.err
+    assert predict.main([f"models:/{NAME}@challenger", str(photo), "--json"]) == 0
+    assert capsys.readouterr().out == by_version.out

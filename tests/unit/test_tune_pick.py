@@ -1,0 +1,40 @@
+"""`imagepipe tune pick`'s choice on rows as `dvc exp show --json` gives them: a loss is
+minimised, the direction can be forced, ties are said (the sweep itself runs in
+tests/integration/test_dvc_experiments.py)."""
+
+from __future__ import annotations
+
+from commands.tune import Row, direction_of, pick, table
+
+
+def _row(name: str, val_loss: float, val_acc: float) -> Row:
+    return Row(name, name, False, {"finetune.lr": val_acc},
+               {"finetune.val_loss": val_loss, "finetune.val_accuracy": val_acc})
+
+
+ROWS = [_row("worst", 2.5, 0.50), _row("best", 0.3, 0.90), _row("middle", 1.0, 0.70)]
+
+
+def test_a_loss_is_minimised_by_name() -> None:
+    assert direction_of("finetune.val_loss") == "min"
+    assert direction_of("finetune.val_accuracy") == "max"
+    assert direction_of("finetune.scratch_val_accuracy") == "max"
+    chosen, notes = pick(ROWS, "finetune.val_loss", None)
+    assert chosen.name == "best", notes
+    assert notes == ["best by finetune.val_loss (lowest): best (0.3000)"]
+    # The table lists the best first in the same direction.
+    lines = table(ROWS, ["finetune.val_loss"], chosen, "min").splitlines()
+    assert lines[1].startswith("* best") and lines[-1].lstrip().startswith("worst")
+
+
+def test_the_direction_flag_overrides_the_name() -> None:
+    assert pick(ROWS, "finetune.val_loss", None, "max")[0].name == "worst"
+    assert pick(ROWS, "finetune.val_accuracy", None, "min")[0].name == "worst"
+
+
+def test_ties_are_said_and_go_to_the_first_row() -> None:
+    rows = [_row("a", 0.5, 0.8), _row("b", 0.4, 0.9), _row("c", 0.6, 0.9)]
+    chosen, notes = pick(rows, "finetune.val_accuracy", None)
+    assert chosen.name == "b"
+    assert "a tie between b, c: b is the first" in notes[0], notes
+    assert "tie" not in pick(rows, "finetune.val_loss", None)[1][0]
