@@ -30,6 +30,7 @@ from typing import Any
 
 from stages.core.best import BestEpoch, chosen
 from stages.core.checkpoint import CheckpointStore, seed_everything
+from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
 from stages.core.models import build_model, load_model_file, save_model_file
 from stages.core.train import fit, make_runtime, make_trainer, param_groups, throughput, write_csv
@@ -70,7 +71,9 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
         tr = make_trainer(model, param_groups([(model, p.scratch_lr)], p.weight_decay), p, rt,
                           epochs, len(t.train))
         store = CheckpointStore(out.checkpoints / "scratch.pt",
-                                {**t.fingerprint, "phase": "scratch"}, rt.comm)
+                                {**t.fingerprint, "phase": "scratch",
+                                 # its own stage's files (they include finetune.py's)
+                                 "code": code_fingerprint("stages.scratch")}, rt.comm)
         history = fit(tr, t.train, t.val, store, phase="scratch", epochs=epochs,
                       every=p.checkpoint_every_steps, best=best,
                       on_epoch=lambda rows: write_csv(out.plot, rows))
