@@ -275,6 +275,12 @@ class RegistryParams(_Section):
 
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # torch.manual_seed's range
+    # How a stage checks a dataset against its manifest before reading it
+    # (stages/core/integrity.py): sha256 re-hashes every shard (a flipped byte is exit 2, not a
+    # model trained on it); size only checks each file is complete, for sets too large to
+    # re-read each stage, and every stage says so in its log. Top level, and in no stage's
+    # dvc.yaml params: it changes no output, so changing it reruns nothing.
+    verify_data: Literal["sha256", "size"] = "sha256"
     data: DataParams
     augment: AugmentParams = AugmentParams()
     pretrain: PretrainParams = PretrainParams()
