@@ -8,6 +8,10 @@ params: the default params.yaml with values swapped for random ones (wrong types
 booleans for numbers, huge numbers, nested junk) and random text -> stages.params.load_params.
 The contract: a Params object, or BadInput whose message starts with "params". Anything else is
 a finding.
+params files: the file itself rather than its values -> load_params, same contract: params.yaml
+in other encodings (UTF-16, UTF-32, Latin-1, ...), random bytes spliced in, YAML nested up to
+200,000 levels in brackets or 1,400 by indentation, padded up to 4 MB, a folder where the file
+should be.
 
 hypothesis generates both, in seeded rounds (repeatable); each has a time budget
 (IMAGEPIPE_FUZZ_SECONDS, default 30 s each). Results: benchmarks/results/fuzz.json.
@@ -19,6 +23,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -180,12 +185,75 @@ def fuzz_params(folder: Path) -> dict[str, Any]:
     return camp.run(strategy, check)
 
 
+_ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1",
+              "cp1252")
+
+
+def _write_params_file(path: Path, text: str, case: tuple[Any, ...]) -> None:
+    """One file-level case at `path` (what the last case left there is removed first)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.unlink(missing_ok=True)
+    kind = case[0]
+    if kind == "encoding":
+        path.write_bytes(text.encode(case[1]))
+    elif kind == "bytes":  # raw bytes spliced in at a position
+        data = text.encode()
+        pos = case[2] % len(data)
+        path.write_bytes(data[:pos] + case[1] + data[pos:])
+    elif kind == "nesting":
+        depth = case[2]
+        if case[1] == "block":  # indentation: each level one space deeper
+            body = "".join(f"\n{' ' * (i + 1)}a:" for i in range(min(depth, 1400))) + " 1"
+        else:
+            body = "[" * depth + "]" * depth if case[1] == "[" else "{a: " * depth + "1" + "}" * depth
+        path.write_text(f"seed: 0\ndata: {body}\n")
+    elif kind == "size":  # padded with a comment: valid YAML, only too large
+        path.write_text(text + "#" * case[1] + "\n")
+    else:  # a folder, empty or holding a params.yaml
+        path.mkdir()
+        if case[1]:
+            (path / "params.yaml").write_text(text)
+
+
+def fuzz_params_files(folder: Path) -> dict[str, Any]:
+    camp = Campaign("params files")
+    # One non-ASCII character, so that every encoding but UTF-8's is also invalid UTF-8.
+    text = (REPO / "params.yaml").read_text().replace("- '0'", "- 'caf\u00e9'", 1)
+    path = folder / "params-file.yaml"
+
+    strategy = st.one_of(
+        st.tuples(st.just("encoding"), st.sampled_from(_ENCODINGS)),
+        st.tuples(st.just("bytes"), st.binary(min_size=1, max_size=64), st.integers(0, 10**5)),
+        st.tuples(st.just("nesting"), st.sampled_from(("[", "{", "block")), st.integers(1, 200_000)),
+        st.tuples(st.just("size"), st.integers(0, 4 * 2**20)),
+        st.tuples(st.just("folder"), st.booleans()))
+
+    def check(case: tuple[Any, ...]) -> None:
+        camp.tick()
+        _write_params_file(path, text, case)
+        shown = case if case[0] != "bytes" else (case[0], case[1][:32], case[2])
+        try:
+            load_params(path)
+            camp.outcome(f"{case[0]}: accepted")
+        except BadInput as err:
+            camp.outcome(f"{case[0]}: refused (BadInput)")
+            if not str(err).startswith("params") or "\n" in str(err):
+                camp.finding(f"not one line naming params: {err}"[:200], shown)
+        except Exception as err:  # noqa: BLE001 - outside the contract: a finding
+            camp.finding(f"{type(err).__name__}: {err}"[:200], shown)
+            camp.outcome(f"{case[0]}: finding")
+
+    return camp.run(strategy, check)
+
+
 def main() -> None:
     # Pillow warns about odd TIFF tags on mutated files: expected, and not a finding.
     warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
-        for name, fn in (("image_reader", fuzz_image_reader), ("params", fuzz_params)):
+        for name, fn in (("image_reader", fuzz_image_reader), ("params", fuzz_params),
+                         ("params_files", fuzz_params_files)):
             try:
                 results[name] = fn(Path(tmp))
             except Exception:  # noqa: BLE001

@@ -125,7 +125,7 @@ def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
     training rows (one engine task each), then each shard's val and test rows. Each output
     shard is at most as large as its source shard; nothing is held whole in memory."""
     p = params.augment
-    ds = load_dataset(source)
+    ds = load_dataset(source, verify=params.verify_data)
     size, _, channels = ds.image_shape
     meta = {"uri": ds.manifest.get("uri"), "role": "augmented",
             "source_sha256": ds.manifest["sha256"], "image_size": size, "channels": channels,
@@ -224,7 +224,7 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    ds = load_dataset(source)
+    ds = load_dataset(source, verify=params.verify_data)
     size, _, channels = ds.image_shape
     policy = build_policy(params.augment, size, channels)
     torch.manual_seed(params.seed)

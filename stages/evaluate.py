@@ -263,7 +263,7 @@ def run(params: Params, data: Path, finetuned: Path, scratch: Path, probe: Path,
     from sklearn.metrics import classification_report
 
     p = params.evaluate
-    ds = load_dataset(data)
+    ds = load_dataset(data, verify=params.verify_data)
     images, y = test_split(ds)
     main_model = Scorer(finetuned, p, ds.classes)
     require_shape(ds, main_model.mf, finetuned)

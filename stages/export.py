@@ -275,7 +275,7 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
     """
     p = params.export
     model, mf = load_model_file(model_path)
-    ds = load_dataset(target)
+    ds = load_dataset(target, verify=params.verify_data)
     want = (mf.spec.image_size, mf.spec.image_size, mf.spec.in_channels)
     if ds.image_shape != want:
         raise BadInput(f"{target} holds {ds.image_shape} images but {model_path} takes {want}")

@@ -198,7 +198,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     start = time.perf_counter()
     p = params.finetune
     rt = make_runtime(p)
-    ds = load_dataset(data)
+    ds = load_dataset(data, verify=params.verify_data)
     model, mf = adapt_to_target(*load_model_file(pretrained), ds)
     t = load_target(ds, mf, p, rt, params.seed)
     out.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing trains

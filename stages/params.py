@@ -6,6 +6,7 @@ before it does work. Errors are one line naming the dotted key and what is allow
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -24,10 +25,15 @@ from stages.core.errors import BadInput
 
 DEFAULT_PATH = Path("params.yaml")
 
+# Every number has an upper bound: `pretrain.width: 1.0e30` passed validation (pydantic takes
+# an integral float as an int) and crashed pretrain with exit 70; `seed: 1.0e30` overflowed
+# torch.manual_seed. The bounds are far above any sensible value, below any that breaks a stage.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
+BatchSize = Annotated[int, Field(gt=0, le=65_536)]
+Epochs = Annotated[int, Field(ge=0, le=100_000)]
+Images = Annotated[int, Field(ge=1, le=10_000_000)]
+LearningRate = Annotated[float, Field(gt=0.0, le=100.0)]
+Decay = Annotated[float, Field(ge=0.0, le=100.0)]
 
 
 class _Section(BaseModel):
@@ -65,7 +71,7 @@ class DatasetRole(_Section):
     # None keeps every class; a list keeps only these (by class name), in this order.
     classes: list[str] | None = None
     # Keep at most this many training images per class (seeded choice); None keeps all.
-    train_per_class: PositiveInt | None = None
+    train_per_class: Images | None = None
     # torchvision: folder that holds (or receives) the files; relative to the project.
     root: str = "data/raw"
     download: bool = True
@@ -108,7 +114,7 @@ class DataParams(_Section):
     max_bad_fraction: Fraction = 0.01
     allow_leakage: bool = False
     # Images decoded per batch: bounds ingest's memory whatever the input size.
-    batch_size: PositiveInt = 512
+    batch_size: BatchSize = 512
     # imagefolder: a link that resolves outside the folder is skipped (and listed in
     # report.json) unless this is true: a class folder's a.png -> /etc/... was ingested.
     follow_symlinks: bool = False
@@ -151,7 +157,7 @@ class AugmentParams(_Section):
     erasing: Fraction = 0.0
     # Gaussian noise std on the [0, 1] scale.
     noise_std: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    batch_size: PositiveInt = 256
+    batch_size: BatchSize = 256
     preview_per_class: Annotated[int, Field(ge=1, le=16)] = 4
 
     @model_validator(mode="after")
@@ -168,29 +174,29 @@ Arch = Literal["resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "ef
 class TrainParams(_Section):
     """What pretrain and finetune share: optimiser, schedule, online augmentation, device."""
 
-    batch_size: PositiveInt = 128
+    batch_size: BatchSize = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
     # Peak learning rate (after warm-up). SGD uses Nesterov momentum when momentum > 0.
-    lr: PositiveFloat = 0.1
+    lr: LearningRate = 0.1
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    weight_decay: NonNegFloat = 5e-4
+    weight_decay: Decay = 5e-4
     # onecycle: linear warm-up then linear decay to 0; cosine: linear warm-up then cosine to 0.
     schedule: Literal["onecycle", "cosine"] = "onecycle"
-    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
+    warmup_epochs: Annotated[float, Field(ge=0.0, le=100_000.0)] = 0.0
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # Online augmentation on the training device, every epoch: crop with reflect padding, flip.
     crop_padding: Annotated[int, Field(ge=0, le=16)] = 2
     hflip: bool = False
     # Checkpoint every N optimiser steps as well as every epoch (0: every epoch only).
-    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+    checkpoint_every_steps: Annotated[int, Field(ge=0, le=10**9)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile the model (CUDA mostly: on a CPU the compile time rarely pays back).
     compile: bool = False
     # Training processes per machine (DistributedDataParallel when more than one): auto = every
     # visible GPU (1 on a CPU). batch_size stays the global batch: each process takes 1/N of it.
-    devices: PositiveInt | Literal["auto"] = 1
+    devices: Annotated[int, Field(gt=0, le=1024)] | Literal["auto"] = 1
     # Machines; above 1 the rendezvous is PET_RDZV_ENDPOINT (or rdzv_endpoint, host:port).
-    nodes: PositiveInt = 1
+    nodes: Annotated[int, Field(gt=0, le=100_000)] = 1
     rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$")
     # auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on a CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -199,10 +205,10 @@ class TrainParams(_Section):
 
 
 class PretrainParams(TrainParams):
-    epochs: Annotated[int, Field(ge=0)] = 5
+    epochs: Epochs = 5
     model: Arch = "resnet_small"
     # Channels of resnet_small's first layer (the others are 2x, 4x, 8x); other models ignore it.
-    width: PositiveInt = 32
+    width: Annotated[int, Field(gt=0, le=1024)] = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # imagenet: start from torchvision's ImageNet weights (needs a network once).
     weights: Literal["none", "imagenet"] = "none"
@@ -214,18 +220,18 @@ class PretrainParams(TrainParams):
 
 class FinetuneParams(TrainParams):
     # Phase 1: new head only, backbone frozen (BatchNorm statistics included), lr = lr.
-    head_epochs: Annotated[int, Field(ge=0)] = 3
+    head_epochs: Epochs = 3
     # Phase 2: everything trains; backbone lr = backbone_lr_scale x lr.
-    full_epochs: Annotated[int, Field(ge=0)] = 5
+    full_epochs: Epochs = 5
     backbone_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     # L2-SP strength alpha (phase 2): 0 = the backbone decays toward zero (weight_decay); > 0 =
     # its weight decay is replaced by alpha/2 * ||w - w_pretrained||^2 in the loss (the head
     # keeps weight_decay). The scratch baseline has no pretrained weights: it keeps weight_decay.
-    l2sp: NonNegFloat = 0.0
+    l2sp: Decay = 0.0
     # The same network trained from scratch on the same data, epochs (head + full) and schedule.
     baseline: bool = True
     # Learning rate of the from-scratch baseline (tuned on its own, never weakened).
-    scratch_lr: PositiveFloat = 0.1
+    scratch_lr: LearningRate = 0.1
     # Each model file holds the epoch with the best validation accuracy (ties: the lower val
     # loss, then the earlier epoch), the finetuned model's over both phases and the baseline's
     # alike; false: the last epoch. A model whose accuracy peaked early was shipped degraded.
@@ -252,7 +258,7 @@ BASELINE_ONLY = ("baseline", "scratch_lr")
 
 
 class EvaluateParams(_Section):
-    batch_size: PositiveInt = 256
+    batch_size: BatchSize = 256
     # Equal-width confidence bins of the expected calibration error.
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -292,20 +298,20 @@ class ExportParams(_Section):
     # version converter) and that onnxruntime 1.20+ runs in full.
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     # Target images for the parity gate: the test split, topped up from val/train if smaller.
-    parity_images: Annotated[int, Field(ge=1)] = 256
+    parity_images: Images = 256
     # The gate is np.allclose's test on every logit and probability, ORT's CPU provider from
     # uint8 pixels against torch: |onnx - torch| <= parity_atol + parity_rtol * |torch|, as
     # timm checks its exports. Relative, because fp32 rounding grows with the logits: an
     # absolute 1e-4 left a 3x margin on the digits model and would refuse larger models.
-    parity_atol: PositiveFloat = 1e-4
+    parity_atol: Annotated[float, Field(gt=0.0, le=0.1)] = 1e-4
     parity_rtol: Annotated[float, Field(ge=0.0, le=0.1)] = 1e-3
     # Extra artifacts in models/onnx_variants/, each with its accuracy delta on the test split.
     quantize_int8: bool = True
-    calibration_images: Annotated[int, Field(ge=1)] = 256
+    calibration_images: Images = 256
     fp16: bool = True  # written only where the CUDA provider loads (fp16 runs on GPUs only)
     # ORT (and torch) threads for the parity gate and variant scoring; 0 = every usable core.
     # Timings are not the stage's business: `make bench` measures ORT against torch.
-    threads: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0, le=4096)] = 0
     # Which model becomes model.onnx: best = the finetuned model or the from-scratch baseline,
     # whichever has the higher validation accuracy (a tie keeps the finetuned one); never the
     # test split, which is evaluate's. The choice is logged, in the metrics and in the
@@ -319,7 +325,13 @@ class RegistryParams(_Section):
 
 
 class Params(_Section):
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # torch.manual_seed's range
+    # How a stage checks a dataset against its manifest before reading it
+    # (stages/core/integrity.py): sha256 re-hashes every shard (a flipped byte is exit 2, not a
+    # model trained on it); size only checks each file is complete, for sets too large to
+    # re-read each stage, and every stage says so in its log. Top level, and in no stage's
+    # dvc.yaml params: it changes no output, so changing it reruns nothing.
+    verify_data: Literal["sha256", "size"] = "sha256"
     data: DataParams
     augment: AugmentParams = AugmentParams()
     pretrain: PretrainParams = PretrainParams()
@@ -354,17 +366,62 @@ def parse_params(raw: Any) -> Params:
         raise BadInput(f"params.{_explain(err)}") from None
 
 
+MAX_FILE_BYTES = 2**20  # a params file is a few KB: a larger one is another file given by mistake
+# PyYAML's scanner is quadratic in the nesting of flow collections ([[[...]]]): ~500 levels, where
+# Python's recursion limit stops its composer, took 6-15 s on a loaded 2-core machine. Counted
+# first, brackets in quoted strings or comments included: a params file has a few levels.
+MAX_FLOW_DEPTH = 32
+
+
 def load_params(path: str | Path = DEFAULT_PATH) -> Params:
-    """Read and validate params.yaml; raise BadInput naming the bad key."""
+    """Read and validate params.yaml; raise BadInput naming the bad key (or what is wrong with
+    the file itself: missing, a folder, not UTF-8, too large, nested too deeply)."""
     path = Path(path)
+    text = _read_text(path)
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise BadInput(f"params: {path} is nested too deeply for a params file (over "
+                       f"{MAX_FLOW_DEPTH} levels of [ ] or {{ }})")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"params: {path} does not exist") from None
+        return parse_params(yaml.safe_load(text))
     except yaml.YAMLError as err:
         raise BadInput(f"params: {_yaml_where(path, err)} is not valid YAML: "
                        f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
-    return parse_params(raw)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
+                       "hold keys, a few levels deep)") from None
+
+
+def _flow_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", text):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8 (a UTF-8 byte-order mark is allowed), at most MAX_FILE_BYTES."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise BadInput(f"params: {path} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"params: {path} is a folder; give the params file (YAML), e.g. "
+                       f"--params params.yaml") from None
+    except OSError as err:
+        raise BadInput(f"params: {path} cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise BadInput(f"params: {path} is over {MAX_FILE_BYTES // 2**20} MB; a params file is a "
+                       "few KB (is it the right file?)") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise BadInput(f"params: {path} is not UTF-8 text ("
+                       + ("UTF-16, by its byte-order mark" if utf16 else
+                          f"byte {data[err.start]:#04x} at offset {err.start}")
+                       + "); save it as UTF-8") from None
 
 
 def _yaml_where(path: Path, err: yaml.YAMLError) -> str:

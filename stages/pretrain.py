@@ -73,7 +73,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     p = params.pretrain
     rt = make_runtime(p)
     world = distributed.world_fingerprint(p, rt.comm, "pretrain")
-    ds = load_dataset(data)
+    ds = load_dataset(data, verify=params.verify_data)
     if not len(ds.indices("train")):
         raise BadInput(f"{data}: the train split is empty")
     size, _, channels = ds.image_shape

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import BadInput
+from stages.core.integrity import Verify, file_sha256, load_array, read_manifest, remedy
+from stages.core.integrity import verify as check_files
 from stages.core.io import atomic_dir, disk_full, is_disk_full, reserve
 
 SPLITS = ("train", "val", "test")
@@ -243,30 +245,27 @@ def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.nd
     return np.ascontiguousarray((x - m) / s)
 
 
-def load_dataset(folder: str | Path, *, mmap: bool = True) -> Dataset:
+def load_dataset(folder: str | Path, *, mmap: bool = True, verify: Verify = "sha256") -> Dataset:
+    """The dataset in `folder`, its files first checked against the manifest (integrity.py:
+    `verify` "sha256" hashes them, "size" checks they are complete); BadInput naming the file
+    and the fix when one is missing, damaged or changed."""
     folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise BadInput(f"{folder} is not a dataset (no manifest.json): run the stage that makes it")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(folder)
+    check_files(folder, manifest, verify)
     mode = "r" if mmap else None
     if "shards" in manifest:
-        parts = [np.load(folder / s["file"], mmap_mode=mode) for s in manifest["shards"]]
+        parts = [load_array(folder / s["file"], folder, manifest, mode) for s in manifest["shards"]]
         images: np.ndarray | ShardedArray = parts[0] if len(parts) == 1 else ShardedArray(parts)
     else:
-        images = np.load(folder / "images.npy", mmap_mode=mode)
-    return Dataset(
-        images=images,
-        labels=np.load(folder / "labels.npy"),
-        split=np.load(folder / "split.npy"),
-        classes=list(manifest["classes"]),
-        manifest=manifest,
-    )
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        images = load_array(folder / "images.npy", folder, manifest, mode)
+    labels = load_array(folder / "labels.npy", folder, manifest, None)
+    split = load_array(folder / "split.npy", folder, manifest, None)
+    if not len(images) == len(labels) == len(split) == manifest.get("n", len(labels)):
+        raise BadInput(f"{folder}: {len(images)} images, {len(labels)} labels and {len(split)} "
+                       f"split entries where manifest.json says {manifest.get('n')}; "
+                       f"{remedy(folder, manifest)}")
+    return Dataset(images=images, labels=labels, split=split, classes=list(manifest["classes"]),
+                   manifest=manifest)
 
 
 def counts(labels: np.ndarray, split: np.ndarray, classes: list[str]) -> dict[str, dict[str, int]]:

@@ -62,7 +62,10 @@ def fingerprint(refs: Sequence[str], params: Sequence[Any]) -> str:
     own part, each one's (size, mtime), is its meta's "inputs" (inputs_digest), checked before
     the shard is reused: known without a stat at listing, from the fstat its reader does."""
     h = hashlib.sha256(json.dumps([FORMAT, *params]).encode())
-    h.update("".join(f"{ref}\n" for ref in refs).encode())  # one update: a third of the time
+    # os.fsencode: a file name that is not valid UTF-8 (`good_\xff\xfe.png`, from a disk
+    # written elsewhere) is a str with surrogate escapes, which str.encode() refuses (ingest
+    # exited 70); fsencode gives back its bytes on disk, and UTF-8 names the same bytes as before.
+    h.update(os.fsencode("".join(f"{ref}\n" for ref in refs)))  # one update: a third of the time
     return h.hexdigest()[:32]
 
 
