@@ -271,7 +271,7 @@ class AuditParams(_Section):
     # probe that never saw it (confident learning needs out-of-sample probabilities).
     folds: Annotated[int, Field(ge=2, le=20)] = 5
     # Inverse L2 strength of the logistic-regression probe on standardised features.
-    probe_c: PositiveFloat = 0.1
+    probe_c: Annotated[float, Field(gt=0.0, le=1e6)] = 0.1
     # Near-duplicate across splits: a val/test image whose grey 8x8 thumbnail (mean removed,
     # unit length) has at least this cosine with an earlier split's image. On digits, resized
     # JPEG copies scored >= 0.998 and genuine look-alikes <= 0.990 (stages/core/imageissues.py).
@@ -289,7 +289,7 @@ class AuditParams(_Section):
     # set; null: off (the audit reports, never blocks).
     max_issue_fraction: Fraction | None = None
     # The backbone's one pass over every target image (features for the probe and duplicates).
-    batch_size: PositiveInt = 256
+    batch_size: BatchSize = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
