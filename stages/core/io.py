@@ -35,13 +35,13 @@ def disk_full(folder: Path, needed: int | None, err: OSError) -> DiskFull:
     named by the folder it is in: the one the user knows and can free space on)."""
     while _TEMP.match(folder.name):
         folder = folder.parent
+    need = f"needs {needed:,} bytes" if needed else "needs more space"
     if err.errno == errno.EFBIG:  # not the disk: a limit on one file's size
-        return DiskFull(f"file too large: writing into {folder} hit {_size_limit()} "
+        return DiskFull(f"file too large: writing into {folder} {need}, over {_size_limit()} "
                         f"({os.strerror(errno.EFBIG)}); raise it or write less, and run again")
     free = "?"
     with contextlib.suppress(OSError):
         free = f"{shutil.disk_usage(folder).free:,}"
-    need = f"needs {needed:,} bytes" if needed else "needs more space"
     return DiskFull(f"disk full: {folder} {need}, {free} bytes free "
                     f"({os.strerror(err.errno or errno.ENOSPC)}); free some space and run again")
 

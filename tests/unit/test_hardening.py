@@ -248,9 +248,10 @@ def test_predict_refuses_a_folder(tmp_path: Path) -> None:
 
 
 # -- a full disk ------------------------------------------------------------------------------
-# No disk here can be filled safely, and no small tmpfs can be mounted. RLIMIT_FSIZE makes the
-# kernel refuse writes (and preallocation) past a size in one child process, with EFBIG: the
-# same code path as ENOSPC (stages/core/io.py _NO_ROOM), on the real file system, no mocks.
+# RLIMIT_FSIZE makes the kernel refuse writes (and preallocation) past a size in one child
+# process, with EFBIG: the same code path as ENOSPC (stages/core/io.py _NO_ROOM), on the real
+# file system, no mocks; the line names the file-size limit, not a disk that is not full. A real
+# full disk (a small tmpfs) is in test_torch_write_faults.py.
 
 _LIMITED = """
 import resource, signal, sys
@@ -276,7 +277,8 @@ def test_ingest_on_a_full_disk_is_one_line_exit_75_and_leaves_nothing(tmp_path: 
     assert proc.returncode == 75, proc.stderr
     assert "Traceback" not in proc.stderr and "Bus error" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert "disk full" in line and str(out) in line and re.search(r"needs [0-9,]{7,} bytes", line), line
+    assert "file-size limit (RLIMIT_FSIZE" in line and str(out) in line, line
+    assert re.search(r"needs [0-9,]{7,} bytes", line), line
     assert not out.exists() or list(out.iterdir()) == []  # no .source.*.tmp left
 
 
@@ -305,7 +307,8 @@ def test_disk_full_names_folder_and_bytes_and_removes_the_temporary(tmp_path: Pa
                           timeout=120)
     assert proc.returncode == 75, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert f"disk full: {tmp_path}" in proc.stderr and "3,072,000 bytes" in proc.stderr
+    assert f"file too large: writing into {tmp_path}" in proc.stderr
+    assert "3,072,000 bytes" in proc.stderr and "1,000,000 bytes" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -439,7 +442,8 @@ def test_an_atomic_file_write_on_a_full_disk_is_disk_full_with_nothing_left(tmp_
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 75, proc.stderr
-    assert proc.stderr.startswith(f"export: transient failure (retry may help): disk full: {tmp_path} ")
+    assert proc.stderr.startswith(
+        f"export: transient failure (retry may help): file too large: writing into {tmp_path} ")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import evaluate, finetune, ingest, pretrain
+from stages import evaluate, finetune, ingest, pretrain, scratch
 from stages.core.dataset import load_dataset
 from stages.core.errors import BadInput
 from stages.core.models import ModelSpec, build_model, convert_in_channels, load_model_file
@@ -180,10 +180,11 @@ def test_grey_8px_source_finetunes_on_a_colour_12px_target(
     ingest.run(params, tmp_path / "data")
     pretrain.run(params, tmp_path / "data" / "source", tmp_path / "pre.pt", tmp_path / "ck1",
                  tmp_path / "pre.csv")
-    out = finetune.Outputs(*(tmp_path / n for n in ("ft.pt", "probe.pt", "sc.pt", "ck2",
-                                                    "ft.csv", "sc.csv")))
+    out = finetune.Outputs(*(tmp_path / n for n in ("ft.pt", "probe.pt", "ck2", "ft.csv")))
     with caplog.at_level(logging.INFO, logger="imagepipe.finetune"):
         finetune.run(params, tmp_path / "data" / "target", tmp_path / "pre.pt", out)
+    scratch.run(params, tmp_path / "data" / "target", tmp_path / "pre.pt",
+                scratch.Outputs(tmp_path / "sc.pt", tmp_path / "ck3", tmp_path / "sc.csv"))
     assert "pretrained at 8 px; it fine-tunes at the target's 12 px" in caplog.text
     assert "grey -> colour" in caplog.text and "backbone.0.0.weight" in caplog.text
     _, pre = load_model_file(tmp_path / "pre.pt")
@@ -192,7 +193,8 @@ def test_grey_8px_source_finetunes_on_a_colour_12px_target(
         assert (mf.spec.image_size, mf.spec.in_channels) == (12, 3)
         assert mf.mean == pre.mean * 3 and mf.std == pre.std * 3
     ev = evaluate.Outputs(*(tmp_path / n for n in ("ev.json", "pc.json", "cm.png", "cm.csv")))
-    m = evaluate.run(params, tmp_path / "data" / "target", out.finetuned, out.scratch, out.probe, ev)
+    m = evaluate.run(params, tmp_path / "data" / "target", out.finetuned, tmp_path / "sc.pt",
+                     out.probe, ev)
     assert m["n_test"] == 9 and m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
     assert m["majority_accuracy"] == pytest.approx(1 / 3)
     assert m["transfer_verdict"] in {"helped", "hurt", "inconclusive"}
