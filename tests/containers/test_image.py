@@ -70,8 +70,9 @@ def test_bind_mounted_checkout_of_another_uid(image: str, tmp_path: Path) -> Non
     (line,) = refused.stderr.strip().splitlines()
     assert f"owner {HOST_UID}:{HOST_UID}" in line and f"--user {HOST_UID}:{HOST_UID}" in line
 
-    # The README's way: the container runs as the folder's owner (HOME: a writable folder).
-    as_owner = ("--user", f"{HOST_UID}:{HOST_UID}", "-e", "HOME=/tmp", *mount)
+    # The README's way: the container runs as the folder's owner (HOME: a writable folder;
+    # USER: the image's /etc/passwd has no such uid, and DVC's getpwuid() fails without it).
+    as_owner = ("--user", f"{HOST_UID}:{HOST_UID}", "-e", "HOME=/tmp", "-e", "USER=owner", *mount)
     with step("bind-mounted checkout with --user (dvc repro ingest)"):
         done = run_in(image, "dvc", "repro", "ingest", options=as_owner)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
