@@ -33,7 +33,7 @@ DEPLOYMENT = "imagepipe-pipeline/nightly-docker"
 MODEL = "imagepipe-classifier"
 IMAGE_UID = 10001
 # A real run of all six stages, kept short: the point is where it runs, not the model.
-TINY = ["pretrain.epochs=2", "finetune.head_epochs=1", "finetune.full_epochs=2", "finetune.baseline=false",
+TINY = ["pretrain.epochs=2", "finetune.head_epochs=1", "finetune.full_epochs=2",
         "export.quantize_int8=false"]
 RUN_TIMEOUT_S = 1500
 
