@@ -59,3 +59,25 @@ lint-docker: install
 
 clean:
 	rm -rf data models checkpoints metrics plots mlflow.db mlruns mlartifacts
+
+# The worker image (deploy/Dockerfile) on a local Docker engine, with BuildKit; this machine's
+# pip configuration and CA bundle go in as build secrets (deploy/build-image.sh says which).
+# BASE_IMAGE: NVIDIA's CUDA runtime (GPU hosts, the default) or any Debian/Ubuntu with
+# Python >= 3.11 (CPU), e.g. make image BASE_IMAGE=imagepipe-base:bookworm IMAGE=imagepipe:cpu
+IMAGE ?= imagepipe:dev
+BASE_IMAGE ?= nvidia/cuda:13.0.1-runtime-ubuntu24.04
+.PHONY: image base-image test-containers
+image:
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) nice -n 10 deploy/build-image.sh
+
+# A Debian 12 base (Python 3.11) made with debootstrap, for hosts that reach Debian's mirror
+# but no image registry (root).
+BASE_NAME ?= imagepipe-base:bookworm
+base-image:
+	deploy/debian-base.sh $(BASE_NAME)
+
+# The image built and run for real (tests/containers/): the engine (installed and started when
+# missing; root), the base, the image, then the CLI as uid 10001, a nightly-docker flow run on a
+# Docker work pool, a bind-mounted checkout. CONTAINER_BASE_IMAGE=NAME skips debootstrap.
+test-containers: install
+	IMAGEPIPE_CONTAINER_TESTS=1 $(PY) -m pytest -p no:cacheprovider -n 0 --timeout=5400 tests/containers -v -s

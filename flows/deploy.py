@@ -52,10 +52,11 @@ def healthy(api_url: str) -> bool:
     return False
 
 
-def start_server(port: int, env: dict[str, str], log: Path,
-                 services: bool = True) -> subprocess.Popen[bytes]:
-    """`prefect server start` on 127.0.0.1 only, in its own process group."""
-    args = ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"]
+def start_server(port: int, env: dict[str, str], log: Path, services: bool = True,
+                 host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+    """`prefect server start` on 127.0.0.1 only (or the one address `host`: a Docker network's
+    gateway, for containers), in its own process group."""
+    args = ["server", "start", "--host", host, "--port", str(port), "--analytics-off"]
     args += [] if services else ["--no-services", "--no-ui"]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:

@@ -86,7 +86,7 @@ def probe_value(name: str, schema: dict[str, Any]) -> Any:
     if "integer" in kinds:
         return 7
     if "array" in kinds and schema.get("items", {}).get("type") == "string":
-        return ["probe"]
+        return ["/probe:/probe"] if name == "volumes" else ["probe"]  # Docker: HOST:CONTAINER
     if "array" in kinds:
         return [{"key": "probe", "operator": "Exists", "effect": "NoSchedule"}]
     if "object" in kinds:
@@ -165,8 +165,8 @@ def test_k8s_job_renders_and_validates(extra: dict[str, Any]) -> None:
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
     assert pod["nodeSelector"] == ({"nvidia.com/gpu.product": extra["gpu_type"]}
                                    if "gpu_type" in extra else {})
-    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory",
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert len(pod["volumes"]) == 1 and pod["volumes"][0]["emptyDir"] == {"medium": "Memory",
                                              "sizeLimit": extra.get("shm_size", "16Gi")}
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_TRACKING_URI"]["value"] == K8S_VALUES["mlflow_tracking_uri"]
@@ -180,6 +180,19 @@ def test_k8s_job_renders_and_validates(extra: dict[str, Any]) -> None:
     assert manifest["spec"]["backoffLimit"] == 0
     assert manifest["spec"]["ttlSecondsAfterFinished"] == 3600
     assert config.pod_watch_timeout_seconds == 900  # a cold GPU node needs minutes
+
+
+def test_k8s_extra_volume_is_mounted_beside_shm() -> None:
+    """The Docker pool's extra volumes, the Kubernetes way: one more pod volume and its mount
+    (unset: the lists hold /dev/shm alone, as the case above checks)."""
+    extra = {"volume": {"name": "data", "persistentVolumeClaim": {"claimName": "imagepipe-data"}},
+             "volume_mount": {"name": "data", "mountPath": "/data"}}
+    manifest = render(load(K8S_TEMPLATE), KubernetesWorkerJobConfiguration,
+                      {**K8S_VALUES, **extra}).job_manifest
+    k8s_valid(manifest)
+    pod = _pod(manifest)
+    assert [v["name"] for v in pod["volumes"]] == ["dshm", "data"]
+    assert pod["containers"][0]["volumeMounts"][1] == extra["volume_mount"]
 
 
 def test_k8s_template_requires_what_has_no_sane_default() -> None:
@@ -215,14 +228,24 @@ def docker_create_args(values: dict[str, Any]) -> dict[str, Any]:
     return _create_container_args({**settings, "version": "1.47"})
 
 
-@pytest.mark.parametrize("gpus", [1, -1])
-def test_docker_container_gets_gpus_shm_and_credentials(gpus: int) -> None:
-    args = docker_create_args({**DOCKER_VALUES, "gpu_count": gpus})
+GPU = {"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}
+
+
+@pytest.mark.parametrize(("requests", "expected"), [
+    (None, [("nvidia", 1, [["gpu"]])]),  # the pool's default: one GPU
+    ([{**GPU, "count": -1}], [("nvidia", -1, [["gpu"]])]),  # all of the host's
+    ([], []),  # CPU: a host without NVIDIA's toolkit refuses any nvidia entry
+])
+def test_docker_container_gets_gpus_shm_and_credentials(requests: list[dict[str, Any]] | None,
+                                                        expected: list[Any]) -> None:
+    values = DOCKER_VALUES if requests is None else {**DOCKER_VALUES, "device_requests": requests}
+    args = docker_create_args(values)
     host = args["host_config"]
-    (request,) = host["DeviceRequests"]
-    assert (request["Driver"], request["Count"], request["Capabilities"]) == ("nvidia", gpus, [["gpu"]])
+    assert [(r["Driver"], r["Count"], r["Capabilities"]) for r in host["DeviceRequests"]] == expected
     assert host["ShmSize"] == 16 * 1024**3
-    assert host["Binds"] == ["/srv/imagepipe/credentials:/run/secrets/imagepipe:ro"]
+    assert host["Mounts"] == [{"Type": "bind", "Source": "/srv/imagepipe/credentials",
+                               "Target": "/run/secrets/imagepipe", "ReadOnly": True}]
+    assert "Binds" not in host  # no extra volumes unless asked
     assert host["AutoRemove"] is True
     assert args["user"] == "10001:10001"
     env = args["environment"]
@@ -230,9 +253,16 @@ def test_docker_container_gets_gpus_shm_and_credentials(gpus: int) -> None:
     assert env["MLFLOW_TRACKING_URI"] == DOCKER_VALUES["mlflow_tracking_uri"]
 
 
+def test_docker_extra_volumes_are_mounted_beside_the_credentials() -> None:
+    volumes = ["/srv/data:/data:ro", "/srv/dvc-cache:/cache"]
+    host = docker_create_args({**DOCKER_VALUES, "volumes": volumes})["host_config"]
+    assert host["Binds"] == volumes
+    assert host["Mounts"][0]["Target"] == "/run/secrets/imagepipe"
+
+
 def test_docker_rejects_a_bad_gpu_count() -> None:
     with pytest.raises(ValueError, match="count must be an integer"):
-        docker_create_args({**DOCKER_VALUES, "gpu_count": "all"})
+        docker_create_args({**DOCKER_VALUES, "device_requests": [{**GPU, "count": "all"}]})
 
 
 # --- multi-node training (flows/k8s.py) --------------------------------------------------------
@@ -409,6 +439,6 @@ def test_the_server_accepts_the_template_and_the_deployment_s_variables(kind: st
     with pytest.raises(ValidationError):  # a required variable left out
         validate({k: v for k, v in values.items() if k != "image"}, template["variables"],
                  raise_on_error=True, preprocess=True)
+    gpus = {"gpu_count": "two"} if kind == "k8s" else {"device_requests": [{"count": "two"}]}
     with pytest.raises(ValidationError):
-        validate({**values, "gpu_count": "two"}, template["variables"], raise_on_error=True,
-                 preprocess=True)
+        validate({**values, **gpus}, template["variables"], raise_on_error=True, preprocess=True)
