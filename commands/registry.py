@@ -38,6 +38,7 @@ import numpy as np
 
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
+from stages.core.host import project_root
 from stages.core.tracking.remote import call
 from stages.params import RegistryParams, load_params
 
@@ -364,7 +365,7 @@ def promote_main(argv: list[str] | None = None) -> int:
 
     def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
         d = call("commands.registry:promote", promote, registry_params(args), args.data,
-                 model=args.model, force=args.force)
+                 project_root(), model=args.model, force=args.force)
         verdict = "promoted" if d.promoted else "not promoted"
         now = _version(d.current_champion_version, "no champion")
         _print(asdict(d), args.json, f"{d.model_name} v{d.challenger_version} {verdict}: "
