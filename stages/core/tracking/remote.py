@@ -26,6 +26,7 @@ handle with the StageRun interface the stage door uses (`finish`, `finished`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -35,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
@@ -260,7 +261,8 @@ class RemoteStageRun:
         restore_env(self._saved_env)
         assert self.conn is not None
         try:
-            reply = request(self.conn, {"op": "finish", "code": code, "outcome": outcome},
+            reply = request(self.conn, {"op": "finish", "code": code,
+                                        "outcome": _absolute_paths(outcome)},
                             _seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
         except AgentStalled as err:
             # It may yet wake and finish the run itself: finishing it here too would log it
@@ -360,6 +362,16 @@ def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> A
         kind, text = raised
         raise {"BadInput": BadInput, "Transient": Transient}.get(kind, RuntimeError)(text)
     return reply.get("result")
+
+
+def _absolute_paths(outcome: object) -> object:
+    """What the body returned (export's Registration), its relative paths made the stage's:
+    the agent works in a folder of its own."""
+    if not dataclasses.is_dataclass(outcome) or isinstance(outcome, type):
+        return outcome
+    changes = {f.name: _absolute(getattr(outcome, f.name)) for f in dataclasses.fields(outcome)
+               if isinstance(getattr(outcome, f.name), PurePath)}
+    return dataclasses.replace(outcome, **changes) if changes else outcome
 
 
 def _absolute(value: Any) -> Any:
