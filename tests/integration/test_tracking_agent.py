@@ -212,6 +212,19 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> N
         time.sleep(0.05)
 
 
+def ended_or_failed(proc: subprocess.Popen[str], stopped: int) -> str:
+    """The stage's stderr once it ends; a failure if it hangs on the stopped agent (woken
+    again either way)."""
+    try:
+        try:
+            return proc.communicate(timeout=150)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the stage hung on the stopped agent: {proc.communicate()}")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_stopped_agent_costs_a_stage_a_bounded_wait_then_it_tracks_in_process(
         tracked: Path) -> None:
     """SIGSTOP the agent: a stage no longer hangs on it (the old stage had no socket timeout
@@ -219,15 +232,8 @@ def test_a_stopped_agent_costs_a_stage_a_bounded_wait_then_it_tracks_in_process(
     run in its own process."""
     pid = running_agent(tracked)
     os.kill(pid, signal.SIGSTOP)
-    try:
-        proc = stage(tracked, "0.65")
-        try:
-            _, err = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail(f"the stage hung on the stopped agent: {proc.communicate()}")
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    proc = stage(tracked, "0.65")
+    err = ended_or_failed(proc, pid)
     assert proc.returncode == 0, err
     assert "did not answer the handshake" in err and "tracking in this process instead" in err
     assert json.loads((tracked / "mlflow_imported.json").read_text()) is True
@@ -238,16 +244,9 @@ def test_a_stopped_agent_costs_a_stage_a_bounded_wait_then_it_tracks_in_process(
 def test_an_agent_stopped_while_it_closes_the_run_is_exit_75_saying_so(tracked: Path) -> None:
     pid = running_agent(tracked)
     proc = stage(tracked, "0.6", "3")  # its body sleeps 3 s, its run held by the agent
-    try:
-        wait_for(tracked / "seen.json", proc)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            _, err = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail(f"the stage hung on the stopped agent: {proc.communicate()}")
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    wait_for(tracked / "seen.json", proc)
+    os.kill(pid, signal.SIGSTOP)
+    err = ended_or_failed(proc, pid)
     assert proc.returncode == 75, err
     assert f"the tracking agent (pid {pid}) is stopped" in err, err
     assert "the stage's outputs were written" in err

@@ -114,6 +114,17 @@ def _kernel_timeouts(conn: Connection | socket.socket, receive_s: float, send_s:
                          struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
 
+def _handshake(conn: Connection, seconds: float, *, answer_first: bool) -> None:
+    """The HMAC challenge both ways, each read and write bounded by `seconds`: the stage
+    answers first (as multiprocessing.connection.Client does), the agent challenges first."""
+    _kernel_timeouts(conn, seconds, seconds)
+    key = auth_key()
+    steps = (answer_challenge, deliver_challenge) if answer_first else (deliver_challenge,
+                                                                          answer_challenge)
+    for step in steps:
+        step(conn, key)
+
+
 def dial(path: Path, timeout: float = HANDSHAKE_S) -> Connection | None:
     """An authenticated connection to the agent at `path`; None when none listens there (no
     socket, a stale one, or an agent closing as we came). AgentUnavailable when one listens but
@@ -132,10 +143,7 @@ def dial(path: Path, timeout: float = HANDSHAKE_S) -> Connection | None:
     sock.settimeout(None)  # blocking again; the kernel's timeouts bound each read and write
     conn = Connection(sock.detach())
     try:
-        _kernel_timeouts(conn, timeout, timeout)
-        key = auth_key()
-        answer_challenge(conn, key)
-        deliver_challenge(conn, key)
+        _handshake(conn, timeout, answer_first=True)
     except (EOFError, ConnectionError):
         conn.close()
         return None
@@ -157,10 +165,7 @@ def accept(sock: socket.socket) -> Connection | None:
     sock.settimeout(None)
     conn = Connection(sock.detach())
     try:
-        _kernel_timeouts(conn, HANDSHAKE_S, HANDSHAKE_S)
-        key = auth_key()
-        deliver_challenge(conn, key)
-        answer_challenge(conn, key)
+        _handshake(conn, HANDSHAKE_S, answer_first=False)
         _kernel_timeouts(conn, 0, SEND_S)  # a stage holds its connection for its whole body
     except Exception:  # noqa: BLE001 - any handshake failure: drop this connection only
         conn.close()
