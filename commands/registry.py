@@ -11,7 +11,7 @@ the replaced champion keeps the alias `previous-champion`. `--json` prints it as
 Two refusals only `--force` overrides (the reason says so): a challenger whose `onnx.sha256` tag
 is not the sha256 of this workspace's models/model.onnx (the export that made it failed or did
 not register it: the challenger is an older model), and a rolled-back one (version tag
-`rolled_back=true`). It runs in the tracking agent when one is up (remote.py's `call`).
+`rolled_back=true`). It runs in the tracking agent when one is up (agentcall.py).
 
 rollback: `champion` back to `previous-champion`; `previous-champion` then steps one further
 back (the predecessor recorded when that version was promoted), so rollbacks walk history. The
@@ -40,7 +40,7 @@ from commands.gate import decide, hits, load_test_split, majority_floor
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
 from stages.core.host import project_root
-from stages.core.tracking.remote import call
+from stages.core.tracking.agentcall import call
 from stages.params import RegistryParams, load_params
 
 # Compare-and-set rounds before giving up (each one re-scores against the moved champion).

@@ -5,7 +5,7 @@ keeps the MLflow runs of the stages that connect to it (remote.py says why, chan
 <tmp>/imagepipe-<uid>/KEY.sock first, so stages can connect at once, then imports mlflow and
 everything a run needs while they wait. Each connection is one stage's run, served by a thread
 of its own: "start" opens it, "finish" closes it, a dropped connection ends it FAILED; "call"
-runs one of remote.CALLABLE (`imagepipe promote`). Requests run side by side: only the opening
+runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side: only the opening
 of runs is serialised (the store's first touch), never a registration or a promotion. The
 process's environment is the one its key names (channel.code_key) and its folder its own: no
 request swaps either (the live-curve threads of other runs log all the while). What a request
@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.tracking.agentcall import CALLABLE
 from stages.core.tracking.channel import accept, agents_dir
-from stages.core.tracking.remote import CALLABLE, idle_s
+from stages.core.tracking.remote import idle_s
 
 log = logging.getLogger("imagepipe.tracking.agent")
 
@@ -216,7 +217,7 @@ class Agent:
         return None, {"code": run.finish(int(message["code"]), message.get("outcome"))}
 
     def _call(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """One of remote.CALLABLE with the caller's arguments; what it raised, as (kind, text)."""
+        """One of agentcall.CALLABLE with the caller's arguments; what it raised, as (kind, text)."""
         target = message.get("target")
         if target not in CALLABLE:
             return None, {"raised": ("BadInput", f"the tracking agent does not run {target!r}")}

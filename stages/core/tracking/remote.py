@@ -67,7 +67,7 @@ START_WAIT_S = 60.0
 # a stopped agent is seen within channel.HANDSHAKE_S whatever this says.
 DEFAULT_FINISH_S = 900.0
 
-__all__ = ["AGENT_ENV", "AgentUnavailable", "CODE", "call", "connect_agent", "prewarm",
+__all__ = ["AGENT_ENV", "AgentUnavailable", "CODE", "connect_agent", "prewarm",
            "start_stage_run", "stop_agents"]
 
 
@@ -75,7 +75,7 @@ def agent_enabled() -> bool:
     return os.environ.get(AGENT_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
-def _seconds(env: str, default: float) -> float:
+def seconds(env: str, default: float) -> float:
     try:
         return max(1.0, float(os.environ.get(env, default)))
     except ValueError:
@@ -83,27 +83,29 @@ def _seconds(env: str, default: float) -> float:
 
 
 def idle_s() -> float:
-    return _seconds(IDLE_ENV, DEFAULT_IDLE_S)
+    return seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 # ------------------------------------------------------------------ reaching the agent
 
-def _spawn(key: str) -> subprocess.Popen[bytes]:
+def _spawn(key: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start the agent for this code, detached: its own session (a stage's process group
     being killed does not kill it) and no inherited stdout/stderr (DVC and Prefect wait for
-    those pipes to close). It inherits this environment: the one its key names."""
+    those pipes to close). Its environment is the one its key names (this process's, or the
+    stages' the flow will start: `env`)."""
     folder = agents_dir()
     with open(folder / f"{key}.log", "ab") as logfile:
         return subprocess.Popen(
             [sys.executable, "-m", "stages.core.tracking.agent", key, str(CODE)], cwd=CODE,
             stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True,
-            close_fds=True)
+            close_fds=True, env=env)
 
 
-def connect_agent(wait: bool = True) -> Connection | None:
-    """A connection to this code's agent, starting it if none runs; None (with `wait` False)
-    when it was only started. AgentUnavailable (saying what happened) when none can be used."""
-    key = code_key()
+def connect_agent(wait: bool = True, env: dict[str, str] | None = None) -> Connection | None:
+    """A connection to the agent for this code and environment (`env`, default this
+    process's), starting it if none runs; None (with `wait` False) when it was only started.
+    AgentUnavailable (saying what happened) when none can be used."""
+    key = code_key(env=env)
     path = socket_path(key)
     conn = dial(path)
     if conn is not None:
@@ -123,7 +125,7 @@ def connect_agent(wait: bool = True) -> Connection | None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a dead agent's socket
         try:
-            proc = _spawn(key)
+            proc = _spawn(key, env)
         except OSError as err:
             raise AgentUnavailable(f"cannot start the tracking agent: {err}") from err
         lock.seek(0)
@@ -156,13 +158,14 @@ def _await(path: Path, alive: Callable[[], bool]) -> tuple[Connection | None, fl
         time.sleep(0.02)
 
 
-def prewarm() -> None:
-    """Start the agent now if none runs (the flow does, before its first stage), without
-    waiting: its mlflow import then overlaps DVC's own start-up."""
+def prewarm(env: dict[str, str] | None = None) -> None:
+    """Start the agent for the stages that will run with `env` now, if none runs (the flow
+    does, before its first stage), without waiting: its mlflow import then overlaps DVC's own
+    start-up."""
     if not agent_enabled():
         return
     with contextlib.suppress(AgentUnavailable, OSError):
-        conn = connect_agent(wait=False)
+        conn = connect_agent(wait=False, env=env)
         if conn is not None:
             conn.close()
 
@@ -235,7 +238,7 @@ class RemoteStageRun:
             conn.close()
             raise AgentUnavailable("the tracking agent closed the connection before it "
                                    "answered 'start' (it exited or was killed)")
-        _relay(reply)
+        relay(reply)
         run.conn, run.pid, run.failure = conn, peer_pid(conn), reply.get("failed")
         run.ids = {k: reply.get(k) for k in ("run_id", "parent_id", "tags")}
         env = reply.get("env") or {}
@@ -263,7 +266,7 @@ class RemoteStageRun:
         try:
             reply = request(self.conn, {"op": "finish", "code": code,
                                         "outcome": _absolute_paths(outcome)},
-                            _seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
+                            seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
         except AgentStalled as err:
             # It may yet wake and finish the run itself: finishing it here too would log it
             # twice. The outputs are written; the flow retries.
@@ -278,7 +281,7 @@ class RemoteStageRun:
                   f"the run; finishing run {self.ids.get('run_id')} in this process",
                   file=sys.stderr, flush=True)
             return self._in_process().finish(code, outcome)
-        _relay(reply)
+        relay(reply)
         return int(reply["code"])
 
     def _in_process(self) -> Any:
@@ -309,7 +312,7 @@ class _Untracked:
         return code
 
 
-def _relay(reply: dict[str, Any]) -> None:
+def relay(reply: dict[str, Any]) -> None:
     """What the agent logged and printed for this stage, in the stage's own stderr."""
     for name, level, message in reply.get("logs") or []:
         logging.getLogger(name).log(level, "%s", message)
@@ -319,62 +322,17 @@ def _relay(reply: dict[str, Any]) -> None:
         sys.stderr.flush()
 
 
-# ------------------------------------------------------------------ a verb run by the agent
-
-# What `call` may ask the agent to run ("module:function" under the code folder it serves).
-CALLABLE = frozenset({"commands.registry:promote"})
-
-
-def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """local(*args, **kwargs), run by this code's tracking agent when tracking is on and one can
-    be reached, else here. The agent has mlflow imported and its store open: `imagepipe promote`
-    right after a pipeline run is ~0.5 s there instead of ~5 s in a new process (most of that the
-    import). Arguments and result cross a pickle; relative Path arguments are made absolute here
-    (the agent has a folder of its own; its environment is the caller's tracking environment,
-    which chose the agent: channel.code_key). BadInput and Transient come back as themselves;
-    anything else raised there is a RuntimeError here, its traceback relayed. An agent stopped
-    mid-call is Transient (it may still act: running it here too could race)."""
-    from stages.core.tracking.store import tracking_enabled
-
-    if not (agent_enabled() and tracking_enabled()) or target not in CALLABLE:
-        return local(*args, **kwargs)
-    try:
-        conn = connect_agent()
-    except (AgentUnavailable, OSError) as err:
-        log.info("%s; running %s in this process", err, target)
-        return local(*args, **kwargs)
-    assert conn is not None
-    # The agent runs in its own folder: a relative path means the caller's.
-    args = tuple(_absolute(a) for a in args)
-    kwargs = {k: _absolute(v) for k, v in kwargs.items()}
-    with conn:
-        try:
-            reply = request(conn, {"op": "call", "target": target, "args": args,
-                                   "kwargs": kwargs}, _seconds(FINISH_ENV, DEFAULT_FINISH_S),
-                            peer_pid(conn))
-        except AgentStalled as err:  # it may still be at work: running it here too could race
-            raise Transient(f"{target}: {err}") from None
-    if reply is None:  # the agent died (or was exiting as we connected): do it here
-        return local(*args, **kwargs)
-    _relay(reply)
-    raised = reply.get("raised")
-    if raised:
-        kind, text = raised
-        raise {"BadInput": BadInput, "Transient": Transient}.get(kind, RuntimeError)(text)
-    return reply.get("result")
-
-
 def _absolute_paths(outcome: object) -> object:
     """What the body returned (export's Registration), its relative paths made the stage's:
     the agent works in a folder of its own."""
     if not dataclasses.is_dataclass(outcome) or isinstance(outcome, type):
         return outcome
-    changes = {f.name: _absolute(getattr(outcome, f.name)) for f in dataclasses.fields(outcome)
+    changes = {f.name: absolute(getattr(outcome, f.name)) for f in dataclasses.fields(outcome)
                if isinstance(getattr(outcome, f.name), PurePath)}
     return dataclasses.replace(outcome, **changes) if changes else outcome
 
 
-def _absolute(value: Any) -> Any:
+def absolute(value: Any) -> Any:
     return Path.cwd() / value if isinstance(value, Path) and not value.is_absolute() else value
 
 
