@@ -5,11 +5,12 @@ keeps the MLflow runs of the stages that connect to it (remote.py says why, chan
 <tmp>/imagepipe-<uid>/KEY.sock first, so stages can connect at once, then imports mlflow and
 everything a run needs while they wait. Each connection is one stage's run, served by a thread
 of its own: "start" opens it, "finish" closes it, a dropped connection ends it FAILED; "call"
-runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side: only the opening
-of runs is serialised (the store's first touch), never a registration or a promotion. The
-process's environment is the one its key names (channel.code_key) and its folder its own: no
-request swaps either (the live-curve threads of other runs log all the while). What a request
-logs and prints goes back in its reply. Exits after the idle time with no stage connected,
+runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side, except that
+runs open and close one at a time (the store's first touch; registration's use of mlflow's
+process-wide URI): a promotion never waits for them. The process's environment is the one
+its key names (channel.code_key) and its folder its own: no request swaps either (the
+live-curve threads of other runs log all the while). What a request logs and prints goes back
+in its reply. Exits after the idle time with no stage connected,
 when its code folder is gone, or after "stop" once the stages it serves are done (draining).
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.host import restore_env
 from stages.core.tracking.agentcall import CALLABLE
 from stages.core.tracking.channel import accept, agents_dir
 from stages.core.tracking.remote import idle_s
@@ -80,7 +82,9 @@ class Agent:
         self.path = agents_dir() / f"{key}.sock"
         self.streams = streams
         self.counts = threading.Lock()  # `connected` and `last_seen`
-        self.opening = threading.Lock()  # runs open one at a time (the store's first touch)
+        # Runs open and close one at a time: the store's first touch, and registration's use
+        # of mlflow's process-wide (fluent) tracking URI. Promotions and live curves go on.
+        self.opening = threading.Lock()
         self.connected = 0
         self.last_seen = time.monotonic()
         self.draining = threading.Event()  # asked to stop: no new stages, exit when done
@@ -159,12 +163,13 @@ class Agent:
         """(this connection's run after `message`, the reply)."""
         op = message.get("op")
         if op == "start" and run is None:
-            with self.opening:
+            with self.opening, _fluent_uri_kept():
                 return self._captured(self._start, message)
         if op == "finish":  # no run (tracking off, no such stage): the body's code stands
             if run is None:
                 return None, {"code": int(message["code"])}
-            return None, self._captured(self._finish, run, message)[1]
+            with self.opening, _fluent_uri_kept():
+                return None, self._captured(self._finish, run, message)[1]
         if op == "call":
             return run, self._captured(self._call, message)[1]
         if op == "stop":
@@ -233,6 +238,17 @@ class Agent:
             traceback.print_exc()
             return None, {"raised": ("bug", f"in the tracking agent: {type(err).__name__}: "
                                             f"{err}")}
+
+
+@contextlib.contextmanager
+def _fluent_uri_kept() -> Iterator[None]:
+    """mlflow.set_tracking_uri (registration's fluent API) also exports MLFLOW_TRACKING_URI:
+    left there, the next project's run would go to this one's store. Put back as it was."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        yield
+    finally:
+        restore_env(saved)
 
 
 def _warm() -> None:
