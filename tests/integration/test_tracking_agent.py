@@ -201,6 +201,7 @@ def running_agent(tracked: Path) -> int:
         assert proc.returncode == 0, err
         pid = agent_pid()
     assert pid is not None
+    (tracked / "seen.json").unlink(missing_ok=True)  # the next stage's body writes it anew
     return pid
 
 
@@ -261,7 +262,6 @@ def test_the_agent_killed_mid_run_under_dvc_repro_the_stage_still_exits_0_and_lo
     write_dvc_yaml(tracked, {"evaluate": {**EVALUATE, "cmd": f"{sys.executable} stage.py 0.7 4"}})
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tracked, env=stage_env(), check=True)
-    (tracked / "seen.json").unlink(missing_ok=True)
     proc = subprocess.Popen([dvc, "repro"], cwd=tracked, env=stage_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -293,7 +293,7 @@ def test_stop_drains_the_agent_a_stage_is_using(tracked: Path) -> None:
         assert stop_agents(REPO) >= 1
         assert agent_pid() is None  # no new stage reaches it
         time.sleep(3)
-        assert _alive(pid) and proc.poll() is None  # still serving the stage that runs
+        assert _alive(pid) and proc.poll() is None, proc.communicate()  # still serving it
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
