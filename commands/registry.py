@@ -12,7 +12,7 @@ the replaced champion keeps the alias `previous-champion`. `--json` prints it as
 Two refusals only `--force` overrides (the reason says so): a challenger whose `onnx.sha256` tag
 is not the sha256 of this workspace's models/model.onnx (the export that made it failed or did
 not register it: the challenger is an older model), and a rolled-back one (version tag
-`rolled_back=true`). It runs in the tracking agent when one is up (remote.py's `call`).
+`rolled_back=true`). It runs in the tracking agent when one is up (agentcall.py).
 
 Concurrency: alias moves (promote's, rollback's) hold a lock (a file on this machine; against
 a server also one held on the server), and promote re-reads the champion just before moving it
@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from commands.gate import decide, hits, load_test_split, majority_floor
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
-from stages.core.tracking.remote import call
+from stages.core.host import project_root
+from stages.core.tracking.agentcall import call
 from stages.params import RegistryParams, load_params
 
-# Accuracies are means over the same images: equal counts are equal, whatever the float noise.
-_TOLERANCE = 1e-9
 # Compare-and-set rounds before giving up (each one re-scores against the moved champion).
 _ROUNDS = 3
 
@@ -90,63 +90,6 @@ class Decision:
         }
 
 
-def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(uint8 images, true class names, images sha256) of the dataset's test split."""
-    from stages.core.dataset import load_dataset
-
-    ds = load_dataset(folder)
-    images, labels = ds.part("test")
-    if len(images) == 0:
-        raise BadInput(f"{folder}: the test split is empty: nothing to score the models on")
-    names = np.asarray(ds.classes, dtype=object)[labels]
-    return images, names, str(ds.manifest.get("sha256", {}).get("images.npy", ""))
-
-
-def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per image, whether an exported model's top-1 class is right, comparing class *names* (a
-    model that knows other classes than today's data simply gets those images wrong)."""
-    from stages.core.onnxio import make_session, predict_logits, read_metadata
-
-    session = make_session(onnx_path)  # only providers that load here: no CUDA spam on a CPU
-    classes = np.asarray(read_metadata(session)["classes"], dtype=object)
-    predicted = classes[predict_logits(session, images).argmax(axis=1)]
-    return predicted == truth
-
-
-def accuracy(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> float:
-    """Top-1 accuracy of an exported model on (images, true class names)."""
-    return float(np.mean(hits(onnx_path, images, truth)))
-
-
-def majority_floor(truth: np.ndarray) -> tuple[float, str]:
-    """(accuracy of always answering the most frequent class, that class) of a test split."""
-    names, counts = np.unique(truth.astype(str), return_counts=True)
-    return float(counts.max() / counts.sum()), str(names[counts.argmax()])
-
-
-def decide(challenger_acc: float, champion_acc: float | None, parity: str,
-           min_improvement: float, *, ci: tuple[float, float] | None = None,
-           majority: tuple[float, str] | None = None) -> tuple[bool, str]:
-    """(promote?, why). `ci`: the challenger's 95% bootstrap interval; `majority`: the
-    majority-class accuracy of the same test images and that class. With both, a challenger
-    whose interval does not clear the floor is refused, whatever the champion."""
-    if parity != "true":
-        return False, f"challenger's ONNX parity is {parity!r}, not passed"
-    if ci is not None and majority is not None and ci[0] <= majority[0] + _TOLERANCE:
-        return False, (f"challenger accuracy {challenger_acc:.4f} (95% CI [{ci[0]:.4f}, "
-                       f"{ci[1]:.4f}]) does not clear the majority-class accuracy "
-                       f"{majority[0]:.4f} (always answering {majority[1]!r}): not shown to be "
-                       "better than a constant answer on these test images")
-    if champion_acc is None:
-        return True, "no champion yet: the first version becomes champion"
-    needed = champion_acc + min_improvement
-    if challenger_acc + _TOLERANCE >= needed:
-        return True, (f"challenger accuracy {challenger_acc:.4f} >= champion {champion_acc:.4f} "
-                      f"+ min_improvement {min_improvement}")
-    return False, (f"challenger accuracy {challenger_acc:.4f} < champion {champion_acc:.4f} + "
-                   f"min_improvement {min_improvement}")
-
-
 @dataclass(frozen=True)
 class Workspace:
     """What the challenger is checked against: this checkout's exported model."""
@@ -179,13 +122,17 @@ def refusal(challenger: Any, onnx_path: Path) -> str | None:
 
 
 def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarray, np.ndarray],
-           scratch: Path) -> np.ndarray | None:
-    """Per-image hits of models:/NAME@ALIAS; None when the alias moved away from `expected`
-    meanwhile (the caller then decides again)."""
+           scratch: Path, scores: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Per-image hits of models:/NAME@ALIAS (a version scored in an earlier round is not
+    scored again); None when the alias moved away from `expected` meanwhile (the caller then
+    decides again)."""
+    if expected in scores:
+        return scores[expected]
     version, onnx_path = reg.download(name, alias, scratch / alias)
     if version != expected:
         return None
-    return hits(onnx_path, *test)
+    scores[expected] = hits(onnx_path, *test)
+    return scores[expected]
 
 
 def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
@@ -208,8 +155,8 @@ def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
 
 
 def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
-           scratch: Path, ws: Workspace) -> Decision | None:
-    """One compare-and-set round; None when an alias moved under it."""
+           scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]) -> Decision | None:
+    """One round's decision, scored without the lock; None when an alias moved under it."""
     from stages.core.tracking import CHALLENGER, CHAMPION
 
     name = params.model_name
@@ -234,11 +181,12 @@ def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray]
     if blocked and not ws.force:
         return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
                         reason=blocked, **base)
-    chal_hits = _score(reg, name, CHALLENGER, challenger.version, test, scratch)
+    chal_hits = _score(reg, name, CHALLENGER, challenger.version, test, scratch, scores)
     champ_acc, note = None, ""
     if champion is not None:
         try:
-            champ_hits = _score(reg, name, CHAMPION, champion.version, test, scratch)
+            champ_hits = _score(reg, name, CHAMPION, champion.version, test, scratch,
+                                scores)
         except BadInput as err:  # e.g. made for another image size: it cannot serve today's data
             champ_hits, note = np.zeros(n, dtype=bool), f"; champion cannot score today's data ({err})"
         if champ_hits is None:
@@ -290,28 +238,39 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
             missing_ok: bool = False) -> Decision:
     """Decide and apply one promotion (see the module doc). `model`: this workspace's exported
     model, which the challenger must be; `force`: promote a stale or rolled-back one anyway;
-    `missing_ok`: no challenger at all is "nothing to promote", not bad input."""
-    from stages.core.tracking import CHAMPION, Registry
+    `missing_ok`: no challenger at all is "nothing to promote", not bad input. Downloads and
+    scoring happen without the lock (minutes on a large test split); under it, only the
+    compare-and-set and the alias moves."""
+    from stages.core.tracking import CHALLENGER, CHAMPION, Registry
+    from stages.core.tracking.registry import LockLost
 
+    name = params.model_name
     reg = Registry.connect(root)
     if missing_ok and (nothing := nothing_to_promote(reg, params)) is not None:
         return nothing
     images, truth, _ = load_test_split(data)
-    before = reg.alias(params.model_name, CHAMPION)
+    before = reg.alias(name, CHAMPION)
     ws = Workspace(model, force, before.version if before else None)
-    with reg.lock(params.model_name), reg.scratch_dir() as tmp:
+    scores: dict[str, np.ndarray] = {}
+    with reg.scratch_dir() as tmp:
         for attempt in range(_ROUNDS):
             decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt),
-                              ws)
+                              ws, scores)
             if decision is None:
                 continue
-            # Compare-and-set: the champion must still be the one we compared with.
-            now = reg.alias(params.model_name, CHAMPION)
-            if (now.version if now else None) != decision.champion_version:
-                continue
-            return _apply(reg, decision)
-    raise Transient(f"the aliases of {params.model_name} kept moving during {_ROUNDS} "
-                    "promotion rounds; run promote again")
+            try:
+                with reg.lock(name):
+                    # Compare-and-set: both aliases must still be the versions decided on.
+                    champion, challenger = reg.alias(name, CHAMPION), reg.alias(name, CHALLENGER)
+                    if ((champion.version if champion else None) != decision.champion_version
+                            or (challenger.version if challenger else None)
+                            != decision.challenger_version):
+                        continue
+                    return _apply(reg, decision)
+            except LockLost as err:  # stalled past the stale limit: decide again, lock again
+                print(f"promote: {err}; deciding again", file=sys.stderr)
+    raise Transient(f"the aliases of {name} kept moving during {_ROUNDS} promotion rounds; run "
+                    "promote again")
 
 
 # ---------------------------------------------------------------- command lines
@@ -365,7 +324,7 @@ def promote_main(argv: list[str] | None = None) -> int:
 
     def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
         d = call("commands.registry:promote", promote, registry_params(args), args.data,
-                 model=args.model, force=args.force, missing_ok=args.missing_ok)
+                 project_root(), model=args.model, force=args.force, missing_ok=args.missing_ok)
         print_result(asdict(d), args.json, said(asdict(d)))
 
     return run_stage("promote", body, track=False)

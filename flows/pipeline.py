@@ -189,7 +189,8 @@ def _prewarm_tracking(root: Path) -> None:
     from stages.core.tracking.store import tracking_enabled
 
     if tracking_enabled() and remote.CODE == root:
-        remote.prewarm()
+        # The stages' environment: it names their agent (channel.code_key).
+        remote.prewarm(dvcstage.child_env(_lineage_env()))
 
 
 def _log_plan(plan: Plan) -> None:

@@ -198,6 +198,10 @@ class TrainParams(_Section):
     # Machines; above 1 the rendezvous is PET_RDZV_ENDPOINT (or rdzv_endpoint, host:port).
     nodes: Annotated[int, Field(gt=0, le=100_000)] = 1
     rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$")
+    # Minutes a collective (or joining the process group) may wait for the other processes
+    # before the stage gives up with exit 75: a stopped or lost peer costs this, not NCCL's
+    # 10 or gloo's 30 minutes.
+    dist_timeout_min: Annotated[float, Field(gt=0, le=1440)] = 5.0
     # auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on a CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # torch.use_deterministic_algorithms on GPU runs (CPU runs are bit-reproducible already).

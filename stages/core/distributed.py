@@ -1,10 +1,10 @@
-"""Training over several processes and machines: the launch plan, the launch, and what a rank
-needs to talk to the others.
+"""Training over several processes and machines: the launch, and what a rank needs to talk to
+the others.
 
-Input: a training section of params.yaml (devices, nodes, rdzv_endpoint) and torch elastic's
-environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_RDZV_ENDPOINT, PET_RDZV_BACKEND,
-PET_RDZV_ID, as flows/k8s.py sets them, and PET_LOCAL_ADDR, torchrun's --local-addr; or
-MASTER_ADDR/MASTER_PORT). Output: an exit code.
+Input: a launch plan (launchplan.py: from params.yaml's training section and torch elastic's
+PET_* environment, as flows/k8s.py sets it) and the rank function to run. Output: an exit code;
+a peer lost mid-collective, or one that stays away past the plan's timeout, is 75 (door.py,
+errors.peer_lost), never 70.
 
 Why elastic_launch from inside the stage rather than `torchrun` in dvc.yaml: torchrun reports
 any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, with restarts,
@@ -28,9 +28,9 @@ import os
 import signal
 import sys
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,20 @@ from stages.core.errors import (
     Terminated,
     Transient,
 )
-from stages.core.host import die_with_parent, visible_gpus
+from stages.core.host import die_with_parent
+
+# The plan is its own module (launchplan.py); stages ask for it here, beside its launch.
+from stages.core.launchplan import Plan as Plan
+from stages.core.launchplan import plan as plan
 from stages.params import TrainParams
 
 log = logging.getLogger("imagepipe.distributed")
 
-# Which rank's code the stage reports when ranks disagree: the cause beats its consequences
-# (a rank that raised BadInput makes its peers fail on a broken connection, a bug, or be
-# terminated by the agent), and retrying beats not retrying only when nothing says "bad input".
-PRIORITY = (EXIT_BAD_INPUT, EXIT_TRANSIENT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED)
+# Which rank's code the stage reports when ranks disagree: the cause beats its consequences.
+# A rank that fails makes its peers see a lost peer (75, door.py) or be terminated by the
+# agent (143): so bad input, then a bug, then a transient failure; a rank killed by a signal
+# (no code written) is the cause whatever its peers then said (combine).
+PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 
 @dataclass(frozen=True)
@@ -156,83 +161,15 @@ def current() -> Comm:
     return _current
 
 
-@dataclass(frozen=True)
-class Plan:
-    nproc_per_node: int
-    nnodes: int
-    node_rank: int
-    endpoint: str
-    rdzv_backend: str
-    run_id: str
-    backend: str  # the process group's: nccl on CUDA, gloo on the CPU
-    ranked: bool = False  # node_rank was given (PET_NODE_RANK / NODE_RANK), not assumed
-    local_addr: str | None = None  # this machine's address for the rendezvous (PET_LOCAL_ADDR)
-
-    @property
-    def world(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-
 def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any]:
     """A checkpoint fingerprint's part about the section and the processes: the world size and
     per-rank batch, not how they were asked for (devices: auto or 2 alike, any endpoint)."""
     if p.batch_size % comm.world:
         raise BadInput(f"{section}.batch_size: {p.batch_size} is not divisible by the "
                        f"{comm.world} training processes (batch_size is the global batch)")
-    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint"}
+    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "dist_timeout_min"}
     return {section: p.model_dump(exclude=skip), "world_size": comm.world,
             "rank_batch": p.batch_size // comm.world}
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise BadInput(f"{name}={value!r} is not a whole number") from None
-
-
-def resolve_devices(p: TrainParams) -> int:
-    """Processes on this machine: `devices`, with auto = every visible GPU (1 on a CPU)."""
-    gpus = 0 if p.device == "cpu" else visible_gpus()
-    if p.devices == "auto":
-        return max(gpus, 1)
-    if p.device == "cuda" and p.devices > gpus:
-        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
-                       f"or at most {gpus}")
-    if p.device == "auto" and gpus and p.devices > gpus:
-        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible")
-    return p.devices
-
-
-def plan(p: TrainParams, stage: str) -> Plan | None:
-    """How to launch `stage`; None for one process on one machine (no launch at all).
-
-    torch elastic's PET_* variables (a Kubernetes Job's) win over params: they describe the
-    machine the process is on; params describe the experiment."""
-    nproc = _env_int("PET_NPROC_PER_NODE") or resolve_devices(p)
-    nnodes = _env_int("PET_NNODES") or p.nodes
-    if nproc * nnodes == 1:
-        return None
-    given = _env_int("PET_NODE_RANK")
-    given = _env_int("NODE_RANK") if given is None else given
-    node_rank = given or 0
-    endpoint = os.environ.get("PET_RDZV_ENDPOINT") or p.rdzv_endpoint
-    if not endpoint and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
-        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    if not endpoint:
-        if nnodes > 1:
-            raise BadInput(f"{stage}.nodes: {nnodes} machines need a rendezvous: set "
-                           f"{stage}.rdzv_endpoint (host:port of node 0) or PET_RDZV_ENDPOINT")
-        endpoint = "localhost:0"  # torchrun --standalone's: a free port on this machine
-    cuda = p.device != "cpu" and visible_gpus() > 0
-    run_id = os.environ.get("PET_RDZV_ID") or (f"imagepipe-{stage}" if nnodes > 1
-                                                 else uuid.uuid4().hex)
-    return Plan(nproc, nnodes, node_rank, endpoint, os.environ.get("PET_RDZV_BACKEND", "c10d"),
-                run_id, "nccl" if cuda else "gloo", given is not None,
-                os.environ.get("PET_LOCAL_ADDR") or None)
 
 
 def launch(pl: Plan, target: str, argv: list[str]) -> int:
@@ -260,7 +197,8 @@ def launch(pl: Plan, target: str, argv: list[str]) -> int:
         failures: dict[int, int] = {}
         try:
             node = pl.node_rank if pl.ranked or pl.nnodes == 1 else None
-            elastic_launch(config, _rank_entry)(pl.backend, node, target, argv, codes)
+            elastic_launch(config, _rank_entry)(pl.backend, node, target, argv, codes,
+                                                pl.timeout_s)
         except ChildFailedError as err:
             failures = {int(rank): int(f.exitcode) for rank, f in err.failures.items()}
         except SignalException as err:
@@ -280,9 +218,13 @@ def combine(written: dict[int, int], failures: dict[int, int]) -> int:
     A rank that failed without writing one died by a signal (exit < 0: transient, as the
     contract says) or before its door ran (a bug)."""
     codes = list(written.values())
+    killed = False
     for rank, exitcode in failures.items():
         if rank not in written:
             codes.append(EXIT_TRANSIENT if exitcode < 0 else EXIT_BUG)
+            killed = killed or exitcode < 0
+    if killed and EXIT_BAD_INPUT not in codes:
+        return EXIT_TRANSIENT
     for code in PRIORITY:
         if code in codes:
             return code
@@ -310,14 +252,15 @@ def raise_for(code: int, stage: str) -> None:
     raise RankFailed(said)
 
 
-def join(backend: str, node_rank: int | None) -> Comm:
+def join(backend: str, node_rank: int | None, timeout_s: float = 300.0) -> Comm:
     """Join the process group torch elastic set up in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); make this process's Comm the current one.
 
     `node_rank`: this machine's, when known (None: torch's numbering is kept). Ranks are then
     node-major, so rank 0 is node 0's first process: it writes, DDP copies its weights and
     buffers (CPU BatchNorm statistics) to the others, and it reads the first share of each
-    batch, so the outputs do not depend on the order the machines joined in."""
+    batch, so the outputs do not depend on the order the machines joined in. `timeout_s`: how
+    long a collective waits for the others before it fails (exit 75 then, door.py)."""
     global _current
     local = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -325,14 +268,15 @@ def join(backend: str, node_rank: int | None) -> Comm:
         torch.cuda.set_device(local)
     given = int(os.environ["RANK"])
     if node_rank is None or int(os.environ["WORLD_SIZE"]) == local_world:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     else:
         from torch.distributed.rendezvous import rendezvous
 
         store, _, world = next(rendezvous("env://"))  # the agent's store, as env:// opens it
         rank = _node_major(store, given, world, node_rank, local)
         dist.init_process_group(backend, store=dist.PrefixStore("imagepipe/pg", store),
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
     _current = Comm(dist.get_rank(), dist.get_world_size(), local, local_world, 0, backend)
     log.debug("rank %d of %d (node %s, local rank %d, torch's rank %d)", _current.rank,
               _current.world, node_rank, local, given)
@@ -362,7 +306,7 @@ def leave() -> None:
 
 
 def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str],
-                codes: str) -> int:
+                codes: str, timeout_s: float = 300.0) -> int:
     """One rank: join, run the stage's rank function, write its exit code, exit with it.
 
     The code file is named by torch's rank, as the agent reports failures."""
@@ -375,7 +319,7 @@ def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str
     code = EXIT_BUG
     try:
         try:
-            comm = join(backend, node_rank)
+            comm = join(backend, node_rank, timeout_s)
         except BadInput as err:
             print(f"rank {rank}: {err}", file=sys.stderr)
             code = EXIT_BAD_INPUT

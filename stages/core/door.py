@@ -27,6 +27,7 @@ from stages.core.errors import (
     BadInput,
     Terminated,
     Transient,
+    peer_lost,
 )
 
 log = logging.getLogger("imagepipe")
@@ -87,6 +88,11 @@ def _run_body(name: str, body: Callable[[], object]) -> Outcome:
         print(f"{name}: terminated", file=sys.stderr)
         return Outcome(EXIT_TERMINATED)
     except Exception as err:  # a bug: the traceback for whoever fixes it, and a code not retried
+        if peer_lost(err):  # a peer of a collective gone: the job is retried, not a bug
+            print(f"{name}: transient failure (a training process it works with is gone; "
+                  f"retry may help): {type(err).__name__}: {str(err).strip()[:300]}",
+                  file=sys.stderr)
+            return Outcome(EXIT_TRANSIENT)
         traceback.print_exc(file=sys.stderr)
         print(f"{name}: internal error (a bug, not retried): {type(err).__name__}: {err}",
               file=sys.stderr)

@@ -46,3 +46,24 @@ class DiskFull(Transient):
     costly work (stages/core/io.py reserve), so a retry that still finds the disk full fails in
     a second, and one after space was freed succeeds. Never a bus error (135) or a traceback.
     """
+
+
+# What the survivors of a collective see when a peer is gone (killed, its machine lost, the
+# network cut, a rendezvous that timed out): torch.distributed's backend, network and store
+# errors, torch elastic's rendezvous errors, and gloo's / NCCL's RuntimeErrors. By name, so
+# that this module imports nothing (no torch).
+_PEER_LOST_TYPES = frozenset({"DistBackendError", "DistNetworkError", "DistStoreError",
+                              "RendezvousTimeoutError", "RendezvousClosedError",
+                              "RendezvousConnectionError"})
+_PEER_LOST_TEXT = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                   "timed out", "timeout", "communicator was aborted", "connection refused")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective or rendezvous failing because a peer went away: exit 75
+    (the job is retried as a whole), never 70 (a bug)."""
+    if {cls.__name__ for cls in type(err).__mro__} & _PEER_LOST_TYPES:
+        return True
+    text = str(err).lower()
+    return (isinstance(err, RuntimeError) and any(b in text for b in ("gloo", "nccl", "c10d"))
+            and any(mark in text for mark in _PEER_LOST_TEXT))

@@ -93,6 +93,22 @@ def fail_on_rank(argv: list[str]) -> int:
     return door("pretrain", body, track=False)
 
 
+def meet_then_wait_for_rank_1(argv: list[str]) -> int:
+    """Both ranks meet and say so (pid in argv[0]/rank<r>), then rank 0 waits for rank 1 in a
+    collective while rank 1 sleeps: the test kills it, or leaves rank 0 to its timeout."""
+    folder = Path(argv[0])
+
+    def body() -> None:
+        rank = distributed.current().rank
+        torch.distributed.barrier()
+        (folder / f"rank{rank}").write_text(str(os.getpid()))
+        if rank == 1:
+            time.sleep(600)
+        torch.distributed.barrier()
+
+    return door("pretrain", body, track=False)
+
+
 def two_processes() -> distributed.Plan:
     pl = distributed.plan(TrainParams(device="cpu", devices=2), "pretrain")
     assert pl is not None and pl.world == 2 and pl.backend == "gloo"
@@ -166,6 +182,83 @@ def test_codes_combine_cause_before_consequence() -> None:
     assert distributed.combine({1: 2}, {0: -9, 1: 2}) == 2
     assert distributed.combine({}, {0: -9}) == 75  # killed by a signal: transient
     assert distributed.combine({}, {0: 1}) == 70  # died before its door: a bug
+    # A rank's bug makes its peer see a lost peer (75): the bug is the cause.
+    assert distributed.combine({0: 75, 1: 70}, {0: 75, 1: 70}) == 70
+    # A rank killed by a signal is the cause, whatever its peers said after it.
+    assert distributed.combine({0: 70}, {0: 70, 1: -9}) == 75
+
+
+@pytest.mark.slow
+def test_a_peer_stalled_past_the_timeout_is_75_not_a_hang(tmp_path: Path) -> None:
+    """Rank 1 stays away from a collective: rank 0 gives up after dist_timeout_min (here 3 s;
+    gloo's own default is 30 minutes) and the stage exits 75, to be retried."""
+    pl = distributed.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.05),
+                          "pretrain")
+    assert pl is not None
+    assert distributed.launch(pl, f"{__name__}:meet_then_wait_for_rank_1",
+                              [str(tmp_path)]) == 75
+
+
+LAUNCH_NODE = """
+import sys
+from stages.core import distributed
+from stages.params import TrainParams
+
+pl = distributed.plan(TrainParams(device="cpu", devices=1, nodes=2), "pretrain")
+sys.exit(distributed.launch(pl, "tests.integration.test_distributed:meet_then_wait_for_rank_1",
+                            sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_peer_machine_killed_mid_collective_is_75_for_the_survivor(tmp_path: Path) -> None:
+    """Two "machines" (one process each) meet; node 1's training process is killed (-9) while
+    node 0's waits for it in a collective. Node 0 sees only its peer's connection close (gloo's
+    RuntimeError): that is 75, retried, not 70, a bug (what it was)."""
+    port = free_port()
+    procs = []
+    for node, addr in ((0, "localhost"), (1, "127.0.0.1")):
+        env = {**os.environ, "IMAGEPIPE_TRACKING": "0", "PET_NODE_RANK": str(node),
+               "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": f"kill-{port}",
+               "PET_LOCAL_ADDR": addr, "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen([sys.executable, "-c", LAUNCH_NODE, str(tmp_path)],
+                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "rank1").exists() or not (tmp_path / "rank0").exists():
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the two machines never met"
+            time.sleep(0.1)
+        os.kill(int((tmp_path / "rank1").read_text()), signal.SIGKILL)
+        survivor, err = procs[0].wait(timeout=120), procs[0].stderr.read() if procs[0].stderr else ""
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert survivor == 75, err
+    assert "a training process it works with is gone" in err, err
+
+
+def test_two_multi_machine_runs_never_share_a_rendezvous_id(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A fixed id ("imagepipe-pretrain", the old default) let two concurrent 2-machine runs on
+    one endpoint join each other's machines: the id is the run's (the flow run's), or given."""
+    monkeypatch.delenv("PET_RDZV_ID", raising=False)
+    monkeypatch.delenv("IMAGEPIPE_FLOW_RUN_ID", raising=False)
+    p = TrainParams(device="cpu", nodes=2, rdzv_endpoint="node0:29400")
+    with pytest.raises(BadInput, match="PET_RDZV_ID"):
+        distributed.plan(p, "pretrain")
+    ids = set()
+    for flow_run in ("flow-a", "flow-b"):
+        monkeypatch.setenv("IMAGEPIPE_FLOW_RUN_ID", flow_run)
+        pl = distributed.plan(p, "pretrain")
+        assert pl is not None
+        ids.add(pl.run_id)
+    assert len(ids) == 2
+    monkeypatch.setenv("PET_RDZV_ID", "job-7")  # what flows/k8s.py sets: the job's name
+    assert distributed.plan(p, "pretrain").run_id == "job-7"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("code", [0, 2, 75, 70, 130, 143])

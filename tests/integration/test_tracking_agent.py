@@ -1,7 +1,13 @@
 """The tracking agent (stages/core/tracking/agent.py): stages run as DVC runs them, in processes
 of their own, keep their MLflow runs in one long-lived agent and never import mlflow
 themselves; a stage killed outright (SIGKILL: no door code runs) has its run ended FAILED by
-the agent; with the agent switched off the stage tracks in its own process as before."""
+the agent; with the agent switched off the stage tracks in its own process as before.
+
+Faults injected for real, each ending in a bounded wait and a stage that says what happened:
+the agent stopped (SIGSTOP) before a stage starts and while it closes its run, killed -9 while
+a stage runs under `dvc repro`, asked to stop while a stage uses it, a plain file (or a
+read-only folder) where the agents' folder goes, a stale socket beside a lock naming another
+code's live agent."""
 
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from stages.core.tracking.remote import AGENT_ENV, code_key, socket_path, stop_agents
+from stages.core.tracking.channel import code_key, socket_path
+from stages.core.tracking.remote import AGENT_ENV, stop_agents
 from tests.integration.tracking_kit import REPO, write_dvc_yaml
 
 pytestmark = pytest.mark.slow
@@ -50,26 +58,37 @@ def client(project: Path) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def stage_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
 def stage(project: Path, *args: str, env: dict[str, str] | None = None
           ) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "stage.py", *args], cwd=project,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            env=stage_env(**(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def agent_pid() -> int | None:
-    """The pid the running agent for this checkout's code answers with, if one runs."""
-    from stages.core.tracking.remote import _connect, receive, send
+def stage_key() -> str:
+    """The key of the agent the stages above use (their environment is part of it)."""
+    return code_key(env=stage_env())
 
-    sock = _connect(socket_path(code_key()))
-    if sock is None:
-        return None
+
+def agent_pid() -> int | None:
+    """The pid the running agent for the stages' code answers with, if one runs."""
+    from stages.core.tracking.channel import AgentUnavailable, dial, request
+
     try:
-        with sock:
-            send(sock, {"op": "ping"})
-            reply = receive(sock) or {}
-    except OSError:  # an agent that is exiting
+        conn = dial(socket_path(stage_key()))
+    except AgentUnavailable:
         return None
+    if conn is None:
+        return None
+    with conn:
+        try:
+            reply = request(conn, {"op": "ping"}, 30) or {}
+        except AgentUnavailable:
+            return None
     return int(reply["pid"]) if "pid" in reply else None
 
 
@@ -153,7 +172,7 @@ def test_a_stage_right_after_the_flows_prewarm_uses_that_agent_not_a_second(trac
     deadline = time.monotonic() + 15
     while agent_pid() is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    key = code_key()
+    key = code_key()  # this process's environment: prewarm and connect_agent use it too
     prewarm()  # returns at once: the agent has not bound its socket yet
     sock = connect_agent()  # what the first stage does a moment later
     assert sock is not None
@@ -168,3 +187,190 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+# ---------------------------------------------------------------- faults, injected for real
+
+
+def running_agent(tracked: Path) -> int:
+    """The pid of the stages' agent, started by a first stage if none runs."""
+    pid = agent_pid()
+    if pid is None:
+        proc = stage(tracked, "0.1")
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        pid = agent_pid()
+    assert pid is not None
+    (tracked / "seen.json").unlink(missing_ok=True)  # the next stage's body writes it anew
+    return pid
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def ended_or_failed(proc: subprocess.Popen[str], stopped: int) -> str:
+    """The stage's stderr once it ends; a failure if it hangs on the stopped agent (woken
+    again either way)."""
+    try:
+        try:
+            return proc.communicate(timeout=150)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the stage hung on the stopped agent: {proc.communicate()}")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
+def test_a_stopped_agent_costs_a_stage_a_bounded_wait_then_it_tracks_in_process(
+        tracked: Path) -> None:
+    """SIGSTOP the agent: a stage no longer hangs on it (the old stage had no socket timeout
+    and was still waiting after 180 s): it gives up on the handshake, says so, and tracks its
+    run in its own process."""
+    pid = running_agent(tracked)
+    os.kill(pid, signal.SIGSTOP)
+    proc = stage(tracked, "0.65")
+    err = ended_or_failed(proc, pid)
+    assert proc.returncode == 0, err
+    assert "did not answer the handshake" in err and "tracking in this process instead" in err
+    assert json.loads((tracked / "mlflow_imported.json").read_text()) is True
+    run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
+    assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.65)
+
+
+def test_an_agent_stopped_while_it_closes_the_run_is_exit_75_saying_so(tracked: Path) -> None:
+    pid = running_agent(tracked)
+    proc = stage(tracked, "0.6", "3")  # its body sleeps 3 s, its run held by the agent
+    wait_for(tracked / "seen.json", proc)
+    os.kill(pid, signal.SIGSTOP)
+    err = ended_or_failed(proc, pid)
+    assert proc.returncode == 75, err
+    assert f"the tracking agent (pid {pid}) is stopped" in err, err
+    assert "the stage's outputs were written" in err
+
+
+def test_the_agent_killed_mid_run_under_dvc_repro_the_stage_still_exits_0_and_locks(
+        tracked: Path) -> None:
+    """kill -9 the agent (not the stage) while the stage's body runs under `dvc repro`: the
+    stage says so at once, reopens the same run in its own process at the end, and the stage
+    exits 0, so DVC writes its dvc.lock entry (the old stage exited 75, DVC locked nothing)."""
+    running_agent(tracked)
+    write_dvc_yaml(tracked, {"evaluate": {**EVALUATE, "cmd": f"{sys.executable} stage.py 0.7 4"}})
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tracked, env=stage_env(), check=True)
+    proc = subprocess.Popen([dvc, "repro"], cwd=tracked, env=stage_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(tracked / "seen.json", proc)
+        pid = agent_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"the tracking agent (pid {pid}) died while the stage ran" in out, out
+    lock = yaml.safe_load((tracked / "dvc.lock").read_text())["stages"]
+    assert "evaluate" in lock
+    run_id = json.loads((tracked / "seen.json").read_text())["run_id"]
+    run = client(tracked).get_run(run_id)  # the very run the body saw, finished here
+    assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.7)
+
+
+def test_stop_drains_the_agent_a_stage_is_using(tracked: Path) -> None:
+    """`stop` while a stage runs (another test worker's, say): the agent takes no new stage
+    but keeps serving this one to its end, then exits (the old agent exited at once and the
+    stage lost its run: exit 75)."""
+    pid = running_agent(tracked)
+    proc = stage(tracked, "0.55", "10")
+    try:
+        wait_for(tracked / "seen.json", proc)
+        assert stop_agents(REPO) >= 1
+        assert agent_pid() is None  # no new stage reaches it
+        time.sleep(3)
+        assert _alive(pid) and proc.poll() is None, proc.communicate()  # still serving it
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads((tracked / "mlflow_imported.json").read_text()) is False
+    run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
+    assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.55)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)  # drained, then gone
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_file_where_the_agents_folder_goes_never_stops_the_body(tracked: Path,
+                                                                  tmp_path: Path) -> None:
+    """A plain file where <tmp>/imagepipe-<uid> goes: the old door let the OSError out before
+    the body (a traceback, exit 1). (A read-only tmp cannot be made here: the tests run as
+    root, and tempfile skips a TMPDIR it cannot write; both end in the same OSError path.)"""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / f"imagepipe-{os.getuid()}").write_text("not a folder")
+    proc = stage(tracked, "0.45", env={"TMPDIR": str(tmp)})
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert "tracking in this process instead" in err and "Traceback" not in err, err
+    run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
+    assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.45)
+
+
+def test_a_stale_socket_and_a_lock_naming_another_codes_agent_cost_no_wait(
+        tracked: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This code's socket left behind by a killed agent, and its lock file naming the pid of a
+    live agent of *another* code (a reused pid): the old stage waited the whole spawn wait for
+    that agent to bind this code's socket. Now it starts its own agent at once."""
+    import socket as sockets
+    import threading
+
+    from stages.core.tracking import remote
+    from stages.core.tracking.channel import agents_dir
+
+    monkeypatch.setattr(remote, "SPAWN_WAIT_S", 600.0)  # the old wait, made long enough to see
+    key = code_key()
+    path = socket_path(key)
+    stop_agents(REPO)
+    deadline = time.monotonic() + 30
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    other = subprocess.Popen([sys.executable, "-m", "stages.core.tracking.agent", "f" * 20,
+                              str(REPO)], cwd=REPO, env=stage_env(IMAGEPIPE_TRACKING_AGENT_IDLE_S="600"),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    got: list[Any] = []
+    try:
+        while not (agents_dir() / f"{'f' * 20}.sock").exists():  # listening: alive, not ours
+            assert other.poll() is None and time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        stale = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()  # the path stays: a socket nobody listens on
+        (agents_dir() / f"{key}.lock").write_text(str(other.pid))
+        worker = threading.Thread(target=lambda: got.append(remote.connect_agent()),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "still waiting for another code's agent"
+    finally:
+        other.kill()
+        other.wait()
+    assert got and got[0] is not None
+    got[0].close()

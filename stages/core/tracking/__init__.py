@@ -24,7 +24,9 @@ in-process.
 | register.py | logging the models and registering the version, alias challenger |
 | serving.py | the pyfunc `mlflow models serve` runs: checks pixels, answers class names |
 | remote.py | the stage's side of the tracking agent: a run kept there, mlflow never imported |
-| agent.py | the tracking agent: one process per project code keeps the runs of its stages |
+| agentcall.py | a command's verb (`imagepipe promote`) run by the agent, else in-process |
+| channel.py | reaching an agent: its socket and key, authenticated framing, bounded waits |
+| agent.py | the tracking agent: one process per code and tracking environment keeps the runs |
 | describe.py | the registered version's one-paragraph description |
 | registry.py | the verbs of promote, rollback and lineage |
 """

@@ -1,13 +1,17 @@
-"""The tracking agent: one long-lived process per project code that keeps the MLflow runs of
-the stages that connect to it (remote.py says why and how they talk).
+"""The tracking agent: one long-lived process per project code and tracking environment that
+keeps the MLflow runs of the stages that connect to it (remote.py says why, channel.py how).
 
 `python -m stages.core.tracking.agent KEY CODE_DIR` (remote.py starts it): binds
 <tmp>/imagepipe-<uid>/KEY.sock first, so stages can connect at once, then imports mlflow and
-everything a run needs while they wait. Each connection is one stage's run: "start" opens it
-with the stage's own environment and working folder applied (one request at a time: the
-environment is process-wide), "finish" closes it, a dropped connection ends it FAILED; "call"
-runs one of remote.CALLABLE (`imagepipe promote`) the same way. Exits
-after the idle time with no stage connected, when its code folder is gone, or on "stop".
+everything a run needs while they wait. Each connection is one stage's run, served by a thread
+of its own: "start" opens it, "finish" closes it, a dropped connection ends it FAILED; "call"
+runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side, except that
+runs open and close one at a time (the store's first touch; registration's use of mlflow's
+process-wide URI): a promotion never waits for them. The process's environment is the one
+its key names (channel.code_key) and its folder its own: no request swaps either (the
+live-curve threads of other runs log all the while). What a request logs and prints goes back
+in its reply. Exits after the idle time with no stage connected,
+when its code folder is gone, or after "stop" once the stages it serves are done (draining).
 """
 
 from __future__ import annotations
@@ -22,34 +26,68 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
-from stages.core.tracking.remote import CALLABLE, agents_dir, idle_s, receive, send
+from stages.core.host import restore_env
+from stages.core.tracking.agentcall import CALLABLE
+from stages.core.tracking.channel import accept, agents_dir
+from stages.core.tracking.remote import idle_s
 
 log = logging.getLogger("imagepipe.tracking.agent")
 
 
 class _Capture(logging.Handler):
-    """The log records of one request, sent back for the stage to print as its own."""
+    """The log records one request's thread emits, sent back for the stage to print."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
         self.records: list[tuple[str, int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.name, record.levelno, record.getMessage()))
+        if record.thread == self.thread:
+            self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+class _Streams(io.TextIOBase):
+    """The agent's sys.stderr: what a request's thread prints goes into that request's reply,
+    anything else to the agent's log (contextlib.redirect_stderr is process-wide)."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+        self.buffers: dict[int, io.StringIO] = {}
+
+    def write(self, text: str) -> int:
+        return int(self.buffers.get(threading.get_ident(), self.default).write(text))
+
+    def flush(self) -> None:
+        self.default.flush()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[io.StringIO]:
+        me, buf = threading.get_ident(), io.StringIO()
+        self.buffers[me] = buf
+        try:
+            yield buf
+        finally:
+            self.buffers.pop(me, None)
 
 
 class Agent:
-    def __init__(self, key: str, code: Path) -> None:
+    def __init__(self, key: str, code: Path, streams: _Streams | None = None) -> None:
         self.key, self.code = key, code
         self.path = agents_dir() / f"{key}.sock"
-        self.lock = threading.Lock()  # env, cwd and mlflow's fluent API are process-wide
+        self.streams = streams
+        self.counts = threading.Lock()  # `connected` and `last_seen`
+        # Runs open and close one at a time: the store's first touch, and registration's use
+        # of mlflow's process-wide (fluent) tracking URI. Promotions and live curves go on.
+        self.opening = threading.Lock()
         self.connected = 0
         self.last_seen = time.monotonic()
-        self.stopping = threading.Event()
+        self.draining = threading.Event()  # asked to stop: no new stages, exit when done
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.inode = -1
 
@@ -63,86 +101,105 @@ class Agent:
         self.server.settimeout(1.0)
 
     def serve(self) -> None:
-        while not self.stopping.is_set():
+        while True:
             try:
-                conn, _ = self.server.accept()
+                sock, _ = self.server.accept()
             except TimeoutError:
                 if self._should_exit():
                     break
                 continue
-            with self.lock:
+            with self.counts:
                 self.connected += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-        # The path first (a stage arriving now starts a new agent), then the socket.
-        with contextlib.suppress(OSError):
-            if self.path.stat().st_ino == self.inode:  # still ours, not a successor's
-                self.path.unlink()
+            threading.Thread(target=self._handle, args=(sock,), daemon=True).start()
+        self._unlink()
         self.server.close()
 
-    def _should_exit(self) -> bool:
-        if not (self.code / "stages").is_dir():
-            log.info("code folder %s is gone: exiting", self.code)
-            return True
-        if not self.path.exists():
-            log.info("socket removed: exiting")
-            return True
-        with self.lock:
-            idle = self.connected == 0 and time.monotonic() - self.last_seen > idle_s()
-        return idle
+    def _unlink(self) -> None:
+        """The socket's path, if it is still ours (not a successor's): a stage arriving after
+        this starts a new agent."""
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self.inode:
+                self.path.unlink()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _should_exit(self) -> bool:
+        with self.counts:
+            busy, quiet = self.connected, time.monotonic() - self.last_seen
+        if self.draining.is_set():
+            return busy == 0
+        if not (self.code / "stages").is_dir():
+            log.info("code folder %s is gone: exiting once %d stage(s) are done", self.code,
+                     busy)
+            self.draining.set()
+        elif not self.path.exists():
+            log.info("socket removed: exiting once %d stage(s) are done", busy)
+            self.draining.set()
+        return busy == 0 and (self.draining.is_set() or quiet > idle_s())
+
+    def _handle(self, sock: socket.socket) -> None:
         run: Any = None
+        conn = accept(sock)
         try:
-            with conn:
-                while True:
-                    message = receive(conn)
-                    if message is None:
-                        break
-                    op = message.get("op")
-                    if op == "start":
-                        run, reply = self._locked(self._start, message)
-                    elif op == "finish" and run is not None:
-                        reply = self._locked(self._finish, run, message)[1]
-                        run = None
-                    elif op == "call":
-                        reply = self._locked(self._call, message)[1]
-                    elif op == "stop":
-                        under = message.get("under")
-                        stop = under is None or self.code.is_relative_to(under)
-                        if stop:
-                            self.stopping.set()
-                        reply = {"stopping": stop}
-                    else:
-                        reply = {"pid": os.getpid(), "code": str(self.code)}
-                    send(conn, reply)
+            while conn is not None:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    break
+                run, reply = self._answer(run, message)
+                conn.send(reply)
         except OSError:
             pass
         finally:
+            if conn is not None:
+                conn.close()
             if run is not None and not run.finished:  # the stage died with its run open
-                with self.lock, contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):
                     run._end_quietly()
                 log.warning("a stage dropped its connection: run %s ended FAILED", run.run_id)
-            with self.lock:
+            with self.counts:
                 self.connected -= 1
                 self.last_seen = time.monotonic()
 
-    def _locked(self, fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
-        """fn(*args) with the stage's environment and folder applied, its logs and stderr
-        captured into the reply."""
-        message = args[-1]
-        capture, err = _Capture(), io.StringIO()
-        with self.lock:
-            os.environ.clear()
-            os.environ.update(message.get("env") or {})
-            with contextlib.suppress(OSError):
-                os.chdir(message.get("cwd") or self.code)
-            root_logger = logging.getLogger("imagepipe")
-            root_logger.addHandler(capture)
-            try:
-                with contextlib.redirect_stderr(err):
-                    result, reply = fn(*args)
-            finally:
-                root_logger.removeHandler(capture)
+    def _answer(self, run: Any, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(this connection's run after `message`, the reply)."""
+        op = message.get("op")
+        if op == "start" and run is None:
+            with self.opening, _fluent_uri_kept():
+                return self._captured(self._start, message)
+        if op == "finish":  # no run (tracking off, no such stage): the body's code stands
+            if run is None:
+                return None, {"code": int(message["code"])}
+            with self.opening, _fluent_uri_kept():
+                return None, self._captured(self._finish, run, message)[1]
+        if op == "call":
+            return run, self._captured(self._call, message)[1]
+        if op == "stop":
+            return run, self._stop(message)
+        return run, {"pid": os.getpid(), "code": str(self.code)}
+
+    def _stop(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Drain: no new stage reaches this agent (its socket's path goes now), the ones it
+        serves finish as usual, then it exits. Another test worker's stage is never cut off."""
+        under = message.get("under")
+        if under is not None and not self.code.is_relative_to(under):
+            return {"stopping": False}
+        self.draining.set()
+        self._unlink()
+        with self.counts:
+            busy = self.connected - 1  # not counting the connection asking
+        log.info("asked to stop: draining %d stage(s)", busy)
+        return {"stopping": True, "draining": busy}
+
+    def _captured(self, fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
+        """fn(*args), with what this thread logs and prints captured into the reply."""
+        capture = _Capture()
+        root_logger = logging.getLogger("imagepipe")
+        root_logger.addHandler(capture)
+        try:
+            with self.streams.capture() if self.streams else contextlib.nullcontext(
+                    io.StringIO()) as err:
+                result, reply = fn(*args)
+        finally:
+            root_logger.removeHandler(capture)
         reply.update(logs=capture.records, stderr=err.getvalue())
         return result, reply
 
@@ -158,15 +215,16 @@ class Agent:
                              workspace=workspace_root(Path(message.get("cwd") or self.code)))
         if run is None:
             return None, {"env": {}, "failed": None}
-        env = {k: os.environ[k] for k in (RUN_ID_ENV, EPOCH_LOG_ENV) if k in os.environ}
-        return run, {"env": env, "failed": run.failure}
+        # From the run, not from os.environ: another run may be opening beside it.
+        env = {RUN_ID_ENV: run.run_id, EPOCH_LOG_ENV: str(run.tail.path) if run.tail else None}
+        return run, {"env": {k: v for k, v in env.items() if v}, "failed": run.failure,
+                     "run_id": run.run_id, "parent_id": run.parent_id, "tags": run.tags}
 
     def _finish(self, run: Any, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         return None, {"code": run.finish(int(message["code"]), message.get("outcome"))}
 
-
     def _call(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """One of remote.CALLABLE with the caller's arguments; what it raised, as (kind, text)."""
+        """One of agentcall.CALLABLE with the caller's arguments; what it raised, as (kind, text)."""
         target = message.get("target")
         if target not in CALLABLE:
             return None, {"raised": ("BadInput", f"the tracking agent does not run {target!r}")}
@@ -184,6 +242,17 @@ class Agent:
                                             f"{err}")}
 
 
+@contextlib.contextmanager
+def _fluent_uri_kept() -> Iterator[None]:
+    """mlflow.set_tracking_uri (registration's fluent API) also exports MLFLOW_TRACKING_URI:
+    left there, the next project's run would go to this one's store. Put back as it was."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        yield
+    finally:
+        restore_env(saved)
+
+
 def _warm() -> None:
     """What every run needs, imported once (the point of the agent)."""
     import mlflow  # noqa: F401
@@ -197,7 +266,9 @@ def main(argv: list[str]) -> int:
     key, code = argv[0], Path(argv[1])
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(key, code)
+    streams = _Streams(sys.stderr)
+    sys.stderr = streams
+    agent = Agent(key, code, streams)
     try:
         agent.bind()
     except OSError as err:

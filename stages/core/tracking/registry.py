@@ -4,17 +4,22 @@ version back to the runs that made it. Input: a connected Store.
 
 Locks: a file lock serialises the processes of this machine; against a server, a second lock
 held on the server itself (a registered model NAME.promotion-lock, whose creation is atomic
-there) serialises checkouts on other machines too.
+there) serialises checkouts on other machines too. Its holder beats a heartbeat tag while it
+holds it; a waiter breaks it only after seeing that heartbeat stand still for STALE_LOCK_S on
+its own clock (no two machines' clocks are compared), the holder checks the lock is still its
+own before each alias move (LockLost otherwise), and releases only a lock it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,9 +39,20 @@ from stages.core.tracking.store import (
     store_errors,
 )
 
-# A server-held lock older than this is taken to be left by a killed process and broken (a
-# promotion downloads and scores two models: seconds to a few minutes, never this long).
-STALE_LOCK_S = 900
+log = logging.getLogger("imagepipe.tracking")
+
+# A server-held lock whose heartbeat a waiter has seen stand still this long was left by a
+# killed (or stopped) holder and is broken. The holder beats every HEARTBEAT_S, so a live one
+# is never broken short of a store that failed it STALE_LOCK_S / HEARTBEAT_S times running.
+STALE_LOCK_S = 60.0
+HEARTBEAT_S = 5.0
+HOLDER_TAG, BEAT_TAG = "imagepipe.lock.holder", "imagepipe.lock.beat"
+
+
+class LockLost(Transient):
+    """The promotion lock was broken (its holder stalled) and may be someone else's now."""
+
+
 # What MLflow answers for a model or version that is not there (RESOURCE_DOES_NOT_EXIST) and
 # for an alias that is not (INVALID_PARAMETER_VALUE, "alias ... not found"): a wrong name, not
 # an outage, so exit 2 rather than 75.
@@ -56,6 +72,7 @@ class Registry:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.held: _Heartbeat | None = None  # the server lock this process holds, if any
 
     @classmethod
     def connect(cls, root: Path | None = None) -> Registry:
@@ -138,12 +155,19 @@ class Registry:
         return str(mv.version), onnx_files[0]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._still_held()
         self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
                         name, alias, version)
 
     def delete_alias(self, name: str, alias: str) -> None:
+        self._still_held()
         self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
                         name, alias)
+
+    def _still_held(self) -> None:
+        """LockLost unless the server lock held for this move (if any) is still ours."""
+        if self.held is not None:
+            self.held.verify()
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -176,29 +200,73 @@ class Registry:
     @contextlib.contextmanager
     def _server_lock(self, name: str, deadline: float) -> Iterator[None]:
         """Hold the registered model NAME.promotion-lock: creating a registered model is atomic
-        on the server (a unique name), so exactly one checkout holds it. Deleted on release; one
-        a killed process left is broken after STALE_LOCK_S (documented race: two waiters may
-        both break the same stale lock; it needs a process killed inside a promotion first)."""
+        on the server (a unique name), so exactly one checkout holds it. Its heartbeat moves
+        while held; deleted on release if it is still ours. One whose heartbeat stood still
+        for STALE_LOCK_S (its holder killed or stopped) is broken."""
         key = f"{name}.promotion-lock"
         me = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+        seen: tuple[str, str] | None = None
+        since = time.monotonic()
         while not self._try_lock(key, me):
-            self._break_if_stale(key)
+            state = self._lock_state(key)
+            if state != seen:  # a new holder, or its heartbeat moved: alive
+                seen, since = state, time.monotonic()
+            elif state is not None and time.monotonic() - since > STALE_LOCK_S:
+                self._break(key, state, time.monotonic() - since)
+                seen = None
             if time.monotonic() > deadline:
                 raise Transient(f"another promotion of {name} holds {key!r} on "
-                                f"{self.store.uri}; if none runs, delete that registered model")
+                                f"{self.store.uri} (holder {seen[0] if seen else '?'}, its "
+                                "heartbeat moving): try again later")
             time.sleep(0.2 + random.random() * 0.3)
+        self.held = _Heartbeat(self, key, me)
+        self.held.start()
         try:
             yield
         finally:
+            self.held.stop()
+            self.held = None
+            self._release(key, me)
+
+    def _lock_state(self, key: str) -> tuple[str, str] | None:
+        """(holder, heartbeat) of the lock as the server has it; None when nobody holds it."""
+        held = self._lock_model(key)
+        if held is None:
+            return None
+        tags = dict(held.tags or {})
+        return tags.get(HOLDER_TAG, "?"), tags.get(BEAT_TAG, "")
+
+    def _break(self, key: str, state: tuple[str, str], still_s: float) -> None:
+        """Delete a stale lock, unless it changed since it was judged stale (a waiter beside us
+        broke it already and holds it now)."""
+        if self._lock_state(key) != state:
+            return
+        log.warning("breaking the promotion lock %s held by %s: its heartbeat stood still for "
+                    "%.0f s (holder killed or stopped)", key, state[0], still_s)
+        with contextlib.suppress(*store_errors()):
+            self.store.client.delete_registered_model(key)
+
+    def _release(self, key: str, me: str) -> None:
+        state = self._lock_state_quietly(key)
+        if state is not None and state[0] == me:
             with contextlib.suppress(*store_errors()):
                 self.store.client.delete_registered_model(key)
+        elif state is not None:
+            log.warning("the promotion lock %s was broken while this process held it; now "
+                        "%s holds it: left alone", key, state[0])
+
+    def _lock_state_quietly(self, key: str) -> tuple[str, str] | None:
+        try:
+            return self._lock_state(key)
+        except Transient:
+            return None
 
     def _try_lock(self, key: str, me: str) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
             self.store.client.create_registered_model(
-                key, tags={"imagepipe.lock.holder": me},
+                key, tags={HOLDER_TAG: me, BEAT_TAG: "0"},
                 description="held by imagepipe promote/rollback while it moves aliases; "
                             "delete it only if no promotion is running")
             return True
@@ -213,7 +281,7 @@ class Registry:
             return self.store.call("take the promotion lock", reraise, err)
         # A create retried after a lost response finds our own lock.
         holder = self._lock_model(key)
-        return holder is not None and holder.tags.get("imagepipe.lock.holder") == me
+        return holder is not None and holder.tags.get(HOLDER_TAG) == me
 
     def _lock_model(self, key: str) -> Any:
         from mlflow.exceptions import MlflowException
@@ -226,13 +294,6 @@ class Registry:
             return self.store.call("read the promotion lock", reraise, err)
         except store_errors() as err:
             return self.store.call("read the promotion lock", reraise, err)
-
-    def _break_if_stale(self, key: str) -> None:
-        held = self._lock_model(key)
-        since_ms = getattr(held, "creation_timestamp", None) if held is not None else None
-        if since_ms and time.time() - since_ms / 1000 > STALE_LOCK_S:
-            with contextlib.suppress(*store_errors()):
-                self.store.client.delete_registered_model(key)
 
     def walk_back(self, name: str, version: str, max_runs: int = 20) -> dict[str, Any]:
         """From a model version to the runs that made it: the export run, then for each input
@@ -266,6 +327,50 @@ class Registry:
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
         return tempfile.TemporaryDirectory(prefix="imagepipe-registry-")
+
+
+class _Heartbeat:
+    """While a server lock is held: its beat tag moves every HEARTBEAT_S (waiters see the
+    holder alive); a beat that finds another holder marks the lock lost."""
+
+    def __init__(self, registry: Registry, key: str, me: str) -> None:
+        self.registry, self.key, self.me = registry, key, me
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="promotion-lock-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        beat = 0
+        while not self._stop.wait(HEARTBEAT_S):
+            beat += 1
+            with contextlib.suppress(Exception):  # a missed beat: the next one may land
+                if self._holder() != self.me:
+                    return
+                self.registry.store.client.set_registered_model_tag(self.key, BEAT_TAG,
+                                                                    str(beat))
+
+    def _holder(self) -> str | None:
+        state = self.registry._lock_state(self.key)
+        holder = state[0] if state else None
+        if holder != self.me:
+            self.lost = f"now held by {holder}" if holder else "deleted"
+        return holder
+
+    def verify(self) -> None:
+        """LockLost unless the server still names us as the holder (read fresh)."""
+        if self.lost is None:
+            self._holder()
+        if self.lost is not None:
+            raise LockLost(f"the promotion lock {self.key} was broken as stale while this "
+                           f"process held it ({self.lost}): nothing moved")
 
 
 def _run_summary(run: Any) -> dict[str, Any]:
