@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
+from stages.core.flat import flatten_dict
 from stages.core.host import project_root
 
 METRIC = "finetune.val_accuracy"
@@ -52,25 +53,16 @@ class Row:
     metrics: dict[str, Any]  # "finetune.val_accuracy" -> 0.9 (file stem + dotted key)
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _row(record: dict[str, Any], baseline: bool) -> Row | None:
     data = record.get("data") or {}
     if record.get("error") or not data:
         return None  # queued, running or failed: nothing to compare
     params: dict[str, Any] = {}
     for content in (data.get("params") or {}).values():
-        params.update(_flat(content.get("data") or {}))
+        params.update(flatten_dict(content.get("data") or {}))
     metrics: dict[str, Any] = {}
     for path, content in (data.get("metrics") or {}).items():
-        metrics.update(_flat(content.get("data") or {}, Path(path).stem))
+        metrics.update(flatten_dict(content.get("data") or {}, Path(path).stem))
     rev = str(record.get("rev", ""))
     name = f"HEAD ({rev[:7]})" if baseline else str(record.get("name") or rev[:7])
     return Row(name, rev, baseline, params, metrics)

@@ -29,7 +29,7 @@ import yaml
 
 from flows.orphans import die_with_parent, guarded
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
-from stages.params import flatten_dict
+from stages.core.flat import flatten_dict
 
 log = logging.getLogger("imagepipe.flow")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.params import flatten_dict
+from stages.core.flat import flatten_dict
 
 
 def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any]]:

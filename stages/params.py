@@ -6,7 +6,6 @@ before it does work. Errors are one line naming the dotted key and what is allow
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -22,6 +21,8 @@ from pydantic import (
 )
 
 from stages.core.errors import BadInput
+from stages.core.flat import flatten_dict
+from stages.paramsfile import params_text, yaml_where
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -370,81 +371,21 @@ def parse_params(raw: Any) -> Params:
         raise BadInput(f"params.{_explain(err)}") from None
 
 
-MAX_FILE_BYTES = 2**20  # a params file is a few KB: a larger one is another file given by mistake
-# PyYAML's scanner is quadratic in the nesting of flow collections ([[[...]]]): ~500 levels, where
-# Python's recursion limit stops its composer, took 6-15 s on a loaded 2-core machine. Counted
-# first, brackets in quoted strings or comments included: a params file has a few levels.
-MAX_FLOW_DEPTH = 32
-
-
 def load_params(path: str | Path = DEFAULT_PATH) -> Params:
     """Read and validate params.yaml; raise BadInput naming the bad key (or what is wrong with
     the file itself: missing, a folder, not UTF-8, too large, nested too deeply)."""
     path = Path(path)
-    text = _read_text(path)
-    if _flow_depth(text) > MAX_FLOW_DEPTH:
-        raise BadInput(f"params: {path} is nested too deeply for a params file (over "
-                       f"{MAX_FLOW_DEPTH} levels of [ ] or {{ }})")
+    text = params_text(path)
     try:
         return parse_params(yaml.safe_load(text))
     except yaml.YAMLError as err:
-        raise BadInput(f"params: {_yaml_where(path, err)} is not valid YAML: "
+        raise BadInput(f"params: {yaml_where(path, err)} is not valid YAML: "
                        f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
                        "hold keys, a few levels deep)") from None
 
 
-def _flow_depth(text: str) -> int:
-    depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", text):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _read_text(path: Path) -> str:
-    """The file's text: UTF-8 (a UTF-8 byte-order mark is allowed), at most MAX_FILE_BYTES."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise BadInput(f"params: {path} does not exist") from None
-    except IsADirectoryError:
-        raise BadInput(f"params: {path} is a folder; give the params file (YAML), e.g. "
-                       f"--params params.yaml") from None
-    except OSError as err:
-        raise BadInput(f"params: {path} cannot be read ({err.strerror or err})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise BadInput(f"params: {path} is over {MAX_FILE_BYTES // 2**20} MB; a params file is a "
-                       "few KB (is it the right file?)") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
-        raise BadInput(f"params: {path} is not UTF-8 text ("
-                       + ("UTF-16, by its byte-order mark" if utf16 else
-                          f"byte {data[err.start]:#04x} at offset {err.start}")
-                       + "); save it as UTF-8") from None
-
-
-def _yaml_where(path: Path, err: yaml.YAMLError) -> str:
-    """PATH:LINE:COLUMN (1-based, as editors count) of a YAML syntax error, when it has one."""
-    mark = getattr(err, "problem_mark", None)
-    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-
-
 def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
     """A section as flat dotted keys (for MLflow params)."""
     return {f"{prefix}{key}": value for key, value in flatten_dict(section.model_dump()).items()}
-
-
-def flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1}); anything
-    that is not a mapping (lists included) is a leaf."""
-    if not isinstance(data, dict):
-        return {prefix: data} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flatten_dict(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out

@@ -62,7 +62,7 @@ def number(value: Any) -> float | None:
 
 def flat_numbers(obj: Any) -> dict[str, float]:
     """Numbers of a nested JSON object under dotted keys (bools, strings, lists skipped)."""
-    from stages.params import flatten_dict
+    from stages.core.flat import flatten_dict
 
     numbers = {metric_key(k): number(v) for k, v in flatten_dict(obj).items()}
     return {k: v for k, v in numbers.items() if v is not None}

@@ -1,0 +1,70 @@
+"""A params file's text, made safe to parse before YAML sees it: it exists and is a file, at
+most MAX_FILE_BYTES, UTF-8 (a byte-order mark allowed), and not nested past MAX_FLOW_DEPTH.
+
+Input: a path. Output: the text, or BadInput naming the file and what is wrong with it in one
+line. stages/params.py's load_params (the only reader of params files) parses what this gives.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from stages.core.errors import BadInput
+
+MAX_FILE_BYTES = 2**20  # a params file is a few KB: a larger one is another file given by mistake
+# PyYAML's scanner is quadratic in the nesting of flow collections ([[[...]]]): ~500 levels, where
+# Python's recursion limit stops its composer, took 6-15 s on a loaded 2-core machine. Counted
+# first, brackets in quoted strings or comments included: a params file has a few levels.
+MAX_FLOW_DEPTH = 32
+
+
+
+def params_text(path: Path) -> str:
+    """The text of the params file at `path`, checked as the module doc says."""
+    text = _read_text(path)
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise BadInput(f"params: {path} is nested too deeply for a params file (over "
+                       f"{MAX_FLOW_DEPTH} levels of [ ] or {{ }})")
+    return text
+
+
+def _flow_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", text):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8 (a UTF-8 byte-order mark is allowed), at most MAX_FILE_BYTES."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise BadInput(f"params: {path} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"params: {path} is a folder; give the params file (YAML), e.g. "
+                       f"--params params.yaml") from None
+    except OSError as err:
+        raise BadInput(f"params: {path} cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise BadInput(f"params: {path} is over {MAX_FILE_BYTES // 2**20} MB; a params file is a "
+                       "few KB (is it the right file?)") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise BadInput(f"params: {path} is not UTF-8 text ("
+                       + ("UTF-16, by its byte-order mark" if utf16 else
+                          f"byte {data[err.start]:#04x} at offset {err.start}")
+                       + "); save it as UTF-8") from None
+
+
+def yaml_where(path: Path, err: yaml.YAMLError) -> str:
+    """PATH:LINE:COLUMN (1-based, as editors count) of a YAML syntax error, when it has one."""
+    mark = getattr(err, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
