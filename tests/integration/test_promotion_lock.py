@@ -113,8 +113,11 @@ def test_a_lock_broken_while_its_holder_is_stopped_ends_with_one_champion(
     for folder in (a, b):
         shutil.copytree(project, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
     key = f"{name}.promotion-lock"
-    with _checkout(a, "stop") as (proc_a, err_a), _checkout(b, "wait") as (proc_b, _):
+    with contextlib.ExitStack() as stack:
+        proc_a, err_a = stack.enter_context(_checkout(a, "stop"))
         _until(lambda: _state(proc_a.pid) == "T", "A stopped inside the lock", proc_a)
+        # B only now: A must be the one that took the lock.
+        proc_b, _ = stack.enter_context(_checkout(b, "wait"))
         _until(lambda: (b / "hooked").exists(), "B broke the stale lock and holds it", proc_b)
         assert f"pid {proc_b.pid} " in _holder(mlflow_server.uri, key)
         os.kill(proc_a.pid, signal.SIGCONT)
