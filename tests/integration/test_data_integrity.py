@@ -47,6 +47,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert pre.returncode == 0, pre.stderr[-3000:]
     fine = finetune(root, params, root / "data" / "target")
     assert fine.returncode == 0, fine.stderr[-3000:]
+    base = scratch(root, params, root / "data" / "target")
+    assert base.returncode == 0, base.stderr[-3000:]
     return root
 
 
@@ -54,9 +56,16 @@ def finetune(root: Path, params: Path, data: Path) -> object:
     m = root / "models"
     return run_stage("finetune", "--params", params, "--data", data, "--pretrained",
                      m / "pretrained.pt", "--model", m / "finetuned.pt", "--probe", m / "probe.pt",
-                     "--scratch", m / "scratch.pt", "--checkpoints", root / "ck" / "fine",
-                     "--metrics", root / "fine.json", "--plot", root / "fine.csv",
-                     "--scratch-plot", root / "scratch.csv")
+                     "--checkpoints", root / "ck" / "fine", "--metrics", root / "fine.json",
+                     "--plot", root / "fine.csv")
+
+
+def scratch(root: Path, params: Path, data: Path) -> object:
+    m = root / "models"
+    return run_stage("scratch", "--params", params, "--data", data, "--pretrained",
+                     m / "pretrained.pt", "--model", m / "scratch.pt", "--checkpoints",
+                     root / "ck" / "scratch", "--metrics", root / "scratch.json", "--plot",
+                     root / "scratch.csv")
 
 
 def evaluate(root: Path, params: Path, data: Path) -> object:

@@ -53,7 +53,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def tune(params: Any, data: Path, pretrained: Path, folder: Path) -> Path:
-    out = finetune.Outputs(*(folder / n for n in ("f.pt", "p.pt", "s.pt", "ck", "f.csv", "s.csv")))
+    out = finetune.Outputs(*(folder / n for n in ("f.pt", "p.pt", "ck", "f.csv")))
     finetune.run(params, data, pretrained, out)
     return out.finetuned
 

@@ -212,7 +212,7 @@ class Agent:
         git_commit.cache_clear()  # HEAD moves between stages: never a stale commit
         run = StageRun.start(message["stage"], local=message.get("local"),
                              root=Path(message["root"]),
-                             workspace=workspace_root(Path(message.get("cwd") or self.code)))
+                             workspace=workspace_root(Path(message["cwd"])))
         if run is None:
             return None, {"env": {}, "failed": None}
         # From the run, not from os.environ: another run may be opening beside it.

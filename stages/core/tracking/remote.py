@@ -227,8 +227,10 @@ class RemoteStageRun:
         conn = connect_agent()
         assert conn is not None
         try:
+            # cwd: the workspace the run describes (a queued experiment's own clone).
             reply = request(conn, {"op": "start", "stage": stage, "root": str(root),
-                                   "local": run.local}, START_WAIT_S, peer_pid(conn))
+                                   "cwd": os.getcwd(), "local": run.local}, START_WAIT_S,
+                            peer_pid(conn))
         except AgentUnavailable:
             conn.close()  # the agent, if it wakes, sees the stage gone and ends the run FAILED
             raise
