@@ -20,7 +20,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import default_params, dvc, git, project_copy, write_params
+from tests.helpers import dvc, git, project_copy, write_params
+from tests.integration.test_dvc_experiments import tiny_params as experiments_params
+from tests.integration.test_dvc_experiments import tracking_off  # noqa: F401 - autouse here too
 
 pytestmark = pytest.mark.slow
 
@@ -28,26 +30,17 @@ MODELS = ("models/pretrained.pt", "models/finetuned.pt", "models/probe.pt", "mod
 
 
 def tiny_params() -> dict[str, Any]:
-    p = default_params()
-    p["data"]["target"]["train_per_class"] = 10
-    p["augment"]["copies"] = 0
-    p["pretrain"].update(epochs=1, warmup_epochs=0, lr=0.02)
-    p["finetune"].update(head_epochs=1, full_epochs=2, warmup_epochs=0)
-    p["export"].update(quantize_int8=False, parity_atol=0.01)
+    """The experiments module's tiny pipeline, with a shorter phase 2: these tests compare
+    weights and records, not accuracies."""
+    p = experiments_params()
+    p["finetune"].update(full_epochs=2, lr=0.05)  # the workspace lr neither queued one uses
     return p
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tracking_off() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMAGEPIPE_TRACKING", "0")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tracking_off: None) -> Path:
-    """Reproduced and committed: checkpoints/ holds complete checkpoints."""
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Reproduced (tracking off: the autouse tracking_off) and committed: checkpoints/ holds
+    complete checkpoints."""
     root = project_copy(tmp_path_factory.mktemp("codeid"))
     write_params(root / "params.yaml", tiny_params())
     git(root, "commit", "-qam", "tiny params")
