@@ -93,7 +93,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) 
     write_dvc_yaml(root, {"export": EXPORT_STAGE})
     (root / "params.yaml").write_text(yaml.safe_dump({
         "data": {"source": {"uri": "sklearn:digits"}, "target": {"uri": "sklearn:digits"}},
-        "export": {"parity_images": 24, "quantize_int8": False, "fp16": False, "threads": 1},
+        "export": {"parity_images": 24, "quantize_int8": False, "fp16": False, "threads": 1,
+                   "model": "finetuned"},  # no scratch model here
         "registry": {"model_name": MODEL_NAME}}))
     (root / "models").mkdir()
     _train(root / "models" / "finetuned.pt")
