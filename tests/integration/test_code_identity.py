@@ -34,6 +34,7 @@ def tiny_params() -> dict[str, Any]:
     weights and records, not accuracies."""
     p = experiments_params()
     p["finetune"].update(full_epochs=2, lr=0.05)  # the workspace lr neither queued one uses
+    p["export"]["model"] = "finetuned"  # the records checked are the finetuned model's
     return p
 
 
