@@ -173,13 +173,19 @@ def test_a_stage_right_after_the_flows_prewarm_uses_that_agent_not_a_second(trac
     while agent_pid() is not None and time.monotonic() < deadline:
         time.sleep(0.1)
     key = code_key()  # this process's environment: prewarm and connect_agent use it too
+
+    def agents() -> set[Path]:
+        return {p for p in Path("/proc").glob("[0-9]*")
+                if _cmdline(p).count(key.encode()) and b"tracking.agent" in _cmdline(p)}
+
+    # An agent of this key still draining the other test worker's stage may outlive the stop.
+    before = agents()
     prewarm()  # returns at once: the agent has not bound its socket yet
     sock = connect_agent()  # what the first stage does a moment later
     assert sock is not None
     sock.close()
-    running = [p for p in Path("/proc").glob("[0-9]*")
-               if _cmdline(p).count(key.encode()) and b"tracking.agent" in _cmdline(p)]
-    assert len(running) == 1, running
+    started = agents() - before
+    assert len(started) <= 1 and (started or before), (before, started)
 
 
 def _cmdline(proc: Path) -> bytes:
