@@ -106,7 +106,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     if not lines:
         raise StageError("promote", 0, "printed no JSON object on stdout")
     decision = json.loads(lines[-1])
-    from commands.registry import said  # the words `imagepipe promote` prints
+    from commands.promote import said  # the words `imagepipe promote` prints
 
     logger.info("promotion: %s", said(decision))
     return decision
@@ -218,8 +218,8 @@ def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
 
     if not tracking_enabled():
         return None, f"Skipped: tracking is off ({SWITCH_ENV}=0), so no version was registered."
-    if not (root / "commands" / "registry.py").is_file():
-        return None, "Skipped: this project has no commands/registry.py (imagepipe promote)."
+    if not (root / "commands" / "promote.py").is_file():
+        return None, "Skipped: this project has no commands/promote.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:
         return None, f"Skipped: the run stopped before {plan.all_stages[-1]!r}."
     return promote_task.with_options(**options)(str(root), timeout_s, exported), ""

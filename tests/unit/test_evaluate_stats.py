@@ -105,7 +105,7 @@ def test_wide_interval_is_warned(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_promote_refuses_a_challenger_no_better_than_the_majority_class() -> None:
-    from commands.registry import decide, majority_floor
+    from commands.promote import decide, majority_floor
 
     truth = np.array(["cat"] * 70 + ["dog"] * 30, dtype=object)
     always_cat = truth == "cat"  # hits of a model that always answers "cat": accuracy 0.70

@@ -194,7 +194,7 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
 
 
 def test_the_flow_logs_the_promotion_in_words() -> None:
-    from commands.registry import said as _said
+    from commands.promote import said as _said
 
     kept = {"promoted": False, "model_name": "m", "challenger_version": "3",
             "reason": "version 3 is already champion", "current_champion_version": "3"}
@@ -205,7 +205,7 @@ def test_the_flow_logs_the_promotion_in_words() -> None:
 
 
 def test_nothing_to_promote_is_said_as_such() -> None:
-    from commands.registry import said as _said
+    from commands.promote import said as _said
     from flows import report
 
     nothing = {"promoted": False, "model_name": "m", "challenger_version": None,

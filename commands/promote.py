@@ -323,7 +323,7 @@ def promote_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
-        d = call("commands.registry:promote", promote, registry_params(args), args.data,
+        d = call("commands.promote:promote", promote, registry_params(args), args.data,
                  project_root(), model=args.model, force=args.force, missing_ok=args.missing_ok)
         print_result(asdict(d), args.json, said(asdict(d)))
 
