@@ -77,13 +77,12 @@ def flip(labels: np.ndarray, split: np.ndarray, n_classes: int, rate: float, see
 
 def write_variant(src: Path, labels: np.ndarray, keep: np.ndarray, dest: Path) -> Path:
     """A dataset folder with `src`'s images at rows `keep`, these labels, the same splits."""
-    from stages.core.dataset import dataset_writer, load_dataset
+    from stages.core.dataset import load_dataset
+    from tests.helpers import save_dataset
 
     ds = load_dataset(src)
-    with dataset_writer(dest, len(keep), ds.image_shape) as w:
-        w.images[:] = np.asarray(ds.images[keep])
-        w.labels[:], w.split[:] = labels[keep], ds.split[keep]
-        w.finish(ds.classes, {"uri": f"benchmark:{src.name}", "params": ds.manifest.get("params")})
+    save_dataset(dest, ds.images[keep], labels[keep], ds.split[keep], ds.classes,
+                  {"uri": f"benchmark:{src.name}", "params": ds.manifest.get("params")})
     return dest
 
 

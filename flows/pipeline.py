@@ -218,8 +218,6 @@ def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
 
     if not tracking_enabled():
         return None, f"Skipped: tracking is off ({SWITCH_ENV}=0), so no version was registered."
-    if not (root / "commands" / "promote.py").is_file():
-        return None, "Skipped: this project has no commands/promote.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:
         return None, f"Skipped: the run stopped before {plan.all_stages[-1]!r}."
     return promote_task.with_options(**options)(str(root), timeout_s, exported), ""

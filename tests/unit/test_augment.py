@@ -115,16 +115,25 @@ def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: P
 
 
 def test_a_one_array_source_is_read_as_one_shard(tmp_path: Path) -> None:
-    """Sets written whole (dataset_writer: images.npy, as tests and older stages made them)
-    are augmented like sharded ones, through numpy's own .npy header."""
-    from stages.core.dataset import SPLIT_CODE, dataset_writer
+    """Sets written whole (one images.npy, as older stages made them) are augmented like
+    sharded ones, through numpy's own .npy header."""
+    import json
+
+    from stages.core.dataset import SPLIT_CODE, counts
+    from stages.core.integrity import file_sha256
 
     rng = np.random.default_rng(1)
-    with dataset_writer(tmp_path / "old", 40, (8, 8, 1)) as w:
-        w.images[:] = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-        w.labels[:] = np.arange(40) % 2
-        w.split[:] = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"])
-        w.finish(["a", "b"], {"uri": "test:old"})
+    old = tmp_path / "old"
+    old.mkdir()
+    labels = np.arange(40) % 2
+    split = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"]).astype(np.uint8)
+    np.save(old / "images.npy", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
+    np.save(old / "labels.npy", labels)
+    np.save(old / "split.npy", split)
+    sums = {f.name: file_sha256(f) for f in old.glob("*.npy")}
+    (old / "manifest.json").write_text(json.dumps(
+        {"classes": ["a", "b"], "n": 40, "counts": counts(labels, split, ["a", "b"]),
+         "sha256": sums, "uri": "test:old"}))
     augment.run(_params(copies=1), tmp_path / "old", tmp_path / "aug")
     old, aug = load_dataset(tmp_path / "old"), load_dataset(tmp_path / "aug")
     np.testing.assert_array_equal(aug.images[:30], old.images[:30])
