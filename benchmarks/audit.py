@@ -136,7 +136,7 @@ def one_rate(params: Any, target: Path, pretrained: Path, rate: float, seed: int
              clean_pred: np.ndarray | None) -> dict[str, Any]:
     """Flip, finetune, audit, drop the flagged, finetune again; the figures of one rate."""
     from stages.core.dataset import load_dataset
-    from stages.evaluate import bootstrap_intervals
+    from stages.core.stats import bootstrap_intervals
 
     ds = load_dataset(target)
     noisy_labels, flips = flip(ds.labels, ds.split, len(ds.classes), rate, seed)

@@ -194,7 +194,7 @@ def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray]
         champ_acc = float(np.mean(champ_hits))
     if chal_hits is None:
         return None
-    from stages.evaluate import accuracy_interval
+    from stages.core.stats import accuracy_interval
 
     chal_acc, ci = float(np.mean(chal_hits)), accuracy_interval(chal_hits)
     majority = majority_floor(test[1])
