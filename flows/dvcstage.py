@@ -35,6 +35,11 @@ log = logging.getLogger("imagepipe.flow")
 
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
+# Retries of a transient failure (exit 75, a death by signal): the flow's tasks and `imagepipe
+# run`'s defaults. The first waits RETRY_DELAY_S, then 20, 40: a tracking server or a GPU
+# often needs a minute back.
+RETRIES = 3
+RETRY_DELAY_S = 10.0
 # DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
 _DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
 # What stages.core.door.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".

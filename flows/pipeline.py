@@ -30,7 +30,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from flows import dvcstage, report, slots
-from flows.dvcstage import Plan, StageError, StageTransient
+from flows.dvcstage import RETRIES, RETRY_DELAY_S, Plan, StageError, StageTransient
 from flows.localapi import TemporaryAPI
 from stages.core.host import FLOW_RUN_ENV
 
@@ -45,9 +45,7 @@ REGISTERS = "export"
 # Per-stage wall-clock limits; past them the stage's process group is killed.
 TIMEOUTS_S = {"pretrain": 6 * 3600.0, "finetune": 6 * 3600.0, "scratch": 6 * 3600.0}
 DEFAULT_TIMEOUT_S = 3600.0
-RETRIES = 3
 STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates its database
-RETRY_DELAY_S = 10.0  # then 20, 40: a tracking server or a GPU often needs a minute back
 
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
