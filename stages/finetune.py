@@ -35,6 +35,7 @@ from typing import Any
 
 from stages.core import distributed
 from stages.core.best import BestEpoch, chosen
+from stages.core.budget import Budget
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
@@ -135,7 +136,8 @@ def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Clas
 def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
     if not len(ds.indices("train")):
         raise BadInput("the target train split is empty")
-    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
+    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last,
+              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
     # Each resident on the device where it fits, else streamed from the shards (core/stream.py).
     train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                     train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,

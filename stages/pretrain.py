@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core import distributed
+from stages.core.budget import Budget
 from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
@@ -51,7 +52,8 @@ def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: 
            seed: int) -> tuple[DeviceBatches, DeviceBatches]:
     """Training batches (shuffled, augmented on the device) and validation batches (plain),
     each resident on the device where it fits, else streamed from the shards."""
-    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last}
+    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last,
+              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
     train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                     train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
                     rank=rt.comm.rank, world=rt.comm.world, train_size=p.train_size, **common)
