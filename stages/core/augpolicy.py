@@ -16,6 +16,7 @@ crop then a nearest-neighbour rotation, colour steps in float rather than on uin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -142,8 +143,8 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _jitter(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
     """Brightness, contrast, saturation and hue, each image with its own factors and its
-    own order of the four (as v2's ColorJitter draws per call)."""
-    import torch
+    own order of the four (as v2's ColorJitter draws per call). Each step runs on the images
+    whose turn it is, so the four cost what they would in a fixed order."""
 
     def factor(k: int, lo: float, hi: float) -> torch.Tensor:
         return (lo + (hi - lo) * u[:, _JIT + k])[:, None, None, None]
@@ -153,16 +154,19 @@ def _jitter(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
     c = factor(1, max(0.0, 1 - strength), 1 + strength)
     s = factor(2, max(0.0, 1 - colour), 1 + colour)
     h = factor(3, -colour / 10, colour / 10)[:, 0, 0, 0]
-    steps = [lambda y: (y * b).clamp(0, 1),
-             lambda y: (c * y + (1 - c) * _grey(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1),
-             lambda y: (s * y + (1 - s) * _grey(y)).clamp(0, 1) if colour else y,
-             lambda y: _hue(y, h) if colour else y]
+    steps: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
+        lambda y, i: (y * b[i]).clamp(0, 1),
+        lambda y, i: (c[i] * y + (1 - c[i]) * _grey(y).mean(dim=(1, 2, 3), keepdim=True)
+                      ).clamp(0, 1),
+        lambda y, i: (s[i] * y + (1 - s[i]) * _grey(y)).clamp(0, 1),
+        lambda y, i: _hue(y, h[i])]
     order = u[:, _ORDER:_ORDER + 4].argsort(dim=1)  # a random permutation per image
+    x = x.clone()
     for k in range(4):
-        for op, step in enumerate(steps):
-            chosen = (order[:, k] == op)[:, None, None, None]
-            if bool(chosen.any()):
-                x = torch.where(chosen, step(x), x)
+        for op in range(4 if colour else 2):
+            turn = (order[:, k] == op).nonzero()[:, 0]
+            if len(turn):
+                x[turn] = steps[op](x[turn], turn)
     return x
 
 
