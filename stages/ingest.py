@@ -1,11 +1,12 @@
 """ingest: params.data (source and target URIs) -> data/source/, data/target/ (canonical datasets).
 
 Each role is listed, filtered to its classes, split (seeded, stratified) where the source ships
-no split, capped per class, then decoded in bounded batches into a memory-mapped uint8 array at
-the role's own image_size and channels (data.<role>.*, else data.*). Bad files are skipped and
-listed in report.json; too many of them, a duplicate that leaks into the test split, a class
-left with no training image, or an empty split that a later stage needs (source: train, val;
-target: train, val, test) end the stage with exit code 2, here rather than after pretraining.
+no split, capped per class, then decoded in bounded batches into uint8 shards (RowWriter: rows
+appended to a file, no memory map) at the role's own image_size and channels (data.<role>.*,
+else data.*). Bad files are skipped and listed in report.json; too many of them, a duplicate
+that leaks into the test split, a class left with no training image, or an empty split that a
+later stage needs (source: train, val; target: train, val, test) end the stage with exit code 2,
+here rather than after pretraining.
 A split no stage reads (the source's test split) is carved but not decoded, and the log says so.
 
 A folder that ships train/ and val/ but no test/ (a common layout) gives the target no test
