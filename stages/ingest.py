@@ -35,7 +35,7 @@ from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
-from stages.core.shards import Built, build_shards
+from stages.core.shards import StagedShards, build_shards
 from stages.core.sources import Listing, open_source
 from stages.params import DataParams, DatasetRole, Params, load_params
 
@@ -237,7 +237,7 @@ def by_class(sel: Selection) -> Selection:
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
-            data: DataParams, staging: Path) -> Built:
+            data: DataParams, staging: Path) -> StagedShards:
     """Staged shards of the selection on data.engine; only missing or changed ones decoded."""
     with progress(f"ingest {role_name}", len(sel.refs)) as advance:
         return build_shards(

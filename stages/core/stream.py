@@ -187,7 +187,7 @@ class StreamBatches(DeviceBatches):
         return host
 
 
-def forced() -> bool:
+def streaming_forced() -> bool:
     return os.environ.get(STREAM_ENV, "").strip() not in ("", "0")
 
 
@@ -196,6 +196,6 @@ def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: tor
     """A split's batches: resident on the device where it fits (and streaming is not forced),
     else streamed from the shards. Keywords are DeviceBatches'."""
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
-    if not forced() and nbytes <= RESIDENT_SHARE * free_memory_bytes(device):
+    if not streaming_forced() and nbytes <= RESIDENT_SHARE * free_memory_bytes(device):
         return DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
     return StreamBatches(images, labels, indices, device=device, **kw)

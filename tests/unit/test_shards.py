@@ -40,7 +40,7 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
         w.write(rows[lo:hi])
         w.close()
         results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)], "bad": []}
-    joiner = shards._Joiner(tmp_path, "s.npy", planned, (4, 4, 3))
+    joiner = shards._ShardAssembler(tmp_path, "s.npy", planned, (4, 4, 3))
     for part in (2, 0, 1):
         joiner.add(part, results[part])
     meta = joiner.finish()
