@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.dataset import HEADER, MAGIC, RowWriter, file_sha256, npy_header  # noqa: F401
+from stages.core.dataset import HEADER, RowWriter, file_sha256, npy_header
 from stages.core.io import umask
 from stages.core.sources import BadFile, TooLarge, canonical, read_image_file
 
