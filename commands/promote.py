@@ -154,8 +154,9 @@ def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
                     current_champion_version=now)
 
 
-def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
-           scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]) -> Decision | None:
+def _decide_without_lock(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray],
+                         n: int, scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]
+                         ) -> Decision | None:
     """One round's decision, scored without the lock; None when an alias moved under it."""
     from stages.core.tracking import CHALLENGER, CHAMPION
 
@@ -254,8 +255,8 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
     scores: dict[str, np.ndarray] = {}
     with reg.scratch_dir() as tmp:
         for attempt in range(_ROUNDS):
-            decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt),
-                              ws, scores)
+            decision = _decide_without_lock(reg, params, (images, truth), len(images),
+                                            Path(tmp) / str(attempt), ws, scores)
             if decision is None:
                 continue
             try:

@@ -139,7 +139,7 @@ def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
         "mean": [float(v) for v in mf.mean],
         "std": [float(v) for v in mf.std],
         "arch": mf.spec.arch,
-        # Set by the flow's MLflow run (and by `mlflow run`); absent under a plain dvc repro.
+        # The stage's own MLflow run (the door exports it while the body runs); None with tracking off.
         "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"),
         "git_commit": git_commit(),
         "git_dirty": None if dirty is None else str(dirty).lower(),

@@ -204,7 +204,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     ds = load_dataset(data, verify=params.verify_data)
     model, mf = adapt_to_target(*load_model_file(pretrained), ds)
     t = load_target(ds, mf, p, rt, params.seed)
-    out.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing trains
+    out.checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     # The new head's initial weights depend on the seed only, not on what ran before.
     seed_everything(params.seed)
     model.replace_head(len(t.classes))

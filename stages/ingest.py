@@ -1,11 +1,12 @@
 """ingest: params.data (source and target URIs) -> data/source/, data/target/ (canonical datasets).
 
 Each role is listed, filtered to its classes, split (seeded, stratified) where the source ships
-no split, capped per class, then decoded in bounded batches into a memory-mapped uint8 array at
-the role's own image_size and channels (data.<role>.*, else data.*). Bad files are skipped and
-listed in report.json; too many of them, a duplicate that leaks into the test split, a class
-left with no training image, or an empty split that a later stage needs (source: train, val;
-target: train, val, test) end the stage with exit code 2, here rather than after pretraining.
+no split, capped per class, then decoded in bounded batches into uint8 shards (RowWriter: rows
+appended to a file, no memory map) at the role's own image_size and channels (data.<role>.*,
+else data.*). Bad files are skipped and listed in report.json; too many of them, a duplicate
+that leaks into the test split, a class left with no training image, or an empty split that a
+later stage needs (source: train, val; target: train, val, test) end the stage with exit code 2,
+here rather than after pretraining.
 A split no stage reads (the source's test split) is carved but not decoded, and the log says so.
 
 A folder that ships train/ and val/ but no test/ (a common layout) gives the target no test
@@ -34,7 +35,7 @@ from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
-from stages.core.shards import Built, build_shards
+from stages.core.shards import StagedShards, build_shards
 from stages.core.sources import Listing, open_source
 from stages.params import DataParams, DatasetRole, Params, load_params
 
@@ -236,7 +237,7 @@ def by_class(sel: Selection) -> Selection:
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
-            data: DataParams, staging: Path) -> Built:
+            data: DataParams, staging: Path) -> StagedShards:
     """Staged shards of the selection on data.engine; only missing or changed ones decoded."""
     with progress(f"ingest {role_name}", len(sel.refs)) as advance:
         return build_shards(

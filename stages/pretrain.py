@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 # refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.pretrain")
-# Evaluation needs no gradients: bigger batches cost little memory and run faster.
 
 
 def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],
@@ -98,7 +97,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
              "resident on the device" if train.resident else "streamed", len(train))
     tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, p.epochs,
                       len(train))
-    checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when epochs is 0
+    checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     store = CheckpointStore(checkpoints / "pretrain.pt", {
         "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world,
         "code": code_fingerprint("stages.pretrain")}, rt.comm)

@@ -87,7 +87,7 @@ def _run_body(name: str, body: Callable[[], object]) -> Outcome:
     except Terminated:
         print(f"{name}: terminated", file=sys.stderr)
         return Outcome(EXIT_TERMINATED)
-    except Exception as err:  # a bug: the traceback for whoever fixes it, and a code not retried
+    except Exception as err:  # noqa: BLE001 - a bug: the traceback for whoever fixes it, and a code not retried
         if peer_lost(err):  # a peer of a collective gone: the job is retried, not a bug
             print(f"{name}: transient failure (a training process it works with is gone; "
                   f"retry may help): {type(err).__name__}: {str(err).strip()[:300]}",

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.dataset import HEADER, MAGIC, RowWriter, file_sha256, npy_header  # noqa: F401
+from stages.core.dataset import HEADER, RowWriter, file_sha256, npy_header
 from stages.core.io import umask
 from stages.core.sources import BadFile, TooLarge, canonical, read_image_file
 
@@ -41,7 +41,7 @@ FORMAT = "shards-1"  # part of every shard's fingerprint: a format change rebuil
 
 
 @dataclass(frozen=True)
-class Piece:
+class ShardPart:
     """Rows [part of `parts`] of one staged shard: what one engine task decodes and writes."""
 
     shard: str  # the staged shard's file name: its input fingerprint, so reruns find it
@@ -93,7 +93,7 @@ def _code_digest() -> str:
     return code_digest("stages.core.shards")
 
 
-def decode_piece(piece: Piece, fetch: Callable[[str], tuple[str, Any]] | None = None
+def decode_piece(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]] | None = None
                  ) -> dict[str, Any]:
     """Decode a piece's refs into rows of a temporary file in the staging folder.
 
@@ -119,7 +119,7 @@ def decode_piece(piece: Piece, fetch: Callable[[str], tuple[str, Any]] | None = 
         raise
 
 
-def _decode_into(piece: Piece, fetch: Callable[[str], tuple[str, Any]], tmp: Path,
+def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp: Path,
                  stamps: list[tuple[int, int]] | None) -> dict[str, Any]:
     shape = (piece.size, piece.size, piece.channels)
     # A whole shard is hashed as written; a piece is hashed by the driver as it joins it.
@@ -162,7 +162,7 @@ def _decode_into(piece: Piece, fetch: Callable[[str], tuple[str, Any]], tmp: Pat
     return result
 
 
-class _Joiner:
+class _ShardAssembler:
     """The pieces of one shard appended in order to its temporary as they come back, hashed as
     written on the bet that no file was bad (the header then holds the planned row count);
     a lost bet rewrites the header and reads the file back once."""
@@ -240,7 +240,7 @@ MIN_PIECE = 512  # images: below this a piece's task start-up outweighs its deco
 
 
 @dataclass
-class Built:
+class StagedShards:
     """The shards of one dataset, in logical order, and what decoding found."""
 
     shards: list[tuple[Path, str, int]]  # (staged file, sha256, rows)
@@ -282,7 +282,7 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
                  fetch: Callable[[str], tuple[str, Any]], size: int, channels: int,
                  max_bytes: int, shard_mb: int, batch: int, engine: str,
                  ray_address: str | None, staging: Path, stamps: np.ndarray | None = None,
-                 advance: Callable[[int], None] = lambda n: None) -> Built:
+                 advance: Callable[[int], None] = lambda n: None) -> StagedShards:
     """Decode `refs` (class-ordered) into staged shards, reusing those already staged whose
     files are unchanged. `stamps`: the files' (size, mtime_ns) rows as listed, else each
     staged shard's files are stat'ed (a cold run stats none: its workers' fstat stamps them)."""
@@ -307,7 +307,7 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     # Array sources (digits, CIFAR's pickles) live in this process: decoded here, fast.
     engine = engine if files else "inline"
     pieces = _pieces(todo, ranges, names, refs, workers(engine) if engine != "inline" else 1,
-                     Piece("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
+                     ShardPart("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
                            os.getcwd() if files else ""))
     task = decode_piece if files else functools.partial(decode_piece, fetch=fetch)
     try:
@@ -325,7 +325,7 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     return _built(ranges, names, metas, len(todo), staging)
 
 
-def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: str,
+def _run(task: Callable[[ShardPart], dict[str, Any]], pieces: list[ShardPart], engine: str,
          ray_address: str | None, staging: Path, shape: tuple[int, ...],
          advance: Callable[[int], None]) -> None:
     """Run the pieces; join each multi-piece shard's pieces as they come back (the driver
@@ -335,7 +335,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
     rows: dict[str, int] = {}
     for piece in pieces:
         rows[piece.shard] = rows.get(piece.shard, 0) + len(piece.refs)
-    joiners: dict[str, _Joiner] = {}
+    joiners: dict[str, _ShardAssembler] = {}
     try:
         for i, result in run_map(task, pieces, engine=engine, ray_address=ray_address):
             piece = pieces[i]
@@ -343,7 +343,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
             if piece.parts == 1:
                 continue
             if piece.shard not in joiners:
-                joiners[piece.shard] = _Joiner(staging, piece.shard, rows[piece.shard], shape)
+                joiners[piece.shard] = _ShardAssembler(staging, piece.shard, rows[piece.shard], shape)
             joiners[piece.shard].add(piece.part, result)
             if len(joiners[piece.shard].results) == piece.parts:
                 joiners.pop(piece.shard).finish()
@@ -353,7 +353,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
 
 
 def _pieces(todo: list[int], ranges: list[tuple[int, int]], names: list[str],
-            refs: Sequence[str], n_workers: int, base: Piece) -> list[Piece]:
+            refs: Sequence[str], n_workers: int, base: ShardPart) -> list[ShardPart]:
     """One piece per shard; shards split further when there are fewer of them than eight per
     worker (a one-shard CIFAR would otherwise decode on one core; eight, not one, per worker so
     that a worker slowed by a busy machine does not leave the others idle long at the end:
@@ -374,7 +374,7 @@ def _pieces(todo: list[int], ranges: list[tuple[int, int]], names: list[str],
 
 
 def _built(ranges: list[tuple[int, int]], names: list[str], metas: dict[int, dict[str, Any]],
-           decoded: int, staging: Path) -> Built:
+           decoded: int, staging: Path) -> StagedShards:
     digests: list[str | None] = []
     bad: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
@@ -388,4 +388,4 @@ def _built(ranges: list[tuple[int, int]], names: list[str], metas: dict[int, dic
         skipped += meta.get("skipped", [])
         shards.append((staging / name, meta["sha256"], meta["n"]))
     keep = np.array([d is not None for d in digests], dtype=bool)
-    return Built(shards, keep, digests, bad, skipped, decoded, staging)
+    return StagedShards(shards, keep, digests, bad, skipped, decoded, staging)

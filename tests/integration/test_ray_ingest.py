@@ -32,7 +32,7 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-def _params(root: Path, engine_name: str, **data: object):  # noqa: ANN202
+def _params(root: Path, engine_name: str, **data: object):
     raw = default_params()
     raw["data"].update({"image_size": 64, "channels": 3, "shard_mb": 1, "engine": engine_name,
                         "max_bad_fraction": 0.1, **data})

@@ -40,7 +40,7 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
         w.write(rows[lo:hi])
         w.close()
         results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)], "bad": []}
-    joiner = shards._Joiner(tmp_path, "s.npy", planned, (4, 4, 3))
+    joiner = shards._ShardAssembler(tmp_path, "s.npy", planned, (4, 4, 3))
     for part in (2, 0, 1):
         joiner.add(part, results[part])
     meta = joiner.finish()
@@ -80,7 +80,7 @@ def _folder(root: Path, counts: dict[str, int], start: int = 0) -> None:
             Image.fromarray(arr).save(root / cls / f"{i}.png")
 
 
-def _params(root: Path, **data: object):  # noqa: ANN202
+def _params(root: Path, **data: object):
     raw = default_params()
     # 64 x 64 x 3 = 12 KB an image: shard_mb=1 holds 85, so 100+ images make per-class shards.
     raw["data"].update({"image_size": 64, "channels": 3, "shard_mb": 1, **data})
@@ -96,7 +96,7 @@ def inline(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = shards.decode_piece
 
-    def counted(piece, fetch=None):  # noqa: ANN001, ANN202
+    def counted(piece, fetch=None):
         calls.append(len(piece.refs))
         return real(piece, fetch)
 
@@ -137,7 +137,7 @@ def test_a_killed_ingest_redoes_only_the_missing_shards(tmp_path: Path, inline: 
     ingest.ingest_role("source", params.data.source, params, tmp_path / "clean")
     counted = shards.decode_piece
 
-    def dies_on_third(piece, fetch=None):  # noqa: ANN001, ANN202
+    def dies_on_third(piece, fetch=None):
         if len(inline) == 2:
             raise KeyboardInterrupt  # as a Ctrl-C or SIGTERM mid-ingest
         return counted(piece, fetch)
