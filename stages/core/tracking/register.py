@@ -87,7 +87,7 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
         # The same file again, byte for byte, inside the wrapper that serving runs.
         serving_info = store.call("log serving model", log_serving_model, Path(reg.onnx_path),
                                   reg.input_example, read_metadata(proto),
-                                  _serving_requirements())
+                                  _serving_requirements(), reg.serving_max_images)
     experiment, temporary = experiment_run(workspace)
     kept = _dvc_tags(reg, workspace)
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},

@@ -68,6 +68,9 @@ class Registration:
     # until dvc.lock records that md5: a DVC run that failed after the stage registered it (a
     # full disk in the cache copy) left a version DVC never kept.
     dvc_stage: str | None = field(default_factory=lambda: os.environ.get("DVC_STAGE") or None)
+    # Most images a request to the served model may carry (export.serving_max_images; None:
+    # the serving wrapper's default).
+    serving_max_images: int | None = None
     # Arrays: left out of ==, which numpy cannot answer for them.
     input_example: Any = field(default=None, compare=False)
     output_example: Any = field(default=None, compare=False)
