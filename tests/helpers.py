@@ -80,6 +80,26 @@ def dvc(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProc
     return proc
 
 
+def save_dataset(folder: Path, images: Any, labels: Any, split: Any, classes: list[str],
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    """A canonical dataset in `folder` written as ingest writes one: one RowWriter shard,
+    completed by write_sharded inside an atomic_dir. Returns its manifest."""
+    import numpy as np
+
+    from stages.core.dataset import RowWriter, write_sharded
+    from stages.core.io import atomic_dir
+
+    images = np.asarray(images, dtype=np.uint8)
+    with atomic_dir(folder) as tmp:
+        shard = RowWriter(tmp / "rows.part", images.shape[1:], capacity=len(images), hashed=True)
+        shard.write(images)
+        shard.close()
+        manifest = write_sharded(tmp, [(shard.path, shard.digest, shard.n)], np.asarray(labels),
+                                 np.asarray(split), classes, meta)
+        shard.path.unlink()
+    return manifest
+
+
 def run_in_cgroup(found: tuple[Path, dict[str, str]] | None, code: str) -> str:
     """stdout of `python -c code` (from the repository) in a new cgroup: `found` is its folder
     and the limit files to write, None where there is no cgroup file system. Root only: the

@@ -2,7 +2,7 @@
 the others.
 
 Input: a launch plan (launchplan.py: from params.yaml's training section and torch elastic's
-PET_* environment, as flows/k8s.py sets it) and the rank function to run. Output: an exit code;
+PET_* environment, as a launcher sets it) and the rank function to run. Output: an exit code;
 a peer lost mid-collective, or one that stays away past the plan's timeout, is 75 (door.py,
 errors.peer_lost), never 70.
 
@@ -68,7 +68,7 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TER
 @dataclass(frozen=True)
 class Comm:
     """This process's place among the training processes. `root` (rank 0) is the writer: local
-    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as flows/k8s.py sets it), whatever
+    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as a launcher sets it), whatever
     order the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
     numbers the machines by address (host name), then the launching process's id."""
 

@@ -36,6 +36,9 @@ IMAGE_UID = 10001
 TINY = ["pretrain.epochs=2", "finetune.head_epochs=1", "finetune.full_epochs=2",
         "export.quantize_int8=false"]
 RUN_TIMEOUT_S = 1500
+# A server's first /health, database created: seconds on a quiet machine, up to 10 minutes on
+# 2 cores shared with other pipelines (measured).
+HEALTH_S = 600
 
 
 def free_port(host: str) -> int:
@@ -73,7 +76,7 @@ def start_mlflow(host: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]
          "--artifacts-destination", str(folder / "artifacts")],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, process_group=0)
     try:
-        deploy.wait_healthy(uri, proc, 180, log)
+        deploy.wait_healthy(uri, proc, HEALTH_S, log)
     except BaseException:
         deploy.stop(proc)
         raise
@@ -122,7 +125,7 @@ def stack(network: tuple[str, str], image: str, tmp_path: Path) -> Iterator[dict
         })
         with step("Prefect server on the network's gateway"):
             procs.append(deploy.start_server(port, env, tmp_path / "server.log", host=gateway))
-            deploy.wait_healthy(api_url, procs[-1], 300, tmp_path / "server.log")
+            deploy.wait_healthy(api_url, procs[-1], HEALTH_S, tmp_path / "server.log")
         with step("work pool, worker, prefect deploy --name nightly-docker"):
             created = subprocess.run(
                 deploy.prefect_cmd("work-pool", "create", POOL, "--type", "docker",

@@ -40,6 +40,24 @@ def test_cli_and_stages_start_as_uid_10001(image: str) -> None:
     assert lines[2:] == ["cli-ok", *(f"{m}-ok" for m in modules), "extras-ok"]
 
 
+def test_a_container_under_cpus_1_counts_one_core(image: str) -> None:
+    """`docker run --cpus 1` (the cgroup's CPU quota; the affinity still lists every host core):
+    a stage inside counts 1 usable core, so its pools and torch threads fit the quota. Without
+    the quota the same container counts the host's cores."""
+    probe = ("import os; from stages.core.host import usable_cores, cpu_quota; "
+             "print(len(os.sched_getaffinity(0)), usable_cores(), cpu_quota())")
+    with step("usable_cores() in the image, with and without --cpus 1"):
+        free = run_in(image, "python", "-c", probe)
+        capped = run_in(image, "python", "-c", probe, options=("--cpus", "1"))
+    assert free.returncode == 0 and capped.returncode == 0, free.stderr + capped.stderr
+    host_cores = len(os.sched_getaffinity(0))
+    if host_cores < 2:
+        pytest.fail("this check needs a host with 2 cores or more (a quota of 1 must be the "
+                    "tighter bound)", pytrace=False)
+    assert free.stdout.split() == [str(host_cores), str(host_cores), "None"], free.stdout
+    assert capped.stdout.split() == [str(host_cores), "1", "1.0"], capped.stdout
+
+
 def test_no_build_secret_is_left_in_the_image(image: str) -> None:
     """pip's configuration and CA bundle were BuildKit secrets: no layer has them, and the
     image's pip has no configuration of its own."""

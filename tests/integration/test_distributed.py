@@ -264,7 +264,7 @@ def test_two_multi_machine_runs_never_share_a_rendezvous_id(monkeypatch: pytest.
         assert pl is not None
         ids.add(pl.run_id)
     assert len(ids) == 2
-    monkeypatch.setenv("PET_RDZV_ID", "job-7")  # what flows/k8s.py sets: the job's name
+    monkeypatch.setenv("PET_RDZV_ID", "job-7")  # what a launcher sets: the job's name
     assert distributed.plan(p, "pretrain").run_id == "job-7"  # type: ignore[union-attr]
 
 
