@@ -120,7 +120,7 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
 
 def _dvc_tags(reg: Registration, workspace: Path) -> dict[str, str]:
     """Under DVC: the stage, the model's path in the project and its md5 as DVC hashes it, for
-    promote to check against dvc.lock (commands/registry.py `refusal`)."""
+    promote to check against dvc.lock (commands/promote.py `refusal`)."""
     from stages.core.lineage import path_hashes
 
     onnx_path = Path(reg.onnx_path).resolve()
