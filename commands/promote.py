@@ -101,6 +101,7 @@ class Workspace:
 def refusal(challenger: Any, onnx_path: Path) -> str | None:
     """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
     from stages.core.dataset import file_sha256
+    from stages.core.tracking.registration import not_kept
 
     v, tags = challenger.version, challenger.tags
     registered = tags.get("onnx.sha256")
@@ -115,6 +116,8 @@ def refusal(challenger: Any, onnx_path: Path) -> str | None:
         return (f"the challenger v{v} is older than the workspace: export did not register this "
                 f"model ({onnx_path} has sha256 {have[:12]}, v{v} was registered from "
                 f"{registered[:12]}); run the export stage again (or --force)")
+    if (why := not_kept(tags, v, onnx_path)) is not None:
+        return why
     if tags.get("rolled_back") == "true":
         return (f"the challenger v{v} was rolled back ({tags.get('rolled_back.time', '?')}): "
                 "not promoted again unless asked for explicitly (imagepipe promote --force)")

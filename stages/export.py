@@ -253,7 +253,7 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
                       max_abs_diff=float(metrics["max_abs_diff"]),
                       top1_agreement=float(metrics["top1_agreement"]),
                       atol=p.parity_atol, images=int(metrics["parity_images"]), rtol=p.parity_rtol),
-        input_example=example, output_example=outputs,
+        input_example=example, output_example=outputs, serving_max_images=p.serving_max_images,
         shipped=choice.model if choice else "finetuned",
         selection=choice.reason if choice else None)
 
