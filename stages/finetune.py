@@ -74,6 +74,8 @@ class Target:
         """The file of a target model whose weights are those of epoch `row` (a history row;
         {}: none trained); mean/std stay the pretrained model's (one preprocessing; converted
         by adapt_to_target when the channel counts differ). export compares val_accuracy."""
+        from stages.core.models import ModelFile
+
         return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
                          self.base.mean, self.base.std, {}, extra={
                              **self.base.extra, "stage": stage, "val_accuracy": row.get("val_acc"),

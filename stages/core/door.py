@@ -7,11 +7,13 @@ It sits above everything a stage calls; nothing in stages/core imports it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,6 +101,18 @@ def _run_body(name: str, body: Callable[[], object]) -> Outcome:
         return Outcome(EXIT_BUG)
 
 
+TIMES_ENV = "IMAGEPIPE_STAGE_TIMES"  # a file: benchmarks/bench_pipeline.py's per-stage account
+
+
+def _record_times(name: str, clock: list[float]) -> None:
+    """One JSON line per stage (wall-clock seconds: entered the door, body start and end,
+    tracking done) appended to $IMAGEPIPE_STAGE_TIMES where it is set; nothing otherwise."""
+    path = os.environ.get(TIMES_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": name, "pid": os.getpid(), "clock": clock}) + "\n")
+
+
 def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> int:
     """Run a stage body and return its exit code; one line on stderr for a known failure.
 
@@ -110,6 +124,7 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
     """
     configure_process()
     stage_run = None
+    clock = [time.time()]  # entered, body started, body ended, tracking done
     try:
         with _sigterm_unwinds():
             if track:
@@ -117,10 +132,14 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
                 from stages.core.tracking.remote import start_stage_run
 
                 stage_run = start_stage_run(name)
+            clock.append(time.time())
             outcome = _run_body(name, body)
+            clock.append(time.time())
             code = outcome.code
             if stage_run is not None:
                 code = stage_run.finish(code, outcome.value)
+            clock.append(time.time())
+            _record_times(name, clock)
     except Terminated:
         print(f"{name}: terminated", file=sys.stderr)
         code = EXIT_TERMINATED
