@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from scipy.special import softmax
 
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_path, write_json
 from stages.params import EvaluateParams, Params, load_params
@@ -391,4 +390,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.params import FinetuneParams, Params, load_params
@@ -306,4 +306,4 @@ def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argp
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
@@ -371,4 +371,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
