@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.core import engine
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
@@ -168,9 +167,8 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     splits no later stage reads are not decoded (_drop_unread)."""
     data = params.data
     role = role.filled(data)
-    files = role.uri.startswith("imagefolder:")
-    if files and data.engine == "local" and engine.usable_cores() > 1:
-        engine.prestart(build_shards.__module__)  # the workers' imports overlap the listing
+    # No fork server started ahead of the listing: most folders are too small for the pool
+    # to pay (shards.POOL_FROM), and for those it was a second of two cores spent for nothing.
     # By file type only: no stat per file before decoding starts; each worker's fstat stamps
     # its files for the shards' meta and refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,
@@ -374,4 +372,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

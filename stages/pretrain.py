@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.params import Params, PretrainParams, load_params
@@ -164,4 +164,4 @@ def rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

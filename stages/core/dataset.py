@@ -158,7 +158,7 @@ class RowWriter:
     """Append uint8 rows of one shape to `path` (a temporary), then `close()` writes the header.
 
     Rows start at byte HEADER whatever `path` later becomes: a whole shard (header written in
-    place) or a piece whose rows the driver copies after its own header (shards._ShardAssembler).
+    place) or a piece whose rows the driver copies after its own header (staging.ShardAssembler).
     With `hashed`, `digest` is the file's sha256 after close(), hashed as written on the bet
     that all `capacity` rows come (no bad file); a lost bet reads the file back."""
 
