@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -33,17 +33,19 @@ class Cluster:
     token: str
     temp_dirs: tuple[Path, ...]
     cpus_per_node: int
+    sessions: tuple[int, ...] = ()  # each node's `ray start` session: its processes' sid
 
     def driver_env(self) -> dict[str, str]:
         """What a driver needs (the README's recipe): the address, token mode and the token."""
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def nodes_that_ran(self, name: str) -> int:
-        """How many nodes have a worker log naming `name` (a task's function): where it ran."""
+        """How many nodes have a worker log naming `name` (a task's function, a line a stage
+        logged): where it ran."""
         ran = 0
         for temp in self.temp_dirs:
-            logs = list(temp.glob("session_*/logs/worker-*.out")) + \
-                list(temp.glob("session_*/logs/python-core-worker-*.log"))
+            logs = [p for pattern in ("worker-*.out", "worker-*.err", "python-core-worker-*.log")
+                    for p in temp.glob(f"session_*/logs/{pattern}")]
             ran += any(name in p.read_text(errors="replace") for p in logs)
         return ran
 
@@ -110,6 +112,7 @@ def two_nodes(cpus_per_node: int = 1) -> Iterator[Cluster]:
                              "--dashboard-agent-listen-port", str(free_port())], env, temps[0]))
         procs.append(_start(["--address", cluster.address, "--num-cpus", str(cpus_per_node),
                              "--dashboard-agent-listen-port", str(free_port())], env, temps[1]))
+        cluster = replace(cluster, sessions=tuple(p.pid for p in procs))
         _wait_for_nodes(cluster, 2, procs)
         yield cluster
     finally:
