@@ -23,12 +23,14 @@ import sys
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stages.core import raycluster
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
 from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
@@ -237,7 +239,7 @@ def by_class(sel: Selection) -> Selection:
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
             data: DataParams, staging: Path) -> StagedShards:
     """Staged shards of the selection on data.engine; only missing or changed ones decoded."""
-    with progress(f"ingest {role_name}", len(sel.refs)) as advance:
+    with _cluster(data), progress(f"ingest {role_name}", len(sel.refs)) as advance:
         return build_shards(
             sel.refs, sel.labels, files=role.uri.startswith("imagefolder:"), fetch=listing.fetch,
             size=role.image_size, channels=role.channels,  # type: ignore[arg-type]
@@ -356,11 +358,19 @@ def _say_skipped(role_name: str, what: str, items: list[dict[str, str]]) -> None
               file=sys.stderr)
 
 
+def _cluster(data: DataParams) -> AbstractContextManager[object]:
+    """On data.engine ray, a connection to the cluster (bounded, its failures exit 75 or 2);
+    an outer one is reused, so the stage connects once for both roles and its pieces are
+    sized by the cluster's CPUs."""
+    return raycluster.connected(data.ray_address) if data.engine == "ray" else nullcontext()
+
+
 def run(params: Params, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Ingest both roles into out_dir/<role>/; return the reports by role."""
-    return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name,
-                              skip_unread=True)
-            for name in ROLES}
+    with _cluster(params.data):
+        return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name,
+                                  skip_unread=True)
+                for name in ROLES}
 
 
 def main(argv: list[str] | None = None) -> int:
