@@ -77,13 +77,12 @@ def flip(labels: np.ndarray, split: np.ndarray, n_classes: int, rate: float, see
 
 def write_variant(src: Path, labels: np.ndarray, keep: np.ndarray, dest: Path) -> Path:
     """A dataset folder with `src`'s images at rows `keep`, these labels, the same splits."""
-    from stages.core.dataset import dataset_writer, load_dataset
+    from stages.core.dataset import load_dataset
+    from tests.helpers import save_dataset
 
     ds = load_dataset(src)
-    with dataset_writer(dest, len(keep), ds.image_shape) as w:
-        w.images[:] = np.asarray(ds.images[keep])
-        w.labels[:], w.split[:] = labels[keep], ds.split[keep]
-        w.finish(ds.classes, {"uri": f"benchmark:{src.name}", "params": ds.manifest.get("params")})
+    save_dataset(dest, ds.images[keep], labels[keep], ds.split[keep], ds.classes,
+                  {"uri": f"benchmark:{src.name}", "params": ds.manifest.get("params")})
     return dest
 
 
@@ -137,7 +136,7 @@ def one_rate(params: Any, target: Path, pretrained: Path, rate: float, seed: int
              clean_pred: np.ndarray | None) -> dict[str, Any]:
     """Flip, finetune, audit, drop the flagged, finetune again; the figures of one rate."""
     from stages.core.dataset import load_dataset
-    from stages.evaluate import bootstrap_intervals
+    from stages.core.stats import bootstrap_intervals
 
     ds = load_dataset(target)
     noisy_labels, flips = flip(ds.labels, ds.split, len(ds.classes), rate, seed)

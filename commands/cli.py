@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "run": ("commands.run", "main", "run the whole pipeline (stages that changed, then promote)"),
     "predict": ("commands.predict", "main", "classify images with an exported ONNX model"),
-    "promote": ("commands.registry", "promote_main", "promote the challenger if it beats the champion"),
+    "promote": ("commands.promote", "promote_main", "promote the challenger if it beats the champion"),
     "rollback": ("commands.rollback", "rollback_main", "move champion back to previous-champion"),
     "lineage": ("commands.lineage", "lineage_main", "walk a model version back to its data, code, params"),
     "tune": ("commands.tune", "main", "pick the best DVC experiment by validation accuracy, apply it"),

@@ -2,7 +2,7 @@
 of an exported model, the majority-class floor, and the decision from the scores.
 
 Inputs: a dataset folder (its test split), an ONNX file. Outputs: arrays and (promote?, why).
-No registry here: commands/registry.py fetches the models and moves the aliases.
+No registry here: commands/promote.py fetches the models and moves the aliases.
 """
 
 from __future__ import annotations

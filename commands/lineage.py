@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from commands.registry import command_parser, registry_params
+from commands.promote import command_parser, registry_params
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.lineage import DIFF_ARTIFACT

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from commands.registry import command_parser, print_result, registry_params, version_text
+from commands.promote import command_parser, print_result, registry_params, version_text
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.params import RegistryParams

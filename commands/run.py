@@ -26,12 +26,9 @@ from typing import IO
 
 import yaml
 
+from flows.dvcstage import RETRIES, RETRY_DELAY_S
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TRANSIENT
 from stages.core.host import project_root
-
-# Mirrors flows/pipeline.py's defaults (that module imports Prefect: seconds, not for --help).
-RETRIES = 3
-RETRY_DELAY_S = 10.0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

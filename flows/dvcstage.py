@@ -29,12 +29,17 @@ import yaml
 
 from flows.orphans import die_with_parent, guarded
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
-from stages.core.flat import flatten_dict
+from stages.core.flat import differences
 
 log = logging.getLogger("imagepipe.flow")
 
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
+# Retries of a transient failure (exit 75, a death by signal): the flow's tasks and `imagepipe
+# run`'s defaults. The first waits RETRY_DELAY_S, then 20, 40: a tracking server or a GPU
+# often needs a minute back.
+RETRIES = 3
+RETRY_DELAY_S = 10.0
 # DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
 _DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
 # What stages.core.door.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".
@@ -197,17 +202,10 @@ def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "pa
         if isinstance(err, StageError | KeyboardInterrupt | SystemExit):
             raise
         raise StageBadInput("params", EXIT_BAD_INPUT, str(err).splitlines()[0]) from None
-    changes = _diff(flatten_dict(before), flatten_dict(after))
+    changes = differences(before, after)
     if not changes:
         path.write_text(before_text)  # same values: keep the user's formatting
     return changes
-
-
-def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    missing = object()
-    keys = sorted(set(before) | set(after))
-    return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys
-            if before.get(k, missing) != after.get(k, missing)]
 
 
 # -- running a stage -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from flows import dvcstage, report, slots
-from flows.dvcstage import Plan, StageError, StageTransient
+from flows.dvcstage import RETRIES, RETRY_DELAY_S, Plan, StageError, StageTransient
 from flows.localapi import TemporaryAPI
 from stages.core.host import FLOW_RUN_ENV
 
@@ -45,9 +45,7 @@ REGISTERS = "export"
 # Per-stage wall-clock limits; past them the stage's process group is killed.
 TIMEOUTS_S = {"pretrain": 6 * 3600.0, "finetune": 6 * 3600.0, "scratch": 6 * 3600.0}
 DEFAULT_TIMEOUT_S = 3600.0
-RETRIES = 3
 STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates its database
-RETRY_DELAY_S = 10.0  # then 20, 40: a tracking server or a GPU often needs a minute back
 
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
@@ -106,7 +104,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     if not lines:
         raise StageError("promote", 0, "printed no JSON object on stdout")
     decision = json.loads(lines[-1])
-    from commands.registry import said  # the words `imagepipe promote` prints
+    from commands.promote import said  # the words `imagepipe promote` prints
 
     logger.info("promotion: %s", said(decision))
     return decision
@@ -218,8 +216,6 @@ def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
 
     if not tracking_enabled():
         return None, f"Skipped: tracking is off ({SWITCH_ENV}=0), so no version was registered."
-    if not (root / "commands" / "registry.py").is_file():
-        return None, "Skipped: this project has no commands/registry.py (imagepipe promote)."
     if not plan.order or plan.order[-1] != plan.all_stages[-1]:
         return None, f"Skipped: the run stopped before {plan.all_stages[-1]!r}."
     return promote_task.with_options(**options)(str(root), timeout_s, exported), ""

@@ -35,18 +35,10 @@ def _fmt(value: Any) -> str:
 
 
 def tracking_run_ids(decision: Mapping[str, Any] | None) -> dict[str, str]:
-    """Run ids the promotion step reported: any `*run_id` key, or a `run_ids` mapping.
-
-    The hook for the MLflow side: `imagepipe promote --json` may add e.g.
-    `challenger_run_id` or `run_ids: {stage: id}` and they appear here with no flow change.
-    """
+    """Run ids the promotion step reported (`imagepipe promote --json`: its `*run_id` keys)."""
     if not decision:
         return {}
-    ids = {k: str(v) for k, v in decision.items() if k.endswith("run_id") and v}
-    nested = decision.get("run_ids")
-    if isinstance(nested, Mapping):
-        ids.update({str(k): str(v) for k, v in nested.items() if v})
-    return ids
+    return {k: str(v) for k, v in decision.items() if k.endswith("run_id") and v}
 
 
 METRICS_KEY = "imagepipe-metrics"  # the table artifact with every metric

@@ -85,13 +85,6 @@ def local_gpu_slots(slots: int, want: int,
         time.sleep(POLL_S)
 
 
-@contextlib.contextmanager
-def local_gpu_slot(slots: int, on_wait: Callable[[str], None] = log.info) -> Iterator[int]:
-    """Hold one of `slots` lock files; yield its index."""
-    with local_gpu_slots(slots, 1, on_wait) as indices:
-        yield indices[0]
-
-
 def visible_devices(indices: list[int], slots: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for the slots held, on a machine with several GPUs; nothing with one
     (or none), so a single-GPU or CPU setup is left exactly as the user configured it."""
@@ -106,8 +99,3 @@ def granted_env(n: int) -> dict[str, str]:
     """Tells the stage it was granted n GPUs, where this machine has any: a stage that then
     finds CUDA not loading fails (exit 2) instead of training on the CPU for hours."""
     return {GPUS_GRANTED_ENV: str(n)} if visible_gpus() > 0 else {}
-
-
-def visible_device(index: int, slots: int) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for one slot (see visible_devices)."""
-    return visible_devices([index], slots)

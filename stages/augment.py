@@ -19,10 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from stages.core.augpolicy import augment, image_keys
 from stages.core.dataset import (
     SPLIT_CODE,
     Dataset,
@@ -37,10 +38,8 @@ from stages.core.progress import progress
 from stages.core.shards import RowWriter
 from stages.params import AugmentParams, Params, load_params
 
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
-
-# torch and torchvision (~2.5 s) are imported where they are used, not for --help or the door.
+# torch (~2 s) is imported where it is used (stages/core/augpolicy.py), not for --help or the
+# door.
 
 log = logging.getLogger("imagepipe.augment")
 TRAIN = SPLIT_CODE["train"]
@@ -49,71 +48,36 @@ TRAIN = SPLIT_CODE["train"]
 INLINE_BELOW = 20_000
 
 
-def build_policy(p: AugmentParams, size: int, channels: int) -> v2.Compose:
-    """The augmentation policy of params.augment, on uint8 CHW tensors, returning uint8."""
-    import torch
-    from torchvision.transforms import v2
-
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=tuple(p.crop_scale), antialias=True)
-    ]
-    if p.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if p.rotation:
-        steps.append(v2.RandomRotation(p.rotation))
-    if p.color_jitter:
-        # Saturation and hue mean nothing on one channel (and hue refuses it).
-        colour = p.color_jitter if channels == 3 else 0.0
-        steps.append(v2.ColorJitter(brightness=p.color_jitter, contrast=p.color_jitter,
-                                    saturation=colour, hue=colour / 10))
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if p.noise_std:
-        steps.append(v2.GaussianNoise(sigma=p.noise_std, clip=True))
-    if p.erasing:
-        steps.append(v2.RandomErasing(p=p.erasing, value=0))
-    steps.append(v2.ToDtype(torch.uint8, scale=True))
-    return v2.Compose(steps)
-
-
-def augment_batch(policy: v2.Compose, batch: np.ndarray) -> np.ndarray:
-    """N x H x W x C uint8 -> N x H x W x C uint8, each image with its own random draw.
-
-    The batch becomes one tensor, but the policy is called per image: a v2 transform called on
-    a batch draws one set of parameters for all of it, and copies that share one crop and one
-    rotation per batch would be far less diverse.
-    """
-    import torch
-
-    chw = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-    out = torch.stack([policy(img) for img in chw])
-    return out.permute(0, 2, 3, 1).contiguous().numpy()
-
-
 @dataclass(frozen=True)
 class CopyTask:
     """One augmented copy of one source shard's training rows: an engine task."""
 
     source: str  # the source shard (.npy)
     train_rows: np.ndarray  # its rows in the train split
+    offset: int  # the shard's first row in the dataset: an image's key names its row there
     dest: str  # the output shard
     policy: AugmentParams
-    seed: int  # torch seed of this task alone: the bytes depend on the task, not the engine
+    seed: int  # params.seed
+    copy: int
     batch: int
 
 
 def augment_shard(task: CopyTask) -> tuple[int, str]:
-    """Write the task's augmented copy; return (rows, sha256). Reads and writes in batches."""
+    """Write the task's augmented copy; return (rows, sha256). Reads and writes in batches.
+
+    Each image is drawn from its own key (seed, copy, dataset row): the bytes are the same
+    whatever the batch size, the engine or the number of workers."""
     import torch
 
     if multiprocessing.parent_process() is not None:
         torch.set_num_threads(1)  # one task per core: the engine is the parallelism
     src = np.load(task.source, mmap_mode="r")
-    policy = build_policy(task.policy, src.shape[1], src.shape[3])
-    torch.manual_seed(task.seed)
+    keys = image_keys(task.seed, task.copy, task.offset + task.train_rows)
     writer = RowWriter(Path(task.dest), src.shape[1:], capacity=len(task.train_rows),
                        hashed=True)  # hashed as written: the shard is not read back
     for lo in range(0, len(task.train_rows), task.batch):
-        writer.write(augment_batch(policy, src[task.train_rows[lo:lo + task.batch]]))
+        rows = slice(lo, lo + task.batch)
+        writer.write(augment(task.policy, src[task.train_rows[rows]], keys[rows]))
     writer.close()
     return writer.n, writer.digest
 
@@ -144,8 +108,8 @@ def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
             made.append(_copy_rows(path, ds.split[lo:hi] == TRAIN, tmp / f"orig-{k}.npy"))
             labels.append(ds.labels[lo:hi][ds.split[lo:hi] == TRAIN])
         tasks = [CopyTask(str(path), np.flatnonzero(ds.split[bounds[k]:bounds[k + 1]] == TRAIN),
-                          str(tmp.resolve() / f"copy-{c}-{k}.npy"), p,
-                          params.seed * 1_000_003 + c * 100_003 + k, p.batch_size)
+                          int(bounds[k]), str(tmp.resolve() / f"copy-{c}-{k}.npy"), p,
+                          params.seed, c, p.batch_size)
                  for c in range(p.copies) for k, path in enumerate(files)]
         start = time.perf_counter()
         results: dict[int, tuple[int, str]] = {}
@@ -222,12 +186,9 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     ds = load_dataset(source, verify=params.verify_data)
-    size, _, channels = ds.image_shape
-    policy = build_policy(params.augment, size, channels)
-    torch.manual_seed(params.seed)
+    channels = ds.image_shape[2]
     rng = np.random.default_rng(params.seed)
     per = params.augment.preview_per_class
     shown = [c for c in range(len(ds.classes)) if np.any(ds.labels[ds.indices("train")] == c)][:10]
@@ -238,11 +199,14 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
     for row, cls in enumerate(shown):
         members = train[ds.labels[train] == cls]
         picks = rng.choice(members, size=min(per, len(members)), replace=False)
-        originals = np.asarray(ds.images[np.sort(picks)])
+        picks = np.sort(picks)
         tiles = []
-        for img in originals:
+        for row_index, img in zip(picks, np.asarray(ds.images[picks]), strict=True):
             tiles.append((img, "original"))
-            tiles += [(a, "augmented") for a in augment_batch(policy, np.repeat(img[None], n_aug, 0))]
+            # Copies 0..n_aug-1 of this row: the images data/augmented holds for it.
+            drawn = [augment(params.augment, img[None], image_keys(params.seed, c, [row_index]))[0]
+                     for c in range(n_aug)]
+            tiles += [(a, "augmented") for a in drawn]
         for col, ax in enumerate(axes[row]):
             ax.set_axis_off()
             if col < len(tiles):

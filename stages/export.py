@@ -34,65 +34,50 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import onnx
-import torch
-from torch import nn
-
-from stages.core import onnxio
 from stages.core.dataset import file_sha256, load_dataset
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_path, write_json
 from stages.core.lineage import git_commit, git_dirty
-from stages.core.models import Classifier, ModelFile, load_model_file
-from stages.core.onnxvariants import (  # noqa: F401 - re-exported: export.INT8_NAME, ...
-    FP16_NAME,
-    INT8_NAME,
-    finish_model,
-    quantize_int8,
-    to_fp16,
-    variants,
-)
-from stages.core.parity import (  # noqa: F401 - re-exported: export.compare, PARITY_BATCH_SIZES
-    PARITY_BATCH_SIZES,
-    ParityFailed,
-    check_gate,
-    compare,
-    cuda_parity,
-    parity,
-    parity_note,
-    parity_set,
-    torch_threads,
-)
-from stages.core.selection import Choice, choose
 from stages.core.tracking.registration import Parity, Registration
 from stages.params import Params, load_params
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from stages.core.models import Classifier, ModelFile
+    from stages.core.selection import Choice
+
+# torch, onnx and onnxruntime (~3 s) are imported by the functions that use them, not at load:
+# `--help` and a params file refused start without them. The names this module has always
+# offered from stages/core (export.compare, export.INT8_NAME, ...) resolve on first use.
+_REEXPORTED = {
+    "stages.core.onnxvariants": ("FP16_NAME", "INT8_NAME", "finish_model", "quantize_int8",
+                                 "to_fp16", "variants"),
+    "stages.core.parity": ("PARITY_BATCH_SIZES", "ParityFailed", "check_gate", "compare",
+                           "cuda_parity", "parity", "parity_note", "parity_set",
+                           "torch_threads"),
+    "stages.core.served": ("Served",),
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the re-exported names, imported when asked for
+    import importlib
+
+    for module, names in _REEXPORTED.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("imagepipe.export")
 
 
 # ---------------------------------------------------------------- export
-
-
-class Served(nn.Module):
-    """The classifier behind its own preprocessing: uint8 N x H x W x C pixels in,
-    (probabilities, logits) out. The same arithmetic as dataset.preprocess, in float32 and in
-    the same order (x / 255, then (x - mean) / std), so the graph matches the training input."""
-
-    def __init__(self, model: Classifier, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        logits = self.model((x - self.mean) / self.std)
-        return torch.softmax(logits, dim=1), logits
 
 
 def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto:
@@ -106,6 +91,11 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
     and is slated for removal, so a pipeline built on it would break on a torch upgrade.
     Checked with dynamo: resnet_small (1 and 3 channels), resnet18, mobilenet_v3_small.
     """
+    import torch
+
+    from stages.core import onnxio
+    from stages.core.served import Served
+
     size, channels = mf.spec.image_size, mf.spec.in_channels
     # Batch 2 in the example: torch.export specialises a dimension whose example size is 1.
     example = torch.zeros(2, size, size, channels, dtype=torch.uint8)
@@ -130,6 +120,10 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
 
 def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
     """What a server needs, and where the model came from (see onnxio.METADATA_DOC)."""
+    import torch
+
+    from stages.core import onnxio
+
     dirty = git_dirty()
     return {
         "classes": list(mf.classes),
@@ -163,6 +157,19 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
 
     Raises ParityFailed (a BadInput: exit 2) with the figures when it does not.
     """
+    from stages.core import onnxio
+    from stages.core.models import load_model_file
+    from stages.core.onnxvariants import finish_model, variants
+    from stages.core.parity import (
+        ParityFailed,
+        check_gate,
+        cuda_parity,
+        parity,
+        parity_note,
+        parity_set,
+        torch_threads,
+    )
+
     p = params.export
     model, mf = load_model_file(model_path)
     ds = load_dataset(target, verify=params.verify_data)
@@ -225,6 +232,9 @@ def serving_example(onnx_path: Path, target: Path, n: int = 2
     """What the registered model is logged with: n target images as the model takes them
     (uint8 N x H x W x C; the test split first) and the model's own outputs for them, from
     which tracking infers the signature (uint8 [-1, H, W, C] in; probabilities and logits out)."""
+    from stages.core import onnxio
+    from stages.core.parity import parity_set
+
     images, _ = parity_set(load_dataset(target), n)
     session = onnxio.make_session(onnx_path, providers=[onnxio.CPU], threads=1)
     return images, onnxio.predict_outputs(session, images)
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> Registration:
         params = load_params(args.params)
+        from stages.core.parity import ParityFailed
+        from stages.core.selection import choose
+
         choice = choose(params.export.model, args.model, args.scratch)
         try:
             metrics = run(params, choice.path, args.target, args.out, args.variants)

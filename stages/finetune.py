@@ -31,39 +31,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stages.core import distributed
-from stages.core.best import BestEpoch, chosen
-from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
-from stages.core.models import (
-    Classifier,
-    ModelFile,
-    build_model,
-    convert_in_channels,
-    load_model_file,
-    save_model_file,
-)
-from stages.core.regularize import L2SP, l2sp_groups
-from stages.core.stream import batches
-from stages.core.train import (
-    EVAL_BATCH,
-    Runtime,
-    fit,
-    make_runtime,
-    make_trainer,
-    param_groups,
-    summary,
-    throughput,
-    write_csv,
-)
 from stages.params import FinetuneParams, Params, load_params
+
+if TYPE_CHECKING:
+    from stages.core.best import BestEpoch
+    from stages.core.devicedata import DeviceBatches
+    from stages.core.models import Classifier, ModelFile
+    from stages.core.train import Runtime
+
+# torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
+# refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.finetune")
 
@@ -106,6 +90,8 @@ def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Clas
     follows (grey -> colour: the grey mean/std for each of R, G, B; colour -> grey: their
     averages). Both are logged: a silent change of input is how a 16-px grey model of colour
     photos happened."""
+    from stages.core.models import ModelFile, build_model, convert_in_channels
+
     size, _, channels = ds.image_shape
     spec = mf.spec
     if (size, channels) == (spec.image_size, spec.in_channels):
@@ -133,9 +119,16 @@ def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Clas
 
 
 def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
+    from stages.core import distributed
+    from stages.core.budget import Budget
+    from stages.core.devicedata import OnlineAugment
+    from stages.core.stream import batches
+    from stages.core.train import EVAL_BATCH
+
     if not len(ds.indices("train")):
         raise BadInput("the target train split is empty")
-    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last}
+    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last,
+              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
     # Each resident on the device where it fits, else streamed from the shards (core/stream.py).
     train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                     train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
@@ -159,6 +152,11 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Phase 1 then phase 2 on `model` (already carrying the new head); return both histories.
     `best` follows both phases: the best epoch may be a head-only one."""
+    from stages.core.checkpoint import CheckpointStore
+    from stages.core.models import save_model_file
+    from stages.core.regularize import L2SP, l2sp_groups
+    from stages.core.train import fit, make_trainer, param_groups, write_csv
+
     steps, rows = len(t.train), []
     fp = {**t.fingerprint, "pretrained": pretrained_sha}
 
@@ -195,6 +193,11 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
 
 def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
     """Transfer; write the finetuned and probe model files and the CSV; return the metrics."""
+    from stages.core.best import BestEpoch, chosen
+    from stages.core.checkpoint import seed_everything
+    from stages.core.models import load_model_file, save_model_file
+    from stages.core.train import make_runtime, summary, throughput
+
     start = time.perf_counter()
     p = params.finetune
     rt = make_runtime(p)
@@ -224,6 +227,8 @@ def run_metrics(history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str,
     """A run's summary where val_loss/val_accuracy are those of the model file (the epoch
     `row`, `selected_epoch`: what `imagepipe tune` and export compare), with the last epoch's
     beside them. Shared with stages/scratch.py."""
+    from stages.core.train import summary
+
     out = summary(history)
     if row:
         out.update(val_loss=row["val_loss"], val_accuracy=row["val_acc"],
@@ -274,6 +279,8 @@ def training_main(stage: str, target: str, argv: list[str] | None,
 
     def body() -> None:
         params = load_params(args.params)
+        from stages.core import distributed
+
         plan = distributed.plan(params.finetune, "finetune")
         if plan is not None:  # the processes write everything; this one keeps the exit code
             distributed.raise_for(distributed.launch(plan, target, argv), stage)
@@ -289,6 +296,8 @@ def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argp
     args = parse(argv)
 
     def body() -> None:
+        from stages.core import distributed
+
         metrics = work(load_params(args.params), args)
         if distributed.current().is_main:
             write_json(args.metrics, metrics)

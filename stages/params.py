@@ -190,6 +190,10 @@ class TrainParams(_Section):
     hflip: bool = False
     # Checkpoint every N optimiser steps as well as every epoch (0: every epoch only).
     checkpoint_every_steps: Annotated[int, Field(ge=0, le=10**9)] = 0
+    # Forward/backward passes per optimiser step, each on 1/N of the (per-process) batch, their
+    # gradients summed (nanoGPT's gradient_accumulation_steps): the same effective batch in less
+    # device memory. The fix when several processes run out of memory (one halves by itself).
+    micro_batches: Annotated[int, Field(ge=1, le=4096)] = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile the model (CUDA mostly: on a CPU the compile time rarely pays back).
     compile: bool = False

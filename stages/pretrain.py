@@ -18,30 +18,21 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stages.core import distributed
-from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
 from stages.core.door import run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
-from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
-from stages.core.stream import batches
-from stages.core.train import (
-    EVAL_BATCH,
-    Runtime,
-    fit,
-    make_runtime,
-    make_trainer,
-    param_groups,
-    summary,
-    throughput,
-    write_csv,
-)
 from stages.params import Params, PretrainParams, load_params
+
+if TYPE_CHECKING:
+    from stages.core.devicedata import DeviceBatches
+    from stages.core.train import Runtime
+
+# torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
+# refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.pretrain")
 # Evaluation needs no gradients: bigger batches cost little memory and run faster.
@@ -51,7 +42,13 @@ def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: 
            seed: int) -> tuple[DeviceBatches, DeviceBatches]:
     """Training batches (shuffled, augmented on the device) and validation batches (plain),
     each resident on the device where it fits, else streamed from the shards."""
-    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last}
+    from stages.core.budget import Budget
+    from stages.core.devicedata import OnlineAugment
+    from stages.core.stream import batches
+    from stages.core.train import EVAL_BATCH
+
+    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last,
+              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
     train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
                     train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
                     rank=rt.comm.rank, world=rt.comm.world, train_size=p.train_size, **common)
@@ -69,6 +66,20 @@ def hflip_in_policy(ds: Dataset, p: PretrainParams) -> bool:
 def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Path
         ) -> dict[str, Any]:
     """Pretrain, write the model file and the per-epoch CSV; return the metrics."""
+    from stages.core import distributed
+    from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.devicedata import channel_stats
+    from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
+    from stages.core.train import (
+        fit,
+        make_runtime,
+        make_trainer,
+        param_groups,
+        summary,
+        throughput,
+        write_csv,
+    )
+
     start = time.perf_counter()
     p = params.pretrain
     rt = make_runtime(p)
@@ -126,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = load_params(args.params)
+        from stages.core import distributed
+
         plan = distributed.plan(params.pretrain, "pretrain")
         if plan is not None:  # the processes write everything; this one keeps the exit code
             distributed.raise_for(distributed.launch(plan, "stages.pretrain:rank_main", argv),
@@ -141,6 +154,8 @@ def rank_main(argv: list[str]) -> int:
     args = arguments(argv)
 
     def body() -> None:
+        from stages.core import distributed
+
         metrics = run(load_params(args.params), args.data, args.model, args.checkpoints,
                       args.plot)
         if distributed.current().is_main:

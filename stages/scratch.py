@@ -28,12 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stages.core.best import BestEpoch, chosen
-from stages.core.checkpoint import CheckpointStore, seed_everything
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
-from stages.core.models import build_model, load_model_file, save_model_file
-from stages.core.train import fit, make_runtime, make_trainer, param_groups, throughput, write_csv
 from stages.finetune import (
     adapt_to_target,
     load_target,
@@ -55,6 +51,19 @@ class Outputs:
 
 def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
     """Train the baseline (or not, with `baseline: false`); write its model file and CSV."""
+    # torch is imported here, not at load (as in finetune.py): --help starts without it.
+    from stages.core.best import BestEpoch, chosen
+    from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.models import build_model, load_model_file, save_model_file
+    from stages.core.train import (
+        fit,
+        make_runtime,
+        make_trainer,
+        param_groups,
+        throughput,
+        write_csv,
+    )
+
     start = time.perf_counter()
     p = params.finetune.baseline_view()
     rt = make_runtime(p)

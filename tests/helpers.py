@@ -78,3 +78,48 @@ def dvc(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProc
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def save_dataset(folder: Path, images: Any, labels: Any, split: Any, classes: list[str],
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    """A canonical dataset in `folder` written as ingest writes one: one RowWriter shard,
+    completed by write_sharded inside an atomic_dir. Returns its manifest."""
+    import numpy as np
+
+    from stages.core.dataset import RowWriter, write_sharded
+    from stages.core.io import atomic_dir
+
+    images = np.asarray(images, dtype=np.uint8)
+    with atomic_dir(folder) as tmp:
+        shard = RowWriter(tmp / "rows.part", images.shape[1:], capacity=len(images), hashed=True)
+        shard.write(images)
+        shard.close()
+        manifest = write_sharded(tmp, [(shard.path, shard.digest, shard.n)], np.asarray(labels),
+                                 np.asarray(split), classes, meta)
+        shard.path.unlink()
+    return manifest
+
+
+def run_in_cgroup(found: tuple[Path, dict[str, str]] | None, code: str) -> str:
+    """stdout of `python -c code` (from the repository) in a new cgroup: `found` is its folder
+    and the limit files to write, None where there is no cgroup file system. Root only: the
+    calling test is skipped where the cgroup cannot be made; the cgroup is removed after."""
+    import os
+
+    import pytest
+
+    if found is None or os.geteuid() != 0:
+        pytest.skip("no writable cgroup here (needs root and a cgroup file system)")
+    group, settings = found
+    try:
+        group.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot make a cgroup: {err}")
+    try:
+        for name, value in settings.items():
+            (group / name).write_text(value)
+        script = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c \"{code}\""
+        return subprocess.run(["sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, check=True).stdout
+    finally:
+        group.rmdir()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from stages.core.distributed import SINGLE, Comm
+from stages.core.flat import differences
 from stages.core.io import save_torch
 
 log = logging.getLogger("imagepipe.checkpoint")
@@ -93,16 +94,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON-like trees, as 'key: old -> new'."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 class CheckpointStore:

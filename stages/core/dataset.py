@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,10 @@ import numpy as np
 from stages.core.errors import BadInput
 from stages.core.integrity import Verify, file_sha256, load_array, read_manifest, remedy
 from stages.core.integrity import verify as check_files
-from stages.core.io import atomic_dir, disk_full, is_disk_full, reserve
+from stages.core.io import reserve
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
-ARRAYS = ("images.npy", "labels.npy", "split.npy")
 
 
 @dataclass(frozen=True)
@@ -276,49 +274,9 @@ def counts(labels: np.ndarray, split: np.ndarray, classes: list[str]) -> dict[st
     return out
 
 
-class DatasetWriter:
-    """Fill a preallocated memmap in place, so peak memory is one batch, not the dataset."""
-
-    def __init__(self, folder: Path, n: int, image_shape: tuple[int, int, int]) -> None:
-        self.folder = folder
-        self.images = _new_images(folder / "images.npy", (n, *image_shape))
-        self.labels = np.zeros(n, dtype=np.int64)
-        self.split = np.zeros(n, dtype=np.uint8)
-
-    def truncate(self, n: int, chunk: int = 4096) -> None:
-        """Keep the first n images (bad files were skipped): copy in chunks, never all at once."""
-        if n == len(self.labels):
-            return
-        path, tmp = self.folder / "images.npy", self.folder / "images.compact.npy"
-        small = _new_images(tmp, (n, *self.images.shape[1:]))
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            small[start:stop] = self.images[start:stop]
-        small.flush()
-        del self.images
-        tmp.replace(path)
-        self.images = np.load(path, mmap_mode="r+")
-        self.labels, self.split = self.labels[:n], self.split[:n]
-
-    def finish(self, classes: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-        self.images.flush()
-        del self.images  # close the memmap before hashing the file
-        np.save(self.folder / "labels.npy", self.labels)
-        np.save(self.folder / "split.npy", self.split)
-        manifest = {
-            "classes": classes,
-            "n": int(len(self.labels)),
-            "counts": counts(self.labels, self.split, classes),
-            "sha256": {name: file_sha256(self.folder / name) for name in ARRAYS},
-            **meta,
-        }
-        (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        return manifest
-
-
 def write_sharded(folder: Path, shards: list[tuple[Path, str, int]], labels: np.ndarray,
                   split: np.ndarray, classes: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-    """Complete a sharded dataset in `folder` (a dataset_writer's temporary, or any empty one).
+    """Complete a sharded dataset in `folder` (an atomic_dir's temporary, or any empty one).
 
     `shards`: (finished shard file, its sha256, its rows) in logical order; each is hard-linked
     (copied where links fail) to folder/shards/NNNNN.npy, so a shard is never written twice."""
@@ -338,25 +296,3 @@ def write_sharded(folder: Path, shards: list[tuple[Path, str, int]], labels: np.
                 "sha256": sums, "shards": entries, **meta}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _new_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
-    """A writable uint8 .npy memmap whose disk blocks are allocated now: a sparse one turned a
-    full disk into SIGBUS ("Bus error", exit 135) mid-write; this is DiskFull (exit 75) first."""
-    try:
-        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    except OSError as err:  # numpy writes the header and the last byte: the first to find no room
-        if is_disk_full(err):
-            raise disk_full(path.parent, int(np.prod(shape)), err) from None
-        raise
-    reserve(path)
-    return images
-
-
-@contextmanager
-def dataset_writer(
-    folder: str | Path, n: int, image_shape: tuple[int, int, int]
-) -> Iterator[DatasetWriter]:
-    """A writer into a temporary folder that replaces `folder` only when the block succeeds."""
-    with atomic_dir(folder) as tmp:
-        yield DatasetWriter(tmp, n, image_shape)

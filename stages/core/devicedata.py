@@ -30,21 +30,16 @@ shards by a background reader (stages/core/stream.py, `StreamBatches`, which `ba
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from stages.core.budget import Budget
 from stages.core.crops import draw_boxes, resized_crop
 
 log = logging.getLogger("imagepipe.data")
-
-# Share of the free memory (device memory on CUDA, RAM on the CPU) that a resident set may take:
-# the rest is for the model, its activations and everything else on the machine.
-RESIDENT_SHARE = 0.5
-
 
 @dataclass(frozen=True)
 class OnlineAugment:
@@ -57,16 +52,6 @@ class OnlineAugment:
     @property
     def active(self) -> bool:
         return self.crop_padding > 0 or self.hflip
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):  # not POSIX: assume it fits, as a DataLoader would
-        return 1 << 62
 
 
 def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,7 +111,7 @@ class DeviceBatches:
         self._resident: torch.Tensor | None = None
         nbytes = self.n * int(np.prod(images.shape[1:]))
         if resident is None:
-            resident = nbytes <= RESIDENT_SHARE * free_memory_bytes(device)
+            resident = Budget(device).take(nbytes)
         if resident:
             self._resident = self._to_device(images, self.indices)
         self.resident = self._resident is not None
@@ -135,10 +120,11 @@ class DeviceBatches:
     def _to_device(self, images: np.ndarray, indices: np.ndarray) -> torch.Tensor | None:
         try:
             return torch.from_numpy(np.ascontiguousarray(images[indices])).to(self.device)
-        except torch.OutOfMemoryError:
-            # The fallback: stream from the memmap instead of failing the run.
+        except (torch.OutOfMemoryError, MemoryError):
+            # Not resident then: stream.batches falls back to the streaming reader.
             log.warning("the set does not fit on %s: streaming it in batches", self.device)
-            torch.cuda.empty_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             return None
 
     def __len__(self) -> int:

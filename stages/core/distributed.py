@@ -2,7 +2,7 @@
 the others.
 
 Input: a launch plan (launchplan.py: from params.yaml's training section and torch elastic's
-PET_* environment, as flows/k8s.py sets it) and the rank function to run. Output: an exit code;
+PET_* environment, as a launcher sets it) and the rank function to run. Output: an exit code;
 a peer lost mid-collective, or one that stays away past the plan's timeout, is 75 (door.py,
 errors.peer_lost), never 70.
 
@@ -13,7 +13,8 @@ code it means to a small file, and exits with it; the parent combines the codes 
 
 One device on one machine never comes here (`plan` returns None): today's path, no process.
 
-Out of device memory on some ranks only: `Ballot` tells every rank, in the gradient all-reduce.
+Out of device memory under DDP is exit 2 with a hint (train.py `_step`): SyncBatchNorm's
+collectives in the forward leave no point where the ranks could agree to redo a step.
 
 Rank 0 (the writer) is the first process of node 0 whenever node ranks are given: the c10d
 rendezvous numbers machines by their address, then the agent's pid, not by node rank, so `join`
@@ -36,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from stages.core.errors import (
     EXIT_BAD_INPUT,
@@ -68,7 +68,7 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TER
 @dataclass(frozen=True)
 class Comm:
     """This process's place among the training processes. `root` (rank 0) is the writer: local
-    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as flows/k8s.py sets it), whatever
+    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as a launcher sets it), whatever
     order the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
     numbers the machines by address (host name), then the launching process's id."""
 
@@ -112,47 +112,6 @@ class Comm:
 
 
 SINGLE = Comm()
-
-
-class Ballot(nn.Module):
-    """What DDP wraps when there are several processes: the model, and one scalar parameter
-    whose gradient is this rank's vote: 1 when it ran out of device memory in this step, else 0.
-
-    DDP averages it with the gradients: after each synchronised backward every rank reads
-    whether any ran out (`tally`) and all redo the step in more micro-batches together. Not a
-    collective of its own (a flag all-reduced per step): the ranks that did not run out are in
-    DDP's all-reduces by then, where it would meet the wrong partner. The happy path pays no
-    collective, only reading a scalar (on a GPU, a wait for the all-reduce before the step)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.vote = nn.Parameter(torch.zeros(()))
-        self.out_of_memory = False  # this rank's vote in the next backward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        if not torch.is_grad_enabled():
-            return out
-        return _Vote.apply(out, self.vote, float(self.out_of_memory))
-
-    def tally(self) -> bool:
-        """Whether any rank voted out of memory in the last synchronised backward; clears it."""
-        grad, self.vote.grad = self.vote.grad, None
-        return grad is not None and float(grad) > 0
-
-
-class _Vote(torch.autograd.Function):
-    """Identity on the output; its backward gives the vote parameter the gradient `flag`."""
-
-    @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, vote: torch.Tensor, flag: float) -> torch.Tensor:
-        ctx.flag = flag
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return grad, torch.full((), ctx.flag, device=grad.device), None
 _current = SINGLE
 
 

@@ -1,6 +1,7 @@
 """Nested mappings as one level of dotted keys: params for MLflow, metrics files for the run and
-the flow's report, and the params a flow run changed. Input: any JSON-like value; output: a
-flat dict."""
+the flow's report, and what differs between two such trees (the params a flow run changed, a
+checkpoint's fingerprint against this run's). Input: JSON-like values; output: a flat dict or
+lines 'key: old -> new'."""
 
 from __future__ import annotations
 
@@ -16,3 +17,10 @@ def flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         out.update(flatten_dict(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def differences(old: Any, new: Any) -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs ('(unset)' where one lacks it)."""
+    before, after, missing = flatten_dict(old), flatten_dict(new), object()
+    return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
+            for k in sorted(set(before) | set(after)) if before.get(k, missing) != after.get(k, missing)]

@@ -43,30 +43,36 @@ def cpu_quota(cgroups: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sy
     """The CPUs this process's cgroup quota allows (quota / period, the tightest of its cgroup
     and their ancestors'), v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); None when there is no
     quota or it cannot be read (not Linux, no cgroup file system)."""
+    found = [q for version, folder in cgroup_folders("cpu", cgroups, mount)
+             if (q := (_v2_quota if version == 2 else _v1_quota)(folder)) is not None]
+    return min(found) if found else None
+
+
+def cgroup_folders(controller: str, cgroups: Path = Path("/proc/self/cgroup"),
+                   mount: Path = Path("/sys/fs/cgroup")) -> list[tuple[int, Path]]:
+    """(cgroup version, folder) of this process's cgroups that may hold `controller`'s limits
+    and of their ancestors, innermost first: a limit anywhere above binds too. Empty where
+    /proc/self/cgroup cannot be read (not Linux). Also budget.py's (memory limits)."""
     try:
         lines = cgroups.read_text().splitlines()
     except OSError:
-        return None
-    found: list[float] = []
+        return []
+    found: list[tuple[int, Path]] = []
     for line in lines:
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if hierarchy == "0" and controllers == "":
-            bases = [mount, mount / "unified"]
-            read = _v2_quota
-        elif "cpu" in controllers.split(","):
-            bases = [mount / controllers, mount / "cpu", mount / "cpu,cpuacct"]
-            read = _v1_quota
+            version, bases = 2, [mount, mount / "unified"]
+        elif controller in controllers.split(","):
+            aliases = ["cpu,cpuacct"] if controller == "cpu" else []
+            version = 1
+            bases = [mount / controllers, mount / controller, *(mount / a for a in aliases)]
         else:
             continue
         for base in bases:
             folder = base / path.lstrip("/")
-            for level in (folder, *folder.parents):
-                if not level.is_relative_to(base):
-                    break
-                quota = read(level)
-                if quota is not None:
-                    found.append(quota)
-    return min(found) if found else None
+            found += [(version, level) for level in (folder, *folder.parents)
+                      if level.is_relative_to(base)]
+    return found
 
 
 def _v2_quota(folder: Path) -> float | None:

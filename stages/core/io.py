@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,11 @@ def _no_room_is_disk_full(path: Path, make: Any) -> Any:
         raise
 
 
+@cache
 def umask() -> int:
-    """This process's umask, read without changing it where Linux says it (/proc/self/status):
-    reading it by setting it and back is racy under threads (a file another thread creates in
-    between gets mode 0666), so that is only the fallback elsewhere."""
+    """This process's umask, read once, without changing it where Linux says it
+    (/proc/self/status): reading it by setting it and back is racy under threads (a file another
+    thread creates in between gets mode 0666), so that is only the fallback elsewhere."""
     with contextlib.suppress(OSError, StopIteration, ValueError):
         line = next(line for line in Path("/proc/self/status").read_text().splitlines()
                     if line.startswith("Umask:"))

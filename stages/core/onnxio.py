@@ -13,11 +13,8 @@ class names, input size, channel order and mean/std from the file, never from pa
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ import onnxruntime as ort
 
 from stages.core.dataset import preprocess
 from stages.core.errors import BadInput
-from stages.core.host import usable_cores
+from stages.core.host import usable_cores, visible_gpus
 
 log = logging.getLogger("imagepipe.onnx")
 
@@ -69,24 +66,9 @@ def available_providers() -> list[str]:
     one silent probe session decides. TensorRT is never asked for: building its engines takes
     minutes per model, which a CLI call or a test cannot afford.
     """
-    if CUDA not in ort.get_available_providers() or _cuda_device_count() == 0:
+    if CUDA not in ort.get_available_providers() or visible_gpus() == 0:
         return [CPU]
     return [CUDA, CPU] if _cuda_provider_loads() else [CPU]
-
-
-def _cuda_device_count() -> int:
-    """GPUs visible to the driver, without importing torch (slow) when nobody else did."""
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    try:
-        lib = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
 
 
 def _cuda_provider_loads() -> bool:

@@ -35,8 +35,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from stages.core.budget import Budget
 from stages.core.dataset import ShardedArray
-from stages.core.devicedata import RESIDENT_SHARE, DeviceBatches, free_memory_bytes
+from stages.core.devicedata import DeviceBatches
 
 STREAM_ENV = "IMAGEPIPE_STREAM"  # 1: stream even a set that fits (tests, benchmarks)
 # 256 images is 38 MB of 224 px RGB: one sequential read; a window of 16 blocks mixes 16
@@ -192,10 +193,16 @@ def forced() -> bool:
 
 
 def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: torch.device,
-            **kw: Any) -> DeviceBatches:
-    """A split's batches: resident on the device where it fits (and streaming is not forced),
-    else streamed from the shards. Keywords are DeviceBatches'."""
+            budget: Budget | None = None, **kw: Any) -> DeviceBatches:
+    """A split's batches: resident on the device where they fit in `budget` (shared by a
+    stage's splits, so train and val are counted together; None: a budget of its own) and
+    streaming is not forced, else streamed from the shards, as they are when the resident copy
+    itself runs out of memory. Keywords are DeviceBatches'."""
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
-    if not forced() and nbytes <= RESIDENT_SHARE * free_memory_bytes(device):
-        return DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
+    budget = Budget(device) if budget is None else budget
+    if not forced() and budget.take(nbytes):
+        resident = DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
+        if resident.resident:
+            return resident
+        budget.give(nbytes)
     return StreamBatches(images, labels, indices, device=device, **kw)

@@ -8,9 +8,11 @@ else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once 
 fp32 (bf16 is slower on most CPUs), a thread per core, shared by this machine's ranks. Evaluation
 runs in fp32. Several processes (core/distributed.py): DDP, each rank on its share of a batch,
 the root alone writes checkpoints and calls `on_epoch`; SyncBatchNorm on CUDA only (it has no
-CPU/gloo implementation: CPU ranks normalise over their own share). Out of device memory: the
-step is redone in 2, 4, ... micro-batches whose gradients add up to the batch's; at micro-batch
-1, exit 2 with a hint (a retry cannot fit). Several processes decide that together (`_step`).
+CPU/gloo implementation: CPU ranks normalise over their own share). Each step runs in
+`micro_batches` forward/backward passes whose gradients add up to the batch's (nanoGPT's
+gradient accumulation). Out of device memory in one process: the step is redone in twice the
+micro-batches; at one image each, exit 2 with a hint. Under DDP, exit 2 with the hint at once
+(`_step`). Evaluation out of memory halves its batch (`_forward`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.device import Runtime
 from stages.core.device import make_runtime as make_runtime  # where the stages import it from
 from stages.core.devicedata import DeviceBatches
-from stages.core.distributed import Ballot
-from stages.core.errors import BadInput, Transient
+from stages.core.errors import BadInput
 from stages.core.history import speed as speed  # the stages import these from here
 from stages.core.history import summary as summary
 from stages.core.history import throughput as throughput
@@ -61,7 +62,7 @@ def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
     net = compiled(model, rt.backend()) if rt.compile else model
     if distributed:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        net = DistributedDataParallel(Ballot(net), device_ids=ids)
+        net = DistributedDataParallel(net, device_ids=ids)
     return net
 
 
@@ -132,9 +133,8 @@ class Trainer:
     loss_fn: nn.Module
     # Frozen part (phase 1 of transfer): kept in eval mode so BatchNorm statistics stay put.
     frozen: nn.Module | None = None
-    # Micro-batches per step: 1 until a step runs out of device memory.
+    # Micro-batches per step: training.micro_batches, doubled when a step runs out of memory.
     parts: int = 1
-    syncing: bool = False  # in the backward that all-reduces the gradients (several processes)
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss: L2-SP (regularize.py)
 
     def states(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def make_trainer(model: nn.Module, groups: list[dict[str, Any]], p: TrainParams,
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     return Trainer(model, net, opt, build_scheduler(opt, p, epochs, steps), scaler, rt, loss_fn,
-                   frozen)
+                   frozen, parts=p.micro_batches)
 
 
 def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Position,
@@ -185,24 +185,25 @@ def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Positi
 
 
 def _step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on the batch. Several processes: a rank out of memory still joins this
-    step's gradient all-reduce (`_abstain`), voting to redo it; every rank reads the vote after
-    the backward and all halve together, so they keep running the same collectives."""
-    ballot = tr.net.module if isinstance(tr.net, DistributedDataParallel) else None
+    """One optimiser step on the batch, in `tr.parts` micro-batches.
+
+    Several processes cannot redo a step together: SyncBatchNorm (every model here, on CUDA)
+    runs collectives inside the forward, so a rank out of memory there leaves the others
+    waiting in a collective it will never join, and nothing can be voted on. So under DDP an
+    out-of-memory step is exit 2 with the hint; one process doubles its micro-batches."""
     while True:
         tr.opt.zero_grad(set_to_none=True)
-        err: torch.OutOfMemoryError | None = None
         try:
             logits, loss = _accumulate(tr, x, y)
-        except torch.OutOfMemoryError as oom:
-            err = oom
-            if ballot is not None:
-                _abstain(tr, ballot, x)
-        if ballot is not None and ballot.tally() and err is None:
-            err = torch.OutOfMemoryError("another training process ran out of device memory")
-        if err is None:
             break
-        _halve(tr, len(y), err)
+        except torch.OutOfMemoryError as err:
+            if tr.rt.comm.world > 1:
+                raise BadInput(
+                    f"out of device memory in a step of {tr.rt.comm.world} training processes "
+                    f"at {-(-len(y) // tr.parts)} images per pass ({err}); lower batch_size or "
+                    f"raise micro_batches (now {tr.parts}: try {2 * tr.parts}), which keeps the "
+                    "same effective batch") from None
+            _halve(tr, len(y), err)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.sched.step()
@@ -224,45 +225,10 @@ def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
             loss = tr.loss_fn(logits.float(), yi) + (tr.penalty() if tr.penalty else 0.0)
             if parts > 1:
                 loss = loss * (len(yi) / len(y))
-            tr.syncing = ddp and not quiet
             tr.scaler.scale(loss).backward()
-            tr.syncing = False
         outs.append(logits.detach())
         total = total + loss.detach()
     return (outs[0] if parts == 1 else torch.cat(outs)), total
-
-
-def _abstain(tr: Trainer, ballot: Ballot, x: torch.Tensor) -> None:
-    """This rank ran out of memory while the others go on to the gradient all-reduce: join it
-    with zero gradients and a vote to redo the step, from a forward of one image in eval mode
-    (no BatchNorm statistics move). DDP's buffer broadcast of this step came with this rank's
-    first forward already, so not again. Where the collectives cannot be matched any more (out
-    of memory inside the all-reducing backward, or in SyncBatchNorm's forward collectives) the
-    stage exits 75 instead, to be started afresh; a smaller batch_size avoids it."""
-    if tr.syncing or any(isinstance(m, nn.SyncBatchNorm) for m in tr.model.modules()):
-        raise Transient("out of device memory inside the processes' synchronised part of a "
-                        "step (the gradient all-reduce or SyncBatchNorm); lower batch_size")
-    ddp = tr.net
-    assert isinstance(ddp, DistributedDataParallel)
-    tr.opt.zero_grad(set_to_none=True)
-    ballot.vote.grad = None
-    if tr.rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    flag = "forward_sync_buffers" if hasattr(ddp, "forward_sync_buffers") else "broadcast_buffers"
-    sync_buffers = getattr(ddp, flag)
-    setattr(ddp, flag, False)
-    ballot.out_of_memory = True
-    ddp.eval()
-    try:
-        with tr.rt.autocast():
-            out = ddp(x[:1])
-        (out.float().sum() * 0).backward()
-    finally:
-        setattr(ddp, flag, sync_buffers)
-        ballot.out_of_memory = False
-        ddp.train()
-        if tr.frozen is not None:
-            tr.frozen.eval()
 
 
 def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:
@@ -276,16 +242,38 @@ def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:
                        f"model or width, a lower image_size, or a GPU with more memory") from None
     tr.parts *= 2
     log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of about %d "
-                "(the same effective batch of %d)", micro, tr.parts, -(-batch // tr.parts), batch)
+                "(the same effective batch of %d; set micro_batches: %d to start there)", micro,
+                tr.parts, -(-batch // tr.parts), batch, tr.parts)
+
+
+def _forward(net: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """`net(x)` in fp32 (evaluation never autocasts); out of device memory, the batch in two
+    halves, recursively: an evaluation batch is a speed choice, never a reason to fail. No
+    collective is involved (`_plain` unwraps DDP), so one rank may halve alone."""
+    try:
+        return net(x).float()
+    except torch.OutOfMemoryError as err:
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(x) <= 1:
+            raise BadInput(f"out of device memory evaluating one image ({err}); use a smaller "
+                           "model or image_size, or a GPU with more memory") from None
+        log.warning("out of device memory evaluating %d images: now %d at a time", len(x),
+                    -(-len(x) // 2))
+        return torch.cat([_forward(net, h, rt) for h in x.tensor_split(2)])
+
+
+def _plain(net: nn.Module) -> nn.Module:
+    """What DDP wraps: evaluation needs none of its collectives (the ranks' weights are equal)."""
+    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
 @torch.inference_mode()
 def predict(net: nn.Module, batches: DeviceBatches, rt: Runtime) -> np.ndarray:
     """Logits (float32 N x K, numpy) of every image, in order."""
+    net = _plain(net)
     net.eval()
-    out = []
-    for x, _ in batches.epoch(0):  # fp32: evaluation never autocasts
-        out.append(net(x).float().cpu())
+    out = [_forward(net, x, rt).cpu() for x, _ in batches.epoch(0)]
     return torch.cat(out).numpy()
 
 
@@ -293,10 +281,11 @@ def predict(net: nn.Module, batches: DeviceBatches, rt: Runtime) -> np.ndarray:
 def evaluate(net: nn.Module, batches: DeviceBatches, rt: Runtime, loss_fn: nn.Module
              ) -> tuple[float, float]:
     """(mean loss, accuracy) over a split."""
+    net = _plain(net)
     net.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in batches.epoch(0):  # fp32: evaluation never autocasts
-        logits = net(x).float()
+    for x, y in batches.epoch(0):
+        logits = _forward(net, x, rt)
         loss_sum += float(loss_fn(logits, y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

@@ -1,6 +1,6 @@
 """deploy/: the work-pool base job templates rendered offline with the Prefect workers' own code
 (`from_template_and_values` + `prepare_for_flow_run`, what a worker does before it creates the
-Job or container), the multi-node manifests of flows/k8s.py, and the Dockerfile.
+Job or container) and the Dockerfile.
 
 Kubernetes manifests are validated against the Kubernetes JSON schemas of `kubernetes-validate`
 (strict: an unknown field fails); Docker container settings through docker-py's own argument
@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.utilities.templating import find_placeholders
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
-from flows import k8s
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_TEMPLATE = REPO / "deploy" / "k8s" / "base-job-template.json"
@@ -265,55 +262,6 @@ def test_docker_rejects_a_bad_gpu_count() -> None:
         docker_create_args({**DOCKER_VALUES, "device_requests": [{**GPU, "count": "all"}]})
 
 
-# --- multi-node training (flows/k8s.py) --------------------------------------------------------
-
-def multinode_spec(nodes: int, gpus: int, **extra: Any) -> k8s.MultiNodeSpec:
-    return k8s.MultiNodeSpec(
-        name="pretrain-20261201", image=K8S_VALUES["image"], nodes=nodes, gpus_per_node=gpus,
-        command=k8s.stage_command(REPO / "dvc.yaml", "pretrain"), workspace_claim="imagepipe-ws",
-        mlflow_tracking_uri=K8S_VALUES["mlflow_tracking_uri"], **extra)
-
-
-@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (2, 4), (4, 8)])
-def test_multinode_manifests_validate(nodes: int, gpus: int) -> None:
-    service, job = k8s.render_multinode(multinode_spec(nodes, gpus, gpu_type="NVIDIA-A100-SXM4-80GB"))
-    k8s_valid(service)
-    k8s_valid(job)
-    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (nodes, nodes)
-    assert job["spec"]["completionMode"] == "Indexed"
-    assert _pod(job)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
-
-
-def test_multinode_rendezvous_env_is_torch_elastic_s() -> None:
-    spec = multinode_spec(2, 4)
-    service, job = k8s.render_multinode(spec)
-    pod = _pod(job)
-    (container,) = pod["containers"]
-    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
-    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4"
-    assert env["PET_NODE_RANK"] == {"fieldRef": {
-        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
-    # Pod 0 of an indexed Job is <job>-0; under the headless Service's subdomain it resolves as
-    # <job>-0.<service> in the namespace.
-    assert env["PET_RDZV_ENDPOINT"] == f"pretrain-20261201-0.{service['metadata']['name']}:29400"
-    assert pod["subdomain"] == service["metadata"]["name"]
-    assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
-    assert (env["PET_RDZV_BACKEND"], env["PET_RDZV_ID"]) == ("c10d", "pretrain-20261201")
-    dvc_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["cmd"]
-    assert container["command"] == dvc_cmd.split()
-    assert container["command"][:3] == ["python", "-m", "stages.pretrain"]
-
-
-def test_multinode_bad_input_and_bugs_fail_the_job_at_once() -> None:
-    job = k8s.render_job(multinode_spec(2, 1))
-    assert job["spec"]["backoffLimit"] == 0
-    fail, ignore = job["spec"]["podFailurePolicy"]["rules"]
-    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "train",
-                                                         "operator": "In", "values": [2, 70]}}
-    assert ignore["action"] == "Ignore"
-
-
 # --- the image -----------------------------------------------------------------------------------
 
 def test_dockerfile_pins_match_pyproject_and_copy_every_package() -> None:
@@ -380,50 +328,6 @@ def test_readme_manifest_is_what_the_worker_renders() -> None:
     container = _pod(manifest)["containers"][0]
     container["env"] = [e for e in container["env"] if not e["name"].startswith("PREFECT")]
     assert _subset(shown, manifest) == []
-
-
-@pytest.mark.slow
-def test_multinode_task_retries_a_transient_failure_with_a_new_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Prefect task for real (a temporary Prefect API), against a MOCK Kubernetes API: no
-    cluster exists here. The first Job fails with exit 75, the retry's Job (a new name: a
-    Job's pods never restart) completes."""
-    from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    created: list[str] = []
-
-    class Cluster:  # mock BatchV1Api + CoreV1Api, the shapes the `kubernetes` client returns
-        def create_namespaced_job(self, namespace: str, body: dict[str, Any]) -> Any:
-            created.append(body["metadata"]["name"])
-            return types.SimpleNamespace(metadata=types.SimpleNamespace(uid=f"uid-{len(created)}"))
-
-        def create_namespaced_service(self, namespace: str, body: dict[str, Any]) -> None:
-            assert body["metadata"]["ownerReferences"][0]["uid"] == f"uid-{len(created)}"
-
-        def read_namespaced_job_status(self, name: str, namespace: str) -> Any:
-            done = "Failed" if len(created) == 1 else "Complete"
-            return types.SimpleNamespace(status=types.SimpleNamespace(
-                conditions=[types.SimpleNamespace(type=done, status="True")]))
-
-        def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
-            terminated = types.SimpleNamespace(exit_code=75, reason="Error",
-                                               message="pretrain: transient failure: no tracking")
-            status = types.SimpleNamespace(name="train", state=types.SimpleNamespace(terminated=terminated))
-            return types.SimpleNamespace(items=[types.SimpleNamespace(
-                metadata=types.SimpleNamespace(name=f"{created[-1]}-0-abcde"),
-                status=types.SimpleNamespace(container_statuses=[status]))])
-
-    cluster = Cluster()
-    monkeypatch.setattr(k8s, "cluster_apis", lambda: k8s.KubeApis(batch=cluster, core=cluster))
-
-    @flow
-    def train() -> int:
-        task_ = k8s.multinode_stage.with_options(retry_delay_seconds=0)
-        return task_(multinode_spec(2, 4), timeout_s=60)
-
-    with prefect_test_harness(server_startup_timeout=None):
-        assert train() == 0
-    assert created == ["pretrain-20261201", "pretrain-20261201-r2"]
 
 
 @pytest.mark.parametrize(("kind", "pool_type"), [("k8s", "kubernetes"), ("docker", "docker")])

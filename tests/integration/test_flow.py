@@ -55,7 +55,7 @@ DVC_YAML = {
     }
 }
 
-# A stand-in for `imagepipe promote --json` (commands/registry.py needs a real registry):
+# A stand-in for `imagepipe promote --json` (commands/promote.py needs a real registry):
 # it answers as the real one does and echoes the lineage env it was given.
 FAKE_CLI = textwrap.dedent("""\
     import json, os, pathlib, sys
@@ -228,7 +228,6 @@ def test_promotion_runs_with_lineage_and_again_when_nothing_changed(
     (project / "commands").mkdir()
     (project / "commands" / "__init__.py").write_text("")
     (project / "commands" / "cli.py").write_text(FAKE_CLI)
-    (project / "commands" / "registry.py").write_text("# marker: this project has a registry\n")
     state = _run(project, promote=True)
     assert state.is_completed(), state.message
     decision = state.result()["promotion"]
@@ -250,7 +249,6 @@ def test_a_failed_promotion_is_said_in_the_artifact(harness: None, project: Path
     (project / "commands" / "cli.py").write_text(
         "import sys\nprint('promote: error: data/target: the test split is empty', "
         "file=sys.stderr)\nsys.exit(2)\n")
-    (project / "commands" / "registry.py").write_text("# marker: this project has a registry\n")
     state = _run(project, promote=True)
     assert state.is_failed()
     assert isinstance(state.result(raise_on_failure=False), dvcstage.StageBadInput)

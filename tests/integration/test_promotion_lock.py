@@ -1,5 +1,5 @@
 """The promotion lock (stages/core/tracking/registry.py) and what runs under it
-(commands/registry.py): a live holder's lock is never broken, however long it holds it; a holder
+(commands/promote.py): a live holder's lock is never broken, however long it holds it; a holder
 stopped for real (SIGSTOP) has its lock broken by a second checkout, then finds it lost before
 moving anything, deletes nothing of the second's, and the pair ends with exactly one champion;
 scoring happens outside the lock."""
@@ -75,7 +75,7 @@ CHECKOUT_PROMOTE = """
 import os, signal, sys, time
 from pathlib import Path
 
-from commands.registry import promote_main
+from commands.promote import promote_main
 from stages.core.tracking import registry
 
 registry.STALE_LOCK_S, registry.HEARTBEAT_S = 3.0, 0.3
@@ -183,7 +183,7 @@ def test_scoring_runs_outside_the_lock(project: Path, tiny_export: Callable[...,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Downloads and ONNX scoring (minutes on a large test split) hold no lock: only the
     compare-and-set and the alias moves do."""
-    import commands.registry as gate
+    import commands.promote as gate
     from stages.core.tracking.registry import Registry
 
     held: list[bool] = []
@@ -206,7 +206,7 @@ def test_scoring_runs_outside_the_lock(project: Path, tiny_export: Callable[...,
     monkeypatch.setattr(Registry, "lock", watched_lock)
     monkeypatch.setattr(gate, "hits", watched_hits)
     monkeypatch.setenv(AGENT_ENV, "0")  # in this process, where the patches are
-    from commands.registry import promote_main
+    from commands.promote import promote_main
 
     assert tiny_export("good") == 0
     assert promote_main([]) == 0  # v1 scored alone: the first champion

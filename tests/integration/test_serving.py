@@ -70,13 +70,12 @@ def _train(path: Path) -> None:
 
 
 def _write_target(folder: Path) -> None:
-    from stages.core.dataset import SPLIT_CODE, dataset_writer
+    from stages.core.dataset import SPLIT_CODE
+    from tests.helpers import save_dataset
 
     imgs, labels = _images(24, 2)
-    with dataset_writer(folder, len(imgs), imgs.shape[1:]) as w:
-        w.images[:], w.labels[:] = imgs, labels
-        w.split[:] = SPLIT_CODE["test"]
-        w.finish(CLASSES, {"uri": "test:bands", "role": "target"})
+    save_dataset(folder, imgs, labels, np.full(len(imgs), SPLIT_CODE["test"], np.uint8),
+                  CLASSES, {"uri": "test:bands", "role": "target"})
 
 
 @pytest.fixture(scope="module")

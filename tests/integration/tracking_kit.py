@@ -119,13 +119,11 @@ def tiny_images(n: int, seed: int = 0) -> np.ndarray:
 
 def write_target(folder: Path, labels: np.ndarray, images: np.ndarray) -> None:
     """A canonical dataset whose every image is in the test split."""
-    from stages.core.dataset import SPLIT_CODE, dataset_writer
+    from stages.core.dataset import SPLIT_CODE
+    from tests.helpers import save_dataset
 
-    with dataset_writer(folder, len(images), images.shape[1:]) as w:
-        w.images[:] = images
-        w.labels[:] = labels
-        w.split[:] = SPLIT_CODE["test"]
-        w.finish(CLASSES, {"uri": "test:tiny", "role": "target"})
+    save_dataset(folder, images, labels, np.full(len(images), SPLIT_CODE["test"], np.uint8),
+                  CLASSES, {"uri": "test:tiny", "role": "target"})
 
 
 def tiny_model(kind: str, seed: int = 0) -> Any:

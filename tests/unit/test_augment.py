@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stages import augment, ingest
+from stages.core import augpolicy
 from stages.core.dataset import load_dataset
 from stages.params import Params, parse_params
 from tests.helpers import default_params
@@ -79,9 +80,8 @@ def test_zero_copies_links_the_source_shards_instead_of_writing_them(
 
 def test_each_image_in_a_batch_gets_its_own_draw() -> None:
     params = _params(rotation=30)
-    policy = augment.build_policy(params.augment, 16, 1)
     same = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), 8, axis=0)
-    out = augment.augment_batch(policy, same)
+    out = augpolicy.augment(params.augment, same, augpolicy.image_keys(0, 0, np.arange(8)))
     assert out.dtype == np.uint8 and out.shape == same.shape
     assert len({o.tobytes() for o in out}) == 8
 
@@ -89,9 +89,40 @@ def test_each_image_in_a_batch_gets_its_own_draw() -> None:
 def test_every_policy_step_runs_on_rgb() -> None:
     raw = default_params()
     raw["augment"].update(hflip=True, erasing=0.5, noise_std=0.1, color_jitter=0.4)
-    policy = augment.build_policy(parse_params(raw).augment, 12, 3)
-    out = augment.augment_batch(policy, np.full((4, 12, 12, 3), 128, dtype=np.uint8))
+    flat = np.full((4, 12, 12, 3), 128, dtype=np.uint8)
+    out = augpolicy.augment(parse_params(raw).augment, flat, augpolicy.image_keys(0, 0, range(4)))
     assert out.shape == (4, 12, 12, 3) and out.dtype == np.uint8
+    assert not np.array_equal(out, flat)
+
+
+def _batched(p: Params, images: np.ndarray, keys: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([augpolicy.augment(p.augment, images[lo:lo + batch], keys[lo:lo + batch])
+                           for lo in range(0, len(images), batch)])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_bytes_do_not_depend_on_the_batch_size(channels: int) -> None:
+    """Image n is drawn from its key alone: batches of 1, 7 and 64 give identical bytes."""
+    p = _params(hflip=True, rotation=20, color_jitter=0.3, noise_std=0.05, erasing=0.5)
+    images = np.random.default_rng(2).integers(0, 256, (130, 16, 16, channels), dtype=np.uint8)
+    keys = augpolicy.image_keys(7, 1, np.arange(130))
+    one = _batched(p, images, keys, 1)
+    assert np.array_equal(one, _batched(p, images, keys, 7))
+    assert np.array_equal(one, _batched(p, images, keys, 64))
+    # ... nor on its neighbours: the rows a task holds, or where they start.
+    assert np.array_equal(one[40:], _batched(p, images[40:], keys[40:], 64))
+
+
+def test_an_image_key_names_seed_copy_and_row() -> None:
+    keys = {int(augpolicy.image_keys(s, c, [r])[0]) for s in (0, 1) for c in (0, 1) for r in (0, 1)}
+    assert len(keys) == 8
+
+
+def test_the_stage_bytes_do_not_depend_on_augment_batch_size(source: Path, tmp_path: Path) -> None:
+    made = {b: augment.run(_params(copies=1, batch_size=b), source, tmp_path / str(b))
+            for b in (7, 64)}
+    a, b = load_dataset(tmp_path / "7"), load_dataset(tmp_path / "64")
+    assert made[7] == made[64] and a.manifest["sha256"] == b.manifest["sha256"]
 
 
 def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
@@ -115,16 +146,25 @@ def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: P
 
 
 def test_a_one_array_source_is_read_as_one_shard(tmp_path: Path) -> None:
-    """Sets written whole (dataset_writer: images.npy, as tests and older stages made them)
-    are augmented like sharded ones, through numpy's own .npy header."""
-    from stages.core.dataset import SPLIT_CODE, dataset_writer
+    """Sets written whole (one images.npy, as older stages made them) are augmented like
+    sharded ones, through numpy's own .npy header."""
+    import json
+
+    from stages.core.dataset import SPLIT_CODE, counts
+    from stages.core.integrity import file_sha256
 
     rng = np.random.default_rng(1)
-    with dataset_writer(tmp_path / "old", 40, (8, 8, 1)) as w:
-        w.images[:] = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-        w.labels[:] = np.arange(40) % 2
-        w.split[:] = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"])
-        w.finish(["a", "b"], {"uri": "test:old"})
+    old = tmp_path / "old"
+    old.mkdir()
+    labels = np.arange(40) % 2
+    split = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"]).astype(np.uint8)
+    np.save(old / "images.npy", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
+    np.save(old / "labels.npy", labels)
+    np.save(old / "split.npy", split)
+    sums = {f.name: file_sha256(f) for f in old.glob("*.npy")}
+    (old / "manifest.json").write_text(json.dumps(
+        {"classes": ["a", "b"], "n": 40, "counts": counts(labels, split, ["a", "b"]),
+         "sha256": sums, "uri": "test:old"}))
     augment.run(_params(copies=1), tmp_path / "old", tmp_path / "aug")
     old, aug = load_dataset(tmp_path / "old"), load_dataset(tmp_path / "aug")
     np.testing.assert_array_equal(aug.images[:30], old.images[:30])

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from stages import export, finetune, scratch
-from stages.core.dataset import SPLIT_CODE, dataset_writer, load_dataset
+from stages.core.dataset import SPLIT_CODE, load_dataset
 from stages.core.errors import BadInput
 from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file, preprocess
 from stages.core.models import save_model_file as save_file
@@ -25,7 +25,7 @@ from stages.core.selection import choose
 from stages.core.tracking.describe import version_description
 from stages.core.tracking.registration import Parity, Registration
 from stages.params import BASELINE_ONLY, TRANSFER_ONLY, FinetuneParams, Params
-from tests.helpers import REPO
+from tests.helpers import REPO, save_dataset
 from tests.unit.test_train import tiny_params, write_dataset
 
 CLASSES = ["p", "q", "r"]
@@ -39,13 +39,11 @@ def write_misleading_target(folder: Path) -> None:
     templates = rng.integers(0, 256, size=(len(CLASSES), 8, 8, 1))
     rows = [(c, s) for s, n in (("train", 12), ("val", 6), ("test", 4))
             for c in range(len(CLASSES)) for _ in range(n)]
-    with dataset_writer(folder, len(rows), (8, 8, 1)) as w:
-        for i, (c, s) in enumerate(rows):
-            noise = rng.normal(0, 30, size=(8, 8, 1))
-            w.images[i] = np.clip(templates[c] + noise, 0, 255).astype(np.uint8)
-            w.labels[i] = (c + 1) % len(CLASSES) if s == "val" else c
-            w.split[i] = SPLIT_CODE[s]
-        w.finish(CLASSES, {"uri": "test:misleading", "params": {"augment": {"hflip": False}}})
+    images = np.stack([np.clip(templates[c] + rng.normal(0, 30, size=(8, 8, 1)), 0, 255)
+                       for c, _ in rows]).astype(np.uint8)
+    labels = [(c + 1) % len(CLASSES) if s == "val" else c for c, s in rows]
+    save_dataset(folder, images, labels, [SPLIT_CODE[s] for _, s in rows], CLASSES,
+                  {"uri": "test:misleading", "params": {"augment": {"hflip": False}}})
 
 
 def params(**finetune_values: Any) -> Params:

@@ -18,11 +18,12 @@ import yaml
 
 from stages import export
 from stages.core import models, onnxio
-from stages.core.dataset import SPLIT_CODE, dataset_writer
+from stages.core.dataset import SPLIT_CODE
 from stages.core.lineage import git_commit
 from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file, preprocess
 from stages.core.tracking.registration import Registration
 from stages.params import parse_params
+from tests.helpers import save_dataset
 
 CLASSES = ["a", "b", "c", "d", "e"]
 MEAN, STD = [0.25], [0.5]
@@ -59,9 +60,7 @@ def make_target(folder: Path, size: int, channels: int) -> None:
     n = sum(SPLITS.values())
     imgs, labels = _images(n, size, channels, np.random.default_rng(2))
     split = np.concatenate([np.full(k, SPLIT_CODE[s], np.uint8) for s, k in SPLITS.items()])
-    with dataset_writer(folder, n, (size, size, channels)) as w:
-        w.images[:], w.labels[:], w.split[:] = imgs, labels, split
-        w.finish(CLASSES, {"role": "target"})
+    save_dataset(folder, imgs, labels, split, CLASSES, {"role": "target"})
 
 
 def make_params(**export_overrides: object) -> dict:

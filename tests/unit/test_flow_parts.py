@@ -22,13 +22,13 @@ def test_local_gpu_slots_exclude_each_other(count: int, tmp_path: Path,
     got: dict[str, int] = {}
 
     def first() -> None:
-        with slots.local_gpu_slot(count, on_wait=lambda _: None) as index:
+        with slots.local_gpu_slots(count, 1, on_wait=lambda _: None) as (index,):
             got["a"] = index
             a_in.set()
             release_a.wait(30)
 
     def second() -> None:
-        with slots.local_gpu_slot(count, on_wait=lambda _: b_waits.set()) as index:
+        with slots.local_gpu_slots(count, 1, on_wait=lambda _: b_waits.set()) as (index,):
             got["b"] = index
             b_in.set()
 
@@ -47,8 +47,8 @@ def test_local_gpu_slots_exclude_each_other(count: int, tmp_path: Path,
         release_a.set()
     a.join()
     b.join()
-    assert slots.visible_device(1, 2) == {"CUDA_VISIBLE_DEVICES": "1"}
-    assert slots.visible_device(0, 1) == {}
+    assert slots.visible_devices([1], 2) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert slots.visible_devices([0], 1) == {}
 
 
 @pytest.mark.parametrize(("code", "kind"), [
@@ -87,7 +87,7 @@ def test_report_puts_decision_and_headline_first_and_metrics_in_a_table() -> Non
         overrides=["a.b: 1 -> 2"], metrics=metrics,
         decision={"promoted": False, "challenger_version": 3, "champion_version": 2,
                   "challenger_accuracy": 0.9, "champion_accuracy": 0.95, "reason": "worse",
-                  "current_champion_version": "2", "run_ids": {"finetune": "abc"}},
+                  "current_champion_version": "2", "challenger_run_id": "abc"},
         promotion_note="")
     lines = text.splitlines()
     assert lines[2] == "## Promotion" and lines[4].startswith("**not promoted**: challenger v3")
@@ -102,7 +102,7 @@ def test_report_puts_decision_and_headline_first_and_metrics_in_a_table() -> Non
     assert text.index("## Promotion") < text.index("## Stages") < text.index("## MLflow runs")
     assert "mlflow runs search" not in text  # no such command
     assert "`mlflow ui`" in text and "`imagepipe lineage champion`" in text
-    assert "- finetune: `abc`" in text and "| ingest | ran | 1.5 | 1 |" in text
+    assert "- challenger_run_id: `abc`" in text and "| ingest | ran | 1.5 | 1 |" in text
     rows = report.metric_rows(metrics)
     assert len(rows) == len(EVALUATE) + 3
     assert {"file": "evaluate", "metric": "accuracy", "value": "0.9877"} in rows
@@ -194,7 +194,7 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
 
 
 def test_the_flow_logs_the_promotion_in_words() -> None:
-    from commands.registry import said as _said
+    from commands.promote import said as _said
 
     kept = {"promoted": False, "model_name": "m", "challenger_version": "3",
             "reason": "version 3 is already champion", "current_champion_version": "3"}
@@ -205,7 +205,7 @@ def test_the_flow_logs_the_promotion_in_words() -> None:
 
 
 def test_nothing_to_promote_is_said_as_such() -> None:
-    from commands.registry import said as _said
+    from commands.promote import said as _said
     from flows import report
 
     nothing = {"promoted": False, "model_name": "m", "challenger_version": None,

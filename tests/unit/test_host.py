@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.host import die_with_parent, project_root, workspace_root
-from tests.helpers import REPO
+from tests.helpers import REPO, run_in_cgroup
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
 
@@ -137,25 +137,8 @@ def test_a_cpu_quota_caps_the_cores_a_child_counts(tmp_path: Path) -> None:
     """A child in a cgroup allowed half a CPU counts 1 core, whatever its affinity (2 here):
     what `docker run --cpus 0.5` or a Kubernetes limit of 500m gives a stage."""
     import os
-    import subprocess
-    import sys
 
-    found = _cpu_cgroup(f"imagepipe-test-{os.getpid()}")
-    if found is None or os.geteuid() != 0:
-        pytest.skip("no writable cpu cgroup here (needs root and a cgroup file system)")
-    group, settings = found
-    try:
-        group.mkdir()
-    except OSError as err:
-        pytest.skip(f"cannot make a cgroup: {err}")
-    try:
-        for name, value in settings.items():
-            (group / name).write_text(value)
-        script = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
-                  "'from stages.core.host import usable_cores, cpu_quota; "
-                  "print(usable_cores(), cpu_quota())'")
-        out = subprocess.run(["sh", "-c", script], cwd=Path(__file__).resolve().parents[2],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-        assert out.split() == ["1", "0.5"]
-    finally:
-        group.rmdir()
+    out = run_in_cgroup(_cpu_cgroup(f"imagepipe-test-{os.getpid()}"),
+                        "from stages.core.host import usable_cores, cpu_quota; "
+                        "print(usable_cores(), cpu_quota())")
+    assert out.split() == ["1", "0.5"]

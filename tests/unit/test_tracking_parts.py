@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from commands.registry import decide
+from commands.promote import decide
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from stages.core.host import FLOW_RUN_ENV, project_root
 from stages.core.tracking import Parity, Registration, StageRun

@@ -18,14 +18,14 @@ import yaml
 
 from stages import evaluate, finetune, pretrain, scratch
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
-from stages.core.dataset import SPLIT_CODE, dataset_writer
+from stages.core.dataset import SPLIT_CODE
 from stages.core.device import select_device
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
 from stages.core.errors import BadInput
 from stages.core.models import load_model_file, preprocess
 from stages.core.train import schedule_factor
 from stages.params import Params, parse_params
-from tests.helpers import REPO, default_params
+from tests.helpers import REPO, default_params, save_dataset
 
 CPU = torch.device("cpu")
 
@@ -37,12 +37,10 @@ def write_dataset(folder: Path, classes: list[str], per_split: dict[str, int], *
     templates = rng.integers(0, 256, size=(len(classes), size, size, 1))
     rows = [(c, SPLIT_CODE[s]) for s, n in per_split.items() for c in range(len(classes))
             for _ in range(n)]
-    with dataset_writer(folder, len(rows), (size, size, 1)) as w:
-        for i, (c, split) in enumerate(rows):
-            noise = rng.normal(0, 30, size=(size, size, 1))
-            w.images[i] = np.clip(templates[c] + noise, 0, 255).astype(np.uint8)
-            w.labels[i], w.split[i] = c, split
-        w.finish(classes, {"uri": "test:synthetic", "params": {"augment": {"hflip": hflip}}})
+    images = np.stack([np.clip(templates[c] + rng.normal(0, 30, size=(size, size, 1)), 0, 255)
+                       for c, _ in rows]).astype(np.uint8)
+    save_dataset(folder, images, [c for c, _ in rows], [s for _, s in rows], classes,
+                  {"uri": "test:synthetic", "params": {"augment": {"hflip": hflip}}})
 
 
 def tiny_params(**sections: dict[str, Any]) -> Params:
@@ -193,7 +191,7 @@ def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PET_NNODES", "2")
     monkeypatch.setenv("PET_NODE_RANK", "1")
     monkeypatch.setenv("PET_RDZV_ENDPOINT", "job-0.svc:29400")
-    monkeypatch.setenv("PET_RDZV_ID", "job")  # a Job's name (flows/k8s.py): shared, per run
+    monkeypatch.setenv("PET_RDZV_ID", "job")  # a job's name: shared, per run
     pl = distributed.plan(TrainParams(device="cpu"), "finetune")
     assert pl is not None and (pl.nnodes, pl.node_rank, pl.world) == (2, 1, 2)
     assert (pl.endpoint, pl.rdzv_backend, pl.backend) == ("job-0.svc:29400", "c10d", "gloo")

@@ -26,7 +26,7 @@ from stages.core.tracking.remote import (
 log = logging.getLogger("imagepipe.tracking")
 
 # What `call` may ask the agent to run ("module:function" under the code folder it serves).
-CALLABLE = frozenset({"commands.registry:promote"})
+CALLABLE = frozenset({"commands.promote:promote"})
 
 
 def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -194,7 +194,7 @@ def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray]
         champ_acc = float(np.mean(champ_hits))
     if chal_hits is None:
         return None
-    from stages.evaluate import accuracy_interval
+    from stages.core.stats import accuracy_interval
 
     chal_acc, ci = float(np.mean(chal_hits)), accuracy_interval(chal_hits)
     majority = majority_floor(test[1])
@@ -323,7 +323,7 @@ def promote_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:  # in the tracking agent when one runs: mlflow is imported there
-        d = call("commands.registry:promote", promote, registry_params(args), args.data,
+        d = call("commands.promote:promote", promote, registry_params(args), args.data,
                  project_root(), model=args.model, force=args.force, missing_ok=args.missing_ok)
         print_result(asdict(d), args.json, said(asdict(d)))
 
