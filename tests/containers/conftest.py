@@ -106,5 +106,11 @@ def image(base_image: str) -> str:
                               cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
         size = docker("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
-        print(f"[containers] {IMAGE}: {int(size) / 1e9:.2f} GB", flush=True)
+        print(f"[containers] {IMAGE}: {int(size) / 1e9:.2f} GB; its layers (docker history):",
+              flush=True)
+        layers = docker("history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", IMAGE).stdout
+        for line in layers.splitlines():
+            layer_size, _, created_by = line.partition("\t")
+            if layer_size not in ("0B", "0"):
+                print(f"  {layer_size:>9}  {created_by[:110]}", flush=True)
     return IMAGE
