@@ -267,10 +267,7 @@ def uses_server_limit() -> bool:
 
 def _gpus_wanted(root: Path) -> dict[str, int]:
     """GPU slots per training stage: its `devices` param (`auto`: every slot of this machine).
-    A project without our params schema (or with a broken params.yaml, which the stage itself
-    reports) asks for one."""
-    if not (root / "stages" / "params.py").is_file():
-        return {}
+    A params.yaml that does not load (the stage itself reports it) asks for one."""
     from stages.params import load_params
 
     try:

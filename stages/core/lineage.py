@@ -105,26 +105,26 @@ def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
     for rel in paths:
         try:
             out[rel] = _dvc_md5(root, rel)
-        except Exception:  # noqa: BLE001 - missing file, dvc_data internals moved: no tag
+        except Exception:  # noqa: BLE001 - a missing or unreadable file: no tag
             continue
     return out
 
 
 def _dvc_md5(root: Path, dep: str) -> str:
     # dvc_data is what DVC itself hashes with; verified equal to dvc.lock by
-    # tests/integration/test_tracking.py::test_dvc_repro_groups_stages_and_tags_lock_hashes.
+    # tests/integration/test_tracking.py::test_dvc_repro_groups_its_stages_and_tags_the_hashes_dvc_locks.
+    # dvc_data's public build(); dry_run: hashed, nothing written (the in-memory object store
+    # only satisfies its signature). Same .dir hash as the private _build_tree, as fast.
     from dvc.ignore import DvcIgnoreFilter
-    from dvc_data.hashfile.build import _build_tree
-    from dvc_data.hashfile.hash import file_md5
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
 
-    path = root / dep
-    if path.is_file():
-        return str(file_md5(str(path)))
     fs = LocalFileSystem()
-    _, tree = _build_tree(str(path), fs, {}, "md5", ignore=DvcIgnoreFilter(fs, str(root)),
-                          dry_run=True)
-    return str(tree.hash_info.value)
+    _, _, obj = build(HashFileDB(MemoryFileSystem(), "/"), str(root / dep), fs, "md5",
+                      dry_run=True, ignore=DvcIgnoreFilter(fs, str(root)))
+    return str(obj.hash_info.value)
 
 
 def data_hashes(root: Path) -> dict[str, str]:

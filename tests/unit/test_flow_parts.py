@@ -183,14 +183,12 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
     from flows import pipeline
     from tests.helpers import REPO, default_params, write_params
 
-    (tmp_path / "stages").mkdir()
-    (tmp_path / "stages" / "params.py").write_text("# marker: the project has our schema\n")
     raw = default_params()
     raw["pretrain"]["devices"] = 2
     raw["finetune"]["devices"] = 3  # the scratch stage trains with finetune's settings
     write_params(tmp_path / "params.yaml", raw)
     assert pipeline._gpus_wanted(tmp_path) == {"pretrain": 2, "finetune": 3, "scratch": 3}
-    assert pipeline._gpus_wanted(REPO / "flows") == {}  # not a project with our schema
+    assert pipeline._gpus_wanted(REPO / "flows") == {}  # no params.yaml there
 
 
 def test_the_flow_logs_the_promotion_in_words() -> None:
