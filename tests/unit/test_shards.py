@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages import ingest
 from stages.core import engine, shards, staging
-from stages.core.dataset import ShardedArray, load_dataset
+from stages.core.dataset import ShardedArray, file_sha256, load_dataset
 from stages.params import parse_params
 from tests.helpers import default_params
 
@@ -28,7 +28,7 @@ def test_a_streamed_shard_is_a_plain_npy_file(tmp_path: Path) -> None:
         w.close()
         np.testing.assert_array_equal(np.load(tmp_path / name), rows)
         assert (tmp_path / name).stat().st_size == shards.HEADER + rows.nbytes  # reserve undone
-        assert w.digest == shards.file_sha256(tmp_path / name)
+        assert w.digest == file_sha256(tmp_path / name)
 
 
 @pytest.mark.parametrize("planned", [14, 15])  # every row came; one was a bad file
@@ -45,7 +45,7 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
         joiner.add(part, results[part])
     meta = joiner.finish()
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), rows)
-    assert meta["n"] == 14 and meta["sha256"] == shards.file_sha256(tmp_path / "s.npy")
+    assert meta["n"] == 14 and meta["sha256"] == file_sha256(tmp_path / "s.npy")
     assert meta["digests"] == ["0", "1", "2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "s.npy.json"]  # pieces gone
 
