@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,7 +21,7 @@ from pydantic import (
 
 from stages.core.errors import BadInput
 from stages.core.flat import flatten_dict
-from stages.paramsfile import params_text, yaml_where
+from stages.paramsfile import read_yaml
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -388,16 +387,7 @@ def parse_params(raw: Any) -> Params:
 def load_params(path: str | Path = DEFAULT_PATH) -> Params:
     """Read and validate params.yaml; raise BadInput naming the bad key (or what is wrong with
     the file itself: missing, a folder, not UTF-8, too large, nested too deeply)."""
-    path = Path(path)
-    text = params_text(path)
-    try:
-        return parse_params(yaml.safe_load(text))
-    except yaml.YAMLError as err:
-        raise BadInput(f"params: {yaml_where(path, err)} is not valid YAML: "
-                       f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
-                       "hold keys, a few levels deep)") from None
+    return parse_params(read_yaml(Path(path)))
 
 
 def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """A params file's text, made safe to parse before YAML sees it: it exists and is a file, at
 most MAX_FILE_BYTES, UTF-8 (a byte-order mark allowed), and not nested past MAX_FLOW_DEPTH.
 
-Input: a path. Output: the text, or BadInput naming the file and what is wrong with it in one
-line. stages/params.py's load_params (the only reader of params files) parses what this gives.
+Input: a path. Output: the text, or its YAML (read_yaml), or BadInput naming the file and what
+is wrong with it in one line. stages/params.py's load_params (the only reader of params files)
+validates what read_yaml gives.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,6 +22,20 @@ MAX_FILE_BYTES = 2**20  # a params file is a few KB: a larger one is another fil
 # first, brackets in quoted strings or comments included: a params file has a few levels.
 MAX_FLOW_DEPTH = 32
 
+
+
+def read_yaml(path: Path) -> Any:
+    """The params file at `path` parsed as YAML (not yet validated: stages/params.py does that),
+    or BadInput naming the file and what is wrong with it in one line."""
+    text = params_text(path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise BadInput(f"params: {yaml_where(path, err)} is not valid YAML: "
+                       f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
+                       "hold keys, a few levels deep)") from None
 
 
 def params_text(path: Path) -> str:
