@@ -43,8 +43,10 @@ from stages.params import AugmentParams, Params, load_params
 log = logging.getLogger("imagepipe.augment")
 TRAIN = SPLIT_CODE["train"]
 # Augmented images below which the copies run in this process: starting workers that each
-# import torch (~2.5 s) costs more than augmenting the digits default (~1,400 images).
-INLINE_BELOW = 20_000
+# import torch (~2.5 s) costs more than it saves. Batched, one core makes ~47,000 16-px grey
+# and ~4,700 32-px RGB images/s (benchmarks/bench_augment.py, load 5): a second worker wins
+# its start-up back only past some 30,000 CIFAR-sized copies.
+INLINE_BELOW = 50_000
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,9 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = load_dataset(source, verify=params.verify_data)
+    # run() hashed the source a moment ago in this process: its sizes are checked, not hashed
+    # again.
+    ds = load_dataset(source, verify="size")
     channels = ds.image_shape[2]
     rng = np.random.default_rng(params.seed)
     per = params.augment.preview_per_class

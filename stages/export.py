@@ -234,7 +234,8 @@ def serving_example(onnx_path: Path, target: Path, n: int = 2
     from stages.core import onnxio
     from stages.core.parity import parity_set
 
-    images, _ = parity_set(load_dataset(target), n)
+    # run() hashed the target in this process: checked for size here, not hashed again.
+    images, _ = parity_set(load_dataset(target, verify="size"), n)
     session = onnxio.make_session(onnx_path, providers=[onnxio.CPU], threads=1)
     return images, onnxio.predict_outputs(session, images)
 

@@ -60,9 +60,9 @@ def run_map(fn: Callable[[T], R], items: Sequence[T], *, engine: str = "local",
 
 
 def prestart(module: str) -> multiprocessing.context.BaseContext:
-    """Start this process's fork server now, importing `module` (a task's: numpy, PIL) while
-    the caller does other work (ingest lists the files meanwhile); the pool's workers then
-    fork from it ready, rather than each importing after its start. Returns its context.
+    """Start this process's fork server now, importing `module` (a task's: numpy, PIL) once;
+    the pool's workers then fork from it ready, rather than each importing after its start.
+    Returns its context.
 
     forkserver, not fork: a forked child of a threaded parent (the progress bar, torch's
     pools in augment) can inherit a held lock and hang. A server already running keeps what
