@@ -105,7 +105,9 @@ def _ray_map(fn: Callable[[T], R], items: Sequence[T], configured: str | None
     with raycluster.connected(configured):
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=2)(fn)
+        # SPREAD: over every node, not packed onto the driver's while it has a free CPU (Ray's
+        # default: short tasks then never leave the head).
+        task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(fn)
         # A bounded window of tasks in flight: the queue of refs stays small on 10^5 shards.
         window = 2 * workers("ray")
         refs: dict[Any, int] = {}

@@ -11,7 +11,8 @@ What goes wrong, as the stage's exit codes (errors.py):
   the cluster wants a token this driver lacks or gets wrong -> BadInput (2: a retry cannot help)
 Each with one line naming the fix. Ray's own connect loop retries an address for minutes
 (seen: still waiting after 120 s), so the address is probed first with a bounded TCP connect,
-and ray.init runs under a deadline.
+and ray.init runs under a deadline. Ray reads RAY_AUTH_MODE and the token when it is imported:
+they come from the stage's environment, never from os.environ set later in the process.
 """
 
 from __future__ import annotations

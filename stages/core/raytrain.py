@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,12 @@ def fit(target: str, argv: list[str], p: TrainParams, address: str | None, *, st
         config = {"target": target, "argv": argv, "cwd": os.getcwd(), "backend": backend,
                   "verdict": verdict, "env": _worker_env()}
         storage.mkdir(parents=True, exist_ok=True)
+        name = f"{stage}-{uuid.uuid4().hex[:8]}"  # Ray Train's run folder: its marker files only
         trainer = TorchTrainer(
             _worker, train_loop_config=config,
             torch_config=TorchConfig(backend=backend, timeout_s=int(p.dist_timeout_min * 60)),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu),
-            run_config=RunConfig(name=f"{stage}-{uuid.uuid4().hex[:8]}", storage_path=str(storage),
+            run_config=RunConfig(name=name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=restarts)))
         log.info("%s: %d Ray Train worker(s) (%s), restarts %d", stage, n, backend, restarts)
         failed: BaseException | None = None
@@ -78,6 +80,8 @@ def fit(target: str, argv: list[str], p: TrainParams, address: str | None, *, st
             trainer.fit()
         except TrainingFailedError as err:
             failed = err
+        finally:
+            shutil.rmtree(storage / name, ignore_errors=True)
         code, said = ray.get(verdict.get.remote())
     if code == EXIT_BAD_INPUT:
         raise BadInput(said)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,3 +118,5 @@ def two_nodes(cpus_per_node: int = 1) -> Iterator[Cluster]:
         yield cluster
     finally:
         stop(procs)
+        for temp in temps:  # its sessions' logs and sockets: nothing reads them after the stop
+            shutil.rmtree(temp, ignore_errors=True)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
+from stages.core import distributed
 from tests.helpers import REPO, default_params, write_params
 from tests.integration.raykit import Cluster, two_nodes
 from tests.integration.test_distributed import (
@@ -87,21 +89,48 @@ def test_two_workers_on_two_nodes_equal_the_in_stage_launch(cluster: Cluster,
     assert cluster.nodes_that_ran("RayTrainWorker") == 2  # one worker on each node
 
 
+def fit_in_child(cluster: Cluster, target: str, argv: list[str], folder: Path, restarts: int
+                 ) -> subprocess.CompletedProcess[str]:
+    """raytrain.fit(target, argv) on 2 CPU workers behind the stage door, in a driver process
+    of its own (Ray reads the token when imported); returns it finished."""
+    fit = ("import sys, json; from pathlib import Path; from stages.core import raytrain; "
+           "from stages.core.door import run_stage; from stages.params import TrainParams; "
+           "sys.exit(run_stage('tiny', lambda: raytrain.fit(sys.argv[1], json.loads(sys.argv[2]), "
+           "TrainParams(device='cpu', devices=1, nodes=2), None, stage='tiny', "
+           "storage=Path(sys.argv[3]) / '.ray-train', restarts=int(sys.argv[4])), track=False))")
+    return subprocess.run([sys.executable, "-c", fit, target, json.dumps(argv), str(folder),
+                           str(restarts)], cwd=REPO, env=driver(cluster), capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_two_ray_train_workers_equal_one_process_within_1e_5(cluster: Cluster, tmp_path: Path) -> None:
     """20 SGD steps of a global batch of 32, no BatchNorm: Ray Train's 2 x 16 (gloo) against
     one process's 32 (tests/integration/test_distributed.py's train_tiny, run by both)."""
     single = tmp_path / "single"
     single.mkdir()
     train_tiny([str(single), "plain"])
-    fit = ("import sys; from pathlib import Path; from stages.core import raytrain; "
-           "from stages.params import TrainParams; raytrain.fit("
-           "'tests.integration.test_distributed:train_tiny', [sys.argv[1], 'plain'], "
-           "TrainParams(device='cpu', devices=1, nodes=2), None, stage='tiny', "
-           "storage=Path(sys.argv[1]) / '.ray-train', restarts=0)")
-    done = subprocess.run([sys.executable, "-c", fit, str(tmp_path)], cwd=REPO, env=driver(cluster),
-                          capture_output=True, text=True, timeout=300)
+    done = fit_in_child(cluster, "tests.integration.test_distributed:train_tiny",
+                        [str(tmp_path), "plain"], tmp_path, restarts=0)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_ranks_equal_one_process(single, tmp_path)
+
+
+def bug_on_rank_1(argv: list[str]) -> None:
+    """Say this worker started (a file in argv[0]); rank 1 then raises a bug while rank 0
+    waits for it in a collective, as in a step."""
+    rank = distributed.current().rank
+    (Path(argv[0]) / f"start-{rank}-{time.monotonic_ns()}").touch()
+    if rank == 1:
+        raise RuntimeError("simulated bug")
+    torch.distributed.barrier()
+
+
+def test_a_bug_in_a_worker_is_70_and_never_trained_again(cluster: Cluster, tmp_path: Path) -> None:
+    done = fit_in_child(cluster, "tests.integration.test_ray_train:bug_on_rank_1", [str(tmp_path)],
+                        tmp_path, restarts=3)
+    assert done.returncode == 70, done.stderr[-3000:]
+    assert "rank 1: RuntimeError: simulated bug" in done.stderr
+    assert len(list(tmp_path.glob("start-*"))) == 2  # one attempt: the restart stopped at once
 
 
 def kill_a_worker_mid_run(cluster: Cluster, checkpoint: Path, proc: subprocess.Popen[str]) -> None:
