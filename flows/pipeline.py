@@ -368,7 +368,7 @@ def plan_ahead(root: Path, stages: list[str] | None) -> None:
     def plan() -> None:
         try:
             future.set_result(dvcstage.plan_stages(root, stages))
-        except BaseException as err:  # the flow asks again and reports the error itself
+        except BaseException as err:  # noqa: BLE001 - the flow asks again and reports the error itself
             future.set_exception(err)
 
     _PLANS[_plan_key(root, stages)] = future

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from stages.core.dataset import (
     load_dataset,
     write_sharded,
 )
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.engine import run_map
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.progress import progress
@@ -242,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ import numpy as np
 from scipy.special import softmax
 
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_path, write_json
 from stages.core.stats import statistics, transfer_verdict, warn_wide
@@ -261,4 +260,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

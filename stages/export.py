@@ -30,14 +30,13 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.dataset import file_sha256, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_path, write_json
@@ -139,7 +138,7 @@ def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
         "mean": [float(v) for v in mf.mean],
         "std": [float(v) for v in mf.std],
         "arch": mf.spec.arch,
-        # Set by the flow's MLflow run (and by `mlflow run`); absent under a plain dvc repro.
+        # The stage's own MLflow run (the door exports it while the body runs); None with tracking off.
         "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"),
         "git_commit": git_commit(),
         "git_dirty": None if dirty is None else str(dirty).lower(),
@@ -253,7 +252,7 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
                       max_abs_diff=float(metrics["max_abs_diff"]),
                       top1_agreement=float(metrics["top1_agreement"]),
                       atol=p.parity_atol, images=int(metrics["parity_images"]), rtol=p.parity_rtol),
-        input_example=example, output_example=outputs,
+        input_example=example, output_example=outputs, serving_max_images=p.serving_max_images,
         shipped=choice.model if choice else "finetuned",
         selection=choice.reason if choice else None)
 
@@ -314,4 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.params import FinetuneParams, Params, load_params
@@ -74,6 +74,8 @@ class Target:
         """The file of a target model whose weights are those of epoch `row` (a history row;
         {}: none trained); mean/std stay the pretrained model's (one preprocessing; converted
         by adapt_to_target when the channel counts differ). export compares val_accuracy."""
+        from stages.core.models import ModelFile
+
         return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
                          self.base.mean, self.base.std, {}, extra={
                              **self.base.extra, "stage": stage, "val_accuracy": row.get("val_acc"),
@@ -204,7 +206,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     ds = load_dataset(data, verify=params.verify_data)
     model, mf = adapt_to_target(*load_model_file(pretrained), ds)
     t = load_target(ds, mf, p, rt, params.seed)
-    out.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing trains
+    out.checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     # The new head's initial weights depend on the seed only, not on what ran before.
     seed_everything(params.seed)
     model.replace_head(len(t.classes))
@@ -306,4 +308,4 @@ def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argp
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

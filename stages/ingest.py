@@ -1,11 +1,12 @@
 """ingest: params.data (source and target URIs) -> data/source/, data/target/ (canonical datasets).
 
 Each role is listed, filtered to its classes, split (seeded, stratified) where the source ships
-no split, capped per class, then decoded in bounded batches into a memory-mapped uint8 array at
-the role's own image_size and channels (data.<role>.*, else data.*). Bad files are skipped and
-listed in report.json; too many of them, a duplicate that leaks into the test split, a class
-left with no training image, or an empty split that a later stage needs (source: train, val;
-target: train, val, test) end the stage with exit code 2, here rather than after pretraining.
+no split, capped per class, then decoded in bounded batches into uint8 shards (RowWriter: rows
+appended to a file, no memory map) at the role's own image_size and channels (data.<role>.*,
+else data.*). Bad files are skipped and listed in report.json; too many of them, a duplicate
+that leaks into the test split, a class left with no training image, or an empty split that a
+later stage needs (source: train, val; target: train, val, test) end the stage with exit code 2,
+here rather than after pretraining.
 A split no stage reads (the source's test split) is carved but not decoded, and the log says so.
 
 A folder that ships train/ and val/ but no test/ (a common layout) gives the target no test
@@ -22,19 +23,20 @@ import sys
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.core import engine
+from stages.core import raycluster
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
-from stages.core.shards import Built, build_shards
+from stages.core.shards import StagedShards, build_shards
 from stages.core.sources import Listing, open_source
 from stages.params import DataParams, DatasetRole, Params, load_params
 
@@ -167,9 +169,8 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     splits no later stage reads are not decoded (_drop_unread)."""
     data = params.data
     role = role.filled(data)
-    files = role.uri.startswith("imagefolder:")
-    if files and data.engine == "local" and engine.usable_cores() > 1:
-        engine.prestart(build_shards.__module__)  # the workers' imports overlap the listing
+    # No fork server started ahead of the listing: most folders are too small for the pool
+    # to pay (shards.POOL_FROM), and for those it was a second of two cores spent for nothing.
     # By file type only: no stat per file before decoding starts; each worker's fstat stamps
     # its files for the shards' meta and refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,
@@ -236,9 +237,9 @@ def by_class(sel: Selection) -> Selection:
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
-            data: DataParams, staging: Path) -> Built:
+            data: DataParams, staging: Path) -> StagedShards:
     """Staged shards of the selection on data.engine; only missing or changed ones decoded."""
-    with progress(f"ingest {role_name}", len(sel.refs)) as advance:
+    with _cluster(data), progress(f"ingest {role_name}", len(sel.refs)) as advance:
         return build_shards(
             sel.refs, sel.labels, files=role.uri.startswith("imagefolder:"), fetch=listing.fetch,
             size=role.image_size, channels=role.channels,  # type: ignore[arg-type]
@@ -357,11 +358,19 @@ def _say_skipped(role_name: str, what: str, items: list[dict[str, str]]) -> None
               file=sys.stderr)
 
 
+def _cluster(data: DataParams) -> AbstractContextManager[object]:
+    """On data.engine ray, a connection to the cluster (bounded, its failures exit 75 or 2);
+    an outer one is reused, so the stage connects once for both roles and its pieces are
+    sized by the cluster's CPUs."""
+    return raycluster.connected(data.ray_address) if data.engine == "ray" else nullcontext()
+
+
 def run(params: Params, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Ingest both roles into out_dir/<role>/; return the reports by role."""
-    return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name,
-                              skip_unread=True)
-            for name in ROLES}
+    with _cluster(params.data):
+        return {name: ingest_role(name, getattr(params.data, name), params, out_dir / name,
+                                  skip_unread=True)
+                for name in ROLES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

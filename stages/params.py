@@ -225,6 +225,13 @@ class PretrainParams(TrainParams):
     # crop and flip above. Smaller: random-resized crops of this side from the stored images,
     # flipped when hflip, on the device (stages/core/crops.py); validation sees whole images.
     train_size: Annotated[int, Field(ge=8, le=1024)] | None = None
+    # Who runs the training processes: local = this stage (one process, or DDP launched from
+    # here over devices x nodes); ray = Ray Train workers (nodes x devices of them) on the Ray
+    # cluster ingest uses (RAY_ADDRESS / data.ray_address), for many machines.
+    engine: Literal["local", "ray"] = "local"
+    # engine ray: times Ray Train restarts the workers from the last checkpoint after a worker
+    # or node is lost, before the stage gives up with 75.
+    restarts: Annotated[int, Field(ge=0, le=100)] = 2
 
 
 class FinetuneParams(TrainParams):
@@ -326,6 +333,9 @@ class ExportParams(_Section):
     # test split, which is evaluate's. The choice is logged, in the metrics and in the
     # registered version's description.
     model: Literal["finetuned", "scratch", "best"] = "best"
+    # Most images one request to the served model (`mlflow models serve`) may carry: more is a
+    # 400 before any is decoded or run (the serving wrapper, stages/core/tracking/serving.py).
+    serving_max_images: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
 
 
 class RegistryParams(_Section):

@@ -8,7 +8,8 @@ The normalisation (per-channel mean and std of the training split) is computed h
 recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
 A run killed mid-way resumes from its last checkpoint when the params and data are unchanged.
 With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
-(stages/core/distributed.py); the first process of node 0 writes every output.
+(stages/core/distributed.py); the first process of node 0 writes every output. With
+`engine: ray` they are Ray Train workers on a Ray cluster (stages/core/raytrain.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import run_stage
+from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import write_json
 from stages.params import Params, PretrainParams, load_params
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 # refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.pretrain")
-# Evaluation needs no gradients: bigger batches cost little memory and run faster.
 
 
 def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],
@@ -98,7 +98,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
              "resident on the device" if train.resident else "streamed", len(train))
     tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, p.epochs,
                       len(train))
-    checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out, even when epochs is 0
+    checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     store = CheckpointStore(checkpoints / "pretrain.pt", {
         "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world,
         "code": code_fingerprint("stages.pretrain")}, rt.comm)
@@ -137,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = load_params(args.params)
-        from stages.core import distributed
+        from stages.core import distributed, raytrain
 
+        if params.pretrain.engine == "ray":  # the workers write everything; the driver tracks
+            raytrain.fit("stages.pretrain:rank_body", argv, params.pretrain,
+                         params.data.ray_address, stage="pretrain", restarts=params.pretrain.restarts,
+                         storage=args.checkpoints.resolve().parent / ".ray-train")
+            return
         plan = distributed.plan(params.pretrain, "pretrain")
         if plan is not None:  # the processes write everything; this one keeps the exit code
             distributed.raise_for(distributed.launch(plan, "stages.pretrain:rank_main", argv),
@@ -149,20 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage("pretrain", body)
 
 
+def rank_body(argv: list[str]) -> None:
+    """One training process's work, in-stage launch or Ray Train worker alike."""
+    from stages.core import distributed
+
+    args = arguments(argv)
+    metrics = run(load_params(args.params), args.data, args.model, args.checkpoints, args.plot)
+    if distributed.current().is_main:
+        write_json(args.metrics, metrics)
+
+
 def rank_main(argv: list[str]) -> int:
     """One training process of a launched run (tracking stays with the launching process)."""
-    args = arguments(argv)
-
-    def body() -> None:
-        from stages.core import distributed
-
-        metrics = run(load_params(args.params), args.data, args.model, args.checkpoints,
-                      args.plot)
-        if distributed.current().is_main:
-            write_json(args.metrics, metrics)
-
-    return run_stage("pretrain", body, track=False)
+    return run_stage("pretrain", lambda: rank_body(argv), track=False)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

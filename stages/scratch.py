@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
+from stages.core.door import exit_process
 from stages.finetune import (
     adapt_to_target,
     load_target,
@@ -130,4 +130,4 @@ def rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -188,7 +188,7 @@ def _erase(x: torch.Tensor, u: torch.Tensor, prob: float) -> torch.Tensor:
 def augment(p: AugmentParams, images: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """N x H x W x C uint8 -> N x H x W x C uint8, image n drawn from keys[n] alone."""
     import torch
-    import torch.nn.functional as F  # noqa: N812 - torch's own name for it
+    import torch.nn.functional as F  # torch's own name for it
 
     n, size, _, channels = images.shape
     if n == 0:

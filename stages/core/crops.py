@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 - torch's own convention
+import torch.nn.functional as F  # torch's own convention
 
 # torchvision's RandomResizedCrop defaults (the ImageNet recipe).
 SCALE = (0.08, 1.0)

@@ -17,6 +17,7 @@ why) and read by ShardedArray or iter_rows.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -139,25 +140,25 @@ class ShardedArray:
         return f"ShardedArray(shape={self.shape}, shards={len(self.parts)})"
 
 
-HEADER = 128  # bytes; numpy pads its own headers to 64 and accepts more padding
-MAGIC = b"\x93NUMPY\x01\x00"
+HEADER = 128  # bytes: numpy pads its .npy headers to a multiple of 64; a shard's is always 128
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:
-    """A version-1.0 .npy header for uint8 C-order `shape`, padded to exactly HEADER bytes."""
-    text = "{'descr': '|u1', 'fortran_order': False, 'shape': " + repr(tuple(shape)) + ", }"
-    body_len = HEADER - len(MAGIC) - 2
-    if len(text) + 1 > body_len:
+    """numpy's own version-1.0 .npy header for uint8 C-order `shape`: exactly HEADER bytes, so
+    rows can be appended before the row count is known and the header written last."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    if buf.tell() != HEADER:
         raise ValueError(f"shape {shape} does not fit a {HEADER}-byte .npy header")
-    body = text.ljust(body_len - 1) + "\n"
-    return MAGIC + body_len.to_bytes(2, "little") + body.encode("latin1")
+    return buf.getvalue()
 
 
 class RowWriter:
     """Append uint8 rows of one shape to `path` (a temporary), then `close()` writes the header.
 
     Rows start at byte HEADER whatever `path` later becomes: a whole shard (header written in
-    place) or a piece whose rows the driver copies after its own header (shards._Joiner).
+    place) or a piece whose rows the driver copies after its own header (staging.ShardAssembler).
     With `hashed`, `digest` is the file's sha256 after close(), hashed as written on the bet
     that all `capacity` rows come (no bad file); a lost bet reads the file back."""
 
@@ -211,7 +212,8 @@ def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int = 1024
     """(first row, rows) of a shard in chunks, read with plain reads: memory flat, no map."""
     row = int(np.prod(row_shape))
     with open(path, "rb") as f:
-        f.seek(HEADER if _fixed_header(f) else _npy_offset(path))
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
         lo = 0
         while True:
             buf = f.read(chunk * row)
@@ -220,19 +222,6 @@ def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int = 1024
             rows = np.frombuffer(buf, dtype=np.uint8).reshape(-1, *row_shape)
             yield lo, rows
             lo += len(rows)
-
-
-def _fixed_header(f: Any) -> bool:
-    head = f.read(10)
-    f.seek(0)
-    return head[:8] == MAGIC and int.from_bytes(head[8:10], "little") == HEADER - 10
-
-
-def _npy_offset(path: Path) -> int:
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        np.lib.format.read_array_header_1_0(f)
-        return f.tell()
 
 
 def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:

@@ -116,8 +116,14 @@ _current = SINGLE
 
 
 def current() -> Comm:
-    """The Comm of this process: SINGLE unless `join` ran here."""
+    """The Comm of this process: SINGLE unless `join` (or `adopt`) ran here."""
     return _current
+
+
+def adopt(comm: Comm) -> None:
+    """Make `comm` this process's: a process group another engine started (Ray Train's)."""
+    global _current
+    _current = comm
 
 
 def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any]:
@@ -126,7 +132,8 @@ def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any
     if p.batch_size % comm.world:
         raise BadInput(f"{section}.batch_size: {p.batch_size} is not divisible by the "
                        f"{comm.world} training processes (batch_size is the global batch)")
-    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "dist_timeout_min"}
+    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "dist_timeout_min",
+            "engine", "restarts"}
     return {section: p.model_dump(exclude=skip), "world_size": comm.world,
             "rank_batch": p.batch_size // comm.world}
 

@@ -7,15 +7,19 @@ It sits above everything a stage calls; nothing in stages/core imports it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 from stages.core.errors import (
     EXIT_BAD_INPUT,
@@ -87,7 +91,7 @@ def _run_body(name: str, body: Callable[[], object]) -> Outcome:
     except Terminated:
         print(f"{name}: terminated", file=sys.stderr)
         return Outcome(EXIT_TERMINATED)
-    except Exception as err:  # a bug: the traceback for whoever fixes it, and a code not retried
+    except Exception as err:  # noqa: BLE001 - a bug: the traceback for whoever fixes it, and a code not retried
         if peer_lost(err):  # a peer of a collective gone: the job is retried, not a bug
             print(f"{name}: transient failure (a training process it works with is gone; "
                   f"retry may help): {type(err).__name__}: {str(err).strip()[:300]}",
@@ -97,6 +101,35 @@ def _run_body(name: str, body: Callable[[], object]) -> Outcome:
         print(f"{name}: internal error (a bug, not retried): {type(err).__name__}: {err}",
               file=sys.stderr)
         return Outcome(EXIT_BUG)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a stage's process with `code` once its outputs are written: atexit handlers run and
+    every stream is flushed, but the interpreter's teardown is skipped. Unloading torch's
+    thousands of modules and objects took 1.1-1.7 s after a bare `import torch` and 2-4 s
+    after pretrain (shared 2-core machine at load 7; benchmarks/bench_pipeline.py's `exit`
+    column), a cost paid by every stage of every run for nothing: the process is ending.
+    Only for `python -m stages.NAME`; tests call main() and keep their interpreter."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
+TIMES_ENV = "IMAGEPIPE_STAGE_TIMES"  # a file: benchmarks/bench_pipeline.py's per-stage account
+
+
+def _record_times(name: str, clock: list[float]) -> None:
+    """One JSON line per stage (wall-clock seconds: entered the door, body start and end,
+    tracking done) appended to $IMAGEPIPE_STAGE_TIMES where it is set; nothing otherwise."""
+    path = os.environ.get(TIMES_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": name, "pid": os.getpid(), "clock": clock}) + "\n")
 
 
 def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> int:
@@ -110,6 +143,7 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
     """
     configure_process()
     stage_run = None
+    clock = [time.time()]  # entered, body started, body ended, tracking done
     try:
         with _sigterm_unwinds():
             if track:
@@ -117,10 +151,14 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
                 from stages.core.tracking.remote import start_stage_run
 
                 stage_run = start_stage_run(name)
+            clock.append(time.time())
             outcome = _run_body(name, body)
+            clock.append(time.time())
             code = outcome.code
             if stage_run is not None:
                 code = stage_run.finish(code, outcome.value)
+            clock.append(time.time())
+            _record_times(name, clock)
     except Terminated:
         print(f"{name}: terminated", file=sys.stderr)
         code = EXIT_TERMINATED

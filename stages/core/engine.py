@@ -3,8 +3,9 @@
   inline   in this process, one task after another (tiny sets; sources held in memory)
   local    a process pool over every usable core (stages.core.host.usable_cores)
   ray      one Ray task per item on a cluster: RAY_ADDRESS, else data.ray_address, else a
-           Ray started here. Tasks read and write files on the storage the workspace is on,
-           so every node must see the workspace at the same path (a shared file system).
+           Ray started here (stages/core/raycluster.py connects, bounded). Tasks read and
+           write files on the storage the workspace is on, so every node must see the
+           workspace at the same path (a shared file system).
 
 Results come back as tasks finish, in any order: callers key them by the task they ran. A task
 is a module-level function and picklable arguments; it returns small metadata, never images.
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from pathlib import Path
 from typing import Any, TypeVar
 
+from stages.core import raycluster
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 
@@ -36,8 +36,8 @@ def workers(engine: str) -> int:
     if engine == "ray":
         import ray
 
-        if ray.is_initialized():
-            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if ray.is_initialized():  # the cluster's CPUs, not this driver's cores
+            return raycluster.cluster_cpus()
     return usable_cores()
 
 
@@ -98,28 +98,13 @@ def _pool_map(fn: Callable[[T], R], items: Sequence[T], n_workers: int
     pool.shutdown(wait=True)
 
 
-def ray_address(configured: str | None) -> str | None:
-    """RAY_ADDRESS wins (what `ray job submit` and KubeRay set), then data.ray_address."""
-    return os.environ.get("RAY_ADDRESS") or configured or None
-
-
 def _ray_map(fn: Callable[[T], R], items: Sequence[T], configured: str | None
              ) -> Iterator[tuple[int, R]]:
-    try:
+    # Connected already when the stage holds its one connection (ingest: raycluster.connected
+    # around both roles); otherwise for this map only.
+    with raycluster.connected(configured):
         import ray
-    except ImportError:
-        raise BadInput("data.engine: ray needs Ray: pip install -e '.[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = ray_address(configured)
-        # The workspace is on storage every node mounts at the same path: workers import the
-        # project from it (no upload of the code, no runtime_env working_dir).
-        root = str(Path(__file__).resolve().parents[2])
-        env = {"env_vars": {"PYTHONPATH": root}}
-        log.info("ray: %s", f"connecting to {address}" if address else "starting a local Ray")
-        ray.init(address=address, runtime_env=env, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    try:
+
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
         # A bounded window of tasks in flight: the queue of refs stays small on 10^5 shards.
         window = 2 * workers("ray")
@@ -137,6 +122,3 @@ def _ray_map(fn: Callable[[T], R], items: Sequence[T], configured: str | None
                 if nxt is not None:
                     refs[task.remote(nxt[1])] = nxt[0]
                 yield i, ray.get(ref)
-    finally:
-        if started_here:
-            ray.shutdown()

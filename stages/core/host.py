@@ -2,8 +2,8 @@
 the environment variable that carries the Prefect flow-run id into stages, and a child's tie to
 its parent (it dies with it).
 
-The one place each of these is answered (the flow, the stages and the commands all ask here), and
-nothing here imports torch: counting GPUs must not cost a CUDA initialisation.
+The flow, the stages and the commands ask here; nothing here imports torch: counting GPUs must
+not cost a CUDA initialisation.
 """
 
 from __future__ import annotations

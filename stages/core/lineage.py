@@ -66,8 +66,9 @@ def git_diff(cwd: Path) -> str | None:
     return "\n".join(lines) + "\n" + diff + ("\n" if diff and not diff.endswith("\n") else "")
 
 
-def dvc_lock_deps(root: Path, stage: str) -> dict[str, str]:
-    """{dep path: md5} of `stage` as recorded in root/dvc.lock; {} when it has no entry.
+def dvc_lock_deps(root: Path, stage: str, kind: str = "deps") -> dict[str, str]:
+    """{dep path: md5} of `stage` as recorded in root/dvc.lock ({out path: md5} with kind
+    "outs"); {} when it has no entry.
 
     Beware: while a stage runs under `dvc repro`, dvc.lock still holds its *previous* run
     (DVC rewrites the entry when the stage ends). `dep_hashes` computes the current ones.
@@ -78,7 +79,7 @@ def dvc_lock_deps(root: Path, stage: str) -> dict[str, str]:
         return {}
     entry = (lock.get("stages") or {}).get(stage) or {}
     out: dict[str, str] = {}
-    for dep in entry.get("deps") or []:
+    for dep in entry.get(kind) or []:
         if isinstance(dep, dict) and "path" in dep and dep.get("md5"):
             out[str(dep["path"])] = str(dep["md5"])
     return out

@@ -49,7 +49,7 @@ class ConsoleHandler(logging.Handler):
         try:
             self.console.print(self.format(record), markup=False, highlight=False,
                                soft_wrap=True)
-        except Exception:  # a log line must never end the stage
+        except Exception:  # noqa: BLE001 - a log line must never end the stage
             self.handleError(record)
 
 

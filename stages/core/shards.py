@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.dataset import HEADER, MAGIC, RowWriter, file_sha256, npy_header  # noqa: F401
-from stages.core.io import umask
+from stages.core.dataset import HEADER, RowWriter
 from stages.core.sources import BadFile, TooLarge, canonical, read_image_file
+from stages.core.staging import ShardAssembler, finish_shard, inputs_digest, staged_meta
 
 FORMAT = "shards-1"  # part of every shard's fingerprint: a format change rebuilds them all
 
 
 @dataclass(frozen=True)
-class Piece:
+class ShardPart:
     """Rows [part of `parts`] of one staged shard: what one engine task decodes and writes."""
 
     shard: str  # the staged shard's file name: its input fingerprint, so reruns find it
@@ -69,11 +69,6 @@ def fingerprint(refs: Sequence[str], params: Sequence[Any]) -> str:
     return h.hexdigest()[:32]
 
 
-def inputs_digest(stamps: Sequence[Sequence[int]]) -> str:
-    """The digest of files' (size, mtime_ns) in order: a touched or replaced file changes it."""
-    return hashlib.sha256("".join(f"{s}\0{m}\n" for s, m in stamps).encode()).hexdigest()
-
-
 def _stamp(ref: str) -> tuple[int, int]:
     """(size, mtime_ns) of what `ref` names, as its reader's fstat gives; (-1, -1) if gone."""
     try:
@@ -93,7 +88,7 @@ def _code_digest() -> str:
     return code_digest("stages.core.shards")
 
 
-def decode_piece(piece: Piece, fetch: Callable[[str], tuple[str, Any]] | None = None
+def decode_piece(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]] | None = None
                  ) -> dict[str, Any]:
     """Decode a piece's refs into rows of a temporary file in the staging folder.
 
@@ -119,7 +114,7 @@ def decode_piece(piece: Piece, fetch: Callable[[str], tuple[str, Any]] | None = 
         raise
 
 
-def _decode_into(piece: Piece, fetch: Callable[[str], tuple[str, Any]], tmp: Path,
+def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp: Path,
                  stamps: list[tuple[int, int]] | None) -> dict[str, Any]:
     shape = (piece.size, piece.size, piece.channels)
     # A whole shard is hashed as written; a piece is hashed by the driver as it joins it.
@@ -162,85 +157,19 @@ def _decode_into(piece: Piece, fetch: Callable[[str], tuple[str, Any]], tmp: Pat
     return result
 
 
-class _Joiner:
-    """The pieces of one shard appended in order to its temporary as they come back, hashed as
-    written on the bet that no file was bad (the header then holds the planned row count);
-    a lost bet rewrites the header and reads the file back once."""
-
-    def __init__(self, staging: Path, shard: str, rows: int, row_shape: tuple[int, ...]) -> None:
-        self.staging, self.shard, self.rows, self.row_shape = staging, shard, rows, row_shape
-        self.tmp = staging / f".{shard}.{os.getpid()}.concat00.tmp"
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish() or abandon()
-        self._view = memoryview(bytearray(8 * 2**20))
-        self._sha = hashlib.sha256()
-        self._append(npy_header((rows, *row_shape)))
-        self.results: dict[int, dict[str, Any]] = {}
-        self.next = self.n = 0
-
-    def _append(self, block: bytes | memoryview) -> None:
-        self._f.write(block)
-        self._sha.update(block)
-
-    def add(self, part: int, result: dict[str, Any]) -> None:
-        self.results[part] = result
-        while self.next in self.results:
-            path = Path(self.results[self.next]["path"])
-            self.n += (path.stat().st_size - HEADER) // int(np.prod(self.row_shape))
-            with open(path, "rb", buffering=0) as f:  # into one buffer: no 8 MB allocations
-                f.seek(HEADER)
-                while n := f.readinto(self._view):
-                    self._append(self._view[:n])
-            path.unlink()
-            self.next += 1
-
-    def finish(self) -> dict[str, Any]:
-        if self.n != self.rows:  # bad files: the header holds fewer rows than planned
-            self._f.seek(0)
-            self._f.write(npy_header((self.n, *self.row_shape)))
-        self._f.close()
-        digest = self._sha.hexdigest() if self.n == self.rows else file_sha256(self.tmp)
-        results = [self.results[k] for k in sorted(self.results)]
-        return finish_shard(self.staging, self.shard, self.tmp, self.n, digest, results)
-
-    def abandon(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-        for result in self.results.values():
-            Path(result["path"]).unlink(missing_ok=True)
-
-
-def finish_shard(staging: Path, shard: str, tmp: Path, n: int, digest: str,
-                 results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A finished temporary (n rows, its sha256) -> staging/shard, renamed into place, and
-    staging/shard.json, written last: a shard counts as done only once its meta exists."""
-    # mkstemp makes 0600; a dataset is for others too (a server, a teammate)
-    os.chmod(tmp, 0o666 & ~umask())
-    tmp.replace(staging / shard)
-    meta = {"n": int(n), "sha256": digest,  # "inputs": checked for files only (build_shards)
-            "digests": [d for r in results for d in r["digests"]],
-            "bad": [b for r in results for b in r["bad"]],
-            "skipped": [b for r in results for b in r.get("skipped", ())],
-            "inputs": inputs_digest([s for r in results for s in r.get("stamps") or ()])}
-    tmp_meta = staging / f".{shard}.json.{os.getpid()}.metadata.tmp"
-    tmp_meta.write_text(json.dumps(meta))
-    tmp_meta.replace(staging / f"{shard}.json")
-    return meta
-
-
-def staged_meta(staging: Path, shard: str) -> dict[str, Any] | None:
-    """A finished staged shard's meta, or None when it is missing or incomplete."""
-    try:
-        meta = json.loads((staging / f"{shard}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if (staging / shard).is_file() else None
-
-
 MIN_PIECE = 512  # images: below this a piece's task start-up outweighs its decoding
+# Files to decode from which the local process pool starts; fewer decode in this process.
+# The pool's fixed cost (fork server, workers importing numpy and PIL, pieces joined) is most
+# of a second of two cores, won back from ~100 us of decoding per 32-px JPEG only on large
+# folders (benchmarks/bench_ingest.py --crossover, 2 cores at load 4-4.7, against a plain PIL
+# loop in a 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k JPEGs,
+# the pool 0.33x / 0.71x / 0.71x / 1.25x). The crossover lies between 20k and 60k, lower on a
+# quiet machine, where the second core is free.
+POOL_FROM = 30_000
 
 
 @dataclass
-class Built:
+class StagedShards:
     """The shards of one dataset, in logical order, and what decoding found."""
 
     shards: list[tuple[Path, str, int]]  # (staged file, sha256, rows)
@@ -282,7 +211,7 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
                  fetch: Callable[[str], tuple[str, Any]], size: int, channels: int,
                  max_bytes: int, shard_mb: int, batch: int, engine: str,
                  ray_address: str | None, staging: Path, stamps: np.ndarray | None = None,
-                 advance: Callable[[int], None] = lambda n: None) -> Built:
+                 advance: Callable[[int], None] = lambda n: None) -> StagedShards:
     """Decode `refs` (class-ordered) into staged shards, reusing those already staged whose
     files are unchanged. `stamps`: the files' (size, mtime_ns) rows as listed, else each
     staged shard's files are stat'ed (a cold run stats none: its workers' fstat stamps them)."""
@@ -304,10 +233,9 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
             metas[k] = meta
             advance(hi - lo)
     todo = [k for k in range(len(ranges)) if k not in metas]
-    # Array sources (digits, CIFAR's pickles) live in this process: decoded here, fast.
-    engine = engine if files else "inline"
+    engine = decode_engine(engine, files, sum(ranges[k][1] - ranges[k][0] for k in todo))
     pieces = _pieces(todo, ranges, names, refs, workers(engine) if engine != "inline" else 1,
-                     Piece("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
+                     ShardPart("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
                            os.getcwd() if files else ""))
     task = decode_piece if files else functools.partial(decode_piece, fetch=fetch)
     try:
@@ -325,7 +253,15 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     return _built(ranges, names, metas, len(todo), staging)
 
 
-def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: str,
+def decode_engine(engine: str, files: bool, n: int) -> str:
+    """Where `n` refs decode: array sources (digits, CIFAR's pickles) live in this process and
+    decode here, fast; so do files too few to pay for the local pool (POOL_FROM)."""
+    if not files or (engine == "local" and n < POOL_FROM):
+        return "inline"
+    return engine
+
+
+def _run(task: Callable[[ShardPart], dict[str, Any]], pieces: list[ShardPart], engine: str,
          ray_address: str | None, staging: Path, shape: tuple[int, ...],
          advance: Callable[[int], None]) -> None:
     """Run the pieces; join each multi-piece shard's pieces as they come back (the driver
@@ -335,7 +271,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
     rows: dict[str, int] = {}
     for piece in pieces:
         rows[piece.shard] = rows.get(piece.shard, 0) + len(piece.refs)
-    joiners: dict[str, _Joiner] = {}
+    joiners: dict[str, ShardAssembler] = {}
     try:
         for i, result in run_map(task, pieces, engine=engine, ray_address=ray_address):
             piece = pieces[i]
@@ -343,7 +279,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
             if piece.parts == 1:
                 continue
             if piece.shard not in joiners:
-                joiners[piece.shard] = _Joiner(staging, piece.shard, rows[piece.shard], shape)
+                joiners[piece.shard] = ShardAssembler(staging, piece.shard, rows[piece.shard], shape)
             joiners[piece.shard].add(piece.part, result)
             if len(joiners[piece.shard].results) == piece.parts:
                 joiners.pop(piece.shard).finish()
@@ -353,7 +289,7 @@ def _run(task: Callable[[Piece], dict[str, Any]], pieces: list[Piece], engine: s
 
 
 def _pieces(todo: list[int], ranges: list[tuple[int, int]], names: list[str],
-            refs: Sequence[str], n_workers: int, base: Piece) -> list[Piece]:
+            refs: Sequence[str], n_workers: int, base: ShardPart) -> list[ShardPart]:
     """One piece per shard; shards split further when there are fewer of them than eight per
     worker (a one-shard CIFAR would otherwise decode on one core; eight, not one, per worker so
     that a worker slowed by a busy machine does not leave the others idle long at the end:
@@ -374,7 +310,7 @@ def _pieces(todo: list[int], ranges: list[tuple[int, int]], names: list[str],
 
 
 def _built(ranges: list[tuple[int, int]], names: list[str], metas: dict[int, dict[str, Any]],
-           decoded: int, staging: Path) -> Built:
+           decoded: int, staging: Path) -> StagedShards:
     digests: list[str | None] = []
     bad: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
@@ -388,4 +324,4 @@ def _built(ranges: list[tuple[int, int]], names: list[str], metas: dict[int, dic
         skipped += meta.get("skipped", [])
         shards.append((staging / name, meta["sha256"], meta["n"]))
     keep = np.array([d is not None for d in digests], dtype=bool)
-    return Built(shards, keep, digests, bad, skipped, decoded, staging)
+    return StagedShards(shards, keep, digests, bad, skipped, decoded, staging)

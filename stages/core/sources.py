@@ -133,7 +133,7 @@ def _torchvision(name: str, root: Path, download: bool) -> Listing:
     return _array_listing(f"torchvision:{name}", images, labels, splits, classes)
 
 
-def _open_torchvision(cls: type, name: str, root: Path, train: bool, download: bool):  # noqa: ANN202
+def _open_torchvision(cls: type, name: str, root: Path, train: bool, download: bool):
     try:
         return cls(root=str(root), train=train, download=False)
     except RuntimeError:

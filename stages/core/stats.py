@@ -10,7 +10,7 @@ put the Monte Carlo error of a 2.5% percentile near 0.3 points of the interval's
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,17 +22,27 @@ CI_LEVEL = 0.95
 # An interval wider than +/- this (accuracy scale) gets a warning: at ~500 test images an
 # accuracy near 0.8 is already +/- 3.5 points; below ~250 it passes 5.
 WIDE_HALF_WIDTH = 0.05
-# Index matrices are drawn this many entries at a time (int64: 16 MB), whatever n and resamples.
+# scipy draws the resamples this many index entries at a time (int64: 16 MB), whatever n.
 _CHUNK_ENTRIES = 2_000_000
 
 
-def bootstrap_rows(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-                   ) -> Iterator[np.ndarray]:
-    """Resamples of range(n) with replacement, as (k, n) index matrices in bounded chunks."""
-    rng = np.random.default_rng([seed, n])
-    per_chunk = max(1, _CHUNK_ENTRIES // max(n, 1))
-    for start in range(0, resamples, per_chunk):
-        yield rng.integers(0, n, size=(min(per_chunk, resamples - start), n))
+def percentile_intervals(data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray], *,
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) percentile intervals of every row `statistic` returns, paired: each resample
+    draws the same images from every array of `data` (scipy.stats.bootstrap, paired=True).
+    `statistic(*arrays, axis)` gets (k, n) resampled arrays and returns (rows, k). Fewer than
+    two images cannot be resampled: the interval is the point value."""
+    n = len(data[0])
+    if n < 2:
+        point = np.atleast_1d(np.asarray(statistic(*data, axis=-1), dtype=np.float64))
+        return point, point
+    from scipy.stats import bootstrap
+
+    res = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                    batch=max(1, _CHUNK_ENTRIES // n), method="percentile",
+                    confidence_level=CI_LEVEL, rng=np.random.default_rng([seed, n]))
+    return np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
 
 
 def macro_f1_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -52,39 +62,37 @@ def macro_f1_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray
     return f1.mean(axis=1)
 
 
-def _interval(samples: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
 def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, n_classes: int,
                         scratch_pred: np.ndarray | None = None, *,
                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """95% percentile intervals of accuracy and macro-F1, and (with the scratch baseline's
     predictions on the same images) of its accuracy and of the transfer gain, paired."""
     hit = (pred == y).astype(np.float64)
-    other = None if scratch_pred is None else (scratch_pred == y).astype(np.float64)
-    acc, f1, base, gain = [], [], [], []
-    for rows in bootstrap_rows(len(y), resamples, seed):
-        acc.append(hit[rows].mean(axis=1))
-        f1.append(macro_f1_rows(y[rows], pred[rows], n_classes))
-        if other is not None:
-            base.append(other[rows].mean(axis=1))
-            gain.append(acc[-1] - base[-1])
+    other = hit if scratch_pred is None else (scratch_pred == y).astype(np.float64)
+
+    def figures(y_: np.ndarray, pred_: np.ndarray, hit_: np.ndarray, other_: np.ndarray,
+                axis: int = -1) -> np.ndarray:
+        f1 = macro_f1_rows(np.atleast_2d(y_), np.atleast_2d(pred_), n_classes)
+        acc, base = hit_.mean(axis=axis), other_.mean(axis=axis)
+        return np.stack([acc, f1.reshape(np.shape(y_)[:-1]), base, acc - base])
+
+    low, high = percentile_intervals((y, pred, hit, other), figures, resamples=resamples,
+                                     seed=seed)
     out: dict[str, Any] = {}
-    for name, parts in (("accuracy", acc), ("macro_f1", f1), ("scratch_accuracy", base),
-                        ("transfer_gain", gain)):
-        lo, hi = _interval(np.concatenate(parts)) if parts else (None, None)
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    for i, name in enumerate(("accuracy", "macro_f1", "scratch_accuracy", "transfer_gain")):
+        known = i < 2 or scratch_pred is not None
+        out[f"{name}_ci_low"] = float(low[i]) if known else None
+        out[f"{name}_ci_high"] = float(high[i]) if known else None
     return out
 
 
 def accuracy_interval(hits: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
                       ) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean of a 0/1 vector (promote's gate)."""
-    hits = np.asarray(hits, dtype=np.float64)
-    return _interval(np.concatenate([hits[r].mean(axis=1)
-                                     for r in bootstrap_rows(len(hits), resamples, seed)]))
+    low, high = percentile_intervals((np.asarray(hits, dtype=np.float64),),
+                                     lambda h, axis=-1: h.mean(axis=axis), resamples=resamples,
+                                     seed=seed)
+    return float(low[0]), float(high[0])
 
 
 def majority_accuracy(y: np.ndarray) -> float:

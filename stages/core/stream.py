@@ -188,7 +188,7 @@ class StreamBatches(DeviceBatches):
         return host
 
 
-def forced() -> bool:
+def streaming_forced() -> bool:
     return os.environ.get(STREAM_ENV, "").strip() not in ("", "0")
 
 
@@ -200,7 +200,7 @@ def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: tor
     itself runs out of memory. Keywords are DeviceBatches'."""
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
     budget = Budget(device) if budget is None else budget
-    if not forced() and budget.take(nbytes):
+    if not streaming_forced() and budget.take(nbytes):
         resident = DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
         if resident.resident:
             return resident

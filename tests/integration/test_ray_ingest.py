@@ -32,7 +32,7 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-def _params(root: Path, engine_name: str, **data: object):  # noqa: ANN202
+def _params(root: Path, engine_name: str, **data: object):
     raw = default_params()
     raw["data"].update({"image_size": 64, "channels": 3, "shard_mb": 1, "engine": engine_name,
                         "max_bad_fraction": 0.1, **data})
@@ -56,6 +56,7 @@ def test_ray_and_the_local_pool_write_the_same_bytes(tmp_path: Path, local_ray: 
     root = tmp_path / "imgs"
     _tree(root)
     monkeypatch.setattr(shards, "MIN_PIECE", 16)  # pieces of shards too, not just shards
+    monkeypatch.setattr(shards, "POOL_FROM", 0)  # the local pool, for 200 files
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     out = {}
     for name in ("local", "ray"):

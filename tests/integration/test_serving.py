@@ -93,7 +93,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) 
     (root / "params.yaml").write_text(yaml.safe_dump({
         "data": {"source": {"uri": "sklearn:digits"}, "target": {"uri": "sklearn:digits"}},
         "export": {"parity_images": 24, "quantize_int8": False, "fp16": False, "threads": 1,
-                   "model": "finetuned"},  # no scratch model here
+                   "model": "finetuned",  # no scratch model here
+                   "serving_max_images": 4},  # a request of 5 images is refused
         "registry": {"model_name": MODEL_NAME}}))
     (root / "models").mkdir()
     _train(root / "models" / "finetuned.pt")
@@ -221,6 +222,11 @@ def test_the_wrapper_in_python_answers_pixels_and_refuses_floats(registered: dic
         with pytest.raises(MlflowException, match=r"this model takes uint8 pixels") as err:
             model.predict(bad)
         assert why in err.value.message and f"N x {SIZE} x {SIZE} x {CHANNELS}" in err.value.message
+    # Over export.serving_max_images (4 here): refused before any image is cast or run.
+    assert len(model.predict(registered["images"][:4])) == 4
+    with pytest.raises(MlflowException, match=r"^5 images in one request; this model takes at "
+                                              r"most 4 \(export.serving_max_images\)"):
+        model.predict(registered["images"][:5])
 
 
 def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path) -> None:
@@ -255,6 +261,11 @@ def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path
         assert answer["message"].startswith(
             f"this model takes uint8 pixels N x {SIZE} x {SIZE} x {CHANNELS}")
         assert "multiply by 255" in answer["message"]
+
+        # More images than export.serving_max_images (4): a 400 before any is decoded or run.
+        files = [_png_b64(img, 3 * SIZE) for img in registered["images"][:5]]
+        status, answer = _post(url, {"inputs": files})
+        assert status == 400 and "5 images in one request" in answer["message"], answer
 
         # Image files, at another size than the model's: decoded and resized by the wrapper.
         files = [_png_b64(img, 3 * SIZE) for img in registered["images"][2:4]]

@@ -62,9 +62,12 @@ def test_macro_f1_rows_equal_sklearn_per_resample() -> None:
         assert ours[i] == pytest.approx(want)
 
 
-def test_chunks_cover_every_resample() -> None:
-    rows = list(stats.bootstrap_rows(3_000_000, resamples=5))  # one row per chunk here
-    assert sum(len(r) for r in rows) == 5 and all(r.shape[1] == 3_000_000 for r in rows)
+def test_one_image_has_a_point_interval() -> None:
+    """scipy cannot resample one observation: the interval is the figure itself, as before."""
+    ci = stats.bootstrap_intervals(np.array([1]), np.array([1]), 2, np.array([0]))
+    assert (ci["accuracy_ci_low"], ci["accuracy_ci_high"]) == (1.0, 1.0)
+    assert (ci["transfer_gain_ci_low"], ci["transfer_gain_ci_high"]) == (1.0, 1.0)
+    assert stats.accuracy_interval(np.array([0.0])) == (0.0, 0.0)
 
 
 def test_gain_interval_is_paired() -> None:

@@ -219,9 +219,9 @@ def test_read_metadata_refuses_a_foreign_model(tmp_path: Path) -> None:
         onnxio.read_metadata(foreign)
 
 
-def _perturbed(onnx_path: Path, delta: float):  # noqa: ANN202 - stands in for export_onnx
+def _perturbed(onnx_path: Path, delta: float):  # stands in for export_onnx
     """export_onnx replaced by: the good model with its head bias moved by `delta`."""
-    def fake_export(model, mf, opset):  # noqa: ANN001, ANN202, ARG001
+    def fake_export(model, mf, opset):
         proto = onnx.load(onnx_path)
         bias = next(t for t in proto.graph.initializer if list(t.dims) == [len(CLASSES)])
         values = onnx.numpy_helper.to_array(bias) + np.float32(delta)

@@ -252,7 +252,7 @@ def test_a_class_filter_walks_only_the_kept_class_folders(tmp_path: Path,
     opened: list[str] = []
     real = os.scandir
 
-    def counted(path):  # noqa: ANN001, ANN202
+    def counted(path):
         opened.append(str(path))
         return real(path)
 

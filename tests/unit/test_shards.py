@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from stages import ingest
-from stages.core import engine, shards
+from stages.core import engine, shards, staging
 from stages.core.dataset import ShardedArray, load_dataset
 from stages.params import parse_params
 from tests.helpers import default_params
@@ -40,7 +40,7 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
         w.write(rows[lo:hi])
         w.close()
         results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)], "bad": []}
-    joiner = shards._Joiner(tmp_path, "s.npy", planned, (4, 4, 3))
+    joiner = staging.ShardAssembler(tmp_path, "s.npy", planned, (4, 4, 3))
     for part in (2, 0, 1):
         joiner.add(part, results[part])
     meta = joiner.finish()
@@ -80,7 +80,7 @@ def _folder(root: Path, counts: dict[str, int], start: int = 0) -> None:
             Image.fromarray(arr).save(root / cls / f"{i}.png")
 
 
-def _params(root: Path, **data: object):  # noqa: ANN202
+def _params(root: Path, **data: object):
     raw = default_params()
     # 64 x 64 x 3 = 12 KB an image: shard_mb=1 holds 85, so 100+ images make per-class shards.
     raw["data"].update({"image_size": 64, "channels": 3, "shard_mb": 1, **data})
@@ -96,7 +96,7 @@ def inline(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = shards.decode_piece
 
-    def counted(piece, fetch=None):  # noqa: ANN001, ANN202
+    def counted(piece, fetch=None):
         calls.append(len(piece.refs))
         return real(piece, fetch)
 
@@ -137,7 +137,7 @@ def test_a_killed_ingest_redoes_only_the_missing_shards(tmp_path: Path, inline: 
     ingest.ingest_role("source", params.data.source, params, tmp_path / "clean")
     counted = shards.decode_piece
 
-    def dies_on_third(piece, fetch=None):  # noqa: ANN001, ANN202
+    def dies_on_third(piece, fetch=None):
         if len(inline) == 2:
             raise KeyboardInterrupt  # as a Ctrl-C or SIGTERM mid-ingest
         return counted(piece, fetch)
@@ -162,6 +162,7 @@ def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
     (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.bytes(100))
     params = _params(root, shard_mb=256, max_bad_fraction=0.1)
     monkeypatch.setattr(shards, "MIN_PIECE", 8)  # one shard in pieces, as CIFAR is
+    monkeypatch.setattr(shards, "POOL_FROM", 0)  # the pool, for 70 files
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     pooled = ingest.ingest_role("source", params.data.source, params, tmp_path / "pool")
     monkeypatch.setattr(engine, "usable_cores", lambda: 1)
@@ -170,6 +171,26 @@ def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
     assert a.manifest["sha256"] == b.manifest["sha256"] and len(a.manifest["shards"]) == 1
     assert pooled["bad"] == alone["bad"] and len(pooled["bad"]) == 1
     assert a.images.shape == (70, 64, 64, 3)
+
+
+def test_a_small_folder_decodes_without_starting_the_pool(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below shards.POOL_FROM files the pool's start-up (about a second of two cores) costs
+    more than it saves: the files decode in this process, however many cores there are."""
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 20, "b": 10})
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process pool was started for 30 files")
+
+    monkeypatch.setattr(engine, "_pool_map", no_pool)
+    monkeypatch.setattr(engine, "prestart", no_pool)
+    params = _params(root)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
+    assert load_dataset(tmp_path / "out").images.shape[0] == 30
+    assert shards.decode_engine("local", True, shards.POOL_FROM) == "local"
+    assert shards.decode_engine("ray", True, 1) == "ray"  # a cluster asked for is used
 
 
 def test_new_decoding_code_reuses_no_staged_shard(tmp_path: Path, inline: list[int],

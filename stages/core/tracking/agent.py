@@ -210,7 +210,7 @@ class Agent:
         from stages.core.tracking.stagerun import RUN_ID_ENV, StageRun
 
         git_commit.cache_clear()  # HEAD moves between stages: never a stale commit
-        run = StageRun.start(message["stage"], local=message.get("local"),
+        run = StageRun.start(message["stage"], stage_facts=message.get("stage_facts"),
                              root=Path(message["root"]),
                              workspace=workspace_root(Path(message["cwd"])))
         if run is None:
@@ -236,7 +236,7 @@ class Agent:
             return None, {"raised": ("BadInput", str(err))}
         except Transient as err:
             return None, {"raised": ("Transient", str(err))}
-        except Exception as err:  # a bug: its traceback goes back with the reply's stderr
+        except Exception as err:  # noqa: BLE001 - a bug: its traceback goes back with the reply's stderr
             traceback.print_exc()
             return None, {"raised": ("bug", f"in the tracking agent: {type(err).__name__}: "
                                             f"{err}")}
@@ -255,10 +255,10 @@ def _fluent_uri_kept() -> Iterator[None]:
 
 def _warm() -> None:
     """What every run needs, imported once (the point of the agent)."""
-    import mlflow  # noqa: F401
+    import mlflow
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-    import stages.core.tracking.register  # noqa: F401
+    import stages.core.tracking.register
     import stages.core.tracking.stagerun  # noqa: F401
 
 

@@ -28,7 +28,13 @@ from typing import Any
 from stages.core.errors import BadInput
 from stages.core.tracking.describe import version_description
 from stages.core.tracking.parentrun import EXP_NAME_ENV
-from stages.core.tracking.registration import CHALLENGER, Registration
+from stages.core.tracking.registration import (
+    CHALLENGER,
+    DVC_MD5_TAG,
+    DVC_OUT_TAG,
+    DVC_STAGE_TAG,
+    Registration,
+)
 from stages.core.tracking.store import Store, TrackingDown
 
 EXP_TAG = "dvc.exp_name"  # the DVC experiment a version was made in (tune pick finds it by it)
@@ -81,13 +87,14 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
         # The same file again, byte for byte, inside the wrapper that serving runs.
         serving_info = store.call("log serving model", log_serving_model, Path(reg.onnx_path),
                                   reg.input_example, read_metadata(proto),
-                                  _serving_requirements())
+                                  _serving_requirements(), reg.serving_max_images)
     experiment, temporary = experiment_run(workspace)
+    kept = _dvc_tags(reg, workspace)
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
                     **reg.parity.tags(), "imagepipe.run_id": run_id,
                     "onnx.sha256": file_sha256(Path(reg.onnx_path)),
                     "pytorch_model_uri": torch_uri, "onnx_model_uri": str(onnx_info.model_uri),
-                    **({EXP_TAG: experiment} if experiment else {})}
+                    **({EXP_TAG: experiment} if experiment else {}), **kept}
     mv = store.call("register model", mlflow.register_model, serving_info.model_uri,
                     reg.model_name, tags=version_tags)
     try:
@@ -109,6 +116,19 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
     else:
         print(f"export: version {mv.version} is now {CHALLENGER!r}", file=sys.stderr)
     return str(mv.version)
+
+
+def _dvc_tags(reg: Registration, workspace: Path) -> dict[str, str]:
+    """Under DVC: the stage, the model's path in the project and its md5 as DVC hashes it, for
+    promote to check against dvc.lock (commands/promote.py `refusal`)."""
+    from stages.core.lineage import path_hashes
+
+    onnx_path = Path(reg.onnx_path).resolve()
+    if reg.dvc_stage is None or not onnx_path.is_relative_to(workspace.resolve()):
+        return {}
+    rel = onnx_path.relative_to(workspace.resolve()).as_posix()
+    md5 = path_hashes(workspace, [rel]).get(rel)
+    return {DVC_STAGE_TAG: reg.dvc_stage, DVC_OUT_TAG: rel, DVC_MD5_TAG: md5} if md5 else {}
 
 
 def _log_torch(store: Store, path: Path, dataset: Path | None) -> str:

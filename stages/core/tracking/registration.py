@@ -8,6 +8,7 @@ MLflow, so the stage imports it for free.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,45 @@ class Registration:
     # sentence for the version's description; None: said nowhere (as before).
     shipped: str = "finetuned"
     selection: str | None = None
+    # The DVC stage that runs this export (DVC sets DVC_STAGE for every command; None: not
+    # under DVC). The version records it with its model's md5, and promote refuses the version
+    # until dvc.lock records that md5: a DVC run that failed after the stage registered it (a
+    # full disk in the cache copy) left a version DVC never kept.
+    dvc_stage: str | None = field(default_factory=lambda: os.environ.get("DVC_STAGE") or None)
+    # Most images a request to the served model may carry (export.serving_max_images; None:
+    # the serving wrapper's default).
+    serving_max_images: int | None = None
     # Arrays: left out of ==, which numpy cannot answer for them.
     input_example: Any = field(default=None, compare=False)
     output_example: Any = field(default=None, compare=False)
+
+
+# Version tags of an export run under DVC (register.py), checked by promote (`not_kept`).
+DVC_STAGE_TAG = "dvc.stage"
+DVC_OUT_TAG = "dvc.model_path"
+DVC_MD5_TAG = "dvc.model_md5"
+
+
+def not_kept(tags: dict[str, str], version: str, model: Path) -> str | None:
+    """Why version `version` (its tags) is not a model DVC kept as `model` (the workspace's
+    file at the path the version names, in the project whose dvc.lock says), or None.
+
+    A version registered by a stage under DVC counts once dvc.lock records its model's md5 for
+    that stage: DVC writes the entry only when the run succeeded (outputs checked, cached), so
+    a run that failed after the stage registered leaves a version that is no stage's output.
+    Versions registered outside DVC carry no such tags and are left to the other checks."""
+    from stages.core.lineage import dvc_lock_deps
+
+    stage, rel, md5 = (tags.get(k) for k in (DVC_STAGE_TAG, DVC_OUT_TAG, DVC_MD5_TAG))
+    if not (stage and rel and md5):
+        return None
+    model = model.resolve()
+    project = model.parents[len(Path(rel).parts) - 1] if model.as_posix().endswith(
+        "/" + rel) else Path.cwd()
+    recorded = dvc_lock_deps(project, stage.rpartition(":")[2], "outs").get(rel)
+    if recorded == md5:
+        return None
+    said = f"records md5 {recorded[:12]}" if recorded else "has no entry"
+    return (f"DVC did not keep the challenger v{version}: stage {stage!r} registered it from "
+            f"{rel} with md5 {md5[:12]}, but {project / 'dvc.lock'} {said} for it (the DVC run "
+            f"failed after the stage registered: rerun `dvc repro {stage}`, or --force)")

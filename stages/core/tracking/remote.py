@@ -197,7 +197,7 @@ def stop_agents(under: Path | None = None) -> int:
 
 # ------------------------------------------------------------------ the stage's side
 
-def _local_facts() -> dict[str, Any]:
+def _stage_facts() -> dict[str, Any]:
     """What only the stage's own process can tell: its pipeline group (its dvc ancestor), its
     device (what CUDA this process sees) and itself as the run's owner (journal.py)."""
     from stages.core.lineage import device_name
@@ -210,8 +210,8 @@ def _local_facts() -> dict[str, Any]:
 class RemoteStageRun:
     """The stage door's handle on a run kept by the agent (StageRun's interface)."""
 
-    def __init__(self, stage: str, root: Path, local: dict[str, Any]) -> None:
-        self.stage, self.root, self.local = stage, root, local
+    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any]) -> None:
+        self.stage, self.root, self.stage_facts = stage, root, stage_facts
         self.conn: Connection | None = None
         self.finished = False
         self.failure: tuple[int, str] | None = None
@@ -223,13 +223,13 @@ class RemoteStageRun:
 
     @classmethod
     def start(cls, stage: str, root: Path) -> RemoteStageRun:
-        run = cls(stage, root, _local_facts())
+        run = cls(stage, root, _stage_facts())
         conn = connect_agent()
         assert conn is not None
         try:
             # cwd: the workspace the run describes (a queued experiment's own clone).
             reply = request(conn, {"op": "start", "stage": stage, "root": str(root),
-                                   "cwd": os.getcwd(), "local": run.local}, START_WAIT_S,
+                                   "cwd": os.getcwd(), "stage_facts": run.stage_facts}, START_WAIT_S,
                             peer_pid(conn))
         except AgentUnavailable:
             conn.close()  # the agent, if it wakes, sees the stage gone and ends the run FAILED
@@ -294,7 +294,7 @@ class RemoteStageRun:
 
         if not self.ids.get("run_id"):
             return StageRun.start(self.stage, root=self.root) or _Untracked()
-        run = StageRun(self.stage, self.root, self.local)
+        run = StageRun(self.stage, self.root, self.stage_facts)
         run.run_id, run.parent_id = self.ids["run_id"], self.ids.get("parent_id")
         run.tags = dict(self.ids.get("tags") or {})
         run.failure = self.failure

@@ -33,6 +33,12 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 # The key of the ONNX file among the pyfunc's artifacts (Registry.download finds it by suffix).
 ARTIFACT = "onnx_model"
+# Most images in one request (export.serving_max_images, in the model's model_config): a
+# request over it is a 400 before any image is decoded, cast or run, so one request cannot
+# hold the server's memory with N decoded files and an N-image ONNX batch. The body itself
+# is read by MLflow's scoring server before the model sees it (it has no size limit of its
+# own): a bound on bytes belongs in front of the server (a proxy's body-size limit).
+DEFAULT_MAX_IMAGES = 1024
 
 
 class BadRequest(MlflowException):
@@ -61,11 +67,13 @@ def expected_input(size: int, channels: int, order: str) -> str:
             f"0-255, or a list of base64-encoded image files")
 
 
-def as_pixels(model_input: Any, size: int, channels: int, order: str = "RGB") -> np.ndarray:
+def as_pixels(model_input: Any, size: int, channels: int, order: str = "RGB",
+              max_images: int = DEFAULT_MAX_IMAGES) -> np.ndarray:
     """A request as the server or a Python caller hands it -> uint8 N x size x size x channels.
-    Raises BadRequest naming the expected input for anything else, before any cast."""
+    Raises BadRequest naming the expected input for anything else, before any cast, and for
+    more than `max_images` images, before any is decoded."""
     want = expected_input(size, channels, order)
-    x = _one_array(model_input, want)
+    x = _one_array(model_input, want, max_images)
     if x.dtype.kind in "USO":
         if x.ndim != 1:
             raise BadRequest(f"this model takes {want}; got {x.dtype} values of shape {x.shape}")
@@ -87,7 +95,7 @@ def as_pixels(model_input: Any, size: int, channels: int, order: str = "RGB") ->
     return x.astype(np.uint8)
 
 
-def _one_array(model_input: Any, want: str) -> np.ndarray:
+def _one_array(model_input: Any, want: str, max_images: int = DEFAULT_MAX_IMAGES) -> np.ndarray:
     """The one array in a request: as sent, {"image": array} (the ONNX input's name), or a
     one-column DataFrame (dataframe_split/records bodies; base64 files only fit that way)."""
     import pandas as pd
@@ -101,6 +109,10 @@ def _one_array(model_input: Any, want: str) -> np.ndarray:
             raise BadRequest(f"this model takes {want}; got a table of "
                              f"{model_input.shape[1]} columns")
         model_input = model_input.iloc[:, 0].to_numpy()
+    n = len(model_input) if hasattr(model_input, "__len__") else 1
+    if n > max_images:
+        raise BadRequest(f"{n} images in one request; this model takes at most {max_images} "
+                         "(export.serving_max_images): send them in smaller requests")
     try:
         return np.asarray(model_input)
     except ValueError:  # ragged nested lists
@@ -150,12 +162,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self._classes = [str(c) for c in meta["classes"]]
         self._size, _, self._channels = onnxio.input_shape(meta)
         self._order = str(meta.get("channel_order", "RGB"))
+        config = getattr(context, "model_config", None) or {}
+        self._max_images = int(config.get("max_images", DEFAULT_MAX_IMAGES))
 
     def predict(self, context: Any, model_input,  # unannotated: see the class attribute
                 params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         from stages.core import onnxio
 
-        pixels = as_pixels(model_input, self._size, self._channels, self._order)
+        pixels = as_pixels(model_input, self._size, self._channels, self._order,
+                           getattr(self, "_max_images", DEFAULT_MAX_IMAGES))
         if not len(pixels):
             return []
         out = onnxio.predict_outputs(self._session, pixels)
@@ -182,9 +197,10 @@ def signature() -> Any:
 
 
 def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
-                      pip_requirements: list[str]) -> Any:
+                      pip_requirements: list[str], max_images: int | None = None) -> Any:
     """Log the wrapper (name "serving") into the active run, the ONNX file as its artifact and
-    the stages package as its code; return MLflow's ModelInfo. `meta`: the ONNX metadata."""
+    the stages package as its code; return MLflow's ModelInfo. `meta`: the ONNX metadata;
+    `max_images`: the most images a request may carry (None: DEFAULT_MAX_IMAGES)."""
     import stages
 
     size, channels = int(meta["image_size"]), int(meta["channels"])
@@ -192,5 +208,6 @@ def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
         name="serving", python_model=ImageClassifier(), artifacts={ARTIFACT: str(onnx_path)},
         signature=signature(), input_example=input_example, pip_requirements=pip_requirements,
         code_paths=[str(Path(stages.__file__).parent)],
+        model_config={"max_images": max_images or DEFAULT_MAX_IMAGES},
         metadata={"input": expected_input(size, channels, str(meta.get("channel_order", "RGB"))),
                   "classes": [str(c) for c in meta["classes"]]})

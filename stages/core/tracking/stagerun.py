@@ -51,14 +51,14 @@ class StageRun:
     written) and `finish` turns a success into exit 75 naming the URI.
     """
 
-    def __init__(self, stage: str, root: Path, local: dict[str, Any] | None = None,
+    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any] | None = None,
                  store_root: Path | None = None) -> None:
         # root: the workspace the stage ran in, whose files the run describes (a queued
         # experiment's own clone); store_root: the project whose MLflow store keeps the run.
         self.stage, self.root, self.store_root = stage, root, store_root or root
         # What only the stage's process can tell when the run is kept by the tracking agent
         # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
-        self.local = local or {}
+        self.stage_facts = stage_facts or {}
         self.decl = stage_decl(root, stage) or StageDecl()
         self.store: Store | None = None
         self.run_id: str | None = None
@@ -72,7 +72,7 @@ class StageRun:
 
     @classmethod
     def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
-              local: dict[str, Any] | None = None) -> StageRun | None:
+              stage_facts: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
         (a command like `imagepipe predict` is not a pipeline stage: no run per call).
         `root`: the project whose store keeps the run; `workspace`: where the stage ran
@@ -81,14 +81,14 @@ class StageRun:
         root = root or project_root(workspace)
         if not tracking_enabled() or stage_decl(workspace, stage) is None:
             return None
-        run = cls(stage, workspace, local, store_root=root)
+        run = cls(stage, workspace, stage_facts, store_root=root)
         try:
             run._open()
         except BadInput as err:
             run.failure = (EXIT_BAD_INPUT, str(err))
         except Transient as err:
             run.failure = (EXIT_TRANSIENT, str(err))
-        except Exception as err:  # noqa: BLE001 - a tracking bug must not stop the stage itself
+        except Exception as err:  # a tracking bug must not stop the stage itself
             log.exception("tracking failed unexpectedly")
             run.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
         except BaseException:
@@ -105,11 +105,11 @@ class StageRun:
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
         experiment = store.experiment_id()
         given = {**lineage_tags(self.root, self.stage, self.decl.deps),
-                 **self.local.get("tags", {})}
+                 **self.stage_facts.get("tags", {})}
         self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
             self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
-        key, started_by = self.local.get("group") or group_key()
+        key, started_by = self.stage_facts.get("group") or group_key()
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
                                     {**self.tags, "imagepipe.started_by": started_by},
                                     self.root / self.decl.params_file)
@@ -117,7 +117,7 @@ class StageRun:
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
         self.run_id = str(run.info.run_id)
-        journal_add(store, self.run_id, self.local.get("owner"))
+        journal_add(store, self.run_id, self.stage_facts.get("owner"))
         os.environ[RUN_ID_ENV] = self.run_id
         self._log_params()
         self._log_diff()
@@ -177,7 +177,7 @@ class StageRun:
                             str(err))
             self._end_quietly()
             return self._report_failure(code, registration)
-        except Exception as err:  # noqa: BLE001 - say what broke, end the run, keep the contract
+        except Exception as err:  # say what broke, end the run, keep the contract
             log.exception("tracking failed unexpectedly")
             self.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
             self._end_quietly()

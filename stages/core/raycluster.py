@@ -1,0 +1,180 @@
+"""The Ray cluster a stage runs on: one bounded connection per stage, and exit codes for what
+goes wrong on the way in.
+
+Input: the address (RAY_ADDRESS, what `ray job submit` and KubeRay set, else the params'
+`ray_address`, else none: a Ray started on this machine) and Ray's own token environment
+(RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+Output: a connected driver for the duration of a `with connected(...)`, and the cluster's CPUs.
+
+What goes wrong, as the stage's exit codes (errors.py):
+  nothing listens at the address, or it stops answering     -> Transient (75, retried)
+  the cluster wants a token this driver lacks or gets wrong -> BadInput (2: a retry cannot help)
+Each with one line naming the fix. Ray's own connect loop retries an address for minutes
+(seen: still waiting after 120 s), so the address is probed first with a bounded TCP connect,
+and ray.init runs under a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import BadInput, Transient
+
+log = logging.getLogger("imagepipe.ray")
+# How long one connection may take (TCP probe, then ray.init); a cluster that needs longer is
+# down as far as the stage can tell, and the flow retries it (75).
+CONNECT_TIMEOUT_S = float(os.environ.get("IMAGEPIPE_RAY_CONNECT_TIMEOUT_S", "60"))
+GCS_PORT = 6379  # `ray start --head`'s default
+_AUTH_FIX = ("set RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or "
+             "RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it) in the "
+             "driver's environment")
+
+
+def address(configured: str | None) -> str | None:
+    """RAY_ADDRESS wins (what `ray job submit` and KubeRay set), then the params' address."""
+    return os.environ.get("RAY_ADDRESS") or configured or None
+
+
+def project_env() -> dict[str, Any]:
+    """The runtime_env of the project's tasks and workers: the workspace is on storage every
+    node mounts at the same path, so they import the project from it (no code upload)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {"env_vars": {"PYTHONPATH": root}}
+
+
+def cluster_cpus() -> int:
+    """CPUs of the whole connected cluster (not this driver's cores): what pieces are sized by."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+@contextmanager
+def connected(configured: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Iterator[int]:
+    """A driver connected to the cluster (or to a Ray started here) for the block; yields the
+    cluster's CPUs. Already connected (an outer `connected`): reused, not reconnected."""
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("engine ray needs Ray: pip install -e '.[ray]'") from None
+    if ray.is_initialized():
+        yield cluster_cpus()
+        return
+    where = address(configured)
+    _check_token_env()
+    if where not in (None, "auto", "local"):
+        _probe(where, timeout_s)
+    _init(where, timeout_s)
+    try:
+        yield cluster_cpus()
+    finally:
+        ray.shutdown()
+
+
+def _check_token_env() -> None:
+    """RAY_AUTH_MODE=token with no token anywhere: say so now, not as a refused connection."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    if path:
+        if not Path(path).is_file() or not Path(path).read_text().strip():
+            raise BadInput(f"RAY_AUTH_TOKEN_PATH={path} is missing or empty: {_AUTH_FIX}")
+        return
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        raise BadInput(f"RAY_AUTH_MODE=token but no token is set: {_AUTH_FIX}")
+
+
+def _host_port(where: str) -> tuple[str, int]:
+    bare = where.split("://", 1)[-1].rstrip("/")
+    host, _, port = bare.rpartition(":")
+    if not host:
+        return bare, GCS_PORT
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise BadInput(f"Ray address {where!r} is not host:port") from None
+
+
+def _probe(where: str, timeout_s: float) -> None:
+    """A bounded TCP connect to the head, before Ray's own (minutes of) retrying."""
+    host, port = _host_port(where)
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
+            return
+    except OSError as err:
+        raise Transient(f"no Ray cluster answers at {host}:{port} ({err.strerror or err}): start "
+                        "its head (`ray start --head`) or set RAY_ADDRESS / ray_address to a "
+                        "running one") from None
+
+
+def _init(where: str | None, timeout_s: float) -> None:
+    """ray.init under a deadline, its failures mapped to exit codes."""
+    import ray
+
+    said = f"connecting to {where}" if where else "starting a local Ray"
+    log.info("ray: %s", said)
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=where, runtime_env=project_env(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            outcome["error"] = None
+        except BaseException as err:  # noqa: BLE001 - handed to the stage's thread below
+            outcome["error"] = err
+
+    # A daemon thread: a connection still retrying at the deadline must not hold the exit.
+    thread = threading.Thread(target=connect, name="ray-init", daemon=True)
+    with _stderr_seen() as seen:
+        thread.start()
+        thread.join(timeout_s)
+    if "error" not in outcome:
+        raise Transient(f"Ray did not connect within {timeout_s:.0f} s ({said}): check the "
+                        "head is up and reachable from here, or raise "
+                        "IMAGEPIPE_RAY_CONNECT_TIMEOUT_S")
+    err = outcome["error"]
+    if err is None:
+        return
+    if type(err).__name__ == "AuthenticationError":  # token mode on, no token found here
+        raise BadInput(f"Ray: {str(err).split('.')[0]}: {_AUTH_FIX}") from None
+    if not isinstance(err, ConnectionError):
+        raise err
+    # Ray 2.60 raises only "Failed to connect" whether the token was refused or nothing
+    # answered; the reason is in its C++ client's log lines on stderr.
+    if "InvalidAuthToken" in seen[0] or "Unauthenticated" in seen[0]:
+        raise BadInput(f"the Ray head at {where} refused this driver's token (missing or "
+                       f"wrong): {_AUTH_FIX}") from None
+    raise Transient(f"Ray cluster at {where}: {err}: check the head is up and reachable from "
+                    "here, or set RAY_ADDRESS / ray_address to a running one") from None
+
+
+@contextmanager
+def _stderr_seen() -> Iterator[list[str]]:
+    """What this process writes to file descriptor 2 during the block (Ray's C++ client logs
+    there), passed on to the real stderr afterwards; yields a one-item list filled on exit."""
+    import sys
+    import tempfile
+
+    seen = [""]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield seen
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            seen[0] = capture.read().decode(errors="replace")
+            sys.stderr.write(seen[0])

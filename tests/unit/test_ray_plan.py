@@ -1,0 +1,39 @@
+"""How many Ray Train workers a training section asks for, and whether they take GPUs (no Ray
+needed: the cluster's GPU count is an argument); the params that choose the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.core.errors import BadInput
+from stages.core.raytrain import workers
+from stages.params import PretrainParams, TrainParams, parse_params
+from tests.helpers import default_params
+
+
+@pytest.mark.parametrize(("params", "gpus", "want"), [
+    (dict(device="cpu", devices=1, nodes=2), 8, (2, False)),  # device cpu: GPUs left alone
+    (dict(device="auto", devices=1, nodes=2), 0, (2, False)),  # a CPU cluster: gloo
+    (dict(device="auto", devices="auto", nodes=2), 8, (8, True)),  # one worker per GPU
+    (dict(device="cuda", devices=4, nodes=2), 8, (8, True)),
+])
+def test_workers_are_nodes_times_devices(params: dict, gpus: float, want: tuple[int, bool]) -> None:
+    assert workers(TrainParams(**params), gpus) == want
+
+
+def test_more_gpu_workers_than_the_cluster_has_is_bad_input() -> None:
+    with pytest.raises(BadInput, match="nodes x devices = 16 GPU workers but the Ray cluster has 8"):
+        workers(TrainParams(device="cuda", devices=8, nodes=2), 8)
+    with pytest.raises(BadInput, match="the Ray cluster has no GPU"):
+        workers(TrainParams(device="cuda", devices=1, nodes=2), 0)
+
+
+def test_engine_and_restarts_are_validated() -> None:
+    assert (PretrainParams().engine, PretrainParams().restarts) == ("local", 2)
+    raw = default_params()
+    raw["pretrain"]["engine"] = "kubernetes"
+    with pytest.raises(BadInput, match="pretrain.engine"):
+        parse_params(raw)
+    raw["pretrain"].update(engine="ray", restarts=-1)
+    with pytest.raises(BadInput, match="pretrain.restarts"):
+        parse_params(raw)
