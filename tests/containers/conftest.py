@@ -102,9 +102,15 @@ def base_image(engine: str) -> str:
 def image(base_image: str) -> str:
     """The project image, built by `make image` on base_image."""
     with step(f"make image IMAGE={IMAGE}"):
+        before = docker("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False).stdout.strip()
         done = subprocess.run(["make", "image", f"IMAGE={IMAGE}", f"BASE_IMAGE={base_image}"],
                               cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+        # The build this one replaced, now untagged: removed (its layers that the new image
+        # shares stay), so runs after code changes do not pile up images; in use, it is kept.
+        now = docker("image", "inspect", IMAGE, "--format", "{{.Id}}").stdout.strip()
+        if before and before != now:
+            docker("image", "rm", before, check=False)
         size = docker("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
         print(f"[containers] {IMAGE}: {int(size) / 1e9:.2f} GB; its layers (docker history):",
               flush=True)
