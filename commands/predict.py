@@ -6,7 +6,7 @@ MODEL is an .onnx file or a registered version, models:/NAME@ALIAS or models:/NA
 (MLflow's two forms; downloaded from the project's tracking store, MLFLOW_TRACKING_URI where
 set; one that is not there is exit 2). Of a registered version only the
 ONNX file is used (it sits inside the serving wrapper that `mlflow models serve` runs, see
-stages/core/tracking/serving.py), run here with ONNX Runtime as a local file is. A folder
+stages/core/tracking/serving/pyfunc.py), run here with ONNX Runtime as a local file is. A folder
 stands for every image file under it, recursively, in sorted path order (hidden files and
 folders skipped).
 
@@ -35,7 +35,8 @@ from scipy.special import softmax
 from stages.core import onnxio
 from stages.core.door import run_stage
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
-from stages.core.sources import IMAGE_SUFFIXES, BadFile, canonical, read_image_file
+from stages.core.imageform import canonical
+from stages.core.sources import IMAGE_SUFFIXES, BadFile, read_image_file
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64
