@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -324,9 +323,6 @@ class Registry:
                                              "and attributes.status = 'FINISHED'",
                                order_by=["attributes.start_time DESC"], max_results=1)
         return str(runs[0].info.run_id) if runs else None
-
-    def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
-        return tempfile.TemporaryDirectory(prefix="imagepipe-registry-")
 
 
 class _Heartbeat:
