@@ -6,7 +6,7 @@ MODEL is an .onnx file or a registered version, models:/NAME@ALIAS or models:/NA
 (MLflow's two forms; downloaded from the project's tracking store, MLFLOW_TRACKING_URI where
 set; one that is not there is exit 2). Of a registered version only the
 ONNX file is used (it sits inside the serving wrapper that `mlflow models serve` runs, see
-stages/core/tracking/serving/pyfunc.py), run here with ONNX Runtime as a local file is. A folder
+stages/core/tracking/serving.py), run here with ONNX Runtime as a local file is. A folder
 stands for every image file under it, recursively, in sorted path order (hidden files and
 folders skipped).
 

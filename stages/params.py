@@ -334,7 +334,7 @@ class ExportParams(_Section):
     # registered version's description.
     model: Literal["finetuned", "scratch", "best"] = "best"
     # Most images one request to the served model (`mlflow models serve`) may carry: more is a
-    # 400 before any is decoded or run (the serving wrapper, stages/core/tracking/serving/pyfunc.py).
+    # 400 before any is decoded or run (the serving wrapper, stages/core/tracking/serving.py).
     serving_max_images: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
 
 

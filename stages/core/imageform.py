@@ -2,7 +2,7 @@
 channels, upright, opaque, centre-cropped; and the limits on a file read for it.
 
 Here rather than in stages/core/sources.py (which reads files for ingest and re-exports these)
-so that the serving artifact ships it without ingest's readers (stages/core/tracking/serving/pyfunc.py).
+so that the serving artifact ships it without ingest's readers (stages/core/tracking/serving.py).
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def test_the_model_ships_only_the_serving_modules_and_loads_from_them(registered
     interpreter outside the project loads the wrapper from them and answers as torch does."""
     import mlflow.artifacts
 
-    from stages.core.tracking.serving.pyfunc import SHIPPED
+    from stages.core.tracking.serving import SHIPPED
 
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "dl"),

@@ -163,7 +163,7 @@ def test_the_model_takes_uint8_pixels(served: dict) -> None:
 
 
 # ---------------------------------------------------------------- the registered serving wrapper
-# stages/core/tracking/serving/pyfunc.py, in process with its real ONNX session (no MLflow store, no
+# stages/core/tracking/serving.py, in process with its real ONNX session (no MLflow store, no
 # server: tests/integration/test_serving.py posts to the real `mlflow models serve`).
 
 
@@ -172,7 +172,7 @@ def wrapper(served: dict) -> Any:
     """An ImageClassifier on the served ONNX file (importing it loads mlflow: imported here)."""
     from mlflow.pyfunc import PythonModelContext
 
-    from stages.core.tracking.serving.pyfunc import ARTIFACT, ImageClassifier
+    from stages.core.tracking.serving import ARTIFACT, ImageClassifier
 
     model = ImageClassifier()
     model.load_context(PythonModelContext({ARTIFACT: str(served["onnx"])}, None))
@@ -212,7 +212,7 @@ def test_the_wrapper_answers_pixels_and_image_files_as_predict_does(served: dict
     (np.array(["aGVsbG8="]), "item 0: not an image file"),
 ])
 def test_the_wrapper_refuses_what_is_not_pixels(wrapper: Any, sent: object, why: str) -> None:
-    from stages.core.tracking.serving.pixels import BadRequest
+    from stages.core.tracking.serving import BadRequest
 
     with pytest.raises(BadRequest) as err:
         wrapper.predict(None, sent)

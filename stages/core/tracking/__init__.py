@@ -22,6 +22,7 @@ in-process.
 | stagerun.py | one stage's run: open, fill, register what the body returned, close |
 | registration.py | what a stage hands over to register a model version (no MLflow) |
 | register.py | logging the models and registering the version, alias challenger |
+| serving.py | the pyfunc `mlflow models serve` runs: checks pixels, answers class names |
 | remote.py | the stage's side of the tracking agent: a run kept there, mlflow never imported |
 | agentcall.py | a command's verb (`imagepipe promote`) run by the agent, else in-process |
 | channel.py | reaching an agent: its socket and key, authenticated framing, bounded waits |

@@ -64,7 +64,7 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
 
     from stages.core.dataset import file_sha256
     from stages.core.onnxio import read_metadata
-    from stages.core.tracking.serving.pyfunc import log_serving_model
+    from stages.core.tracking.serving import log_serving_model
 
     missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
     if missing:
