@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from stages.core.errors import BadInput
-from stages.core.sources import BadFile, canonical, read_image_file
+from stages.core.imageform import canonical
+from stages.core.sources import BadFile, read_image_file
 from stages.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]

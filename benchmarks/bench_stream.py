@@ -111,8 +111,7 @@ def main() -> dict[str, Any]:
         kw: dict[str, Any] = {"device": rt.device, "mean": mean, "std": std, "batch_size": BATCH,
                               "train": True, "augment": OnlineAugment(p.crop_padding, p.hflip),
                               "seed": 0, "channels_last": rt.channels_last}
-        runs = {"resident": Contender(DeviceBatches(ds.images, ds.labels, idx, resident=True,
-                                                    **kw), p, rt),
+        runs = {"resident": Contender(DeviceBatches(ds.images, ds.labels, idx, **kw), p, rt),
                 "streamed": Contender(StreamBatches(ds.images, ds.labels, idx, **kw), p, rt)}
         assert runs["resident"].batches.resident and not runs["streamed"].batches.resident
         train: dict[str, list[float]] = {name: [] for name in runs}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,7 +257,7 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
     before = reg.alias(name, CHAMPION)
     ws = Workspace(model, force, before.version if before else None)
     scores: dict[str, np.ndarray] = {}
-    with reg.scratch_dir() as tmp:
+    with tempfile.TemporaryDirectory(prefix="imagepipe-promote-") as tmp:
         for attempt in range(_ROUNDS):
             decision = _decide_without_lock(reg, params, (images, truth), len(images),
                                             Path(tmp) / str(attempt), ws, scores)

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import prefect
 from prefect.settings import get_current_settings
 
+from flows.deploy import healthy
 from flows.orphans import die_with_parent
 
 
@@ -66,15 +66,12 @@ class TemporaryAPI:
         """Block until /health answers; raise APIUnavailable with the cause otherwise."""
         assert self.proc is not None, "start() first"
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise APIUnavailable(
-                        f"Prefect's temporary API exited with {self.proc.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return self.url
-                time.sleep(0.1)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise APIUnavailable(f"Prefect's temporary API exited with {self.proc.returncode}")
+            if healthy(self.url):
+                return self.url
+            time.sleep(0.1)
         self.stop()
         raise APIUnavailable(
             f"Prefect's temporary API did not answer within {timeout_s:g} s (a first start creates "

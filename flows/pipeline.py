@@ -127,7 +127,7 @@ def push_task(project_dir: str, remote: str, timeout_s: float) -> None:
 def pipeline(stages: list[str] | None = None, set_params: list[str] | None = None,
              push: bool = False, promote: bool = True, stage_retries: int = RETRIES,
              retry_delay_s: float = RETRY_DELAY_S, timeouts_s: dict[str, float] | None = None,
-             gpu_stages: list[str] | None = None, project_dir: str = ".") -> dict[str, Any]:
+             project_dir: str = ".") -> dict[str, Any]:
     """Run the dvc.yaml stages (all, or `stages`) in dependency order, then the promotion gate.
 
     set_params: `key=value` overrides, applied to params.yaml as `dvc exp run -S` does.
@@ -143,7 +143,6 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     _log_plan(plan)
     if plan.to_run or promote:
         _prewarm_tracking(root)
-    gpu = set(GPU_STAGES if gpu_stages is None else gpu_stages)
     wanted = _gpus_wanted(root)
     limits = {**TIMEOUTS_S, **(timeouts_s or {})}
     results: dict[str, dict[str, Any]] = {s: {"outcome": "not reached"} for s in plan.order}
@@ -157,7 +156,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             try:
                 results[name] = stage_task.with_options(**options)(
                     name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S),
-                    wanted.get(name, 1) if name in gpu else 0)
+                    wanted.get(name, 1) if name in GPU_STAGES else 0)
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise

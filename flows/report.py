@@ -34,13 +34,6 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def tracking_run_ids(decision: Mapping[str, Any] | None) -> dict[str, str]:
-    """Run ids the promotion step reported (`imagepipe promote --json`: its `*run_id` keys)."""
-    if not decision:
-        return {}
-    return {k: str(v) for k, v in decision.items() if k.endswith("run_id") and v}
-
-
 METRICS_KEY = "imagepipe-metrics"  # the table artifact with every metric
 
 
@@ -109,7 +102,8 @@ def render(*, title: str, flow_run_id: str | None, stages: Mapping[str, Mapping[
 
 def _runs_section(decision: Mapping[str, Any] | None, flow_run_id: str | None) -> list[str]:
     """Run ids, and only commands that exist to find the rest."""
-    ids = tracking_run_ids(decision)
+    # Run ids the promotion step reported (`imagepipe promote --json`: its `*run_id` keys).
+    ids = {k: str(v) for k, v in (decision or {}).items() if k.endswith("run_id") and v}
     lines = ["## MLflow runs", ""]
     lines += [f"- {k}: `{v}`" for k, v in ids.items()]
     if flow_run_id:

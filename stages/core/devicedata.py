@@ -24,22 +24,20 @@ images (and crops and flips) that one process with the whole batch would.
 Stored images larger than the train size (`train_size`, pretrain's): each training image is a
 random-resized crop of the train size, flipped when `hflip` (stages/core/crops.py), drawn per
 epoch like the small images' crops. A set that does not fit on the device is streamed from its
-shards by a background reader (stages/core/stream.py, `StreamBatches`, which `batches` picks).
+shards by a background reader instead (stages/core/stream.py: `StreamBatches`, a subclass that
+keeps nothing resident, and `batches`, which picks one of the two).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from stages.core.budget import Budget
 from stages.core.crops import draw_boxes, resized_crop
 
-log = logging.getLogger("imagepipe.data")
 
 @dataclass(frozen=True)
 class OnlineAugment:
@@ -76,17 +74,21 @@ def crop_flip_grid(offsets: np.ndarray, flips: np.ndarray, size: tuple[int, int]
 
 
 class DeviceBatches:
-    """Batches of one split, resident on the device when they fit, else streamed from the memmap.
+    """Batches of one split, its images copied to the device once as uint8.
 
     `epoch(e, start_step)` yields the batches of epoch e from batch `start_step` on. Training
     batches are shuffled, augmented and drop the ragged last batch (a batch of one breaks
-    BatchNorm); evaluation batches are in order, plain, and complete.
+    BatchNorm); evaluation batches are in order, plain, and complete. The copy raises
+    torch.OutOfMemoryError or MemoryError where the split does not fit (stream.batches then
+    streams it).
     """
+
+    resident = True  # StreamBatches: False, the images stay in their shards
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,
                  device: torch.device, mean: list[float], std: list[float], batch_size: int,
                  train: bool, augment: OnlineAugment = OnlineAugment(), seed: int = 0,
-                 channels_last: bool = False, resident: bool | None = None, rank: int = 0,
+                 channels_last: bool = False, rank: int = 0,
                  world: int = 1, train_size: int | None = None) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.n = len(self.indices)
@@ -108,24 +110,8 @@ class DeviceBatches:
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._labels = torch.from_numpy(np.asarray(labels)[self.indices].astype(np.int64)).to(device)
         self._source = images
-        self._resident: torch.Tensor | None = None
-        nbytes = self.n * int(np.prod(images.shape[1:]))
-        if resident is None:
-            resident = Budget(device).take(nbytes)
-        if resident:
-            self._resident = self._to_device(images, self.indices)
-        self.resident = self._resident is not None
-        log.debug("%d images, %s", self.n, "resident on the device" if self.resident else "streamed")
-
-    def _to_device(self, images: np.ndarray, indices: np.ndarray) -> torch.Tensor | None:
-        try:
-            return torch.from_numpy(np.ascontiguousarray(images[indices])).to(self.device)
-        except (torch.OutOfMemoryError, MemoryError):
-            # Not resident then: stream.batches falls back to the streaming reader.
-            log.warning("the set does not fit on %s: streaming it in batches", self.device)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return None
+        self._images = torch.from_numpy(np.ascontiguousarray(images[self.indices])).to(device) \
+            if self.resident else None
 
     def __len__(self) -> int:
         if self.train:
@@ -145,7 +131,8 @@ class DeviceBatches:
             off, flip = offsets[lo:hi], flips[lo:hi]
             if self.world > 1:
                 pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
-            yield self._batch(pos, off, flip), self._labels[pos]
+            which = torch.from_numpy(pos).to(self.device)
+            yield self.augmented(self._images, which, off, flip), self._labels[pos]
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole epoch's order and augmentation, from (seed, epoch) alone."""
@@ -165,19 +152,6 @@ class DeviceBatches:
         if self.train_size is not None:
             offsets = draw_boxes(rng, self.n, self.size)
         return order, offsets, flips
-
-    def _batch(self, pos: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> torch.Tensor:
-        if self._resident is not None:
-            src, which = self._resident, torch.from_numpy(pos).to(self.device)
-        else:
-            # Sorted reads are sequential on disk; the labels follow `pos`, so restore its order.
-            sort = np.argsort(self.indices[pos], kind="stable")
-            src = torch.empty((len(pos), *self._source.shape[1:]), dtype=torch.uint8)
-            src[torch.from_numpy(sort)] = torch.from_numpy(np.ascontiguousarray(
-                self._source[self.indices[pos][sort]]))
-            src = src.to(self.device, non_blocking=True)
-            which = torch.arange(len(pos), device=self.device)
-        return self.augmented(src, which, offsets, flips)
 
     def augmented(self, src: torch.Tensor, which: torch.Tensor, offsets: np.ndarray,
                   flips: np.ndarray) -> torch.Tensor:

@@ -164,6 +164,15 @@ def die_with_parent(sig: int, parent: int | None = None) -> Callable[[], None] |
     return arm
 
 
+def env_seconds(env: str, default: float, floor: float = 1.0) -> float:
+    """A duration from the environment variable `env`, at least `floor`; `default` if unset
+    or not a number."""
+    try:
+        return max(floor, float(os.environ.get(env, default)))
+    except ValueError:
+        return default
+
+
 def restore_env(saved: dict[str, str | None]) -> None:
     """Put back the environment variables of `saved` as they were (None: it was not set)."""
     for key, value in saved.items():

@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from stages.core.dataset import preprocess
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores, visible_gpus
 
@@ -244,6 +243,8 @@ def predict_outputs(
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in OUTPUTS if n in names] or names[:1]  # format 1: the one output
     pixels = takes_pixels(session)
+    if not pixels:  # here, not at the top: the serving artifact ships no dataset module
+        from stages.core.dataset import preprocess
     out = {n: np.empty((len(images), len(meta["classes"])), dtype=np.float32) for n in wanted}
     for lo in range(0, len(images), batch_size):
         batch = images[lo:lo + batch_size]

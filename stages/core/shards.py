@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.dataset import HEADER, RowWriter
-from stages.core.sources import BadFile, TooLarge, canonical, read_image_file
+from stages.core.imageform import canonical
+from stages.core.sources import BadFile, TooLarge, read_image_file
 from stages.core.staging import ShardAssembler, finish_shard, inputs_digest, staged_meta
 
 FORMAT = "shards-1"  # part of every shard's fingerprint: a format change rebuilds them all

@@ -26,6 +26,7 @@ exception in the reader is raised in the consumer.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -38,6 +39,8 @@ import torch
 from stages.core.budget import Budget
 from stages.core.dataset import ShardedArray
 from stages.core.devicedata import DeviceBatches
+
+log = logging.getLogger("imagepipe.data")
 
 STREAM_ENV = "IMAGEPIPE_STREAM"  # 1: stream even a set that fits (tests, benchmarks)
 # 256 images is 38 MB of 224 px RGB: one sequential read; a window of 16 blocks mixes 16
@@ -134,10 +137,11 @@ class Prefetch(Generic[T]):
 class StreamBatches(DeviceBatches):
     """DeviceBatches whose images stay in their shards and are read ahead of the step."""
 
+    resident = False
+
     def __init__(self, images: Any, labels: np.ndarray, indices: np.ndarray, *,
                  block: int = BLOCK, window: int = WINDOW, ahead: int = AHEAD,
                  **kw: Any) -> None:
-        kw["resident"] = False
         super().__init__(images, labels, indices, **kw)
         self.block, self.window, self.ahead = block, window, ahead
         self.pin = self.device.type == "cuda"
@@ -201,8 +205,11 @@ def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: tor
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
     budget = Budget(device) if budget is None else budget
     if not streaming_forced() and budget.take(nbytes):
-        resident = DeviceBatches(images, labels, indices, device=device, resident=True, **kw)
-        if resident.resident:
-            return resident
+        try:
+            return DeviceBatches(images, labels, indices, device=device, **kw)
+        except (torch.OutOfMemoryError, MemoryError):
+            log.warning("the set does not fit on %s: streaming it from its shards", device)
         budget.give(nbytes)
+        if device.type == "cuda":  # the failed copy's blocks, freed with the exception
+            torch.cuda.empty_cache()
     return StreamBatches(images, labels, indices, device=device, **kw)

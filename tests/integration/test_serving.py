@@ -145,7 +145,7 @@ def _png_b64(img: np.ndarray, size: int) -> str:
 
 def _classes_of_files(files: list[str], path: Path) -> list[str]:
     """What the torch path says for posted files after predict's canonical form."""
-    from stages.core.sources import canonical
+    from stages.core.imageform import canonical
 
     imgs = np.stack([canonical(Image.open(io.BytesIO(base64.b64decode(f))), SIZE, CHANNELS)
                      for f in files])
@@ -227,6 +227,34 @@ def test_the_wrapper_in_python_answers_pixels_and_refuses_floats(registered: dic
     with pytest.raises(MlflowException, match=r"^5 images in one request; this model takes at "
                                               r"most 4 \(export.serving_max_images\)"):
         model.predict(registered["images"][:5])
+
+
+def test_the_model_ships_only_the_serving_modules_and_loads_from_them(registered: dict,
+                                                                       tmp_path: Path) -> None:
+    """The version's code is the serving modules alone (not all of stages/), and a fresh
+    interpreter outside the project loads the wrapper from them and answers as torch does."""
+    import mlflow.artifacts
+
+    from stages.core.tracking.serving import SHIPPED
+
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "dl"),
+        tracking_uri=registered["uri"]))
+    files = {p.relative_to(local / "code").as_posix() for p in (local / "code").rglob("*.py")}
+    assert {f for f in files if not f.endswith("__init__.py")} == set(SHIPPED)
+    np.save(tmp_path / "x.npy", registered["images"][:4])  # export.serving_max_images here
+    child = ("import json, sys, numpy as np, mlflow.pyfunc\n"
+             f"m = mlflow.pyfunc.load_model({str(local)!r})\n"
+             f"rows = m.predict(np.load({str(tmp_path / 'x.npy')!r}))\n"
+             "print(json.dumps([[r['class'] for r in rows], sorted(\n"
+             "    v.__file__ for k, v in sys.modules.items() if k.startswith('stages'))]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    classes, modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert classes == [CLASSES[k] for k in registered["torch"][:4]]
+    assert modules and all(Path(f).is_relative_to(local / "code") for f in modules)
 
 
 def test_mlflow_models_serve_answers_raw_pixels(registered: dict, tmp_path: Path) -> None:

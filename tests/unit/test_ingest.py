@@ -17,6 +17,7 @@ from stages import ingest
 from stages.core import sources
 from stages.core.dataset import load_dataset
 from stages.core.errors import BadInput
+from stages.core.imageform import canonical
 from stages.params import parse_params
 from tests.helpers import default_params, run_stage, write_params
 
@@ -84,16 +85,16 @@ def test_canonical_applies_exif_rotation_and_alpha() -> None:
     exif[0x0112] = 6
     buf = io.BytesIO()
     wide.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
-    out = sources.canonical(Image.open(io.BytesIO(buf.getvalue())), 10, 1)[:, :, 0]
+    out = canonical(Image.open(io.BytesIO(buf.getvalue())), 10, 1)[:, :, 0]
     # Rotated upright the image is tall; centre-cropped, black lands on top, white below.
     assert out[:3].mean() < 60 and out[-3:].mean() > 200
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert sources.canonical(clear, 4, 3).min() == 255  # transparent over white
+    assert canonical(clear, 4, 3).min() == 255  # transparent over white
 
 
 def test_sixteen_bit_uses_the_full_range() -> None:
     deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
-    assert sources.canonical(deep, 4, 1).min() == 255
+    assert canonical(deep, 4, 1).min() == 255
 
 
 def _with_bad_files(root: Path) -> dict[str, str]:

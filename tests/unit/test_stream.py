@@ -123,6 +123,24 @@ def test_resume_at_step_k_yields_exactly_the_remaining_batches(data: Any) -> Non
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_streamed_batches_are_the_resident_ones_of_the_same_draws(data: Any) -> None:
+    """The images read from the shards, cropped and flipped, are what the resident path makes
+    of the same images with the same crops and flips (only the order is the stream's own)."""
+    source, images = data
+    b = stream(source)
+    resident = DeviceBatches(images, np.arange(N), np.arange(N), device=CPU, mean=[0.5, 0.4, 0.3],
+                             std=[0.2, 0.25, 0.3], batch_size=60, train=True, seed=7,
+                             augment=b.augment)
+    order, offsets, flips = b._draw(3)
+    for step, (x, y) in enumerate(b.epoch(3)):
+        lo = step * 60
+        pos = order[lo:lo + 60]
+        assert np.array_equal(y.numpy(), pos)
+        want = resident.augmented(resident._images, torch.from_numpy(pos), offsets[lo:lo + 60],
+                                  flips[lo:lo + 60])
+        assert torch.equal(x, want)
+
+
 def test_evaluation_stream_is_in_order_and_is_models_preprocess(data: Any) -> None:
     source, images = data
     b = stream(source, train=False, batch_size=128)
@@ -216,8 +234,7 @@ def test_stored_images_larger_than_train_size_are_random_resized_crops(data: Any
     assert stream(source, train=False, train_size=5).epoch(0).__next__()[0].shape[-1] == SIZE
     assert next(stream(source, train_size=SIZE).epoch(0))[0].shape[-1] == SIZE  # no crop
     resident = DeviceBatches(source, np.arange(N), np.arange(N), device=CPU, mean=[0.5] * 3,
-                             std=[0.2] * 3, batch_size=60, train=True, train_size=5,
-                             resident=True)
+                             std=[0.2] * 3, batch_size=60, train=True, train_size=5)
     x0, x1 = next(resident.epoch(0))[0], next(resident.epoch(0))[0]
     assert x0.shape == (60, 3, 5, 5) and torch.equal(x0, x1)
 

@@ -80,15 +80,6 @@ def test_eval_batches_are_models_preprocess(images: np.ndarray) -> None:
     np.testing.assert_allclose(x, preprocess(images, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), atol=1e-6)
 
 
-def test_streamed_batches_equal_resident_ones(images: np.ndarray) -> None:
-    aug = OnlineAugment(crop_padding=2, hflip=True)
-    resident = batches(images, augment=aug, resident=True)
-    streamed = batches(images, augment=aug, resident=False)
-    assert resident.resident and not streamed.resident
-    for (xa, ya), (xb, yb) in zip(collect(resident, 4), collect(streamed, 4), strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-
-
 def test_epochs_are_seeded_permutations_and_resume_mid_epoch(images: np.ndarray) -> None:
     b = batches(images, augment=OnlineAugment(crop_padding=1))
     first, again, other = collect(b, 0), collect(b, 0), collect(b, 1)

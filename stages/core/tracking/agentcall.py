@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.host import env_seconds
 from stages.core.tracking.channel import AgentStalled, AgentUnavailable, peer_pid, request
 from stages.core.tracking.remote import (
     DEFAULT_FINISH_S,
@@ -20,7 +21,6 @@ from stages.core.tracking.remote import (
     agent_enabled,
     connect_agent,
     relay,
-    seconds,
 )
 
 log = logging.getLogger("imagepipe.tracking")
@@ -54,7 +54,7 @@ def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     with conn:
         try:
             reply = request(conn, {"op": "call", "target": target, "args": args,
-                                   "kwargs": kwargs}, seconds(FINISH_ENV, DEFAULT_FINISH_S),
+                                   "kwargs": kwargs}, env_seconds(FINISH_ENV, DEFAULT_FINISH_S),
                             peer_pid(conn))
         except AgentStalled as err:  # it may still be at work: running it here too could race
             raise Transient(f"{target}: {err}") from None

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from stages.core.host import env_seconds
 from stages.core.tracking.metrics import metric_key, number
 from stages.core.tracking.store import Store
 
@@ -53,13 +53,6 @@ def row_metrics(stage: str, row: dict[str, Any], plot_stems: set[str]
     return out
 
 
-def interval_s() -> float:
-    try:
-        return max(0.05, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S)))
-    except ValueError:
-        return DEFAULT_INTERVAL_S
-
-
 class EpochTail:
     """The thread that logs the epochs of `path` into run `run_id` as they are appended."""
 
@@ -82,7 +75,7 @@ class EpochTail:
         self._thread.start()
 
     def _loop(self) -> None:
-        period = interval_s()
+        period = env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S, floor=0.05)
         while not self._stop.wait(period):
             try:
                 self.flush()

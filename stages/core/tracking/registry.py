@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -247,19 +246,16 @@ class Registry:
             self.store.client.delete_registered_model(key)
 
     def _release(self, key: str, me: str) -> None:
-        state = self._lock_state_quietly(key)
+        try:
+            state = self._lock_state(key)
+        except Transient:  # unreadable: left to go stale and be broken
+            return
         if state is not None and state[0] == me:
             with contextlib.suppress(*store_errors()):
                 self.store.client.delete_registered_model(key)
         elif state is not None:
             log.warning("the promotion lock %s was broken while this process held it; now "
                         "%s holds it: left alone", key, state[0])
-
-    def _lock_state_quietly(self, key: str) -> tuple[str, str] | None:
-        try:
-            return self._lock_state(key)
-        except Transient:
-            return None
 
     def _try_lock(self, key: str, me: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -324,9 +320,6 @@ class Registry:
                                              "and attributes.status = 'FINISHED'",
                                order_by=["attributes.start_time DESC"], max_results=1)
         return str(runs[0].info.run_id) if runs else None
-
-    def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
-        return tempfile.TemporaryDirectory(prefix="imagepipe-registry-")
 
 
 class _Heartbeat:

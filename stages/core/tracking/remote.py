@@ -40,7 +40,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
-from stages.core.host import restore_env
+from stages.core.host import env_seconds, restore_env
 from stages.core.tracking.channel import (
     CODE,
     AgentStalled,
@@ -75,15 +75,8 @@ def agent_enabled() -> bool:
     return os.environ.get(AGENT_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
-def seconds(env: str, default: float) -> float:
-    try:
-        return max(1.0, float(os.environ.get(env, default)))
-    except ValueError:
-        return default
-
-
 def idle_s() -> float:
-    return seconds(IDLE_ENV, DEFAULT_IDLE_S)
+    return env_seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 # ------------------------------------------------------------------ reaching the agent
@@ -268,7 +261,7 @@ class RemoteStageRun:
         try:
             reply = request(self.conn, {"op": "finish", "code": code,
                                         "outcome": _absolute_paths(outcome)},
-                            seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
+                            env_seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
         except AgentStalled as err:
             # It may yet wake and finish the run itself: finishing it here too would log it
             # twice. The outputs are written; the flow retries.

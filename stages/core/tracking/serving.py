@@ -16,6 +16,8 @@ float64 or strings), and the checks here see what the user sent.
 
 mlflow is imported at the top (the class derives from PythonModel): only register.py imports
 this module, inside the function that logs, so importing stages.core.tracking stays cheap.
+The model's code is SHIPPED: this module and the few it imports (the ONNX session, the image
+reader), not all of stages/.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 # The key of the ONNX file among the pyfunc's artifacts (Registry.download finds it by suffix).
 ARTIFACT = "onnx_model"
+# The model's code (mlflow code_paths), relative to the folder above stages/: what a server
+# imports, and nothing else of the project. The packages' __init__ files are shipped empty (the
+# tracking package's own would import the whole registry side).
+SHIPPED = ("stages/core/errors.py", "stages/core/host.py", "stages/core/onnxio.py",
+           "stages/core/imageform.py", "stages/core/tracking/serving.py")
 # Most images in one request (export.serving_max_images, in the model's model_config): a
 # request over it is a 400 before any image is decoded, cast or run, so one request cannot
 # hold the server's memory with N decoded files and an N-image ONNX batch. The body itself
@@ -124,7 +133,7 @@ def _decode_file(text: Any, i: int, size: int, channels: int, want: str) -> np.n
     with ingest's limits on file size and pixel count."""
     from PIL import Image, UnidentifiedImageError
 
-    from stages.core.sources import DEFAULT_MAX_FILE_BYTES, MAX_PIXELS, canonical
+    from stages.core.imageform import DEFAULT_MAX_FILE_BYTES, MAX_PIXELS, canonical
 
     if not isinstance(text, (str, bytes)):
         raise BadRequest(f"this model takes {want}; item {i} is {type(text).__name__}")
@@ -196,18 +205,32 @@ def signature() -> Any:
         ColSpec(Map(DataType.double), "probabilities")]))
 
 
+def shipped_tree(dest: Path) -> Path:
+    """SHIPPED copied under `dest`, with an empty __init__.py in each package folder; return
+    dest/stages, the folder the model's code_paths names."""
+    root = Path(__file__).resolve().parents[3]
+    for rel in SHIPPED:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, dest / rel)
+    for folder in {(dest / rel).parent for rel in SHIPPED}:
+        while folder != dest:
+            (folder / "__init__.py").touch()
+            folder = folder.parent
+    return dest / "stages"
+
+
 def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
                       pip_requirements: list[str], max_images: int | None = None) -> Any:
     """Log the wrapper (name "serving") into the active run, the ONNX file as its artifact and
-    the stages package as its code; return MLflow's ModelInfo. `meta`: the ONNX metadata;
-    `max_images`: the most images a request may carry (None: DEFAULT_MAX_IMAGES)."""
-    import stages
-
+    the serving package (SHIPPED) as its code; return MLflow's ModelInfo. `meta`: the ONNX
+    metadata; `max_images`: the most images a request may carry (None: DEFAULT_MAX_IMAGES)."""
     size, channels = int(meta["image_size"]), int(meta["channels"])
-    return mlflow.pyfunc.log_model(
-        name="serving", python_model=ImageClassifier(), artifacts={ARTIFACT: str(onnx_path)},
-        signature=signature(), input_example=input_example, pip_requirements=pip_requirements,
-        code_paths=[str(Path(stages.__file__).parent)],
-        model_config={"max_images": max_images or DEFAULT_MAX_IMAGES},
-        metadata={"input": expected_input(size, channels, str(meta.get("channel_order", "RGB"))),
-                  "classes": [str(c) for c in meta["classes"]]})
+    with tempfile.TemporaryDirectory(prefix="imagepipe-serving.") as tmp:
+        return mlflow.pyfunc.log_model(
+            name="serving", python_model=ImageClassifier(), artifacts={ARTIFACT: str(onnx_path)},
+            signature=signature(), input_example=input_example,
+            pip_requirements=pip_requirements, code_paths=[str(shipped_tree(Path(tmp)))],
+            model_config={"max_images": max_images or DEFAULT_MAX_IMAGES},
+            metadata={"input": expected_input(size, channels,
+                                              str(meta.get("channel_order", "RGB"))),
+                      "classes": [str(c) for c in meta["classes"]]})

@@ -116,7 +116,7 @@ class Store:
         self.root, self.uri, self.client = root, uri, client
 
     @classmethod
-    def connect(cls, root: Path | None = None, attempts: int = ATTEMPTS) -> Store:
+    def connect(cls, root: Path | None = None) -> Store:
         """Reach the store with bounded retries; TrackingDown naming the URI if it never answers."""
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -130,7 +130,7 @@ class Store:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         store = cls(root, uri, client)
         last: BaseException | None = None
-        for attempt in range(1, attempts + 1):
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 with _creation_lock(root, uri):
                     client.search_experiments(max_results=1)
@@ -141,10 +141,10 @@ class Store:
                                    "(MLFLOW_TRACKING_USERNAME/PASSWORD)") from None
                 last = err
                 log.warning("tracking at %s: attempt %d/%d failed: %s", redact(uri), attempt,
-                            attempts, first_line(err))
-                if attempt < attempts:
+                            ATTEMPTS, first_line(err))
+                if attempt < ATTEMPTS:
                     time.sleep(attempt)
-        raise TrackingDown(f"tracking at {redact(uri)} unreachable after {attempts} attempts: "
+        raise TrackingDown(f"tracking at {redact(uri)} unreachable after {ATTEMPTS} attempts: "
                            f"{first_line(last) if last else '?'}")
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
