@@ -40,10 +40,17 @@ deploy: install
 # well. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/integration/test_deploy_templates.py
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not cluster" \
+		--ignore=tests/integration/test_deploy_templates.py
+
+# The real 2-node Ray clusters (token auth, 127.0.0.1): Ray ingest across nodes and Ray Train
+# (tests/integration/test_ray_cluster.py, test_ray_train.py); each module starts its own cluster.
+.PHONY: test-cluster
+test-cluster: install
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m cluster tests/integration
 
 test-fast: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not cluster" \
 		--ignore=tests/integration/test_deploy_templates.py
 
 # deploy/ rendered offline with the Prefect workers' code, validated, the Dockerfile linted: the

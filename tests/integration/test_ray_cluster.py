@@ -22,7 +22,7 @@ from tests.integration.raykit import Cluster, free_port, two_nodes
 from tests.integration.test_ray_ingest import _params, _tree
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from tests.integration.test_distributed import (
 from tests.unit.test_train import write_dataset
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
