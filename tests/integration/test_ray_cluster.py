@@ -80,11 +80,6 @@ def test_ingest_on_two_nodes_writes_the_local_pool_s_bytes(tmp_path: Path, clust
     assert seen["inits"] == [cluster.address], "one connection per ingest, not one per role"
     # pieces sized by the cluster's 4 CPUs (2 nodes x 2), not the driver's one core
     assert seen["sized"] == [4, 4], seen
-    # read from the workers' log files, which may trail the tasks: a failed CI run under load saw
-    # one node (alone, 3 runs of 3 saw two)
-    deadline = time.monotonic() + 30
-    while cluster.nodes_that_ran("decode_piece") < 2 and time.monotonic() < deadline:
-        time.sleep(1)
     assert cluster.nodes_that_ran("decode_piece") == 2
 
 
