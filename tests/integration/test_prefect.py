@@ -102,6 +102,9 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_stack: dict[str, An
                                    timeout_s=480)
     worker_log = (prefect_stack["logs"] / "worker.log").read_text(errors="replace")
     assert run.state is not None and run.state.is_completed(), worker_log[-4000:]
+    # Kept by the tracking agent: under xdist, pytest's TMPDIR once made its socket path too
+    # long to bind, and the stage fell back to tracking in its own process.
+    assert "in this process instead" not in worker_log, worker_log[-4000:]
     # The stage tracked into the project's store (the clone it ran in is gone), under the
     # flow run, with its artifacts beside that store.
     with sqlite3.connect(prefect_stack["project"] / "mlflow.db") as db:

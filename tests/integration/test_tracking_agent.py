@@ -339,6 +339,28 @@ def test_a_file_where_the_agents_folder_goes_never_stops_the_body(tracked: Path,
     assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.45)
 
 
+def test_a_long_tmpdir_still_gets_an_agent(tracked: Path, tmp_path: Path) -> None:
+    """A TMPDIR as long as pytest's under xdist put the socket past the 107 bytes a Unix
+    socket address holds: the agent could not bind, and the stage tracked in-process (CI saw
+    the nightly deployment test fail that way). The socket now goes to a short folder."""
+    tmp = tmp_path / ("t" * 60) / "tmp"
+    tmp.mkdir(parents=True)
+    env = {"TMPDIR": str(tmp)}
+    assert len(os.fsencode(tmp / f"imagepipe-{os.getuid()}" / f"{'0' * 20}.sock")) > 107
+    proc = stage(tracked, "0.4", env=env)
+    _, err = proc.communicate(timeout=180)
+    try:
+        assert proc.returncode == 0, err
+        assert "in this process instead" not in err, err
+        assert json.loads((tracked / "mlflow_imported.json").read_text()) is False
+        run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
+        assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.4)
+    finally:
+        subprocess.run([sys.executable, "-c", "from stages.core.tracking.remote import "
+                        f"stop_agents; stop_agents({str(REPO)!r})"],
+                       env=stage_env(**env), check=True, timeout=120)
+
+
 def test_a_stale_socket_and_a_lock_naming_another_codes_agent_cost_no_wait(
         tracked: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """This code's socket left behind by a killed agent, and its lock file naming the pid of a

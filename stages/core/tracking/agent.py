@@ -2,7 +2,7 @@
 keeps the MLflow runs of the stages that connect to it (remote.py says why, channel.py how).
 
 `python -m stages.core.tracking.agent KEY CODE_DIR` (remote.py starts it): binds
-<tmp>/imagepipe-<uid>/KEY.sock first, so stages can connect at once, then imports mlflow and
+its socket (channel.socket_path) first, so stages can connect at once, then imports mlflow and
 everything a run needs while they wait. Each connection is one stage's run, served by a thread
 of its own: "start" opens it, "finish" closes it, a dropped connection ends it FAILED; "call"
 runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side, except that
@@ -33,7 +33,7 @@ from typing import Any
 from stages.core.errors import BadInput, Transient
 from stages.core.host import restore_env
 from stages.core.tracking.agentcall import CALLABLE
-from stages.core.tracking.channel import accept, agents_dir
+from stages.core.tracking.channel import accept, agents_dir, socket_path
 from stages.core.tracking.remote import idle_s
 
 log = logging.getLogger("imagepipe.tracking.agent")
@@ -79,7 +79,7 @@ class _Streams(io.TextIOBase):
 class Agent:
     def __init__(self, key: str, code: Path, streams: _Streams | None = None) -> None:
         self.key, self.code = key, code
-        self.path = agents_dir() / f"{key}.sock"
+        self.path = socket_path(key)
         self.streams = streams
         self.counts = threading.Lock()  # `connected` and `last_seen`
         # Runs open and close one at a time: the store's first touch, and registration's use

@@ -31,6 +31,8 @@ from typing import Any
 CODE = Path(__file__).resolve().parents[3]  # the folder `stages` is imported from
 HANDSHAKE_S = 5.0  # a listening agent answers the handshake in milliseconds: 5 s means stopped
 SEND_S = 30.0  # a reply of logs is a few kB; a peer that takes this long to read is stopped
+KEY_CHARS = 20  # an agent's key (code_key): hex digits
+SUN_PATH_MAX = 107  # the longest path a Unix socket binds to on Linux (108 bytes with its NUL)
 
 # The environment an agent's runs read from the process (the store, its credentials, the
 # pipeline and experiment a run belongs to): part of the agent's key, so an agent serves only
@@ -54,7 +56,22 @@ class AgentStalled(AgentUnavailable):
 def agents_dir() -> Path:
     """<tmp>/imagepipe-<uid>, this user's only: a folder someone else made there (or opened to
     others) is refused, since a socket in it could hand runs and pickles to another user."""
-    folder = Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}"
+    return _own_folder(Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}")
+
+
+def socket_dir() -> Path:
+    """Where the agents' sockets are: agents_dir(), unless a long TMPDIR (pytest's, a CI
+    runner's) would make a socket path longer than a Unix socket address holds (107 bytes on
+    Linux: bind fails with "AF_UNIX path too long"); then a folder in /tmp named after it, so
+    two TMPDIRs never share an agent whose key the other does not hold."""
+    folder = agents_dir()
+    if len(os.fsencode(folder / f"{'0' * KEY_CHARS}.sock")) <= SUN_PATH_MAX:
+        return folder
+    tag = hashlib.sha256(os.fsencode(folder)).hexdigest()[:12]
+    return _own_folder(Path("/tmp") / f"imagepipe-{os.getuid()}-{tag}")
+
+
+def _own_folder(folder: Path) -> Path:
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.lstat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or folder.is_symlink():
@@ -81,11 +98,11 @@ def code_key(code: Path = CODE, env: dict[str, str] | None = None) -> str:
         with contextlib.suppress(OSError):
             st = path.stat()
             h.update(f"{path.relative_to(code)}:{st.st_size}:{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:20]
+    return h.hexdigest()[:KEY_CHARS]
 
 
 def socket_path(key: str | None = None) -> Path:
-    return agents_dir() / f"{key or code_key()}.sock"
+    return socket_dir() / f"{key or code_key()}.sock"
 
 
 def auth_key() -> bytes:

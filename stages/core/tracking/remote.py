@@ -51,6 +51,7 @@ from stages.core.tracking.channel import (
     dial,
     peer_pid,
     request,
+    socket_dir,
     socket_path,
 )
 
@@ -168,7 +169,7 @@ def stop_agents(under: Path | None = None) -> int:
     taking new stages at once and exits when the stages it serves are done. How many agreed."""
     stopped = 0
     try:
-        folder = agents_dir()
+        folder = socket_dir()
     except (AgentUnavailable, OSError):
         return 0
     for path in sorted(folder.glob("*.sock")):
