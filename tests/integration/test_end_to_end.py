@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 import pytest
 
-from tests.helpers import dvc, project_copy
+from tests.helpers import dvc, git, project_copy
 
 pytestmark = pytest.mark.slow
 MODEL = "imagepipe-classifier"
@@ -95,6 +95,28 @@ def test_second_run_runs_no_stage_and_still_checks_promotion(ran: dict[str, Any]
     assert json.loads(status.stdout or "{}") == {}
     versions = client(ran["project"]).search_model_versions(f"name='{MODEL}'")
     assert len(versions) == 1  # nothing retrained, nothing registered again
+
+
+def test_the_readme_s_sharing_recipe_gives_a_fresh_clone_the_same_outputs(
+        ran: dict[str, Any], tmp_path: Path) -> None:
+    """README, "Sharing data and models": commit what the run changed, push to a folder
+    remote, then on "another machine" clone and pull: nothing to rerun, the same bytes. (In a
+    copy of the run's project, so the other tests' HEAD stays the one the run tagged.)"""
+    import shutil
+
+    here, remote, there = tmp_path / "here", tmp_path / "store", tmp_path / "there"
+    shutil.copytree(ran["project"], here, symlinks=True)
+    git(here, "add", "-A")
+    git(here, "commit", "-q", "-m", "the run's outputs")
+    dvc(here, "remote", "add", "-d", "store", str(remote))
+    dvc(here, "remote", "modify", "store", "verify", "true")
+    git(here, "commit", "-q", "-am", "a DVC remote")
+    dvc(here, "push")
+    git(tmp_path, "clone", "-q", str(here), str(there))
+    dvc(there, "pull")
+    assert json.loads(dvc(there, "status", "--json").stdout or "{}") == {}
+    for rel in ("models/model.onnx", "models/finetuned.pt", "data/target/manifest.json"):
+        assert (there / rel).read_bytes() == (here / rel).read_bytes(), rel
 
 
 def test_bad_input_exits_2_before_any_stage(tmp_path: Path, home: Path) -> None:
