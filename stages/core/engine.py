@@ -30,6 +30,29 @@ T = TypeVar("T")
 R = TypeVar("R")
 ENGINES = ("local", "ray")
 
+# Is the work big enough to pay for starting a process pool? Below these, a stage runs its tasks
+# in this process however many cores there are. Two crossovers, not one: the same rule (a pool
+# pays once the work it shares out takes a few times its own start-up: on 2 free cores S + W/2
+# against W) over two different start-ups S and per-image costs, measured apart on different
+# images; the counts are close by chance, and each holds only for images like those it was
+# measured on.
+#
+# Files to decode (ingest; shards.decode_engine). S: the fork server, workers importing numpy
+# and PIL, pieces joined: most of a second of two cores. W: ~100 us a 32-px CIFAR JPEG.
+# benchmarks/bench_ingest.py --crossover, 2 cores at load 4-4.7, against a plain PIL loop in a
+# 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k JPEGs, the pool
+# 0.33x / 0.71x / 0.71x / 1.25x. The crossover lies between 20k and 60k, lower on a quiet
+# machine, where the second core is free. A 12-MP JPEG takes ~1,500x the CPU of a CIFAR one
+# (read_image_file + canonical to 32 px: 105 ms against 0.07 ms, a synthetic 4000 x 3000
+# quality-90 JPEG, load 2.7): photos pay for the pool from far fewer files (not measured).
+DECODE_POOL_FROM = 30_000
+# Augmented images, train images x copies (augment). S: each worker imports torch (~2.5 s).
+# W: batched on one core, ~4,700 32-px RGB and ~47,000 16-px grey images/s
+# (benchmarks/bench_augment.py, load 5): a second worker wins its start-up back only past some
+# 30,000 CIFAR-sized copies (2 x 2.5 s x 4,700 = 23,500 on two free cores), ten times as many
+# 16-px grey ones.
+AUGMENT_POOL_FROM = 50_000
+
 
 def workers(engine: str) -> int:
     """Parallel tasks the engine runs at once (for sizing pieces)."""
