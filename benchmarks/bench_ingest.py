@@ -21,7 +21,7 @@ the CPU seconds of each run's process tree (less sensitive to others' load than 
 2-process pool and ingest's core on 2 cores, alternately, on an already extracted tree.
 `--crossover` does that on folders of 1,000, 6,000, 20,000 and 60,000 of the files (hard
 links), with ingest's core forced inline and forced onto its pool: where the pool starts to
-pay is stages/core/shards.py's POOL_FROM.
+pay is stages/core/engine.py's DECODE_POOL_FROM.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ raw = yaml.safe_load(Path(sys.argv[1]).read_text())
 cpus = raw.pop("_ray", None)
 pool_from = raw.pop("_pool_from", None)
 if pool_from is not None:  # bench_ingest --crossover: the pool forced on or off
-    from stages.core import shards
-    shards.POOL_FROM = int(pool_from)
+    from stages.core import engine
+    engine.DECODE_POOL_FROM = int(pool_from)
 params = parse_params(raw)
 if cpus:
     import ray

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.core import engine
 from stages.core.augpolicy import augment, image_keys
 from stages.core.dataset import (
     SPLIT_CODE,
@@ -31,7 +32,6 @@ from stages.core.dataset import (
     write_sharded,
 )
 from stages.core.door import exit_process, run_stage
-from stages.core.engine import run_map
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.progress import progress
 from stages.core.shards import RowWriter
@@ -42,11 +42,6 @@ from stages.params import AugmentParams, Params, load_params
 
 log = logging.getLogger("imagepipe.augment")
 TRAIN = SPLIT_CODE["train"]
-# Augmented images below which the copies run in this process: starting workers that each
-# import torch (~2.5 s) costs more than it saves. Batched, one core makes ~47,000 16-px grey
-# and ~4,700 32-px RGB images/s (benchmarks/bench_augment.py, load 5): a second worker wins
-# its start-up back only past some 30,000 CIFAR-sized copies.
-INLINE_BELOW = 50_000
 
 
 @dataclass(frozen=True)
@@ -114,10 +109,11 @@ def run(params: Params, source: Path, out: Path) -> dict[str, Any]:
                  for c in range(p.copies) for k, path in enumerate(files)]
         start = time.perf_counter()
         results: dict[int, tuple[int, str]] = {}
-        small = len(train) * p.copies < INLINE_BELOW
+        small = len(train) * p.copies < engine.AUGMENT_POOL_FROM
         with progress("augment", len(train) * p.copies) as advance:
-            for i, result in run_map(augment_shard, tasks, engine="inline" if small else
-                                     params.data.engine, ray_address=params.data.ray_address):
+            for i, result in engine.run_map(augment_shard, tasks,
+                                            engine="inline" if small else params.data.engine,
+                                            ray_address=params.data.ray_address):
                 results[i] = result
                 advance(result[0])
         seconds = time.perf_counter() - start

@@ -170,7 +170,8 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     data = params.data
     role = role.filled(data)
     # No fork server started ahead of the listing: most folders are too small for the pool
-    # to pay (shards.POOL_FROM), and for those it was a second of two cores spent for nothing.
+    # to pay (engine.DECODE_POOL_FROM), and for those it was a second of two cores spent for
+    # nothing.
     # By file type only: no stat per file before decoding starts; each worker's fstat stamps
     # its files for the shards' meta and refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -29,6 +29,29 @@ log = logging.getLogger("imagepipe.engine")
 T = TypeVar("T")
 R = TypeVar("R")
 ENGINES = ("local", "ray")
+
+# Is the work big enough to pay for starting a process pool? Below these, a stage runs its tasks
+# in this process however many cores there are. Two crossovers, not one: the same rule (a pool
+# pays once the work it shares out takes a few times its own start-up: on 2 free cores S + W/2
+# against W) over two different start-ups S and per-image costs, measured apart on different
+# images; the counts are close by chance, and each holds only for images like those it was
+# measured on.
+#
+# Files to decode (ingest; shards.decode_engine). S: the fork server, workers importing numpy
+# and PIL, pieces joined: most of a second of two cores. W: ~100 us a 32-px CIFAR JPEG.
+# benchmarks/bench_ingest.py --crossover, 2 cores at load 4-4.7, against a plain PIL loop in a
+# 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k JPEGs, the pool
+# 0.33x / 0.71x / 0.71x / 1.25x. The crossover lies between 20k and 60k, lower on a quiet
+# machine, where the second core is free. A 12-MP JPEG takes ~1,500x the CPU of a CIFAR one
+# (read_image_file + canonical to 32 px: 105 ms against 0.07 ms, a synthetic 4000 x 3000
+# quality-90 JPEG, load 2.7): photos pay for the pool from far fewer files (not measured).
+DECODE_POOL_FROM = 30_000
+# Augmented images, train images x copies (augment). S: each worker imports torch (~2.5 s).
+# W: batched on one core, ~4,700 32-px RGB and ~47,000 16-px grey images/s
+# (benchmarks/bench_augment.py, load 5): a second worker wins its start-up back only past some
+# 30,000 CIFAR-sized copies (2 x 2.5 s x 4,700 = 23,500 on two free cores), ten times as many
+# 16-px grey ones.
+AUGMENT_POOL_FROM = 50_000
 
 
 def workers(engine: str) -> int:
@@ -98,29 +121,49 @@ def _pool_map(fn: Callable[[T], R], items: Sequence[T], n_workers: int
     pool.shutdown(wait=True)
 
 
+def node_slots(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where Ray tasks go, from `ray.nodes()`: each alive node with CPUs once per CPU,
+    interleaved (A, B, A, B, A for 3 and 2 CPUs), nodes in id order. Empty: none has a CPU now
+    (an autoscaling cluster at zero), and Ray's default placement decides."""
+    cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in nodes if n["Alive"]}
+    ids = sorted(node for node, c in cpus.items() if c > 0)
+    return [node for r in range(max(cpus.values(), default=0)) for node in ids if cpus[node] > r]
+
+
 def _ray_map(fn: Callable[[T], R], items: Sequence[T], configured: str | None
              ) -> Iterator[tuple[int, R]]:
     # Connected already when the stage holds its one connection (ingest: raycluster.connected
     # around both roles); otherwise for this map only.
     with raycluster.connected(configured):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # SPREAD: over every node, not packed onto the driver's while it has a free CPU (Ray's
-        # default: short tasks then never leave the head).
-        task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(fn)
-        # A bounded window of tasks in flight: the queue of refs stays small on 10^5 shards.
-        window = 2 * workers("ray")
-        refs: dict[Any, int] = {}
-        queue = iter(enumerate(items))
-        for i, item in queue:
-            refs[task.remote(item)] = i
-            if len(refs) >= window:
-                break
+        task = ray.remote(num_cpus=1, max_retries=2)(fn)
+        # Each task is placed on a node chosen here, not by Ray: its default packs short tasks
+        # onto the driver's node while it has a free CPU, and SPREAD is best effort (on a busy
+        # 2-core machine it put every decode task of a 2-node cluster on one node). soft: the
+        # tasks (and retries) of a node that dies or leaves run on another. Nodes that join
+        # during the map get none of its tasks.
+        slots = node_slots(ray.nodes())
+        refs: dict[Any, tuple[int, str | None]] = {}
+
+        def submit(i: int, node: str | None) -> None:
+            where = {} if node is None else {
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+            refs[task.options(**where).remote(items[i])] = (i, node)
+
+        # Two tasks in flight per CPU, a bounded window (the queue of refs stays small on 10^5
+        # shards); a finished task's node gets the next, so a node slowed by others' work takes
+        # fewer tasks rather than holding the last ones up.
+        first = 2 * slots or [None] * (2 * workers("ray"))
+        for i, node in enumerate(first[:len(items)]):
+            submit(i, node)
+        queue = iter(range(len(first), len(items)))
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
             for ref in done:
-                i = refs.pop(ref)
+                i, node = refs.pop(ref)
                 nxt = next(queue, None)
                 if nxt is not None:
-                    refs[task.remote(nxt[1])] = nxt[0]
+                    submit(nxt, node)
                 yield i, ray.get(ref)

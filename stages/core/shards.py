@@ -159,14 +159,6 @@ def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp:
 
 
 MIN_PIECE = 512  # images: below this a piece's task start-up outweighs its decoding
-# Files to decode from which the local process pool starts; fewer decode in this process.
-# The pool's fixed cost (fork server, workers importing numpy and PIL, pieces joined) is most
-# of a second of two cores, won back from ~100 us of decoding per 32-px JPEG only on large
-# folders (benchmarks/bench_ingest.py --crossover, 2 cores at load 4-4.7, against a plain PIL
-# loop in a 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k JPEGs,
-# the pool 0.33x / 0.71x / 0.71x / 1.25x). The crossover lies between 20k and 60k, lower on a
-# quiet machine, where the second core is free.
-POOL_FROM = 30_000
 
 
 @dataclass
@@ -256,8 +248,11 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
 
 def decode_engine(engine: str, files: bool, n: int) -> str:
     """Where `n` refs decode: array sources (digits, CIFAR's pickles) live in this process and
-    decode here, fast; so do files too few to pay for the local pool (POOL_FROM)."""
-    if not files or (engine == "local" and n < POOL_FROM):
+    decode here, fast; so do files too few to pay for the local pool
+    (engine.DECODE_POOL_FROM)."""
+    from stages.core import engine as engines
+
+    if not files or (engine == "local" and n < engines.DECODE_POOL_FROM):
         return "inline"
     return engine
 

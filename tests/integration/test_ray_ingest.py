@@ -56,7 +56,7 @@ def test_ray_and_the_local_pool_write_the_same_bytes(tmp_path: Path, local_ray: 
     root = tmp_path / "imgs"
     _tree(root)
     monkeypatch.setattr(shards, "MIN_PIECE", 16)  # pieces of shards too, not just shards
-    monkeypatch.setattr(shards, "POOL_FROM", 0)  # the local pool, for 200 files
+    monkeypatch.setattr(engine, "DECODE_POOL_FROM", 0)  # the local pool, for 200 files
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     out = {}
     for name in ("local", "ray"):
@@ -71,7 +71,7 @@ def test_ray_and_the_local_pool_write_the_same_bytes(tmp_path: Path, local_ray: 
         assert (tmp_path / "local" / "src" / entry["file"]).read_bytes() == \
             (tmp_path / "ray" / "src" / entry["file"]).read_bytes()
     # augment's copies on Ray: one task per copy and shard, the same seeded bytes
-    monkeypatch.setattr(augment, "INLINE_BELOW", 0)
+    monkeypatch.setattr(engine, "AUGMENT_POOL_FROM", 0)
     for name in ("local", "ray"):
         augment.run(_params(root, name), tmp_path / "local" / "src", tmp_path / name / "aug")
     assert load_dataset(tmp_path / "local" / "aug").manifest["sha256"] == \

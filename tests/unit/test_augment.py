@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages import augment, ingest
-from stages.core import augpolicy
+from stages.core import augpolicy, engine
 from stages.core.dataset import load_dataset
 from stages.params import Params, parse_params
 from tests.helpers import default_params
@@ -136,10 +136,16 @@ def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
 def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Each copy of each shard is its own seeded task: where it runs changes no byte."""
+    pools: list[int] = []
+    real_pool_map = engine._pool_map
+    monkeypatch.setattr(engine, "_pool_map", lambda fn, items, n: pools.append(n) or
+                        real_pool_map(fn, items, n))
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     augment.run(_params(copies=2), source, tmp_path / "inline")
-    monkeypatch.setattr(augment, "INLINE_BELOW", 0)
-    monkeypatch.setattr("stages.core.engine.usable_cores", lambda: 2)
+    assert pools == []  # a few hundred copies: below engine.AUGMENT_POOL_FROM
+    monkeypatch.setattr(engine, "AUGMENT_POOL_FROM", 0)
     augment.run(_params(copies=2), source, tmp_path / "pool")
+    assert pools == [2]
     a, b = load_dataset(tmp_path / "inline"), load_dataset(tmp_path / "pool")
     assert a.manifest["sha256"] == b.manifest["sha256"]
     assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]

@@ -162,7 +162,7 @@ def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
     (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.bytes(100))
     params = _params(root, shard_mb=256, max_bad_fraction=0.1)
     monkeypatch.setattr(shards, "MIN_PIECE", 8)  # one shard in pieces, as CIFAR is
-    monkeypatch.setattr(shards, "POOL_FROM", 0)  # the pool, for 70 files
+    monkeypatch.setattr(engine, "DECODE_POOL_FROM", 0)  # the pool, for 70 files
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     pooled = ingest.ingest_role("source", params.data.source, params, tmp_path / "pool")
     monkeypatch.setattr(engine, "usable_cores", lambda: 1)
@@ -175,7 +175,7 @@ def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
 
 def test_a_small_folder_decodes_without_starting_the_pool(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below shards.POOL_FROM files the pool's start-up (about a second of two cores) costs
+    """Below engine.DECODE_POOL_FROM files the pool's start-up (about a second of two cores) costs
     more than it saves: the files decode in this process, however many cores there are."""
     root = tmp_path / "imgs"
     _folder(root, {"a": 20, "b": 10})
@@ -189,7 +189,8 @@ def test_a_small_folder_decodes_without_starting_the_pool(tmp_path: Path,
     params = _params(root)
     ingest.ingest_role("source", params.data.source, params, tmp_path / "out")
     assert load_dataset(tmp_path / "out").images.shape[0] == 30
-    assert shards.decode_engine("local", True, shards.POOL_FROM) == "local"
+    assert shards.decode_engine("local", True, engine.DECODE_POOL_FROM - 1) == "inline"
+    assert shards.decode_engine("local", True, engine.DECODE_POOL_FROM) == "local"
     assert shards.decode_engine("ray", True, 1) == "ray"  # a cluster asked for is used
 
 
