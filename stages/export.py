@@ -10,13 +10,17 @@ scales by 1/255, normalises by the model's mean/std and transposes to NCHW, and 
 `probabilities` (softmax) and `logits`. So every ONNX consumer (ONNX Runtime, Triton,
 MLflow's model server) gets the right answer from pixels, and nobody can feed it pixels
 normalised the wrong way. It has a dynamic batch axis, a pinned opset and metadata_props that
-carry what a server needs (stages.core.onnxio). It is moved into place only after the parity
-gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU provider, from uint8
-pixels, must match PyTorch (the training preprocessing, the model, softmax) on every logit and
-probability within |onnx - torch| <= export.parity_atol + export.parity_rtol * |torch|, and
-agree on every top-1 class. Otherwise the stage exits 2 with the figures and leaves no
-model.onnx (a previous one is removed: it no longer matches finetuned.pt). Where CUDA loads,
-its differences are reported too, for information: the gate is the CPU's.
+carry what a server needs (stages.core.onnxio). Its bytes are a function of the stage's inputs
+only (the checkpoint, the export code, params, the torch/onnx versions): no run id, git commit
+or machine path is written into it, so DVC caches one copy however often it reruns, and the
+registry (onnx.sha256 tag, the version's run) says which runs made it. It is moved into place
+only after the parity gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU
+provider, from uint8 pixels, must match PyTorch (the training preprocessing, the model,
+softmax) on every logit and probability within |onnx - torch| <= export.parity_atol +
+export.parity_rtol * |torch|, and agree on every top-1 class. Otherwise the stage exits 2 with
+the figures and leaves no model.onnx (a previous one is removed: it no longer matches
+finetuned.pt). Where CUDA loads, its differences are reported too, for information: the gate
+is the CPU's.
 
 metrics/export.json holds what only changes when the model does (parity figures, sizes, the
 int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -40,11 +43,12 @@ from stages.core.door import exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_path, write_json
-from stages.core.lineage import git_commit, git_dirty
 from stages.core.tracking.registration import Parity, Registration
 from stages.params import Params, load_params
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import numpy as np
     import onnx
 
@@ -111,19 +115,56 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
             dynamic_shapes=({0: batch},),
         )
     proto = program.model_proto
+    drop_machine_props(proto)
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise BadInput(f"the exporter wrote opset {got}, not export.opset={opset}")
     return proto
 
 
+# Node metadata the dynamo exporter writes that describes the exporting machine, not the model:
+# each node's Python stack trace, with absolute paths of the checkout and of torch in the venv.
+# Exported from another folder (`dvc exp run --temp` or --queue runs in a fresh copy under
+# .dvc/tmp/exps) the same checkpoint gave other bytes. The node's `namespace`, class hierarchy
+# and fx node, which say which module and op made it, stay.
+MACHINE_NODE_PROPS = frozenset({"pkg.torch.onnx.stack_trace"})
+
+
+def drop_machine_props(proto: onnx.ModelProto) -> None:
+    """Remove MACHINE_NODE_PROPS from every node (subgraphs and local functions included)."""
+
+    def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.HasField("g") else []
+                for sub in subgraphs + list(attr.graphs):
+                    yield from nodes(sub)
+
+    every = [n for f in proto.functions for n in f.node] + list(nodes(proto.graph))
+    for node in every:
+        kept = [p for p in node.metadata_props if p.key not in MACHINE_NODE_PROPS]
+        if len(kept) < len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
 def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
-    """What a server needs, and where the model came from (see onnxio.METADATA_DOC)."""
+    """What a server needs, and where the model came from (see onnxio.METADATA_DOC).
+
+    Lineage here is what the bytes are a function of: the source checkpoint's sha256 and the
+    export code's digest (stages.core.codeid: the files DVC lists as the stage's code deps).
+    The MLflow run id, git commit and dirty flag are per run, not per input: stamped here, each
+    `dvc repro -f` or experiment wrote a new file (and a new DVC cache copy) for the same model,
+    and a file DVC restored from its cache named a run and commit that did not make it. They
+    are on the stage's MLflow run and the registered version (git.commit, git.dirty,
+    imagepipe.run_id, onnx.sha256: the file's sha256 finds its versions).
+    """
     import torch
 
     from stages.core import onnxio
+    from stages.core.codeid import code_digest
 
-    dirty = git_dirty()
     return {
         "classes": list(mf.classes),
         "num_classes": len(mf.classes),
@@ -138,11 +179,8 @@ def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
         "mean": [float(v) for v in mf.mean],
         "std": [float(v) for v in mf.std],
         "arch": mf.spec.arch,
-        # The stage's own MLflow run (the door exports it while the body runs); None with tracking off.
-        "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"),
-        "git_commit": git_commit(),
-        "git_dirty": None if dirty is None else str(dirty).lower(),
         "source_model_sha256": file_sha256(model_path) if model_path else None,
+        "export_code_sha256": code_digest("stages.export"),
         "exporter": f"torch.onnx dynamo, torch {torch.__version__}",
     }
 

@@ -11,6 +11,7 @@ first creates Prefect's database (about 15 s), the others reuse it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -75,9 +76,13 @@ def test_run_ends_with_a_champion_that_names_its_data_code_and_run(ran: dict[str
     manifest = json.loads((project / "data/target/manifest.json").read_text())
     assert tags["data.target.images.sha256"] == manifest["sha256"]["images.npy"]
     assert tags["promotion.decision"] == "promoted"
-    # The file serving gets is the one registered, and it names the run that exported it.
-    meta = {p.key: p.value for p in onnx.load(project / "models/model.onnx").metadata_props}
-    assert meta["mlflow_run_id"] == mv.run_id
+    # The file serving gets is the one registered: its sha256 leads to the version and so to the
+    # run that exported it. The run id is not in the file (its bytes are its inputs' function).
+    onnx_path = project / "models/model.onnx"
+    assert tags["onnx.sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert tags["imagepipe.run_id"] == mv.run_id
+    meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
+    assert "mlflow_run_id" not in meta
     assert json.loads(meta["classes"]) == ["5", "6", "7", "8", "9"]
 
 

@@ -149,7 +149,7 @@ def walk_back_from_version(backend: str, project: Path, name: str, version: str)
     assert export_run["params"]["registry.model_name"] == name
     assert export_run["lineage"]["dvc.dep.data/target"].endswith(".dir")
     exported = json.loads((project / "metrics/export.json").read_text())
-    assert exported["mlflow_run_id_seen"] == mv.run_id  # export saw its run id (ONNX metadata)
+    assert exported["mlflow_run_id_seen"] == mv.run_id  # export saw its run id
 
 
 def test_a_challenger_that_failed_parity_is_never_promoted(
