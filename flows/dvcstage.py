@@ -164,34 +164,25 @@ def _why(changes: Iterable[Any]) -> str:
 # -- params overrides, as `dvc exp run -S` applies them ------------------------------------
 
 
-def params_validator(root: Path) -> Callable[[Path], object] | None:
-    """The project's own params schema, when it has one (stages/params.py), else none."""
-    if not (root / "stages" / "params.py").is_file():
-        return None
-    from stages.params import load_params  # pydantic only: no torch, no tracking client
-
-    return load_params
-
-
-def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "params.yaml",
-                    validate: Callable[[Path], object] | None = None) -> list[str]:
-    """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to the params file in
+def apply_overrides(root: Path, overrides: Sequence[str]) -> list[str]:
+    """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to params.yaml in
     place with DVC's own code, so `dvc repro` records them in dvc.lock; return one line per
-    changed key. A bad override or a file the validator refuses restores the file and raises.
+    changed key. A bad override or a file stages/params.py refuses restores the file and raises.
     """
     if not overrides:
         return []
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    path = root / params_file
+    from stages.params import load_params  # pydantic only: no torch, no tracking client
+
+    path = root / "params.yaml"
     before_text = path.read_text()
     before = yaml.safe_load(before_text) or {}
     try:
         dvc_apply(path, list(overrides))
         after = yaml.safe_load(path.read_text()) or {}
-        if validate is not None:
-            validate(path)
+        load_params(path)
     except InvalidArgumentError as err:
         path.write_text(before_text)
         cause = str(err.__cause__ or err).splitlines()[0]
