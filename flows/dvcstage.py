@@ -9,7 +9,6 @@ DVC stays the judge of what is stale: the plan comes from one in-process `Repo.s
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from flows.orphans import die_with_parent, guarded
+from flows.orphans import die_with_parent, guarded, kill_group
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
 
@@ -246,11 +245,11 @@ def run_killable(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: 
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
+        kill_group(proc, KILL_GRACE_S)
         raise TimeoutError(f"ran past {timeout_s:g} s") from None
     except BaseException:
         # Cancelled, interrupted, or the flow's own process is ending: leave no orphan behind.
-        kill_group(proc)
+        kill_group(proc, KILL_GRACE_S)
         raise
     finally:
         _LIVE.discard(proc)
@@ -279,21 +278,6 @@ def _pump(stream: Any, sink: Callable[[str], None]) -> threading.Thread:
     thread = threading.Thread(target=contextvars.copy_context().run, args=(pump,), daemon=True)
     thread.start()
     return thread
-
-
-def kill_group(proc: subprocess.Popen[str], grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; SIGKILL any child that ignored SIGTERM (a DataLoader worker).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
 
 
 def repro_command(stage: str) -> list[str]:

@@ -466,3 +466,30 @@ def test_the_guard_keeps_the_exit_code_and_the_timeout_still_kills_the_group(tmp
         time.sleep(0.1)
     else:
         assert not Path(f"/proc/{grandchild}").exists(), "the sleep outlived the timeout"
+
+
+def test_stopping_a_group_kills_a_child_that_ignored_sigterm_once_its_leader_is_gone(
+        tmp_path: Path) -> None:
+    """`make deploy`'s stop (the server's or worker's group) left such a child running: it
+    returned as soon as the leader had exited."""
+    from flows.orphans import kill_group
+
+    ready = tmp_path / "child.pid"
+    child = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    leader = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "{child}" & wait'],
+                              process_group=0)
+    deadline = time.monotonic() + 30
+    while not (ready.exists() and ready.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(ready.read_text())
+    start = time.perf_counter()
+    kill_group(leader, grace_s=30.0)
+    assert time.perf_counter() - start < 10  # the leader ends on SIGTERM: no grace to wait out
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{pid}").exists(), "the child that ignored SIGTERM outlived the stop"
