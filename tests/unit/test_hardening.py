@@ -349,7 +349,8 @@ def test_a_temporary_left_by_a_sigkill_is_removed_by_the_next_write(tmp_path: Pa
     assert proc.returncode == -signal.SIGKILL
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".model.onnx.") and left[0].endswith(".tmp")
-    io.write_bytes(tmp_path / "model.onnx", b"whole")
+    with io.atomic_path(tmp_path / "model.onnx") as tmp:
+        tmp.write_bytes(b"whole")
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
@@ -423,16 +424,19 @@ def _release() -> None:
 
 
 def test_an_atomic_file_write_on_a_full_disk_is_disk_full_with_nothing_left(tmp_path: Path) -> None:
-    """What export does (atomic_path + write_bytes): it printed a traceback on a full disk."""
+    """What export does (atomic_path, then the bytes): it printed a traceback on a full disk."""
     code = textwrap.dedent(f"""
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
         from stages.core.door import run_stage
-        from stages.core.io import write_bytes
+        from stages.core.io import atomic_path
 
-        sys.exit(run_stage("export", lambda: write_bytes({str(tmp_path / 'model.onnx')!r},
-                                                         b"x" * 2_000_000), track=False))
+        def export():
+            with atomic_path({str(tmp_path / 'model.onnx')!r}) as tmp:
+                tmp.write_bytes(b"x" * 2_000_000)
+
+        sys.exit(run_stage("export", export, track=False))
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
