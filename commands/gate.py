@@ -17,8 +17,8 @@ from stages.core.errors import BadInput
 _TOLERANCE = 1e-9
 
 
-def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(uint8 images, true class names, images sha256) of the dataset's test split."""
+def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, true class names) of the dataset's test split."""
     from stages.core.dataset import load_dataset
 
     ds = load_dataset(folder)
@@ -26,7 +26,7 @@ def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if len(images) == 0:
         raise BadInput(f"{folder}: the test split is empty: nothing to score the models on")
     names = np.asarray(ds.classes, dtype=object)[labels]
-    return images, names, str(ds.manifest.get("sha256", {}).get("images.npy", ""))
+    return images, names
 
 
 def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -253,7 +253,7 @@ def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
     reg = Registry.connect(root)
     if missing_ok and (nothing := nothing_to_promote(reg, params)) is not None:
         return nothing
-    images, truth, _ = load_test_split(data)
+    images, truth = load_test_split(data)
     before = reg.alias(name, CHAMPION)
     ws = Workspace(model, force, before.version if before else None)
     scores: dict[str, np.ndarray] = {}

@@ -93,12 +93,12 @@ def _check_overrides(root: Path, overrides: list[str]) -> None:
     import shutil
     import tempfile
 
-    from flows.dvcstage import StageBadInput, apply_overrides, params_validator
+    from flows.dvcstage import StageBadInput, apply_overrides
 
     with tempfile.TemporaryDirectory(prefix="imagepipe-params-") as tmp:
         shutil.copy2(root / "params.yaml", Path(tmp) / "params.yaml")
         try:
-            apply_overrides(Path(tmp), overrides, validate=params_validator(root))
+            apply_overrides(Path(tmp), overrides)
         except StageBadInput as err:
             raise _Refused(err.reason) from None
 

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from flows.orphans import kill_group
 
 POOL = "gpu"
 DEPLOYMENT = "imagepipe-pipeline/nightly"
@@ -132,29 +133,11 @@ def trigger_and_watch(api_url: str, parameters: dict[str, Any], timeout_s: float
                               poll_interval=2)
 
 
-def stop(proc: subprocess.Popen[bytes] | int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group (server or worker and the processes they started), then KILL."""
-    pid = proc if isinstance(proc, int) else proc.pid
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if isinstance(proc, int):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-            elif proc.poll() is not None:
-                return
-            time.sleep(0.2)
-
-
 def _stop_recorded() -> int:
     for name in ("worker", "server"):
         pidfile = STATE_DIR / f"{name}.pid"
         if pidfile.exists():
-            stop(int(pidfile.read_text()))
+            kill_group(int(pidfile.read_text()), grace_s=15.0)
             pidfile.unlink()
             print(f"stopped the {name}")
     return 0

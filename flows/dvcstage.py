@@ -9,7 +9,6 @@ DVC stays the judge of what is stale: the plan comes from one in-process `Repo.s
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from flows.orphans import die_with_parent, guarded
+from flows.orphans import die_with_parent, guarded, kill_group
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
 
@@ -164,34 +163,25 @@ def _why(changes: Iterable[Any]) -> str:
 # -- params overrides, as `dvc exp run -S` applies them ------------------------------------
 
 
-def params_validator(root: Path) -> Callable[[Path], object] | None:
-    """The project's own params schema, when it has one (stages/params.py), else none."""
-    if not (root / "stages" / "params.py").is_file():
-        return None
-    from stages.params import load_params  # pydantic only: no torch, no tracking client
-
-    return load_params
-
-
-def apply_overrides(root: Path, overrides: Sequence[str], params_file: str = "params.yaml",
-                    validate: Callable[[Path], object] | None = None) -> list[str]:
-    """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to the params file in
+def apply_overrides(root: Path, overrides: Sequence[str]) -> list[str]:
+    """Apply Hydra-style overrides (`key=value`, `+key=value`, `~key`) to params.yaml in
     place with DVC's own code, so `dvc repro` records them in dvc.lock; return one line per
-    changed key. A bad override or a file the validator refuses restores the file and raises.
+    changed key. A bad override or a file stages/params.py refuses restores the file and raises.
     """
     if not overrides:
         return []
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    path = root / params_file
+    from stages.params import load_params  # pydantic only: no torch, no tracking client
+
+    path = root / "params.yaml"
     before_text = path.read_text()
     before = yaml.safe_load(before_text) or {}
     try:
         dvc_apply(path, list(overrides))
         after = yaml.safe_load(path.read_text()) or {}
-        if validate is not None:
-            validate(path)
+        load_params(path)
     except InvalidArgumentError as err:
         path.write_text(before_text)
         cause = str(err.__cause__ or err).splitlines()[0]
@@ -255,11 +245,11 @@ def run_killable(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: 
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
+        kill_group(proc, KILL_GRACE_S)
         raise TimeoutError(f"ran past {timeout_s:g} s") from None
     except BaseException:
         # Cancelled, interrupted, or the flow's own process is ending: leave no orphan behind.
-        kill_group(proc)
+        kill_group(proc, KILL_GRACE_S)
         raise
     finally:
         _LIVE.discard(proc)
@@ -288,21 +278,6 @@ def _pump(stream: Any, sink: Callable[[str], None]) -> threading.Thread:
     thread = threading.Thread(target=contextvars.copy_context().run, args=(pump,), daemon=True)
     thread.start()
     return thread
-
-
-def kill_group(proc: subprocess.Popen[str], grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; SIGKILL any child that ignored SIGTERM (a DataLoader worker).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
 
 
 def repro_command(stage: str) -> list[str]:

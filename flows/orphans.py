@@ -4,13 +4,19 @@ API server, `dvc repro` or a stage running.
 die_with_parent: a preexec_fn for one direct child (the temporary API server).
 guarded: a command wrapped in a tiny group leader that ends its whole process group (DVC, the
 shell, the stage and its workers) when the flow process dies.
+kill_group: how this side ends a process group it started (a stage's, a server's, a worker's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 # `kill -9` of `imagepipe run` left the Prefect API server, `dvc repro` and the stage running.
 # Linux's PR_SET_PDEATHSIG sends a signal to a child when its parent dies, but only to that
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 # stages/core/host.py) for a direct child, the guard below for a whole process group.
 from stages.core.host import die_with_parent
 
-__all__ = ["die_with_parent", "guarded"]
+__all__ = ["die_with_parent", "guarded", "kill_group"]
 
 
 # The group leader `run_killable` starts: it runs the command in its own process group and, when
@@ -71,3 +77,35 @@ def guarded(cmd: Sequence[str], grace_s: float) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(cmd)
     return [sys.executable, "-I", "-c", _GUARD, str(os.getpid()), f"{grace_s:g}", *cmd]
+
+
+def kill_group(proc: subprocess.Popen[Any] | int, grace_s: float) -> None:
+    """SIGTERM the process group `proc` leads, then SIGKILL whatever is left: after `grace_s`,
+    or at once when the leader has gone (a child that ignored SIGTERM, a DataLoader worker).
+    `proc` may be a bare pid: a server or worker that `make deploy` started and recorded."""
+    pid = proc if isinstance(proc, int) else proc.pid
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        if _ended(proc, wait_s):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            return
+
+
+def _ended(proc: subprocess.Popen[Any] | int, timeout_s: float) -> bool:
+    if not isinstance(proc, int):
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    deadline = time.monotonic() + timeout_s  # not our child: no wait(), ask whether it is there
+    while True:
+        try:
+            os.kill(proc, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)

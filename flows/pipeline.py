@@ -136,7 +136,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     logger = get_run_logger()
     began = time.perf_counter()
     root = Path(project_dir).resolve()
-    overrides = dvcstage.apply_overrides(root, set_params or [], validate=dvcstage.params_validator(root))
+    overrides = dvcstage.apply_overrides(root, set_params or [])
     for line in overrides:
         logger.info("params override: %s", line)
     plan = _planned(root, stages)

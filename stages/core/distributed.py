@@ -67,39 +67,38 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TER
 
 @dataclass(frozen=True)
 class Comm:
-    """This process's place among the training processes. `root` (rank 0) is the writer: local
-    rank 0 of node 0 when node ranks are given (PET_NODE_RANK, as a launcher sets it), whatever
-    order the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
+    """This process's place among the training processes. Rank 0 is the writer: local rank 0
+    of node 0 when node ranks are given (PET_NODE_RANK, as a launcher sets it), whatever order
+    the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
     numbers the machines by address (host name), then the launching process's id."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    root: int = 0
     backend: str = "none"
 
     @property
     def is_main(self) -> bool:
-        return self.rank == self.root
+        return self.rank == 0
 
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, in rank order, on the root; None elsewhere."""
+        """Every rank's `obj`, in rank order, on rank 0; None elsewhere."""
         if self.world == 1:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.is_main else None
-        dist.gather_object(obj, out, dst=self.root)
+        dist.gather_object(obj, out, dst=0)
         return out
 
     def broadcast(self, obj: Any) -> Any:
-        """The root's `obj` on every rank."""
+        """Rank 0's `obj` on every rank."""
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self.root)
+        dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
@@ -243,7 +242,7 @@ def join(backend: str, node_rank: int | None, timeout_s: float = 300.0) -> Comm:
         dist.init_process_group(backend, store=dist.PrefixStore("imagepipe/pg", store),
                                 rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-    _current = Comm(dist.get_rank(), dist.get_world_size(), local, local_world, 0, backend)
+    _current = Comm(dist.get_rank(), dist.get_world_size(), local, local_world, backend)
     log.debug("rank %d of %d (node %s, local rank %d, torch's rank %d)", _current.rank,
               _current.world, node_rank, local, given)
     return _current

@@ -128,7 +128,7 @@ def _worker(config: dict[str, Any]) -> None:
     os.environ.update(config["env"])
     ctx = ray.train.get_context()
     comm = distributed.Comm(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
-                            ctx.get_local_world_size(), 0, config["backend"])
+                            ctx.get_local_world_size(), config["backend"])
     distributed.adopt(comm)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not comm.is_main:  # one log and one live curve, not one per worker

@@ -73,14 +73,16 @@ def block_order(n: int, starts: np.ndarray, rng: np.random.Generator, block: int
 
 
 def shard_starts(images: Any, indices: np.ndarray) -> np.ndarray:
-    """Positions in the (sorted) split where a new shard begins."""
+    """Positions in the split (ascending, as every split is: Dataset.indices) where a new
+    shard begins."""
     if isinstance(images, ShardedArray):
         return np.searchsorted(indices, images.offsets[1:-1])
     return np.zeros(0, np.int64)
 
 
 def read_rows(source: Any, idx: np.ndarray, out: np.ndarray) -> None:
-    """Rows `idx` (ascending) of `source` into `out`, shard by shard, without a temporary."""
+    """Rows `idx` of `source` into `out`, shard by shard (a run of rows of one shard at a
+    time: sequential where `idx` ascends, as each batch does), without a temporary."""
     if isinstance(source, ShardedArray):
         which = np.searchsorted(source.offsets, idx, side="right") - 1
         cuts = [0, *(np.flatnonzero(np.diff(which)) + 1), len(idx)]
@@ -145,8 +147,7 @@ class StreamBatches(DeviceBatches):
         super().__init__(images, labels, indices, **kw)
         self.block, self.window, self.ahead = block, window, ahead
         self.pin = self.device.type == "cuda"
-        self._sorted = bool(np.all(np.diff(self.indices) >= 0))
-        self._starts = shard_starts(images, self.indices) if self._sorted else np.zeros(0, int)
+        self._starts = shard_starts(images, self.indices)
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.train:
@@ -181,14 +182,7 @@ class StreamBatches(DeviceBatches):
         """uint8 images `idx` in a (pinned, on CUDA) host tensor, in the order of `idx`."""
         host = torch.empty((len(idx), *self._source.shape[1:]), dtype=torch.uint8,
                            pin_memory=self.pin)
-        out = host.numpy()
-        if len(idx) < 2 or np.all(np.diff(idx) >= 0):
-            read_rows(self._source, idx, out)
-        else:  # an unsorted split (never one of a dataset's): sorted reads, then the order back
-            sort = np.argsort(idx, kind="stable")
-            tmp = np.empty_like(out)
-            read_rows(self._source, idx[sort], tmp)
-            out[sort] = tmp
+        read_rows(self._source, idx, host.numpy())
         return host
 
 

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flows import deploy
+from flows.orphans import kill_group
 from tests.containers.kit import IMAGE, REPO, docker, step
 from tests.helpers import git, project_copy
 
@@ -78,7 +79,7 @@ def start_mlflow(host: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]
     try:
         deploy.wait_healthy(uri, proc, HEALTH_S, log)
     except BaseException:
-        deploy.stop(proc)
+        kill_group(proc, grace_s=15.0)
         raise
     return proc, uri
 
@@ -140,7 +141,7 @@ def stack(network: tuple[str, str], image: str, tmp_path: Path) -> Iterator[dict
     finally:
         with step("stop worker, Prefect server, MLflow server"):
             for proc in reversed(procs):
-                deploy.stop(proc)
+                kill_group(proc, grace_s=15.0)
         assert all(p.poll() is not None for p in procs), "a server or the worker outlived the test"
 
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flows import deploy, pipeline
+from flows.orphans import kill_group
 
 REPO = Path(__file__).resolve().parents[2]
 COPIED = ["stages", "flows", "commands", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvcignore",
@@ -89,7 +90,7 @@ def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, A
         yield {"api_url": api_url, "remote": remote, "logs": tmp_path, "project": project}
     finally:
         for proc in reversed(procs):
-            deploy.stop(proc)
+            kill_group(proc, grace_s=15.0)
         assert all(p.poll() is not None for p in procs), "a server or worker outlived the test"
 
 

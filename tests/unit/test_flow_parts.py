@@ -226,8 +226,6 @@ def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> 
     from tests.helpers import REPO
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "stages").mkdir()
-    shutil.copy(REPO / "stages" / "params.py", tmp_path / "stages" / "params.py")
     before = (tmp_path / "params.yaml").read_bytes()
     for bad in ("pretrain.epochs=-1", "pretrain.epoch=3", "pretrain.epochs=[1"):
         with pytest.raises(run_command._Refused, match=r"pretrain\.epoch"):

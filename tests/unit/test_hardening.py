@@ -349,7 +349,8 @@ def test_a_temporary_left_by_a_sigkill_is_removed_by_the_next_write(tmp_path: Pa
     assert proc.returncode == -signal.SIGKILL
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".model.onnx.") and left[0].endswith(".tmp")
-    io.write_bytes(tmp_path / "model.onnx", b"whole")
+    with io.atomic_path(tmp_path / "model.onnx") as tmp:
+        tmp.write_bytes(b"whole")
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
@@ -423,16 +424,19 @@ def _release() -> None:
 
 
 def test_an_atomic_file_write_on_a_full_disk_is_disk_full_with_nothing_left(tmp_path: Path) -> None:
-    """What export does (atomic_path + write_bytes): it printed a traceback on a full disk."""
+    """What export does (atomic_path, then the bytes): it printed a traceback on a full disk."""
     code = textwrap.dedent(f"""
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
         from stages.core.door import run_stage
-        from stages.core.io import write_bytes
+        from stages.core.io import atomic_path
 
-        sys.exit(run_stage("export", lambda: write_bytes({str(tmp_path / 'model.onnx')!r},
-                                                         b"x" * 2_000_000), track=False))
+        def export():
+            with atomic_path({str(tmp_path / 'model.onnx')!r}) as tmp:
+                tmp.write_bytes(b"x" * 2_000_000)
+
+        sys.exit(run_stage("export", export, track=False))
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -466,3 +470,30 @@ def test_the_guard_keeps_the_exit_code_and_the_timeout_still_kills_the_group(tmp
         time.sleep(0.1)
     else:
         assert not Path(f"/proc/{grandchild}").exists(), "the sleep outlived the timeout"
+
+
+def test_stopping_a_group_kills_a_child_that_ignored_sigterm_once_its_leader_is_gone(
+        tmp_path: Path) -> None:
+    """`make deploy`'s stop (the server's or worker's group) left such a child running: it
+    returned as soon as the leader had exited."""
+    from flows.orphans import kill_group
+
+    ready = tmp_path / "child.pid"
+    child = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    leader = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "{child}" & wait'],
+                              process_group=0)
+    deadline = time.monotonic() + 30
+    while not (ready.exists() and ready.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(ready.read_text())
+    start = time.perf_counter()
+    kill_group(leader, grace_s=30.0)
+    assert time.perf_counter() - start < 10  # the leader ends on SIGTERM: no grace to wait out
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{pid}").exists(), "the child that ignored SIGTERM outlived the stop"
