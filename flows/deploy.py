@@ -79,9 +79,9 @@ def wait_healthy(api_url: str, proc: subprocess.Popen[bytes] | None, timeout_s: 
     raise RuntimeError(f"Prefect server at {api_url} did not become healthy\n{tail}")
 
 
-def create_pool(env: dict[str, str], pool: str = POOL) -> None:
+def create_pool(env: dict[str, str]) -> None:
     """The process work pool; an existing pool of that name is kept as it is."""
-    done = subprocess.run(prefect_cmd("work-pool", "create", pool, "--type", "process"),
+    done = subprocess.run(prefect_cmd("work-pool", "create", POOL, "--type", "process"),
                           env=env, capture_output=True, text=True)
     if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
         raise RuntimeError(f"prefect work-pool create failed:\n{done.stdout}\n{done.stderr}")

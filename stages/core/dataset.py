@@ -232,19 +232,18 @@ def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.nd
     return np.ascontiguousarray((x - m) / s)
 
 
-def load_dataset(folder: str | Path, *, mmap: bool = True, verify: Verify = "sha256") -> Dataset:
+def load_dataset(folder: str | Path, *, verify: Verify = "sha256") -> Dataset:
     """The dataset in `folder`, its files first checked against the manifest (integrity.py:
     `verify` "sha256" hashes them, "size" checks they are complete); BadInput naming the file
     and the fix when one is missing, damaged or changed."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest, verify)
-    mode = "r" if mmap else None
     if "shards" in manifest:
-        parts = [load_array(folder / s["file"], folder, manifest, mode) for s in manifest["shards"]]
+        parts = [load_array(folder / s["file"], folder, manifest, "r") for s in manifest["shards"]]
         images: np.ndarray | ShardedArray = parts[0] if len(parts) == 1 else ShardedArray(parts)
     else:
-        images = load_array(folder / "images.npy", folder, manifest, mode)
+        images = load_array(folder / "images.npy", folder, manifest, "r")
     labels = load_array(folder / "labels.npy", folder, manifest, None)
     split = load_array(folder / "split.npy", folder, manifest, None)
     if not len(images) == len(labels) == len(split) == manifest.get("n", len(labels)):

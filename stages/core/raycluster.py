@@ -58,7 +58,7 @@ def cluster_cpus() -> int:
 
 
 @contextmanager
-def connected(configured: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Iterator[int]:
+def connected(configured: str | None) -> Iterator[int]:
     """A driver connected to the cluster (or to a Ray started here) for the block; yields the
     cluster's CPUs. Already connected (an outer `connected`): reused, not reconnected."""
     try:
@@ -71,8 +71,8 @@ def connected(configured: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -
     where = address(configured)
     _check_token_env()
     if where not in (None, "auto", "local"):
-        _probe(where, timeout_s)
-    _init(where, timeout_s)
+        _probe(where, CONNECT_TIMEOUT_S)
+    _init(where, CONNECT_TIMEOUT_S)
     try:
         yield cluster_cpus()
     finally:
