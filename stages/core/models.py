@@ -7,8 +7,8 @@ Model file (models/*.pt, torch.save of a plain dict, loaded with weights_only=Tr
   state_dict, spec (ModelSpec as dict), classes, mean, std, extra
 
 Input contract, the same in training, ONNX and serving: float32 N x C x H x W, channels in
-RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]. See `preprocess`
-(in stages.core.dataset, numpy only, so serving need not import torch).
+RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]: stages.core.dataset's
+`preprocess` (numpy only, so serving need not import torch).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.core.dataset import preprocess  # noqa: F401 - part of this module's contract
 from stages.core.errors import BadInput
 from stages.core.io import save_torch
 
