@@ -4,7 +4,7 @@ params overrides (as `dvc exp run -S`) -> one in-process DVC status (the plan) -
 dvc.yaml stage, in dependency order (`dvc repro --single-item STAGE` for those that may need
 work) -> `imagepipe promote --json` -> `dvc push` (when asked and a remote is set) -> a markdown
 artifact. Prefect decides when, where, how often and how long; DVC decides what is stale, so
-dvc.lock stays the truth whichever way a run was started. `imagepipe run` is `main()`.
+dvc.lock stays the truth whichever way a run was started. `imagepipe run` is commands/run.py.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[st
                               description="Every scalar of metrics/*.json")
 
 
-# Plans that main() started before the flow (DVC's status check overlaps the API's start-up
+# Plans that `imagepipe run` started before the flow (DVC's status check overlaps the API's start-up
 # and the flow run's creation); valid while dvc.yaml, dvc.lock and params.yaml keep their
 # modification times (a second later, in practice).
 _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
@@ -252,7 +252,7 @@ _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
 
 # -- GPU slots ----------------------------------------------------------------------------
 
-# The URL of the temporary API that main() started, if any: there the `gpu` limit is not used.
+# The URL of the temporary API that `api()` started, if any: there the `gpu` limit is not used.
 _TEMPORARY_API_URL: str | None = None
 
 
