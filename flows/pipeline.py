@@ -67,9 +67,13 @@ def _backoff(retries: int, first_s: float) -> list[float]:
     return [first_s * 2**i for i in range(max(retries, 1))]
 
 
-@task(name="stage", task_run_name="{stage}", retries=RETRIES,
-      retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S), retry_jitter_factor=0.2,
-      retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE, persist_result=False)
+# Every task's retries. The stage and promote tasks retry only what may heal (_TRANSIENT).
+_RETRIED: dict[str, Any] = {"retries": RETRIES, "retry_delay_seconds": _backoff(RETRIES, RETRY_DELAY_S),
+                            "cache_policy": NO_CACHE, "persist_result": False}
+_TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retry_jitter_factor": 0.2}
+
+
+@task(name="stage", task_run_name="{stage}", **_RETRIED, **_TRANSIENT)
 def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
                gpus: int) -> dict[str, Any]:
     """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
@@ -86,9 +90,7 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
             "seconds": round(done.seconds, 2), "attempts": task_run.get_run_count()}
 
 
-@task(name="promote", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
-      retry_jitter_factor=0.2, retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE,
-      persist_result=False)
+@task(name="promote", **_RETRIED, **_TRANSIENT)
 def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> dict[str, Any]:
     """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable.
     exported=False (this run exported nothing): no challenger at all is "nothing to promote"
@@ -110,8 +112,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     return decision
 
 
-@task(name="dvc-push", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
-      cache_policy=NO_CACHE, persist_result=False)
+@task(name="dvc-push", **_RETRIED)
 def push_task(project_dir: str, remote: str, timeout_s: float) -> None:
     """`dvc push`: any failure is retried (a remote is a network service)."""
     logger = get_run_logger()
@@ -276,7 +277,7 @@ def _gpus_wanted(root: Path) -> dict[str, int]:
     wanted = {}
     for name in GPU_STAGES:
         section = "finetune" if name == "scratch" else name  # the baseline trains as finetune
-        devices = getattr(getattr(params, section, None), "devices", 1)
+        devices = getattr(params, section).devices
         wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
     return wanted
 
