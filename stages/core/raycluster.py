@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.host import env_seconds
 
 log = logging.getLogger("imagepipe.ray")
 # How long one connection may take (TCP probe, then ray.init); a cluster that needs longer is
 # down as far as the stage can tell, and the flow retries it (75).
-CONNECT_TIMEOUT_S = float(os.environ.get("IMAGEPIPE_RAY_CONNECT_TIMEOUT_S", "60"))
+CONNECT_TIMEOUT_S = env_seconds("IMAGEPIPE_RAY_CONNECT_TIMEOUT_S", 60.0)
 GCS_PORT = 6379  # `ray start --head`'s default
 _AUTH_FIX = ("set RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or "
              "RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it) in the "
