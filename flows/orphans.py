@@ -74,7 +74,7 @@ def guarded(cmd: Sequence[str], grace_s: float) -> list[str]:
 
 def kill_group(proc: subprocess.Popen[Any] | int, grace_s: float) -> None:
     """SIGTERM the process group `proc` leads, then SIGKILL whatever is left: after `grace_s`,
-    or at once when the leader has gone (a child that ignored SIGTERM, a DataLoader worker).
+    or at once when the leader has gone (what is left then is a child that ignored SIGTERM).
     `proc` may be a bare pid: a server or worker that `make deploy` started and recorded."""
     pid = proc if isinstance(proc, int) else proc.pid
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
