@@ -103,10 +103,10 @@ def project_store(project: Path, env: dict[str, str]) -> str:
     the first run from a temporary clone does not put them inside that clone)."""
     if env.get("MLFLOW_TRACKING_URI"):
         return env["MLFLOW_TRACKING_URI"]
-    from stages.core.tracking.store import tracking_uri
+    from stages.core.tracking.store import tracking_enabled, tracking_uri
 
     uri = tracking_uri(project.resolve())
-    if env.get("IMAGEPIPE_TRACKING", "1").strip().lower() not in {"0", "off", "false", "no"}:
+    if tracking_enabled():  # tool_env's copy of this environment: the same switch
         from stages.core.tracking import Store
 
         Store.connect(project.resolve()).experiment_id()
