@@ -75,26 +75,12 @@ class ShardedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, tuple):
-            first = self[key[0]]
-            rest = key[1:]
-            if not rest:
-                return first
-            return first[rest] if np.ndim(key[0]) == 0 and not isinstance(key[0], slice) \
-                else first[(slice(None), *rest)]
+        """Rows by an int, a slice or an array of row indices: what the stages ask for."""
         if isinstance(key, (int, np.integer)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
@@ -106,11 +92,9 @@ class ShardedArray:
             if step == 1:
                 return self._range(start, max(start, stop))
             return self._take(np.arange(start, stop, step))
-        idx = np.asarray(key)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise IndexError(f"boolean index of shape {idx.shape} for {len(self)} images")
-            idx = np.flatnonzero(idx)
+        idx = None if isinstance(key, tuple) else np.asarray(key)
+        if idx is None or idx.dtype.kind not in "iu":  # a mask or a tuple: refused, not misread
+            raise IndexError(f"a sharded array takes rows by int, slice or int array, not {key!r}")
         return self._take(idx)
 
     def _range(self, start: int, stop: int) -> np.ndarray:
