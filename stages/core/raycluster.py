@@ -59,15 +59,15 @@ def cluster_cpus() -> int:
 
 
 @contextmanager
-def connected(configured: str | None) -> Iterator[int]:
-    """A driver connected to the cluster (or to a Ray started here) for the block; yields the
-    cluster's CPUs. Already connected (an outer `connected`): reused, not reconnected."""
+def connected(configured: str | None) -> Iterator[None]:
+    """A driver connected to the cluster (or to a Ray started here) for the block. Already
+    connected (an outer `connected`): reused, not reconnected."""
     try:
         import ray
     except ImportError:
         raise BadInput("engine ray needs Ray: pip install -e '.[ray]'") from None
     if ray.is_initialized():
-        yield cluster_cpus()
+        yield
         return
     where = address(configured)
     _check_token_env()
@@ -75,7 +75,7 @@ def connected(configured: str | None) -> Iterator[int]:
         _probe(where, CONNECT_TIMEOUT_S)
     _init(where, CONNECT_TIMEOUT_S)
     try:
-        yield cluster_cpus()
+        yield
     finally:
         ray.shutdown()
 
