@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from stages.core.errors import BadInput
 from stages.core.io import save_torch
+from stages.params import Arch
 
-ARCHS = ("resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+ARCHS = get_args(Arch)  # params.yaml's choices, named once there
 # Above this input size the torchvision stems keep their ImageNet downsampling.
 SMALL_INPUT = 64
 
