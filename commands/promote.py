@@ -94,9 +94,9 @@ class Decision:
 @dataclass(frozen=True)
 class Workspace:
     """What the challenger is checked against: this checkout's exported model."""
-    onnx_path: Path = Path("models/model.onnx")
-    force: bool = False
-    champion_before: str | None = None  # read before taking the lock: who promoted it
+    onnx_path: Path
+    force: bool
+    champion_before: str | None  # read before taking the lock: who promoted it
 
 
 def refusal(challenger: Any, onnx_path: Path) -> str | None:
@@ -238,9 +238,8 @@ def _apply(reg: Any, d: Decision) -> Decision:
     return d
 
 
-def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
-            model: Path = Path("models/model.onnx"), force: bool = False,
-            missing_ok: bool = False) -> Decision:
+def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, force: bool,
+            missing_ok: bool) -> Decision:
     """Decide and apply one promotion (see the module doc). `model`: this workspace's exported
     model, which the challenger must be; `force`: promote a stale or rolled-back one anyway;
     `missing_ok`: no challenger at all is "nothing to promote", not bad input. Downloads and
