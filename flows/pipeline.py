@@ -36,7 +36,7 @@ from stages.core.host import FLOW_RUN_ENV
 
 FLOW_NAME = "imagepipe-pipeline"
 ARTIFACT_KEY = "imagepipe-pipeline"
-# One slot per GPU: a training stage holds one for its whole run (see README, "GPU slots").
+# One slot per GPU: a training stage holds as many as its `devices` for its whole run (slots.py).
 GPU_LIMIT = "gpu"
 GPU_STAGES = ("pretrain", "finetune", "scratch")
 # The stage whose run registers a challenger version (stages/export.py): when it did not run,
