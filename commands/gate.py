@@ -1,5 +1,5 @@
 """The promotion gate's arithmetic: the test split both models are scored on, per-image hits
-of an exported model, the majority-class floor, and the decision from the scores.
+of an exported model, and the decision from the scores (the majority-class floor: stats.py).
 
 Inputs: a dataset folder (its test split), an ONNX file. Outputs: arrays and (promote?, why).
 No registry here: commands/promote.py fetches the models and moves the aliases.
@@ -38,12 +38,6 @@ def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:
     classes = np.asarray(read_metadata(session)["classes"], dtype=object)
     predicted = classes[predict_logits(session, images).argmax(axis=1)]
     return predicted == truth
-
-
-def majority_floor(truth: np.ndarray) -> tuple[float, str]:
-    """(accuracy of always answering the most frequent class, that class) of a test split."""
-    names, counts = np.unique(truth.astype(str), return_counts=True)
-    return float(counts.max() / counts.sum()), str(names[counts.argmax()])
 
 
 def decide(challenger_acc: float, champion_acc: float | None, parity: str,

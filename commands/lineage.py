@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from commands.promote import command_parser, registry_params
@@ -18,11 +17,11 @@ from stages.core.lineage import DIFF_ARTIFACT
 from stages.params import RegistryParams
 
 
-def lineage(params: RegistryParams, ref: str, root: Path | None = None) -> dict[str, Any]:
+def lineage(params: RegistryParams, ref: str) -> dict[str, Any]:
     """The runs that made a version (ref: a version number or an alias)."""
     from stages.core.tracking import Registry
 
-    reg = Registry.connect(root)
+    reg = Registry.connect()
     if ref.isdigit():
         version = ref
     else:

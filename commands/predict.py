@@ -36,7 +36,8 @@ from stages.core import onnxio
 from stages.core.door import run_stage
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
 from stages.core.imageform import canonical
-from stages.core.sources import IMAGE_SUFFIXES, BadFile, read_image_file
+from stages.core.sources import BadFile, read_image_file
+from stages.core.walk import IMAGE_SUFFIXES
 
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from commands.gate import decide, hits, load_test_split, majority_floor
+from commands.gate import decide, hits, load_test_split
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
 from stages.core.host import project_root
@@ -94,9 +94,9 @@ class Decision:
 @dataclass(frozen=True)
 class Workspace:
     """What the challenger is checked against: this checkout's exported model."""
-    onnx_path: Path = Path("models/model.onnx")
-    force: bool = False
-    champion_before: str | None = None  # read before taking the lock: who promoted it
+    onnx_path: Path
+    force: bool
+    champion_before: str | None  # read before taking the lock: who promoted it
 
 
 def refusal(challenger: Any, onnx_path: Path) -> str | None:
@@ -199,16 +199,16 @@ def _decide_without_lock(reg: Any, params: RegistryParams, test: tuple[np.ndarra
         champ_acc = float(np.mean(champ_hits))
     if chal_hits is None:
         return None
-    from stages.core.stats import accuracy_interval
+    from stages.core.stats import accuracy_interval, majority
 
     chal_acc, ci = float(np.mean(chal_hits)), accuracy_interval(chal_hits)
-    majority = majority_floor(test[1])
+    floor = majority(test[1])
     promoted, reason = decide(chal_acc, champ_acc, parity, params.min_improvement, ci=ci,
-                              majority=majority)
+                              majority=floor)
     forced = f"; --force overrode: {blocked}" if blocked else ""
     return Decision(promoted=promoted, challenger_accuracy=chal_acc, champion_accuracy=champ_acc,
                     reason=reason + note + forced, challenger_ci_low=ci[0],
-                    challenger_ci_high=ci[1], majority_accuracy=majority[0],
+                    challenger_ci_high=ci[1], majority_accuracy=floor[0],
                     forced=bool(blocked), **base)
 
 
@@ -238,9 +238,8 @@ def _apply(reg: Any, d: Decision) -> Decision:
     return d
 
 
-def promote(params: RegistryParams, data: Path, root: Path | None = None, *,
-            model: Path = Path("models/model.onnx"), force: bool = False,
-            missing_ok: bool = False) -> Decision:
+def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, force: bool,
+            missing_ok: bool) -> Decision:
     """Decide and apply one promotion (see the module doc). `model`: this workspace's exported
     model, which the challenger must be; `force`: promote a stale or rolled-back one anyway;
     `missing_ok`: no challenger at all is "nothing to promote", not bad input. Downloads and

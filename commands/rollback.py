@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from commands.promote import command_parser, print_result, registry_params, version_text
@@ -20,12 +19,12 @@ from stages.core.errors import BadInput
 from stages.params import RegistryParams
 
 
-def rollback(params: RegistryParams, root: Path | None = None) -> dict[str, Any]:
+def rollback(params: RegistryParams) -> dict[str, Any]:
     """champion <- previous-champion; previous-champion <- that version's own predecessor."""
     from stages.core.tracking import CHAMPION, PREVIOUS, Registry
 
     name = params.model_name
-    reg = Registry.connect(root)
+    reg = Registry.connect()
     with reg.lock(name):
         champion, previous = reg.alias(name, CHAMPION), reg.alias(name, PREVIOUS)
         if previous is None:

@@ -79,9 +79,9 @@ def wait_healthy(api_url: str, proc: subprocess.Popen[bytes] | None, timeout_s: 
     raise RuntimeError(f"Prefect server at {api_url} did not become healthy\n{tail}")
 
 
-def create_pool(env: dict[str, str], pool: str = POOL) -> None:
+def create_pool(env: dict[str, str]) -> None:
     """The process work pool; an existing pool of that name is kept as it is."""
-    done = subprocess.run(prefect_cmd("work-pool", "create", pool, "--type", "process"),
+    done = subprocess.run(prefect_cmd("work-pool", "create", POOL, "--type", "process"),
                           env=env, capture_output=True, text=True)
     if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
         raise RuntimeError(f"prefect work-pool create failed:\n{done.stdout}\n{done.stderr}")
@@ -103,10 +103,10 @@ def project_store(project: Path, env: dict[str, str]) -> str:
     the first run from a temporary clone does not put them inside that clone)."""
     if env.get("MLFLOW_TRACKING_URI"):
         return env["MLFLOW_TRACKING_URI"]
-    from stages.core.tracking.store import tracking_uri
+    from stages.core.tracking.store import tracking_enabled, tracking_uri
 
     uri = tracking_uri(project.resolve())
-    if env.get("IMAGEPIPE_TRACKING", "1").strip().lower() not in {"0", "off", "false", "no"}:
+    if tracking_enabled():  # tool_env's copy of this environment: the same switch
         from stages.core.tracking import Store
 
         Store.connect(project.resolve()).experiment_id()

@@ -26,9 +26,10 @@ from typing import Any
 
 import yaml
 
-from flows.orphans import die_with_parent, guarded, kill_group
+from flows.orphans import guarded, kill_group
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
+from stages.core.host import die_with_parent
 
 log = logging.getLogger("imagepipe.flow")
 

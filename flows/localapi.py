@@ -8,7 +8,7 @@ Started here, the ~7 s it takes to come up run in parallel with the DVC status c
 process never imports the server. The database is Prefect's usual one (PREFECT_HOME).
 
 The server dies with this process, however it ends (kill -9 included): it gets SIGTERM through
-Linux's PR_SET_PDEATHSIG (flows/orphans.die_with_parent). Start it from a thread that lives as
+Linux's PR_SET_PDEATHSIG (stages/core/host.die_with_parent). Start it from a thread that lives as
 long as the run (the main thread): the signal fires when the thread that forked it ends.
 """
 
@@ -27,7 +27,7 @@ import prefect
 from prefect.settings import get_current_settings
 
 from flows.deploy import healthy
-from flows.orphans import die_with_parent
+from stages.core.host import die_with_parent
 
 
 class APIUnavailable(RuntimeError):

@@ -1,7 +1,9 @@
 """Children die with the flow process: `kill -9` of `imagepipe run` must not leave the Prefect
 API server, `dvc repro` or a stage running.
 
-die_with_parent: a preexec_fn for one direct child (the temporary API server).
+Linux's PR_SET_PDEATHSIG sends a signal to a child when its parent dies, but only to that child
+(not to DVC's own children): stages/core/host.die_with_parent for a direct child (the temporary
+API server, the training ranks), and here:
 guarded: a command wrapped in a tiny group leader that ends its whole process group (DVC, the
 shell, the stage and its workers) when the flow process dies.
 kill_group: how this side ends a process group it started (a stage's, a server's, a worker's).
@@ -17,15 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-# `kill -9` of `imagepipe run` left the Prefect API server, `dvc repro` and the stage running.
-# Linux's PR_SET_PDEATHSIG sends a signal to a child when its parent dies, but only to that
-# child (not to DVC's own children): die_with_parent (shared with the training ranks, in
-# stages/core/host.py) for a direct child, the guard below for a whole process group.
-from stages.core.host import die_with_parent
-
-__all__ = ["die_with_parent", "guarded", "kill_group"]
-
 
 # The group leader `run_killable` starts: it runs the command in its own process group and, when
 # the flow process dies (its PDEATHSIG, SIGTERM, arrives and its parent is no longer the flow),
@@ -81,7 +74,7 @@ def guarded(cmd: Sequence[str], grace_s: float) -> list[str]:
 
 def kill_group(proc: subprocess.Popen[Any] | int, grace_s: float) -> None:
     """SIGTERM the process group `proc` leads, then SIGKILL whatever is left: after `grace_s`,
-    or at once when the leader has gone (a child that ignored SIGTERM, a DataLoader worker).
+    or at once when the leader has gone (what is left then is a child that ignored SIGTERM).
     `proc` may be a bare pid: a server or worker that `make deploy` started and recorded."""
     pid = proc if isinstance(proc, int) else proc.pid
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):

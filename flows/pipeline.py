@@ -4,7 +4,7 @@ params overrides (as `dvc exp run -S`) -> one in-process DVC status (the plan) -
 dvc.yaml stage, in dependency order (`dvc repro --single-item STAGE` for those that may need
 work) -> `imagepipe promote --json` -> `dvc push` (when asked and a remote is set) -> a markdown
 artifact. Prefect decides when, where, how often and how long; DVC decides what is stale, so
-dvc.lock stays the truth whichever way a run was started. `imagepipe run` is `main()`.
+dvc.lock stays the truth whichever way a run was started. `imagepipe run` is commands/run.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from stages.core.host import FLOW_RUN_ENV
 
 FLOW_NAME = "imagepipe-pipeline"
 ARTIFACT_KEY = "imagepipe-pipeline"
-# One slot per GPU: a training stage holds one for its whole run (see README, "GPU slots").
+# One slot per GPU: a training stage holds as many as its `devices` for its whole run (slots.py).
 GPU_LIMIT = "gpu"
 GPU_STAGES = ("pretrain", "finetune", "scratch")
 # The stage whose run registers a challenger version (stages/export.py): when it did not run,
@@ -67,9 +67,13 @@ def _backoff(retries: int, first_s: float) -> list[float]:
     return [first_s * 2**i for i in range(max(retries, 1))]
 
 
-@task(name="stage", task_run_name="{stage}", retries=RETRIES,
-      retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S), retry_jitter_factor=0.2,
-      retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE, persist_result=False)
+# Every task's retries. The stage and promote tasks retry only what may heal (_TRANSIENT).
+_RETRIED: dict[str, Any] = {"retries": RETRIES, "retry_delay_seconds": _backoff(RETRIES, RETRY_DELAY_S),
+                            "cache_policy": NO_CACHE, "persist_result": False}
+_TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retry_jitter_factor": 0.2}
+
+
+@task(name="stage", task_run_name="{stage}", **_RETRIED, **_TRANSIENT)
 def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
                gpus: int) -> dict[str, Any]:
     """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
@@ -86,9 +90,7 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
             "seconds": round(done.seconds, 2), "attempts": task_run.get_run_count()}
 
 
-@task(name="promote", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
-      retry_jitter_factor=0.2, retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE,
-      persist_result=False)
+@task(name="promote", **_RETRIED, **_TRANSIENT)
 def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> dict[str, Any]:
     """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable.
     exported=False (this run exported nothing): no challenger at all is "nothing to promote"
@@ -110,8 +112,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     return decision
 
 
-@task(name="dvc-push", retries=RETRIES, retry_delay_seconds=_backoff(RETRIES, RETRY_DELAY_S),
-      cache_policy=NO_CACHE, persist_result=False)
+@task(name="dvc-push", **_RETRIED)
 def push_task(project_dir: str, remote: str, timeout_s: float) -> None:
     """`dvc push`: any failure is retried (a remote is a network service)."""
     logger = get_run_logger()
@@ -244,7 +245,7 @@ def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[st
                               description="Every scalar of metrics/*.json")
 
 
-# Plans that main() started before the flow (DVC's status check overlaps the API's start-up
+# Plans that `imagepipe run` started before the flow (DVC's status check overlaps the API's start-up
 # and the flow run's creation); valid while dvc.yaml, dvc.lock and params.yaml keep their
 # modification times (a second later, in practice).
 _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
@@ -252,7 +253,7 @@ _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
 
 # -- GPU slots ----------------------------------------------------------------------------
 
-# The URL of the temporary API that main() started, if any: there the `gpu` limit is not used.
+# The URL of the temporary API that `api()` started, if any: there the `gpu` limit is not used.
 _TEMPORARY_API_URL: str | None = None
 
 
@@ -276,7 +277,7 @@ def _gpus_wanted(root: Path) -> dict[str, int]:
     wanted = {}
     for name in GPU_STAGES:
         section = "finetune" if name == "scratch" else name  # the baseline trains as finetune
-        devices = getattr(getattr(params, section, None), "devices", 1)
+        devices = getattr(params, section).devices
         wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
     return wanted
 

@@ -1,5 +1,6 @@
 """Deployment pull steps named in prefect.yaml. They run in the flow-run process on the
-worker, after the repository was cloned and before the flow is loaded."""
+worker before the flow is loaded: check_tracking_uri before the repository is cloned, dvc_pull
+in the clone."""
 
 from __future__ import annotations
 

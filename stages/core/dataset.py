@@ -75,26 +75,12 @@ class ShardedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, tuple):
-            first = self[key[0]]
-            rest = key[1:]
-            if not rest:
-                return first
-            return first[rest] if np.ndim(key[0]) == 0 and not isinstance(key[0], slice) \
-                else first[(slice(None), *rest)]
+        """Rows by an int, a slice or an array of row indices: what the stages ask for."""
         if isinstance(key, (int, np.integer)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
@@ -106,11 +92,9 @@ class ShardedArray:
             if step == 1:
                 return self._range(start, max(start, stop))
             return self._take(np.arange(start, stop, step))
-        idx = np.asarray(key)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise IndexError(f"boolean index of shape {idx.shape} for {len(self)} images")
-            idx = np.flatnonzero(idx)
+        idx = None if isinstance(key, tuple) else np.asarray(key)
+        if idx is None or idx.dtype.kind not in "iu":  # a mask or a tuple: refused, not misread
+            raise IndexError(f"a sharded array takes rows by int, slice or int array, not {key!r}")
         return self._take(idx)
 
     def _range(self, start: int, stop: int) -> np.ndarray:
@@ -232,19 +216,18 @@ def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.nd
     return np.ascontiguousarray((x - m) / s)
 
 
-def load_dataset(folder: str | Path, *, mmap: bool = True, verify: Verify = "sha256") -> Dataset:
+def load_dataset(folder: str | Path, *, verify: Verify = "sha256") -> Dataset:
     """The dataset in `folder`, its files first checked against the manifest (integrity.py:
     `verify` "sha256" hashes them, "size" checks they are complete); BadInput naming the file
     and the fix when one is missing, damaged or changed."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest, verify)
-    mode = "r" if mmap else None
     if "shards" in manifest:
-        parts = [load_array(folder / s["file"], folder, manifest, mode) for s in manifest["shards"]]
+        parts = [load_array(folder / s["file"], folder, manifest, "r") for s in manifest["shards"]]
         images: np.ndarray | ShardedArray = parts[0] if len(parts) == 1 else ShardedArray(parts)
     else:
-        images = load_array(folder / "images.npy", folder, manifest, mode)
+        images = load_array(folder / "images.npy", folder, manifest, "r")
     labels = load_array(folder / "labels.npy", folder, manifest, None)
     split = load_array(folder / "split.npy", folder, manifest, None)
     if not len(images) == len(labels) == len(split) == manifest.get("n", len(labels)):

@@ -169,7 +169,7 @@ class DeviceBatches:
         return self.normalise(x)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 B x H x W x C -> float B x C x H x W, the same arithmetic as models.preprocess."""
+        """uint8 B x H x W x C -> float B x C x H x W, the same arithmetic as dataset.preprocess."""
         return self._finish(x.permute(0, 3, 1, 2).float().div_(255.0))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_BUG,
@@ -263,6 +264,18 @@ def _node_major(store: dist.Store, given: int, world: int, node_rank: int, local
     return sorted(places).index((node_rank, local))
 
 
+def run_rank(comm: Comm, target: str, argv: list[str]) -> Any:
+    """`target(argv)` ("module:function") on this rank, in-stage launch or Ray Train worker.
+    One log and one set of live MLflow curves, not one per rank: the others log warnings only
+    and keep no tracking run or live curve (core/epochlog.py) of their own."""
+    if not comm.is_main:
+        logging.getLogger("imagepipe").setLevel(logging.WARNING)
+        os.environ["IMAGEPIPE_TRACKING"] = "0"
+        os.environ.pop(EPOCH_LOG_ENV, None)
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(argv)
+
+
 def leave() -> None:
     global _current
     if dist.is_initialized():
@@ -293,12 +306,7 @@ def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str
                   file=sys.stderr)
             code = EXIT_TRANSIENT
         else:
-            if not comm.is_main:  # one log and one set of live MLflow curves, not one per rank
-                logging.getLogger("imagepipe").setLevel(logging.WARNING)
-                os.environ["IMAGEPIPE_TRACKING"] = "0"
-                os.environ.pop("IMAGEPIPE_EPOCH_LOG", None)  # core/epochlog.py's live curve
-            module, name = target.split(":")
-            code = int(getattr(importlib.import_module(module), name)(argv))
+            code = int(run_rank(comm, target, argv))
     finally:
         (Path(codes) / f"rank{rank}").write_text(str(code))
     if code != EXIT_OK:

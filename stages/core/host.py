@@ -38,12 +38,11 @@ def usable_cores() -> int:
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def cpu_quota(cgroups: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
-              ) -> float | None:
+def cpu_quota() -> float | None:
     """The CPUs this process's cgroup quota allows (quota / period, the tightest of its cgroup
     and their ancestors'), v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); None when there is no
     quota or it cannot be read (not Linux, no cgroup file system)."""
-    found = [q for version, folder in cgroup_folders("cpu", cgroups, mount)
+    found = [q for version, folder in cgroup_folders("cpu")
              if (q := (_v2_quota if version == 2 else _v1_quota)(folder)) is not None]
     return min(found) if found else None
 

@@ -56,22 +56,15 @@ def _size_limit() -> str:
     return f"the file-size limit (RLIMIT_FSIZE, `ulimit -f`) of {soft:,} bytes"
 
 
-def reserve(path: Path, nbytes: int | None = None) -> None:
-    """Allocate the disk blocks of `path` now (its current size unless `nbytes`).
-
-    A memory-mapped output is a sparse file until its pages are written back; on a full disk
-    that write-back is a SIGBUS that kills the stage ("Bus error", exit 135) with no message.
-    posix_fallocate claims the blocks up front, so a full disk is ENOSPC here, before the work.
-    """
+def reserve(path: Path, nbytes: int) -> None:
+    """Allocate `nbytes` of disk blocks for `path` now (posix_fallocate), so a full disk is
+    DiskFull here, before the work that would have filled it (a shard's decoding)."""
     with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size if nbytes is None else nbytes
-        if size <= 0:
-            return
         try:
-            os.posix_fallocate(f.fileno(), 0, size)
+            os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as err:
             if is_disk_full(err):
-                raise disk_full(path.parent, size, err) from None
+                raise disk_full(path.parent, nbytes, err) from None
             if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             # A file system that cannot preallocate (glibc emulates it on most): write as before.

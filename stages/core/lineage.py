@@ -155,9 +155,9 @@ def device_name() -> str:
     return "cpu"
 
 
-def lineage_tags(root: Path, stage: str | None = None, deps: list[str] | None = None
-                 ) -> dict[str, str]:
-    """Flat string tags naming the code, data, inputs, orchestrator run and device."""
+def lineage_tags(root: Path, stage: str, deps: list[str]) -> dict[str, str]:
+    """Flat string tags naming the code, data, `stage`'s inputs `deps`, orchestrator run and
+    device."""
     tags: dict[str, str] = {"device": device_name(), "host": platform.node()}
     commit = git_commit(root)
     if commit:
@@ -165,9 +165,8 @@ def lineage_tags(root: Path, stage: str | None = None, deps: list[str] | None = 
     dirty = git_dirty(root)
     if dirty is not None:
         tags["git.dirty"] = str(dirty).lower()
-    if stage:
-        for path, md5 in dep_hashes(root, stage, deps or []).items():
-            tags[f"dvc.dep.{path}"] = md5
+    for path, md5 in dep_hashes(root, stage, deps).items():
+        tags[f"dvc.dep.{path}"] = md5
     for key, digest in data_hashes(root).items():
         tags[f"data.{key}.sha256"] = digest
     flow_run = os.environ.get(FLOW_RUN_ENV)

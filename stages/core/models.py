@@ -7,24 +7,24 @@ Model file (models/*.pt, torch.save of a plain dict, loaded with weights_only=Tr
   state_dict, spec (ModelSpec as dict), classes, mean, std, extra
 
 Input contract, the same in training, ONNX and serving: float32 N x C x H x W, channels in
-RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]. See `preprocess`
-(in stages.core.dataset, numpy only, so serving need not import torch).
+RGB order (or one grey channel), x = (uint8 / 255 - mean[c]) / std[c]: stages.core.dataset's
+`preprocess` (numpy only, so serving need not import torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from stages.core.dataset import preprocess  # noqa: F401 - part of this module's contract
 from stages.core.errors import BadInput
 from stages.core.io import save_torch
+from stages.params import Arch
 
-ARCHS = ("resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+ARCHS = get_args(Arch)  # params.yaml's choices, named once there
 # Above this input size the torchvision stems keep their ImageNet downsampling.
 SMALL_INPUT = 64
 
@@ -71,8 +71,8 @@ class Classifier(nn.Module):
         self.head = nn.Linear(self.head.in_features, num_classes)
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
 
 

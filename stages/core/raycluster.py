@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.host import env_seconds
 
 log = logging.getLogger("imagepipe.ray")
 # How long one connection may take (TCP probe, then ray.init); a cluster that needs longer is
 # down as far as the stage can tell, and the flow retries it (75).
-CONNECT_TIMEOUT_S = float(os.environ.get("IMAGEPIPE_RAY_CONNECT_TIMEOUT_S", "60"))
+CONNECT_TIMEOUT_S = env_seconds("IMAGEPIPE_RAY_CONNECT_TIMEOUT_S", 60.0)
 GCS_PORT = 6379  # `ray start --head`'s default
 _AUTH_FIX = ("set RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or "
              "RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it) in the "
@@ -58,23 +59,23 @@ def cluster_cpus() -> int:
 
 
 @contextmanager
-def connected(configured: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Iterator[int]:
-    """A driver connected to the cluster (or to a Ray started here) for the block; yields the
-    cluster's CPUs. Already connected (an outer `connected`): reused, not reconnected."""
+def connected(configured: str | None) -> Iterator[None]:
+    """A driver connected to the cluster (or to a Ray started here) for the block. Already
+    connected (an outer `connected`): reused, not reconnected."""
     try:
         import ray
     except ImportError:
         raise BadInput("engine ray needs Ray: pip install -e '.[ray]'") from None
     if ray.is_initialized():
-        yield cluster_cpus()
+        yield
         return
     where = address(configured)
     _check_token_env()
     if where not in (None, "auto", "local"):
-        _probe(where, timeout_s)
-    _init(where, timeout_s)
+        _probe(where, CONNECT_TIMEOUT_S)
+    _init(where, CONNECT_TIMEOUT_S)
     try:
-        yield cluster_cpus()
+        yield
     finally:
         ray.shutdown()
 

@@ -21,7 +21,6 @@ process, a peer gone mid-collective) are restarted up to `restarts` times, then 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core import distributed, raycluster
+from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, BadInput, Transient, peer_lost
 from stages.params import TrainParams
 
@@ -111,8 +111,8 @@ def _worker_env() -> dict[str, str]:
     """What the workers inherit from the stage: never their own MLflow run (the driver keeps
     the stage's), and rank 0 appends to the driver's live epoch log (shared storage)."""
     env = {"IMAGEPIPE_TRACKING": "0"}
-    if os.environ.get("IMAGEPIPE_EPOCH_LOG"):
-        env["IMAGEPIPE_EPOCH_LOG"] = os.environ["IMAGEPIPE_EPOCH_LOG"]
+    if os.environ.get(EPOCH_LOG_ENV):
+        env[EPOCH_LOG_ENV] = os.environ[EPOCH_LOG_ENV]
     return env
 
 
@@ -131,12 +131,8 @@ def _worker(config: dict[str, Any]) -> None:
                             ctx.get_local_world_size(), config["backend"])
     distributed.adopt(comm)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not comm.is_main:  # one log and one live curve, not one per worker
-        logging.getLogger("imagepipe").setLevel(logging.WARNING)
-        os.environ.pop("IMAGEPIPE_EPOCH_LOG", None)
-    module, name = config["target"].split(":")
     try:
-        getattr(importlib.import_module(module), name)(config["argv"])
+        distributed.run_rank(comm, config["target"], config["argv"])
     except BadInput as err:
         ray.get(verdict.set.remote(EXIT_BAD_INPUT, f"rank {comm.rank}: {err}"))
         raise

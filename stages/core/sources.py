@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from stages.core.cifar import missing_files, read_cifar
 from stages.core.errors import BadInput
 from stages.core.imageform import DEFAULT_MAX_FILE_BYTES, MAX_PIXELS
-from stages.core.walk import IMAGE_SUFFIXES, Walk, kind, too_large  # noqa: F401 - predict.py's import
+from stages.core.walk import Walk, kind, too_large
 
 SPLIT_FOLDERS = ("train", "val", "test")
 TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")

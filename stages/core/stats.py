@@ -95,9 +95,13 @@ def accuracy_interval(hits: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
     return float(low[0]), float(high[0])
 
 
-def majority_accuracy(y: np.ndarray) -> float:
-    """Accuracy of always answering the most frequent class of `y`: the floor to beat."""
-    return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+def majority(labels: np.ndarray) -> tuple[float, Any]:
+    """(accuracy of always answering the most frequent label, that label): the floor a model
+    must beat (evaluate reports it, promote gates on it). (0.0, None) for no labels."""
+    values, counts = np.unique(labels, return_counts=True)
+    if not len(values):
+        return 0.0, None
+    return float(counts.max() / counts.sum()), values[counts.argmax()]
 
 
 def mcnemar_exact(a_hits: np.ndarray, b_hits: np.ndarray) -> dict[str, Any]:
@@ -130,7 +134,7 @@ def statistics(y: np.ndarray, pred: np.ndarray, scratch_pred: np.ndarray | None,
                seed: int) -> dict[str, Any]:
     """Intervals, the majority-class floor and McNemar's test, as flat evaluate.json keys."""
     out = {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
-           "majority_accuracy": majority_accuracy(y), "ci_level": CI_LEVEL,
+           "majority_accuracy": majority(y)[0], "ci_level": CI_LEVEL,
            "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": None,
            "mcnemar_finetuned_only": None, "mcnemar_scratch_only": None, "transfer_verdict": None}
     if scratch_pred is not None:

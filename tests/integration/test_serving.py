@@ -54,7 +54,8 @@ def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _train(path: Path) -> None:
     import torch
 
-    from stages.core.models import ModelFile, ModelSpec, build_model, preprocess, save_model_file
+    from stages.core.dataset import preprocess
+    from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
 
     torch.manual_seed(0)
     spec = ModelSpec("resnet_small", len(CLASSES), CHANNELS, SIZE, width=8)
@@ -118,7 +119,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) 
 def _torch_classes(path: Path, images: np.ndarray) -> np.ndarray:
     import torch
 
-    from stages.core.models import load_model_file, preprocess
+    from stages.core.dataset import preprocess
+    from stages.core.models import load_model_file
 
     model, mf = load_model_file(path)
     with torch.inference_mode():

@@ -134,7 +134,8 @@ def tiny_model(kind: str, seed: int = 0) -> Any:
     """
     import torch
 
-    from stages.core.models import ModelSpec, build_model, preprocess
+    from stages.core.dataset import preprocess
+    from stages.core.models import ModelSpec, build_model
 
     torch.manual_seed(seed)
     model = build_model(ModelSpec("resnet_small", len(CLASSES), CHANNELS, SIZE, width=2)).eval()
@@ -154,7 +155,7 @@ def tiny_model(kind: str, seed: int = 0) -> Any:
 def labels_of(model: Any, images: np.ndarray) -> np.ndarray:
     import torch
 
-    from stages.core.models import preprocess
+    from stages.core.dataset import preprocess
 
     with torch.no_grad():
         return model(torch.from_numpy(preprocess(images, MEAN, STD))).argmax(1).numpy()

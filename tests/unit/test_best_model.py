@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from stages import export, finetune, scratch
-from stages.core.dataset import SPLIT_CODE, load_dataset
+from stages.core.dataset import SPLIT_CODE, load_dataset, preprocess
 from stages.core.errors import BadInput
-from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file, preprocess
+from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file
 from stages.core.models import save_model_file as save_file
 from stages.core.selection import choose
 from stages.core.tracking.describe import version_description

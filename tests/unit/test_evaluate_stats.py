@@ -36,8 +36,9 @@ def test_mcnemar_exact_with_known_discordant_counts() -> None:
 
 
 def test_majority_accuracy_of_a_known_label_vector() -> None:
-    assert stats.majority_accuracy(np.array([0, 1, 1, 1, 2, 2, 1, 0])) == pytest.approx(4 / 8)
-    assert stats.majority_accuracy(np.array([3, 3, 3])) == 1.0
+    assert stats.majority(np.array([0, 1, 1, 1, 2, 2, 1, 0])) == (pytest.approx(4 / 8), 1)
+    assert stats.majority(np.array([3, 3, 3])) == (1.0, 3)
+    assert stats.majority(np.array([], dtype=np.int64)) == (0.0, None)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_at_large_n() -> None:
@@ -108,11 +109,11 @@ def test_wide_interval_is_warned(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_promote_refuses_a_challenger_no_better_than_the_majority_class() -> None:
-    from commands.promote import decide, majority_floor
+    from commands.promote import decide
 
     truth = np.array(["cat"] * 70 + ["dog"] * 30, dtype=object)
     always_cat = truth == "cat"  # hits of a model that always answers "cat": accuracy 0.70
-    floor = majority_floor(truth)
+    floor = stats.majority(truth)
     assert floor == (pytest.approx(0.7), "cat")
     ci = stats.accuracy_interval(always_cat)
     ok, why = decide(0.7, None, "true", 0.0, ci=ci, majority=floor)

@@ -18,8 +18,8 @@ import yaml
 
 from stages import export
 from stages.core import models, onnxio
-from stages.core.dataset import SPLIT_CODE
-from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file, preprocess
+from stages.core.dataset import SPLIT_CODE, preprocess
+from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file
 from stages.core.tracking.registration import Registration
 from stages.params import parse_params
 from tests.helpers import save_dataset

@@ -497,3 +497,18 @@ def test_stopping_a_group_kills_a_child_that_ignored_sigterm_once_its_leader_is_
         time.sleep(0.05)
     else:
         assert not Path(f"/proc/{pid}").exists(), "the child that ignored SIGTERM outlived the stop"
+
+
+def test_stopping_a_group_by_a_recorded_pid_ends_it(tmp_path: Path) -> None:
+    """`python -m flows.deploy --stop`: the server's pid from its pid file, not a child of the
+    process that stops it."""
+    from flows.orphans import kill_group
+
+    pid_file = tmp_path / "leader.pid"
+    starter = (f"import subprocess, sys; p = subprocess.Popen(['sleep', '120'], process_group=0); "
+               f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    subprocess.run([sys.executable, "-c", starter], check=True, timeout=60)  # then it exits
+    pid = int(pid_file.read_text())
+    kill_group(pid, grace_s=2.0)
+    stat_file = Path(f"/proc/{pid}/stat")
+    assert not stat_file.exists() or stat_file.read_text().rpartition(")")[2].split()[0] == "Z"

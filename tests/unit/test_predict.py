@@ -19,8 +19,9 @@ from PIL import Image
 from commands import cli, predict
 from stages import export
 from stages.core import onnxio
+from stages.core.dataset import preprocess
 from stages.core.imageform import canonical
-from stages.core.models import ModelFile, ModelSpec, build_model, preprocess, save_model_file
+from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
 
 CLASSES = ["cat", "dog", "ship", "frog"]
 # Unusual numbers on purpose: predict must take them from the model's metadata.

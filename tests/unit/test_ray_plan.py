@@ -3,12 +3,16 @@ needed: the cluster's GPU count is an argument); the params that choose the engi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from stages.core.errors import BadInput
 from stages.core.raytrain import workers
 from stages.params import PretrainParams, TrainParams, parse_params
-from tests.helpers import default_params
+from tests.helpers import REPO, default_params
 
 
 @pytest.mark.parametrize(("params", "gpus", "want"), [
@@ -37,3 +41,14 @@ def test_engine_and_restarts_are_validated() -> None:
     raw["pretrain"].update(engine="ray", restarts=-1)
     with pytest.raises(BadInput, match="pretrain.restarts"):
         parse_params(raw)
+
+
+def test_a_connect_timeout_that_is_no_number_is_the_default_not_a_crash_at_import() -> None:
+    """Read by host.env_seconds as the other durations from the environment are: a float() of
+    the variable raised ValueError when any stage imported the module."""
+    probe = "from stages.core import raycluster; print(raycluster.CONNECT_TIMEOUT_S)"
+    for value, want in (("ten", "60.0"), ("5", "5.0")):
+        done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                              text=True, timeout=60,
+                              env={**os.environ, "IMAGEPIPE_RAY_CONNECT_TIMEOUT_S": value})
+        assert done.returncode == 0 and done.stdout.strip() == want, done.stderr

@@ -15,10 +15,10 @@ import torch
 
 from stages import pretrain
 from stages.core.crops import draw_boxes, resized_crop
-from stages.core.dataset import ShardedArray, file_sha256, load_dataset, write_sharded
+from stages.core.dataset import ShardedArray, file_sha256, load_dataset, preprocess, write_sharded
 from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.io import atomic_dir
-from stages.core.models import load_model_file, preprocess
+from stages.core.models import load_model_file
 from stages.core.shards import RowWriter
 from stages.core.stream import STREAM_ENV, Prefetch, StreamBatches, batches, block_order
 from stages.params import parse_params

@@ -18,11 +18,11 @@ import yaml
 
 from stages import evaluate, finetune, pretrain, scratch
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
-from stages.core.dataset import SPLIT_CODE
+from stages.core.dataset import SPLIT_CODE, preprocess
 from stages.core.device import select_device
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
 from stages.core.errors import BadInput
-from stages.core.models import load_model_file, preprocess
+from stages.core.models import load_model_file
 from stages.core.train import schedule_factor
 from stages.params import Params, parse_params
 from tests.helpers import REPO, default_params, save_dataset
