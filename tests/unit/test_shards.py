@@ -257,6 +257,8 @@ def test_decode_work_stats_the_files_and_stops_once_the_pool_pays(
     sizes = [os.path.getsize(f) for f in files]
     work, weighed = shards.decode_work([*files, str(root / "gone.jpg")])
     assert (work, weighed) == (sum(sizes) + 6 * engine.FILE_COST_BYTES, 6)  # gone: its overhead
+    # files over data.max_file_mb are refused unread: their bytes are no work
+    assert shards.decode_work(files, max_bytes=min(sizes) - 1) == (5 * engine.FILE_COST_BYTES, 5)
     monkeypatch.setattr(engine, "DECODE_POOL_FROM", sizes[0] + sizes[1] + 2 * engine.FILE_COST_BYTES)
     assert shards.decode_work(files) == (engine.DECODE_POOL_FROM, 2)  # the rest never stat'ed
 
