@@ -50,10 +50,12 @@ ENGINES = ("local", "ray")
 # JPEGs, the pool 0.33x / 0.71x / 0.71x / 1.25x: the crossover lies between 20k and 60k (lower
 # on a quiet machine, where the second core is free), taken at 30,000 CIFAR JPEGs' weight,
 # 50 MB: some 17 12-MP photos, 35 of 6 MP. benchmarks/ingest_pool.py --photos 300 (6-MP
-# synthetic JPEGs, 1.45 MB each), 3 rotated rounds on 2 cores at load 4-6.4 (others' tests):
-# the rule takes the pool; inline 17.7-24.2 s, the pool 20.3-28.4 s (medians 22.9 / 21.5 s):
-# on a machine that full the pool's two processes got 0.6-0.8 cores, as inline's one did
-# (0.66-0.88), and win little: the pool pays for photos where a second core is free.
+# synthetic JPEGs, 1.45 MB each): the rule takes the pool after 35 files. 6 rotated rounds on
+# 2 cores that others' tests kept full (load 2.5-6.4, 5-8 runnable, no idle): inline
+# 15.1-24.2 s (median 22.4), the pool 20.3-29.7 s (median 22.6), 13.5-16.0 CPU s against
+# 15.4-17.3; its two workers ran at once but at a third of a core each: the kernel shares a
+# busy CPU by session (sched_autogroup), so a session's two processes get what its one did. A
+# pool gains where a core is free; a quiet machine was not had to measure it.
 FILE_COST_BYTES = 750
 CIFAR_JPEG_BYTES = 921  # the mean of CIFAR-10's 60,000 JPEGs (../shared/data/cifar10-jpg.tar.gz)
 DECODE_POOL_FROM = 30_000 * (CIFAR_JPEG_BYTES + FILE_COST_BYTES)  # bytes' weight, 50,130,000
