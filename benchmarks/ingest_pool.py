@@ -110,8 +110,8 @@ def photos(tmp: Path, tree: Path, repeat: int) -> dict:
     """Inline, the pool and the rule on camera-sized photos: wall s, CPU s, load."""
     picked = rule(tree)
     print(f" {picked['files']} photos, {sum(p.stat().st_size for p in tree.rglob('*.jpg')):,} B: "
-          f"the rule picks {picked['engine']} (past {picked['pool_from']:,} after "
-          f"{picked['weighed']} files)", flush=True)
+          f"the rule picks {picked['engine']} (the first {picked['weighed']} weigh "
+          f"{picked['work']:,}; the pool from {picked['pool_from']:,})", flush=True)
     rows = _rounds(tmp, {
         "inline": lambda: _core(tmp, tree, "inline", "0,1", _pool_from=NEVER),
         "pool": lambda: _core(tmp, tree, "pool", "0,1", _pool_from=0),
