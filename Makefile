@@ -45,8 +45,11 @@ test: install
 
 # The real 2-node Ray clusters (token auth, 127.0.0.1): Ray ingest across nodes and Ray Train
 # (tests/integration/test_ray_cluster.py, test_ray_train.py); each module starts its own cluster.
-# One module at a time: with both clusters on 2 cores, Ray's SPREAD once left every decode task
-# on one node (the ingest test checks that both nodes ran some).
+# One module at a time (-n 0) for the machine's sake only: two clusters at once are two GCS, four
+# raylets and Ray Train's torch workers on what is often 2 cores. Placement no longer needs it:
+# ingest's tasks go to nodes the engine picks by node affinity (stages/core/engine.py), not by
+# Ray's best-effort SPREAD, which on a busy machine once left one node every decode task (the
+# ingest test still checks that both nodes ran some).
 .PHONY: test-cluster
 test-cluster: install
 	$(PY) -m pytest -n 0 -m cluster tests/integration/test_ray_cluster.py \

@@ -19,9 +19,8 @@ the CPU seconds of each run's process tree (less sensitive to others' load than 
 
 `python -m benchmarks.bench_ingest --tree DIR --quick --repeat 3` compares only the plain
 2-process pool and ingest's core on 2 cores, alternately, on an already extracted tree.
-`--crossover` does that on folders of 1,000, 6,000, 20,000 and 60,000 of the files (hard
-links), with ingest's core forced inline and forced onto its pool: where the pool starts to
-pay is stages/core/engine.py's DECODE_POOL_FROM.
+Where ingest's pool starts to pay (inline against the pool, on CIFAR subsets and on camera-
+sized photos) is benchmarks/ingest_pool.py.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ import yaml
 raw = yaml.safe_load(Path(sys.argv[1]).read_text())
 cpus = raw.pop("_ray", None)
 pool_from = raw.pop("_pool_from", None)
-if pool_from is not None:  # bench_ingest --crossover: the pool forced on or off
+if pool_from is not None:  # benchmarks/ingest_pool.py: the pool forced on or off
     from stages.core import engine
     engine.DECODE_POOL_FROM = int(pool_from)
 params = parse_params(raw)
@@ -284,47 +283,7 @@ def _quick(tmp: Path, tree: Path, repeat: int) -> dict:
     return rows
 
 
-CROSSOVER_SIZES = (1_000, 6_000, 20_000, 60_000)
-
-
-def _subset(tree: Path, out: Path, n: int) -> Path:
-    """The first n / 10 files of each class (5/6 of them train, 1/6 test), as hard links."""
-    for split, share in (("train", 5 / 6), ("test", 1 / 6)):
-        for cls in sorted((tree / split).iterdir()):
-            (out / split / cls.name).mkdir(parents=True, exist_ok=True)
-            for f in sorted(cls.iterdir())[:round(n * share / 10)]:
-                os.link(f, out / split / cls.name / f.name)
-    return out
-
-
-def _crossover(tmp: Path, tree: Path, repeat: int) -> dict:
-    """Per folder size: the plain 2-process pool, ingest inline and ingest on its pool, each
-    round in a rotated order; the median ratio of each ingest to the plain pool."""
-    import statistics
-
-    result: dict = {}
-    for n in CROSSOVER_SIZES:
-        folder = _subset(tree, tmp / f"sub{n}", n) if n < 60_000 else tree
-        print(f" {n:,} files", flush=True)
-        runs = {"plain_2": lambda folder=folder: _plain(folder, 2, "0,1"),
-                "inline": lambda folder=folder: _core(tmp, folder, "inline", "0,1", _pool_from=10**9),
-                "pool": lambda folder=folder: _core(tmp, folder, "pool", "0,1", _pool_from=0)}
-        rows: dict = {k: [] for k in runs}
-        for i in range(repeat):
-            names = list(runs)[i % 3:] + list(runs)[:i % 3]
-            for name in names:
-                shutil.rmtree(tmp / name, ignore_errors=True)  # a cold ingest each time
-                rows[name].append(runs[name]()["images_per_s"])
-        plain = statistics.median(rows["plain_2"])
-        result[n] = {**rows, **{f"{k}_vs_plain": round(statistics.median(rows[k]) / plain, 2)
-                                for k in ("inline", "pool")}}
-        print(f"  {n:,}: inline {result[n]['inline_vs_plain']}x, pool "
-              f"{result[n]['pool_vs_plain']}x the plain 2-process pool", flush=True)
-    return result
-
-
-def main(tree: Path | None = None, quick: bool = False, repeat: int = 1,
-         crossover: bool = False) -> dict | None:
+def main(tree: Path | None = None, quick: bool = False, repeat: int = 1) -> dict | None:
     if tree is None and not TARBALL.exists():
         print(f"bench_ingest: skipped ({TARBALL.name} not found beside the repo)")
         return None
@@ -335,12 +294,6 @@ def main(tree: Path | None = None, quick: bool = False, repeat: int = 1,
             tree = tmp / "cifar"
             with tarfile.open(TARBALL) as tar:
                 tar.extractall(tree, filter="data")
-        if crossover:
-            result["crossover"] = _crossover(tmp, tree, repeat)
-            result["load_after"] = round(load(), 2)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "ingest_crossover.json").write_text(json.dumps(result, indent=2) + "\n")
-            return result
         if quick:
             result["quick"] = _quick(tmp, tree, repeat)
             RESULTS.mkdir(parents=True, exist_ok=True)
@@ -373,7 +326,5 @@ if __name__ == "__main__":
     parser.add_argument("--tree", type=Path, help="an extracted CIFAR JPEG tree (read only)")
     parser.add_argument("--quick", action="store_true", help="plain pool vs ingest only")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--crossover", action="store_true",
-                        help="inline vs pool vs the plain pool at 1k/6k/20k/60k files")
     args = parser.parse_args()
-    main(args.tree, args.quick, args.repeat, args.crossover)
+    main(args.tree, args.quick, args.repeat)

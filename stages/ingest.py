@@ -169,11 +169,12 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     splits no later stage reads are not decoded (_drop_unread)."""
     data = params.data
     role = role.filled(data)
-    # No fork server started ahead of the listing: most folders are too small for the pool
-    # to pay (engine.DECODE_POOL_FROM), and for those it was a second of two cores spent for
-    # nothing.
-    # By file type only: no stat per file before decoding starts; each worker's fstat stamps
-    # its files for the shards' meta and refuses those over data.max_file_mb ("skipped").
+    # No fork server started ahead of the listing: most folders are too light for the pool
+    # to pay (engine.DECODE_POOL_FROM, by their bytes), and for those it was a second of two
+    # cores spent for nothing.
+    # By file type only: no stat per file while listing; shards.decode_work stats the files to
+    # decode until they weigh enough for the pool, each worker's fstat stamps its files for the
+    # shards' meta and refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
                           max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes,

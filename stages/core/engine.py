@@ -34,18 +34,31 @@ ENGINES = ("local", "ray")
 # in this process however many cores there are. Two crossovers, not one: the same rule (a pool
 # pays once the work it shares out takes a few times its own start-up: on 2 free cores S + W/2
 # against W) over two different start-ups S and per-image costs, measured apart on different
-# images; the counts are close by chance, and each holds only for images like those it was
-# measured on.
+# images; each holds only for work weighed the way it was measured.
 #
-# Files to decode (ingest; shards.decode_engine). S: the fork server, workers importing numpy
-# and PIL, pieces joined: most of a second of two cores. W: ~100 us a 32-px CIFAR JPEG.
-# benchmarks/bench_ingest.py --crossover, 2 cores at load 4-4.7, against a plain PIL loop in a
-# 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k JPEGs, the pool
-# 0.33x / 0.71x / 0.71x / 1.25x. The crossover lies between 20k and 60k, lower on a quiet
-# machine, where the second core is free. A 12-MP JPEG takes ~1,500x the CPU of a CIFAR one
-# (read_image_file + canonical to 32 px: 105 ms against 0.07 ms, a synthetic 4000 x 3000
-# quality-90 JPEG, load 2.7): photos pay for the pool from far fewer files (not measured).
-DECODE_POOL_FROM = 30_000
+# Files to decode (ingest; shards.decode_engine), weighed by their bytes, not counted: a file
+# costs a fixed part (open, fstat, hash, PIL's open) plus a part that grows with its pixels, and
+# so roughly with its bytes. read_image_file + canonical to 32 px, CPU per file (load 2.9-3.4):
+# a 32-px CIFAR JPEG (921 B, their mean) 62 us; a 640 x 480 quality-90 JPEG (73 KB) 2.8 ms; a
+# 4000 x 3000 one (2.9 MB) 108 ms: 37-38 ns a byte above a few KB, so the fixed part is about
+# 62 us - 921 B x 37 ns = 28 us, the cost of 750 bytes (FILE_COST_BYTES). A file weighs its size
+# + 750 B; counting files (the rule before) put 20,000 camera photos, 35 minutes of decoding,
+# in one process while the other cores idled.
+# S: the fork server, workers importing numpy and PIL, pieces joined: most of a second of two
+# cores. benchmarks/ingest_pool.py --crossover, 2 cores at load 4-4.7, against a plain PIL
+# loop in a 2-process pool: inline 0.63x / 1.05x / 0.92x / 1.20x at 1k / 6k / 20k / 60k CIFAR
+# JPEGs, the pool 0.33x / 0.71x / 0.71x / 1.25x: the crossover lies between 20k and 60k (lower
+# on a quiet machine, where the second core is free), taken at 30,000 CIFAR JPEGs' weight,
+# 50 MB: some 17 12-MP photos, 35 of 6 MP. benchmarks/ingest_pool.py --photos 300 (6-MP
+# synthetic JPEGs, 1.45 MB each): the rule takes the pool after 35 files. 6 rotated rounds on
+# 2 cores that others' tests kept full (load 2.5-6.4, 5-8 runnable, no idle): inline
+# 15.1-24.2 s (median 22.4), the pool 20.3-29.7 s (median 22.6), 13.5-16.0 CPU s against
+# 15.4-17.3; its two workers ran at once but at a third of a core each: the kernel shares a
+# busy CPU by session (sched_autogroup), so a session's two processes get what its one did. A
+# pool gains where a core is free; a quiet machine was not had to measure it.
+FILE_COST_BYTES = 750
+CIFAR_JPEG_BYTES = 921  # the mean of CIFAR-10's 60,000 JPEGs (../shared/data/cifar10-jpg.tar.gz)
+DECODE_POOL_FROM = 30_000 * (CIFAR_JPEG_BYTES + FILE_COST_BYTES)  # bytes' weight, 50,130,000
 # Augmented images, train images x copies (augment). S: each worker imports torch (~2.5 s).
 # W: batched on one core, ~4,700 32-px RGB and ~47,000 16-px grey images/s
 # (benchmarks/bench_augment.py, load 5): a second worker wins its start-up back only past some

@@ -158,7 +158,9 @@ def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp:
     return result
 
 
-MIN_PIECE = 512  # images: below this a piece's task start-up outweighs its decoding
+# CIFAR JPEGs' worth of work (0.03 s): below this a piece's task start-up outweighs its
+# decoding. A piece of heavier files holds fewer of them: of 6-MP photos, one.
+MIN_PIECE = 512
 
 
 @dataclass
@@ -226,10 +228,13 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
             metas[k] = meta
             advance(hi - lo)
     todo = [k for k in range(len(ranges)) if k not in metas]
-    engine = decode_engine(engine, files, sum(ranges[k][1] - ranges[k][0] for k in todo))
+    rows = [i for k in todo for i in range(*ranges[k])]
+    work, weighed = decode_work([refs[i] for i in rows] if files else [],
+                                None if stamps is None else stamps[rows], max_bytes)
+    engine = decode_engine(engine, files, work)
     pieces = _pieces(todo, ranges, names, refs, workers(engine) if engine != "inline" else 1,
                      ShardPart("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
-                           os.getcwd() if files else ""))
+                           os.getcwd() if files else ""), per_file=work / max(weighed, 1))
     task = decode_piece if files else functools.partial(decode_piece, fetch=fetch)
     try:
         _run(task, pieces, engine, ray_address, staging, shape, advance)
@@ -246,13 +251,34 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     return _built(ranges, names, metas, len(todo), staging)
 
 
-def decode_engine(engine: str, files: bool, n: int) -> str:
-    """Where `n` refs decode: array sources (digits, CIFAR's pickles) live in this process and
-    decode here, fast; so do files too few to pay for the local pool
-    (engine.DECODE_POOL_FROM)."""
+def decode_work(refs: Sequence[str], stamps: np.ndarray | None = None,
+                max_bytes: int = 2**63) -> tuple[int, int]:
+    """(work, files weighed) of decoding the files `refs` name: each weighs its size plus
+    engine.FILE_COST_BYTES (its fixed cost), summed until the total reaches
+    engine.DECODE_POOL_FROM, where the pool pays (on 60,000 CIFAR JPEGs the first 30,000). A
+    file over `max_bytes` weighs its fixed cost only: its reader refuses it unread.
+
+    Sizes from the listing's `stamps` where it has them, else one stat a file: 0.17 s at load
+    5 for the 30,096 of CIFAR's 60,000 it stops at, some 2% of their decoding, as the files'
+    count cannot tell a folder of 32-px JPEGs from one of camera photos."""
+    from stages.core.engine import DECODE_POOL_FROM, FILE_COST_BYTES
+
+    work = 0
+    for k, ref in enumerate(refs):
+        size = int(stamps[k, 0]) if stamps is not None else _stamp(ref)[0]
+        work += (size if 0 <= size <= max_bytes else 0) + FILE_COST_BYTES  # -1: vanished
+        if work >= DECODE_POOL_FROM:
+            return work, k + 1
+    return work, len(refs)
+
+
+def decode_engine(engine: str, files: bool, work: int) -> str:
+    """Where refs of `work` (decode_work) decode: array sources (digits, CIFAR's pickles)
+    live in this process and decode here, fast; so do files too light to pay for the local
+    pool (engine.DECODE_POOL_FROM)."""
     from stages.core import engine as engines
 
-    if not files or (engine == "local" and n < engines.DECODE_POOL_FROM):
+    if not files or (engine == "local" and work < engines.DECODE_POOL_FROM):
         return "inline"
     return engine
 
@@ -285,19 +311,26 @@ def _run(task: Callable[[ShardPart], dict[str, Any]], pieces: list[ShardPart], e
 
 
 def _pieces(todo: list[int], ranges: list[tuple[int, int]], names: list[str],
-            refs: Sequence[str], n_workers: int, base: ShardPart) -> list[ShardPart]:
+            refs: Sequence[str], n_workers: int, base: ShardPart, *,
+            per_file: float) -> list[ShardPart]:
     """One piece per shard; shards split further when there are fewer of them than eight per
     worker (a one-shard CIFAR would otherwise decode on one core; eight, not one, per worker so
     that a worker slowed by a busy machine does not leave the others idle long at the end:
-    with four, CIFAR's last piece ran 0.2 s alone on 2 cores)."""
+    with four, CIFAR's last piece ran 0.2 s alone on 2 cores). `per_file`: a file's mean work
+    (decode_work): a piece holds at least MIN_PIECE CIFAR JPEGs' worth (300 camera photos are
+    one small shard, which must still split, else it decodes on one core)."""
+    from stages.core.engine import CIFAR_JPEG_BYTES, FILE_COST_BYTES
+
     rows = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    min_files = max(1, round(MIN_PIECE * (CIFAR_JPEG_BYTES + FILE_COST_BYTES)
+                             / max(per_file, 1.0)))
     out = []
     for k in todo:
         lo, hi = ranges[k]
         n = hi - lo
         parts = 1
         if n_workers > 1 and len(todo) < 8 * n_workers and rows:
-            parts = max(1, min(-(-n // MIN_PIECE), round(8 * n_workers * n / rows)))
+            parts = max(1, min(-(-n // min_files), round(8 * n_workers * n / rows)))
         edges = np.linspace(lo, hi, parts + 1).round().astype(int)
         out += [dataclasses.replace(base, shard=names[k], part=j, parts=parts,
                                     refs=tuple(refs[edges[j]:edges[j + 1]]))

@@ -56,7 +56,7 @@ def test_ray_and_the_local_pool_write_the_same_bytes(tmp_path: Path, local_ray: 
     root = tmp_path / "imgs"
     _tree(root)
     monkeypatch.setattr(shards, "MIN_PIECE", 16)  # pieces of shards too, not just shards
-    monkeypatch.setattr(engine, "DECODE_POOL_FROM", 0)  # the local pool, for 200 files
+    monkeypatch.setattr(engine, "DECODE_POOL_FROM", 0)  # the local pool, for 200 small files
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
     out = {}
     for name in ("local", "ray"):

@@ -176,8 +176,8 @@ def test_a_process_pool_gives_the_same_bytes_as_one_process(tmp_path: Path,
 
 def test_a_small_folder_decodes_without_starting_the_pool(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below engine.DECODE_POOL_FROM files the pool's start-up (about a second of two cores) costs
-    more than it saves: the files decode in this process, however many cores there are."""
+    """Below engine.DECODE_POOL_FROM of work the pool's start-up (about a second of two cores)
+    costs more than it saves: the files decode in this process, however many cores there are."""
     root = tmp_path / "imgs"
     _folder(root, {"a": 20, "b": 10})
     monkeypatch.setattr(engine, "usable_cores", lambda: 2)
@@ -193,6 +193,75 @@ def test_a_small_folder_decodes_without_starting_the_pool(tmp_path: Path,
     assert shards.decode_engine("local", True, engine.DECODE_POOL_FROM - 1) == "inline"
     assert shards.decode_engine("local", True, engine.DECODE_POOL_FROM) == "local"
     assert shards.decode_engine("ray", True, 1) == "ray"  # a cluster asked for is used
+
+
+def _photo(path: Path, size: int) -> None:
+    """A JPEG of `size` bytes: a small image, then zeros past its end (sparse, so cheap to
+    write; phones store further images there), which every reader skips. The rule weighs
+    bytes, so to it this is a camera photo; the test stays fast."""
+    Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def test_a_few_camera_photos_take_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """28 files, 4 of them 14 MB: past engine.DECODE_POOL_FROM by their bytes (a count of
+    files, the rule before, kept them in one process), and the one small shard they make is
+    split into pieces for both workers (by count it was one piece, under MIN_PIECE files).
+    The bytes are those of one process."""
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 12, "b": 12})
+    for cls in ("a", "b"):
+        for i in range(2):
+            _photo(root / cls / f"photo{i}.jpg", 14 * 2**20)
+    pools: list[int] = []
+    real_pool = engine._pool_map
+
+    def spied(fn, items, n_workers):
+        pools.append(len(items))
+        return real_pool(fn, items, n_workers)
+
+    monkeypatch.setattr(engine, "_pool_map", spied)
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
+    params = _params(root, max_bad_fraction=0.0)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "pool")
+    assert len(pools) == 1 and pools[0] >= 4  # the one shard in pieces (eight a worker)
+    monkeypatch.setattr(engine, "usable_cores", lambda: 1)
+    ingest.ingest_role("source", params.data.source, params, tmp_path / "one" / "pool")
+    assert len(pools) == 1
+    a, b = load_dataset(tmp_path / "pool"), load_dataset(tmp_path / "one" / "pool")
+    assert a.images.shape == (28, 64, 64, 3) and len(a.manifest["shards"]) == 1
+    assert a.manifest["sha256"] == b.manifest["sha256"]
+
+
+def test_the_pool_is_chosen_by_the_files_bytes_not_their_count() -> None:
+    """The listing's sizes (its stamps) weighed: 40,000 tiny files (200 B, 16-px icons) stay
+    in this process, where their count (over 30,000) started the pool; 17 camera photos of
+    3 MB take it; 30,000 CIFAR JPEGs of their mean size are the crossover itself."""
+    def verdict(n: int, size: int) -> str:
+        stamps = np.array([[size, 0]] * n, dtype=np.int64)
+        work, _ = shards.decode_work([f"{i}.jpg" for i in range(n)], stamps)
+        return shards.decode_engine("local", True, work)
+
+    assert verdict(40_000, 200) == "inline"
+    assert verdict(17, 3_000_000) == "local"
+    assert verdict(16, 3_000_000) == "inline"
+    assert verdict(30_000, engine.CIFAR_JPEG_BYTES) == "local"
+    assert verdict(29_999, engine.CIFAR_JPEG_BYTES) == "inline"
+
+
+def test_decode_work_stats_the_files_and_stops_once_the_pool_pays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "imgs"
+    _folder(root, {"a": 5})
+    files = sorted(str(p) for p in (root / "a").iterdir())
+    sizes = [os.path.getsize(f) for f in files]
+    work, weighed = shards.decode_work([*files, str(root / "gone.jpg")])
+    assert (work, weighed) == (sum(sizes) + 6 * engine.FILE_COST_BYTES, 6)  # gone: its overhead
+    # files over data.max_file_mb are refused unread: their bytes are no work
+    assert shards.decode_work(files, max_bytes=min(sizes) - 1) == (5 * engine.FILE_COST_BYTES, 5)
+    monkeypatch.setattr(engine, "DECODE_POOL_FROM", sizes[0] + sizes[1] + 2 * engine.FILE_COST_BYTES)
+    assert shards.decode_work(files) == (engine.DECODE_POOL_FROM, 2)  # the rest never stat'ed
 
 
 def test_new_decoding_code_reuses_no_staged_shard(tmp_path: Path, inline: list[int],
