@@ -35,13 +35,14 @@ import torch
 
 from stages.core.checkpoint import Position
 from stages.core.dataset import file_sha256, load_dataset, write_sharded
+from stages.core.device import make_runtime
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
 from stages.core.host import usable_cores
 from stages.core.io import atomic_dir
 from stages.core.models import ModelSpec, build_model
 from stages.core.shards import RowWriter
 from stages.core.stream import StreamBatches
-from stages.core.train import make_runtime, make_trainer, param_groups, train_one_epoch
+from stages.core.train import make_trainer, param_groups, train_one_epoch
 from stages.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]

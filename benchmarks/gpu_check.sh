@@ -142,7 +142,7 @@ from pathlib import Path
 d, label = Path(sys.argv[1]), sys.argv[2]
 m = json.loads((d / "pretrain.json").read_text())
 rows = list(csv.DictReader(open(d / "pretrain.csv")))
-from stages.core.train import speed
+from stages.core.history import speed
 seconds, rate = speed(rows)  # the figure of the stage's own log line, from its plots table
 print(f"{label}: {rate:.0f} images/s (world size {m.get('world_size')}), "
       f"{m['epochs']} epochs in {seconds:.1f} s, val accuracy {m['val_accuracy']}")

@@ -221,7 +221,7 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    from stages.core.train import write_csv as write_rows
+    from stages.core.history import write_csv as write_rows
 
     labels = np.arange(len(classes))
     side = max(4.0, 0.5 * len(classes) + 2)

@@ -42,9 +42,9 @@ from stages.params import FinetuneParams, Params, load_params
 
 if TYPE_CHECKING:
     from stages.core.best import BestEpoch
+    from stages.core.device import Runtime
     from stages.core.devicedata import DeviceBatches
     from stages.core.models import Classifier, ModelFile
-    from stages.core.train import Runtime
 
 # torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
 # refused and the door's launch decision start without it.
@@ -155,9 +155,10 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
     """Phase 1 then phase 2 on `model` (already carrying the new head); return both histories.
     `best` follows both phases: the best epoch may be a head-only one."""
     from stages.core.checkpoint import CheckpointStore
+    from stages.core.history import write_csv
     from stages.core.models import save_model_file
     from stages.core.regularize import L2SP, l2sp_groups
-    from stages.core.train import fit, make_trainer, param_groups, write_csv
+    from stages.core.train import fit, make_trainer, param_groups
 
     steps, rows = len(t.train), []
     fp = {**t.fingerprint, "pretrained": pretrained_sha}
@@ -197,8 +198,9 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     """Transfer; write the finetuned and probe model files and the CSV; return the metrics."""
     from stages.core.best import BestEpoch, chosen
     from stages.core.checkpoint import seed_everything
+    from stages.core.device import make_runtime
+    from stages.core.history import summary, throughput
     from stages.core.models import load_model_file, save_model_file
-    from stages.core.train import make_runtime, summary, throughput
 
     start = time.perf_counter()
     p = params.finetune
@@ -229,7 +231,7 @@ def run_metrics(history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str,
     """A run's summary where val_loss/val_accuracy are those of the model file (the epoch
     `row`, `selected_epoch`: what `imagepipe tune` and export compare), with the last epoch's
     beside them. Shared with stages/scratch.py."""
-    from stages.core.train import summary
+    from stages.core.history import summary
 
     out = summary(history)
     if row:

@@ -29,8 +29,8 @@ from stages.core.io import write_json
 from stages.params import Params, PretrainParams, load_params
 
 if TYPE_CHECKING:
+    from stages.core.device import Runtime
     from stages.core.devicedata import DeviceBatches
-    from stages.core.train import Runtime
 
 # torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
 # refused and the door's launch decision start without it.
@@ -68,17 +68,11 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     """Pretrain, write the model file and the per-epoch CSV; return the metrics."""
     from stages.core import distributed
     from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.device import make_runtime
     from stages.core.devicedata import channel_stats
+    from stages.core.history import summary, throughput, write_csv
     from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
-    from stages.core.train import (
-        fit,
-        make_runtime,
-        make_trainer,
-        param_groups,
-        summary,
-        throughput,
-        write_csv,
-    )
+    from stages.core.train import fit, make_trainer, param_groups
 
     start = time.perf_counter()
     p = params.pretrain

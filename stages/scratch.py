@@ -54,15 +54,10 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     # torch is imported here, not at load (as in finetune.py): --help starts without it.
     from stages.core.best import BestEpoch, chosen
     from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.device import make_runtime
+    from stages.core.history import throughput, write_csv
     from stages.core.models import build_model, load_model_file, save_model_file
-    from stages.core.train import (
-        fit,
-        make_runtime,
-        make_trainer,
-        param_groups,
-        throughput,
-        write_csv,
-    )
+    from stages.core.train import fit, make_trainer, param_groups
 
     start = time.perf_counter()
     p = params.finetune.baseline_view()

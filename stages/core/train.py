@@ -33,13 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from stages.core.best import BestEpoch
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.device import Runtime
-from stages.core.device import make_runtime as make_runtime  # where the stages import it from
 from stages.core.devicedata import DeviceBatches
 from stages.core.errors import BadInput
-from stages.core.history import speed as speed  # the stages import these from here
-from stages.core.history import summary as summary
-from stages.core.history import throughput as throughput
-from stages.core.history import write_csv as write_csv
 from stages.core.progress import progress
 from stages.params import TrainParams
 

@@ -476,7 +476,7 @@ def test_the_same_node_rank_twice_is_bad_input() -> None:
 @pytest.mark.gpu
 @cuda
 def test_gpu_bf16_channels_last_step_learns() -> None:
-    from stages.core.train import make_runtime
+    from stages.core.device import make_runtime
 
     rt = make_runtime(TrainParams(device="cuda", precision="auto"))
     assert rt.channels_last and (rt.bf16 or rt.fp16)
@@ -498,7 +498,8 @@ def test_gpu_bf16_channels_last_step_learns() -> None:
 @pytest.mark.gpu
 @cuda
 def test_gpu_compile_deterministic_and_oom_fallback() -> None:
-    from stages.core.train import _step, make_runtime
+    from stages.core.device import make_runtime
+    from stages.core.train import _step
 
     rt = make_runtime(TrainParams(device="cuda", compile=True, deterministic=True))
     try:
