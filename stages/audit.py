@@ -122,7 +122,7 @@ def summary(ds: Dataset, rows: np.ndarray, found: LabelIssues | None,
 
 def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]:
     p = params.audit
-    ds = load_dataset(data)
+    ds = load_dataset(data, verify=params.verify_data)
     features = embed(ds, model, p)
     rows = np.flatnonzero(ds.split < 2)  # train and val: the labels training learns from
     found = audit_labels(features[rows], ds.labels[rows], folds=p.folds, c=p.probe_c,

@@ -62,7 +62,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     start = time.perf_counter()
     p = params.finetune.baseline_view()
     rt = make_runtime(p)
-    ds = load_dataset(data)
+    ds = load_dataset(data, verify=params.verify_data)
     _, mf = adapt_to_target(*load_model_file(pretrained), ds)  # the spec and normalisation
     t = load_target(ds, mf, p, rt, params.seed)
     out.checkpoints.mkdir(parents=True, exist_ok=True)

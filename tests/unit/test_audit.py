@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from scipy.stats import binom
 from benchmarks.audit import flip, write_variant
 from stages import audit, finetune, ingest, pretrain
 from stages.core.dataset import load_dataset
+from stages.core.errors import BadInput
 from stages.params import parse_params
 from tests.helpers import default_params, run_stage, write_params
-from tests.unit.test_train import tiny_params, write_dataset
+from tests.unit.test_train import pixel_flipped, tiny_params, with_verify, write_dataset
 
 # The measure (benchmarks/audit.py --target digits, seed 0, pretrain 3 and finetune 2+4 epochs;
 # README "Label and image audit"): at 10% flips (58 of 586 training labels) the audit flagged 56
@@ -117,6 +119,19 @@ def test_gate_exits_2_naming_the_report(flipped: dict[str, Any], tmp_path: Path)
     # Off by default: the same figures pass.
     assert default_params()["audit"]["max_issue_fraction"] is None
     audit.gate(flipped["metrics"], out)
+
+
+def test_audit_checks_its_set_as_verify_data_says(flipped: dict[str, Any], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # audit checked sha256 whatever verify_data said, unlike every other stage reading a set.
+    data = pixel_flipped(flipped["data"], tmp_path / "data")
+    out = outputs(tmp_path)
+    with caplog.at_level(logging.INFO):
+        audit.run(with_verify(flipped["params"], "size"), data, flipped["model"], out)
+    assert "shard sha256 not checked (verify_data: size)" in caplog.text
+    assert out.issues.exists()
+    with pytest.raises(BadInput, match="00000.npy: its sha256 does not match"):
+        audit.run(with_verify(flipped["params"], "sha256"), data, flipped["model"], out)
 
 
 def write_folder(root: Path, *, copy: bool) -> None:

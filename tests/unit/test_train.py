@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import yaml
 
 from stages import evaluate, finetune, pretrain, scratch
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
-from stages.core.dataset import SPLIT_CODE, preprocess
+from stages.core.dataset import HEADER, SPLIT_CODE, preprocess
 from stages.core.device import select_device
 from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
 from stages.core.errors import BadInput
@@ -367,6 +368,36 @@ def test_evaluate_json_has_every_key(chain: Path) -> None:
     assert len(rows) == 36 and {r["actual"] for r in rows} == {f"t{i}" for i in range(6)}
     assert (chain / "confusion.png").stat().st_size > 1000
     assert set(json.loads((chain / "per_class.json").read_text())["per_class"]) >= {"t0", "t5"}
+
+
+def pixel_flipped(data: Path, dest: Path) -> Path:
+    """A copy of the set in `data` with one pixel's lowest bit flipped in its first shard: the
+    sizes still right (verify_data size passes it), the sha256 not (sha256 refuses it)."""
+    copy = Path(shutil.copytree(data, dest))
+    with open(copy / "shards" / "00000.npy", "r+b") as f:
+        f.seek(HEADER)
+        byte = f.read(1)
+        f.seek(HEADER)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return copy
+
+
+def with_verify(params: Params, how: str) -> Params:
+    return parse_params({**params.model_dump(), "verify_data": how})
+
+
+def test_scratch_checks_its_set_as_verify_data_says(chain: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # scratch checked sha256 whatever verify_data said, unlike every other stage reading a set.
+    data = pixel_flipped(chain / "target", tmp_path / "target")
+    params = tiny_params(finetune={"baseline": False})
+    out = scratch.Outputs(*(tmp_path / n for n in ("s.pt", "ck", "s.csv")))
+    with caplog.at_level(logging.INFO):
+        scratch.run(with_verify(params, "size"), data, chain / "pretrained.pt", out)
+    assert "shard sha256 not checked (verify_data: size)" in caplog.text
+    assert out.model.exists()
+    with pytest.raises(BadInput, match="00000.npy: its sha256 does not match"):
+        scratch.run(with_verify(params, "sha256"), data, chain / "pretrained.pt", out)
 
 
 def test_finetune_learns_a_task_built_to_be_learnable(chain: Path, tmp_path: Path) -> None:
