@@ -26,19 +26,17 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.door import exit_process, run_stage
+from stages.core.door import exit_process
 from stages.core.errors import BadInput
-from stages.core.io import write_json
-from stages.params import FinetuneParams, Params, load_params
+from stages.params import FinetuneParams, Params
+from stages.trainingdoor import training_main, training_rank
 
 if TYPE_CHECKING:
     from stages.core.best import BestEpoch
@@ -258,55 +256,16 @@ def outputs(args: argparse.Namespace) -> Outputs:
     return Outputs(args.model, args.probe, args.checkpoints, args.plot)
 
 
-# The work of a training stage's process, from its params and parsed arguments: its metrics.
-Work = Callable[[Params, argparse.Namespace], dict[str, Any]]
-
-
 def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
     return run(params, args.data, args.pretrained, outputs(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main("finetune", "stages.finetune:rank_main", argv, arguments, _work)
+    return training_main("finetune", "finetune", argv, arguments, _work)
 
 
 def rank_main(argv: list[str]) -> int:
     return training_rank("finetune", argv, arguments, _work)
-
-
-def training_main(stage: str, target: str, argv: list[str] | None,
-                  parse: Callable[[list[str]], argparse.Namespace], work: Work) -> int:
-    """The door of a stage that trains with params.finetune (finetune, scratch): one process,
-    or the processes `finetune.devices`/`nodes` ask for, each running `target` on `argv`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-
-    def body() -> None:
-        params = load_params(args.params)
-        from stages.core import distributed
-
-        plan = distributed.plan(params.finetune, "finetune")
-        if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, target, argv), stage)
-            return
-        write_json(args.metrics, work(params, args))
-
-    return run_stage(stage, body)
-
-
-def training_rank(stage: str, argv: list[str], parse: Callable[[list[str]], argparse.Namespace],
-                  work: Work) -> int:
-    """One training process of a launched run (tracking stays with the launching process)."""
-    args = parse(argv)
-
-    def body() -> None:
-        from stages.core import distributed
-
-        metrics = work(load_params(args.params), args)
-        if distributed.current().is_main:
-            write_json(args.metrics, metrics)
-
-    return run_stage(stage, body, track=False)
 
 
 if __name__ == "__main__":

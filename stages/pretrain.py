@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages import trainingdoor
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import exit_process, run_stage
+from stages.core.door import exit_process
 from stages.core.errors import BadInput
-from stages.core.io import write_json
-from stages.params import Params, PretrainParams, load_params
+from stages.params import Params, PretrainParams
+from stages.trainingdoor import training_main, training_rank
 
 if TYPE_CHECKING:
     from stages.core.device import Runtime
@@ -125,42 +125,33 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    return run(params, args.data, args.model, args.checkpoints, args.plot)
+
+
+def _ray(params: Params, args: argparse.Namespace, argv: list[str]) -> bool:
+    """With engine: ray, the run on Ray Train workers (each runs rank_body); else False."""
+    if params.pretrain.engine != "ray":
+        return False
+    from stages.core import raytrain
+
+    raytrain.fit("stages.pretrain:rank_body", argv, params.pretrain, params.data.ray_address,
+                 stage="pretrain", restarts=params.pretrain.restarts,
+                 storage=args.checkpoints.resolve().parent / ".ray-train")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = arguments(argv)
-
-    def body() -> None:
-        params = load_params(args.params)
-        from stages.core import distributed, raytrain
-
-        if params.pretrain.engine == "ray":  # the workers write everything; the driver tracks
-            raytrain.fit("stages.pretrain:rank_body", argv, params.pretrain,
-                         params.data.ray_address, stage="pretrain", restarts=params.pretrain.restarts,
-                         storage=args.checkpoints.resolve().parent / ".ray-train")
-            return
-        plan = distributed.plan(params.pretrain, "pretrain")
-        if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, "stages.pretrain:rank_main", argv),
-                                  "pretrain")
-            return
-        write_json(args.metrics, run(params, args.data, args.model, args.checkpoints, args.plot))
-
-    return run_stage("pretrain", body)
-
-
-def rank_body(argv: list[str]) -> None:
-    """One training process's work, in-stage launch or Ray Train worker alike."""
-    from stages.core import distributed
-
-    args = arguments(argv)
-    metrics = run(load_params(args.params), args.data, args.model, args.checkpoints, args.plot)
-    if distributed.current().is_main:
-        write_json(args.metrics, metrics)
+    return training_main("pretrain", "pretrain", argv, arguments, _work, engine=_ray)
 
 
 def rank_main(argv: list[str]) -> int:
-    """One training process of a launched run (tracking stays with the launching process)."""
-    return run_stage("pretrain", lambda: rank_body(argv), track=False)
+    return training_rank("pretrain", argv, arguments, _work)
+
+
+def rank_body(argv: list[str]) -> None:
+    """A Ray Train worker's work (engine: ray)."""
+    trainingdoor.rank_body(argv, arguments, _work)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,9 @@ from typing import Any
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
 from stages.core.door import exit_process
-from stages.finetune import (
-    adapt_to_target,
-    load_target,
-    run_metrics,
-    training_main,
-    training_rank,
-)
+from stages.finetune import adapt_to_target, load_target, run_metrics
 from stages.params import Params
+from stages.trainingdoor import training_main, training_rank
 
 log = logging.getLogger("imagepipe.scratch")
 
@@ -117,7 +112,7 @@ def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main("scratch", "stages.scratch:rank_main", argv, arguments, _work)
+    return training_main("scratch", "finetune", argv, arguments, _work)
 
 
 def rank_main(argv: list[str]) -> int:
