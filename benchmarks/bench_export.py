@@ -113,6 +113,7 @@ def _measure(model_file: Path, threads: int, onnx_path: Path, int8_path: Path,
 
 def main() -> dict[str, Any]:
     from stages import export
+    from stages.core import onnxvariants
     from stages.core.host import usable_cores
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +127,8 @@ def main() -> dict[str, Any]:
                                   "torch_children": TORCH_CHILDREN}
         onnx_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         meta = export.model_metadata(mf, None)
-        onnx_path.write_bytes(export.finish_model(export.export_onnx(model, mf, 18), meta))
-        export.quantize_int8(onnx_path, int8_path, images, meta)
+        onnx_path.write_bytes(onnxvariants.finish_model(export.export_onnx(model, mf, 18), meta))
+        onnxvariants.quantize_int8(onnx_path, int8_path, images, meta)
         for threads in sorted({1, usable_cores()}):
             start = time.perf_counter()
             measured = _measure(model_file, threads, onnx_path, int8_path, u64)

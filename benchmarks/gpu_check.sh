@@ -205,7 +205,8 @@ from pathlib import Path
 import numpy as np, torch
 import onnxruntime as ort
 from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file
-from stages.export import Served, export_onnx
+from stages.core.served import Served
+from stages.export import export_onnx
 path = Path(sys.argv[1])
 if path.exists():
     model, mf = load_model_file(path)

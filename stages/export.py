@@ -56,26 +56,7 @@ if TYPE_CHECKING:
     from stages.core.selection import Choice
 
 # torch, onnx and onnxruntime (~3 s) are imported by the functions that use them, not at load:
-# `--help` and a params file refused start without them. The names this module has always
-# offered from stages/core (export.compare, export.INT8_NAME, ...) resolve on first use.
-_REEXPORTED = {
-    "stages.core.onnxvariants": ("FP16_NAME", "INT8_NAME", "finish_model", "quantize_int8",
-                                 "to_fp16", "variants"),
-    "stages.core.parity": ("PARITY_BATCH_SIZES", "ParityFailed", "check_gate", "compare",
-                           "cuda_parity", "parity", "parity_note", "parity_set",
-                           "torch_threads"),
-    "stages.core.served": ("Served",),
-}
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the re-exported names, imported when asked for
-    import importlib
-
-    for module, names in _REEXPORTED.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# `--help` and a params file refused start without them.
 
 log = logging.getLogger("imagepipe.export")
 

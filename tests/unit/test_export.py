@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from stages import export
-from stages.core import models, onnxio
+from stages.core import models, onnxio, onnxvariants
+from stages.core import parity as parity_check
 from stages.core.dataset import SPLIT_CODE, preprocess
 from stages.core.models import ModelFile, ModelSpec, build_model, load_model_file
 from stages.core.tracking.registration import Registration
@@ -99,8 +100,8 @@ def test_gate_passes_and_metrics_hold_the_figures(project: dict) -> None:
     # Timings change on every run: in the metrics, `dvc metrics diff` would always show them.
     assert not [k for k in m if k.endswith(("_per_s", "_ms_b1", "_seconds", "speedup_b64"))]
     assert m["onnx_bytes"] > 0 and m["int8_bytes"] > 0
-    assert (project["root"] / "variants" / export.INT8_NAME).is_file()
-    assert m["variants"] == [export.INT8_NAME]
+    assert (project["root"] / "variants" / onnxvariants.INT8_NAME).is_file()
+    assert m["variants"] == [onnxvariants.INT8_NAME]
     # The int8 delta, recomputed here from the two files on the test split by hand (argmax of
     # each session's logits against the labels), must be what the metrics say.
     from stages.core.dataset import load_dataset
@@ -108,7 +109,7 @@ def test_gate_passes_and_metrics_hold_the_figures(project: dict) -> None:
     x, y = load_dataset(project["root"] / "target").part("test")
     acc = {name: float(np.mean(onnxio.predict_logits(onnxio.make_session(path), x).argmax(1) == y))
            for name, path in (("fp32", project["onnx"]),
-                              ("int8", project["root"] / "variants" / export.INT8_NAME))}
+                              ("int8", project["root"] / "variants" / onnxvariants.INT8_NAME))}
     assert m["test_accuracy_fp32"] == pytest.approx(acc["fp32"])
     assert m["int8_accuracy_delta"] == pytest.approx(acc["int8"] - acc["fp32"], abs=1e-6)
     # Band-brightness classes after 4 training steps: well above chance, so the delta compares
@@ -183,8 +184,8 @@ def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) ->
 def test_parity_at_several_batch_sizes(project: dict) -> None:
     model, mf = load_model_file(project["root"] / "finetuned.pt")
     images, _ = _images(70, 16, 1, np.random.default_rng(4))
-    with export.torch_threads(1):
-        figures = export.parity(onnxio.make_session(project["onnx"], threads=1), model, images, mf,
+    with parity_check.torch_threads(1):
+        figures = parity_check.parity(onnxio.make_session(project["onnx"], threads=1), model, images, mf,
                                 (1, 2, 13, 64))
     assert set(figures["by_batch_size"]) == {"1", "2", "13", "64"}
     assert figures["max_abs_diff"] <= 1e-4 and figures["top1_agreement"] == 1.0
@@ -207,7 +208,7 @@ def test_metadata_round_trip(project: dict) -> None:
     # The run's id (set while it exported) is the run's, not the file's: test_export_bytes.py.
     assert "mlflow_run_id" not in meta and "git_commit" not in meta
     assert meta["arch"] == "resnet_small" and len(meta["source_model_sha256"]) == 64
-    int8 = onnxio.read_metadata(project["root"] / "variants" / export.INT8_NAME)
+    int8 = onnxio.read_metadata(project["root"] / "variants" / onnxvariants.INT8_NAME)
     assert int8["classes"] == CLASSES and int8["variant"] == "int8"
 
 
@@ -263,19 +264,19 @@ def test_gate_needs_every_top1_to_agree() -> None:
                "top1_agreement": 0.99, "max_abs_logit": 3.0,
                "by_batch_size": {"1": {"max_abs_diff": 1e-6, "prob_max_abs_diff": 1e-7,
                                        "top1_agreement": 0.99}}}
-    with pytest.raises(export.ParityFailed, match="top-1 agreement 99.00%"):
-        export.check_gate(figures, 1e-4, 1e-3)
-    export.check_gate({**figures, "top1_agreement": 1.0}, 1e-4, 1e-3)
+    with pytest.raises(parity_check.ParityFailed, match="top-1 agreement 99.00%"):
+        parity_check.check_gate(figures, 1e-4, 1e-3)
+    parity_check.check_gate({**figures, "top1_agreement": 1.0}, 1e-4, 1e-3)
 
 
 def test_tolerance_is_relative_plus_absolute() -> None:
     """np.allclose's rule: a logit of 50 may differ by 1e-4 + 1e-3 * 50 = 0.0501, one of 0.01
     only by 1.1e-4 (the old absolute 1e-4 refused the first and let the second pass barely)."""
     ref = np.array([[50.0, 0.01]], dtype=np.float32)
-    ok = export.compare(ref + np.float32([[0.05, 1e-4]]), ref, atol=1e-4, rtol=1e-3)
+    ok = parity_check.compare(ref + np.float32([[0.05, 1e-4]]), ref, atol=1e-4, rtol=1e-3)
     assert ok["tolerance_used"] <= 1.0 and ok["max_abs_diff"] == pytest.approx(0.05, rel=1e-3)
     assert np.allclose(ref + np.float32([[0.05, 1e-4]]), ref, rtol=1e-3, atol=1e-4)
-    bad = export.compare(ref + np.float32([[0.0, 2e-4]]), ref, atol=1e-4, rtol=1e-3)
+    bad = parity_check.compare(ref + np.float32([[0.0, 2e-4]]), ref, atol=1e-4, rtol=1e-3)
     assert bad["tolerance_used"] > 1.0 and bad["max_rel_diff"] == pytest.approx(0.02, rel=1e-2)
     assert parse_params(make_params(parity_rtol=0.0)).export.parity_rtol == 0.0
     with pytest.raises(Exception, match="parity_rtol"):
@@ -296,7 +297,7 @@ def test_fp16_variant_converts(project: dict) -> None:
     # The stage makes fp16 only where CUDA loads (none here); ORT's CPU provider still runs it,
     # which checks the conversion's numbers on this machine.
     meta = onnxio.read_metadata(project["onnx"])
-    data = export.to_fp16(onnx.load(project["onnx"]), meta)
+    data = onnxvariants.to_fp16(onnx.load(project["onnx"]), meta)
     half = onnx.load_from_string(data)
     assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

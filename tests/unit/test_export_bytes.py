@@ -16,8 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from stages import export
-from stages.core import onnxio
+from stages.core import onnxio, onnxvariants
 from stages.core.codeid import code_digest
 from stages.core.models import ModelSpec
 from tests.helpers import REPO
@@ -66,7 +65,7 @@ def two_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"first": root / "first", "second": root / "second"}
 
 
-@pytest.mark.parametrize("name", ["model.onnx", f"variants/{export.INT8_NAME}"])
+@pytest.mark.parametrize("name", ["model.onnx", f"variants/{onnxvariants.INT8_NAME}"])
 def test_the_same_inputs_export_the_same_bytes(two_exports: dict[str, Path], name: str) -> None:
     first, second = two_exports["first"] / name, two_exports["second"] / name
     assert first.read_bytes() == second.read_bytes(), _differences(first, second)

@@ -25,22 +25,6 @@ def test_stage_modules_load_without_torch() -> None:
     assert loaded_after("; ".join(f"import stages.{m}" for m in STAGES)) == []
 
 
-def test_export_reexports_resolve_on_use() -> None:
-    # The names export.py has always offered still come from it, imported when asked for.
-    from stages import export
-    from stages.core import onnxvariants, parity
-    from stages.export import INT8_NAME, compare
-
-    assert (INT8_NAME, compare) == (onnxvariants.INT8_NAME, parity.compare)
-    assert export.ParityFailed is parity.ParityFailed
-    try:
-        export.no_such_name  # noqa: B018
-    except AttributeError as err:
-        assert "no_such_name" in str(err)
-    else:
-        raise AssertionError("an unknown name resolved")
-
-
 def test_a_refused_params_file_loads_no_torch(tmp_path: Path) -> None:
     """pretrain, finetune and export read params before anything else: a bad file is exit 2
     with torch never loaded (one interpreter for the three: each start costs a second)."""

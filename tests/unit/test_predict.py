@@ -18,7 +18,7 @@ from PIL import Image
 
 from commands import cli, predict
 from stages import export
-from stages.core import onnxio
+from stages.core import onnxio, onnxvariants
 from stages.core.dataset import preprocess
 from stages.core.imageform import canonical
 from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
@@ -42,7 +42,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_model_file(root / "m.pt", model, mf)
     proto = export.export_onnx(model, mf, opset=18)
     meta = export.model_metadata(mf, root / "m.pt")
-    (root / "model.onnx").write_bytes(export.finish_model(proto, meta))
+    (root / "model.onnx").write_bytes(onnxvariants.finish_model(proto, meta))
     rng = np.random.default_rng(0)
     images = {
         "rgb.png": Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)),
