@@ -245,22 +245,21 @@ def _log_summary(m: dict[str, Any], out: Path) -> None:
                  100 * m["cuda_parity"]["top1_agreement"])
 
 
-def serving_example(onnx_path: Path, target: Path, n: int = 2
-                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """What the registered model is logged with: n target images as the model takes them
+def serving_example(onnx_path: Path, target: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What the registered model is logged with: two target images as the model takes them
     (uint8 N x H x W x C; the test split first) and the model's own outputs for them, from
     which tracking infers the signature (uint8 [-1, H, W, C] in; probabilities and logits out)."""
     from stages.core import onnxio
     from stages.core.parity import parity_set
 
     # run() hashed the target in this process: checked for size here, not hashed again.
-    images, _ = parity_set(load_dataset(target, verify="size"), n)
+    images, _ = parity_set(load_dataset(target, verify="size"), 2)
     session = onnxio.make_session(onnx_path, providers=[onnxio.CPU], threads=1)
     return images, onnxio.predict_outputs(session, images)
 
 
 def registration(params: Params, metrics: dict[str, Any], model_path: Path, target: Path,
-                 out: Path, choice: Choice | None = None) -> Registration:
+                 out: Path, choice: Choice) -> Registration:
     """What tracking registers for a model that passed the gate: the files, the verdict with
     its figures, the registered model's name, and the input example with its outputs."""
     example, outputs = serving_example(out, target)
@@ -273,8 +272,7 @@ def registration(params: Params, metrics: dict[str, Any], model_path: Path, targ
                       top1_agreement=float(metrics["top1_agreement"]),
                       atol=p.parity_atol, images=int(metrics["parity_images"]), rtol=p.parity_rtol),
         input_example=example, output_example=outputs, serving_max_images=p.serving_max_images,
-        shipped=choice.model if choice else "finetuned",
-        selection=choice.reason if choice else None)
+        shipped=choice.model, selection=choice.reason)
 
 
 # What no one compares across runs (`dvc exp show`, `dvc metrics diff`): per-batch-size parity,

@@ -256,8 +256,6 @@ def predict_outputs(
     return out
 
 
-def predict_logits(
-    session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
+def predict_logits(session: ort.InferenceSession, images_uint8_nhwc: np.ndarray) -> np.ndarray:
     """uint8 N x H x W x C images -> float32 N x classes logits (see predict_outputs)."""
-    return predict_outputs(session, images_uint8_nhwc, batch_size)["logits"]
+    return predict_outputs(session, images_uint8_nhwc)["logits"]

@@ -135,7 +135,7 @@ def test_valid_model_with_dynamic_batch(project: dict) -> None:
     with torch.inference_mode():
         ref = model(torch.from_numpy(preprocess(images, mf.mean, mf.std))).numpy()
     for batch in (1, 3, 5, 11, 64):
-        got = onnxio.predict_logits(session, images, batch_size=batch)
+        got = onnxio.predict_outputs(session, images, batch_size=batch)["logits"]
         assert got.shape == (11, 5)
         assert np.abs(got - ref).max() <= 1e-4, batch
 
@@ -178,7 +178,7 @@ def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) ->
     new = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)
     session = onnxio.make_session(old)
     assert not onnxio.takes_pixels(session)
-    assert np.abs(onnxio.predict_logits(session, images, batch_size=4) - new).max() <= 1e-4
+    assert np.abs(onnxio.predict_outputs(session, images, batch_size=4)["logits"] - new).max() <= 1e-4
 
 
 def test_parity_at_several_batch_sizes(project: dict) -> None:
