@@ -85,9 +85,10 @@ def logs_through(console: Console, logger: logging.Logger | None = None) -> Iter
 
 
 @contextmanager
-def progress(description: str, total: int, unit: str = "img", *,
+def progress(description: str, total: int, *,
              console: Console | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield advance(n); the rate is shown in `unit`/s. `console`: where the bar goes (stderr)."""
+    """Yield advance(n) of n images; the rate is shown in img/s. `console`: where the bar goes
+    (stderr)."""
     console = console or Console(stderr=True)
     if console.is_terminal:
         columns = (
@@ -104,14 +105,14 @@ def progress(description: str, total: int, unit: str = "img", *,
             def advance(n: int) -> None:
                 bar.advance(task, n)
                 done = bar.tasks[0].completed
-                bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} {unit}/s")
+                bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} img/s")
 
             yield advance
         return
-    yield _log_lines(description, total, unit)
+    yield _log_lines(description, total)
 
 
-def _log_lines(description: str, total: int, unit: str) -> Callable[[int], None]:
+def _log_lines(description: str, total: int) -> Callable[[int], None]:
     """advance(n) that logs progress lines with the time left (see the module doc)."""
     start = time.perf_counter()
     done, tenth, next_time = 0, 1, start + FIRST_REPORT_S  # next line at tenth/10 of total
@@ -125,7 +126,7 @@ def _log_lines(description: str, total: int, unit: str) -> Callable[[int], None]
         rate = done / max(now - start, 1e-9)
         left = (f"{clock((total - done) / rate)} left" if done < total
                 else f"done in {clock(now - start)}")
-        log.info(f"{description}: {done}/{total} ({done / total:.0%}, {rate:,.0f} {unit}/s, "
+        log.info(f"{description}: {done}/{total} ({done / total:.0%}, {rate:,.0f} img/s, "
                  f"{left})")
         tenth = done * 10 // total + 1
         next_time = now + REPORT_EVERY_S
