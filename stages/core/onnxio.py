@@ -138,19 +138,18 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(
-    model: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None
+    model: str | Path, providers: list[str] | None = None, threads: int | None = None
 ) -> ort.InferenceSession:
-    """An inference session on the best provider that loads here (or on `providers`)."""
+    """An inference session on the model file, on the best provider that loads here (or on
+    `providers`)."""
     providers = list(providers) if providers else available_providers()
-    source: str | bytes = model if isinstance(model, bytes) else str(model)
-    if isinstance(source, str) and not Path(source).is_file():
-        raise BadInput(f"{source}: no such ONNX model file")
+    if not Path(model).is_file():
+        raise BadInput(f"{model}: no such ONNX model file")
     try:
-        return ort.InferenceSession(source, session_options(threads),
+        return ort.InferenceSession(str(model), session_options(threads),
                                     providers=_with_options(providers))
     except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
-        name = "the model bytes" if isinstance(source, bytes) else source
-        raise BadInput(f"{name}: ONNX Runtime cannot load it: {err}".splitlines()[0]) from None
+        raise BadInput(f"{model}: ONNX Runtime cannot load it: {err}".splitlines()[0]) from None
 
 
 # ---------------------------------------------------------------- metadata
@@ -172,13 +171,16 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
     onnx.helper.set_model_props(model, metadata_props(meta))
 
 
-def read_metadata(model_or_session: str | Path | bytes | onnx.ModelProto | ort.InferenceSession
-                  ) -> dict[str, Any]:
-    """The decoded metadata_props of a model file, its bytes, a ModelProto or a session.
+def read_metadata(model: onnx.ModelProto | ort.InferenceSession) -> dict[str, Any]:
+    """The decoded metadata_props of a session (what serving, predict and promote hold) or a
+    ModelProto (what registering holds).
 
     Raises BadInput when the model was not written by imagepipe's export (keys missing).
     """
-    raw = _raw_props(model_or_session)
+    if isinstance(model, ort.InferenceSession):
+        raw = dict(model.get_modelmeta().custom_metadata_map)
+    else:
+        raw = {p.key: p.value for p in model.metadata_props}
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         meta[key] = json.loads(value) if key in _JSON_KEYS else value
@@ -190,24 +192,6 @@ def read_metadata(model_or_session: str | Path | bytes | onnx.ModelProto | ort.I
         raise BadInput(f"metadata format {meta['imagepipe_format']} is newer than this "
                        f"imagepipe reads ({METADATA_FORMAT}): upgrade imagepipe")
     return meta
-
-
-def _raw_props(obj: Any) -> dict[str, str]:
-    if isinstance(obj, ort.InferenceSession):
-        return dict(obj.get_modelmeta().custom_metadata_map)
-    if isinstance(obj, onnx.ModelProto):
-        proto = obj
-    elif isinstance(obj, bytes):
-        proto = onnx.load_from_string(obj)
-    else:
-        path = Path(obj)
-        if not path.is_file():
-            raise BadInput(f"{path}: no such ONNX model file")
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
-            raise BadInput(f"{path}: not an ONNX model ({type(err).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}
 
 
 # ---------------------------------------------------------------- inference

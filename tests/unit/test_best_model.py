@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -247,7 +248,7 @@ def test_export_ships_scratch_when_it_wins_on_validation(
     metrics = json.loads((tmp_path / "export.json").read_text())
     assert (metrics["model"], metrics["model_rule"]) == ("scratch", "best")
     assert (metrics["finetuned_val_accuracy"], metrics["scratch_val_accuracy"]) == (0.5, 0.75)
-    meta = onnxio.read_metadata(tmp_path / "model.onnx")
+    meta = onnxio.read_metadata(onnx.load(tmp_path / "model.onnx"))
     assert meta["source_model_sha256"] == file_sha256(sc)
     reg = bodies[0]
     assert (reg.torch_path, reg.shipped) == (sc, "scratch")

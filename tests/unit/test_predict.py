@@ -121,7 +121,7 @@ def test_a_model_without_metadata_is_refused(tmp_path: Path, served: dict,
 
 
 def test_model_input_shape_comes_from_metadata(served: dict) -> None:
-    meta = onnxio.read_metadata(served["onnx"])
+    meta = onnxio.read_metadata(onnx.load(served["onnx"]))
     assert onnxio.input_shape(meta) == (SIZE, SIZE, 3) and meta["mean"] == MEAN
     session = onnxio.make_session(served["onnx"])
     with pytest.raises(onnxio.BadInput, match="uint8 N x 16 x 16 x 3"):
