@@ -34,6 +34,7 @@ from stages.core.best import BestEpoch
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.device import Runtime
 from stages.core.devicedata import DeviceBatches
+from stages.core.epochlog import record_epoch
 from stages.core.errors import BadInput
 from stages.core.progress import progress
 from stages.params import TrainParams
@@ -319,9 +320,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
             history.append(row)
             if best is not None:
                 best.observe(row)
-            from stages.core.epochlog import record_epoch  # stdlib only: the live curve
-
-            record_epoch(phase, row)
+            record_epoch(phase, row)  # the live curve (core/epochlog.py)
             log.info("%s epoch %d/%d: train loss %.4f acc %.4f | val loss %s acc %s | %.0f "
                      "images/s", phase, epoch + 1, epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], row["images_per_s"])
