@@ -169,9 +169,9 @@ def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stage
 
 
-def run(params: Params, model_path: Path, target: Path, out: Path,
-        variants_dir: Path | None = None) -> dict[str, Any]:
-    """Export and gate; write `out` (and the variants) only when the gate passes.
+def run(params: Params, model_path: Path, target: Path, out: Path, variants_dir: Path
+        ) -> dict[str, Any]:
+    """Export and gate; write `out` and the variants only when the gate passes.
 
     Raises ParityFailed (a BadInput: exit 2) with the figures when it does not.
     """
@@ -221,13 +221,11 @@ def run(params: Params, model_path: Path, target: Path, out: Path,
             metrics |= figures
             check_gate(figures, p.parity_atol, p.parity_rtol)
             metrics["gate_passed"] = True
-            if variants_dir is not None:
-                metrics |= variants(p, tmp, variants_dir, ds, meta, session)
+            metrics |= variants(p, tmp, variants_dir, ds, meta, session)
     except ParityFailed as err:
         # Artifacts from an earlier finetuned.pt would now be served as this one: remove them.
         out.unlink(missing_ok=True)
-        if variants_dir is not None:
-            shutil.rmtree(variants_dir, ignore_errors=True)
+        shutil.rmtree(variants_dir, ignore_errors=True)
         err.metrics = {**metrics, "gate_passed": False}
         raise
     _log_summary(metrics, out)

@@ -320,7 +320,8 @@ def test_other_models_pass_the_gate(spec: ModelSpec, tmp_path: Path) -> None:
     make_model(tmp_path / "m.pt", spec, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
     make_target(tmp_path / "target", spec.image_size, spec.in_channels)
     params = parse_params(make_params(quantize_int8=False, fp16=False))
-    m = export.run(params, tmp_path / "m.pt", tmp_path / "target", tmp_path / "m.onnx")
+    m = export.run(params, tmp_path / "m.pt", tmp_path / "target", tmp_path / "m.onnx",
+                   tmp_path / "variants")
     assert m["gate_passed"] and m["max_abs_diff"] <= 1e-4 and m["tolerance_used"] <= 1.0
     assert onnxio.read_metadata(onnx.load(tmp_path / "m.onnx"))["channel_order"] == "RGB"
 
