@@ -88,7 +88,7 @@ def compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[
 
 def parity(session: ort.InferenceSession, model: Classifier, images: np.ndarray,
            mf: ModelFile, batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES, *,
-           atol: float = 1e-4, rtol: float = 1e-3) -> dict[str, Any]:
+           atol: float, rtol: float) -> dict[str, Any]:
     """Per batch size, ORT from uint8 pixels (the graph's own preprocessing) against torch
     (torch_outputs): logit and probability differences (see compare) and top-1 agreement."""
     by_batch = {}

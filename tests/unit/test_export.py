@@ -185,8 +185,9 @@ def test_parity_at_several_batch_sizes(project: dict) -> None:
     model, mf = load_model_file(project["root"] / "finetuned.pt")
     images, _ = _images(70, 16, 1, np.random.default_rng(4))
     with parity_check.torch_threads(1):
-        figures = parity_check.parity(onnxio.make_session(project["onnx"], threads=1), model, images, mf,
-                                (1, 2, 13, 64))
+        session = onnxio.make_session(project["onnx"], threads=1)
+        figures = parity_check.parity(session, model, images, mf, (1, 2, 13, 64), atol=1e-4,
+                                      rtol=1e-3)
     assert set(figures["by_batch_size"]) == {"1", "2", "13", "64"}
     assert figures["max_abs_diff"] <= 1e-4 and figures["top1_agreement"] == 1.0
     assert figures["tolerance_used"] <= 1.0 and figures["prob_max_abs_diff"] <= 1e-5
