@@ -7,7 +7,6 @@ commit, one line per run back to ingest, data hashes), or everything with --json
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from commands.promote import command_parser, registry_params
@@ -101,7 +100,3 @@ def lineage_main(argv: list[str] | None = None) -> int:
               else lineage_summary(walked), flush=True)
 
     return run_stage("lineage", body, track=False)
-
-
-if __name__ == "__main__":
-    sys.exit(lineage_main())

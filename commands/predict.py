@@ -176,7 +176,3 @@ def main(argv: list[str] | None = None) -> int:
     # Not a pipeline stage: no MLflow run for a prediction.
     status = run_stage("predict", body, track=False)
     return status if status != EXIT_OK else code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -332,7 +332,3 @@ def promote_main(argv: list[str] | None = None) -> int:
         print_result(asdict(d), args.json, said(asdict(d)))
 
     return run_stage("promote", body, track=False)
-
-
-if __name__ == "__main__":
-    sys.exit(promote_main())

@@ -9,7 +9,6 @@ to or bad input, 75 tracking unreachable.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -65,7 +64,3 @@ def rollback_main(argv: list[str] | None = None) -> int:
                      "--force)")
 
     return run_stage("rollback", body, track=False)
-
-
-if __name__ == "__main__":
-    sys.exit(rollback_main())

@@ -213,7 +213,3 @@ def _exit_code(exc: BaseException | None) -> int:
     if isinstance(exc, StageTransient):
         return EXIT_TRANSIENT
     return EXIT_BUG
-
-
-if __name__ == "__main__":
-    sys.exit(main())
