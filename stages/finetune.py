@@ -120,21 +120,11 @@ def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Clas
 
 def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:
     from stages.core import distributed
-    from stages.core.budget import Budget
-    from stages.core.devicedata import OnlineAugment
-    from stages.core.stream import batches
-    from stages.core.train import EVAL_BATCH
+    from stages.core.train import split_batches
 
     if not len(ds.indices("train")):
         raise BadInput("the target train split is empty")
-    common = {"device": rt.device, "mean": mf.mean, "std": mf.std, "channels_last": rt.channels_last,
-              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
-    # Each resident on the device where it fits, else streamed from the shards (core/stream.py).
-    train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
-                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                    rank=rt.comm.rank, world=rt.comm.world, **common)
-    val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
-                  **common)
+    train, val = split_batches(ds, p, rt, mf.mean, mf.std, seed)
     fingerprint = {"stage": "finetune", "seed": seed, "data": ds.manifest["sha256"],
                    "spec": vars(mf.spec), "mean": mf.mean, "std": mf.std,
                    **distributed.world_fingerprint(p, rt.comm, "finetune"),

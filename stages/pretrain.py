@@ -18,7 +18,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stages import trainingdoor
 from stages.core.codeid import code_fingerprint
@@ -28,33 +28,10 @@ from stages.core.errors import BadInput
 from stages.params import Params, PretrainParams
 from stages.trainingdoor import training_main, training_rank
 
-if TYPE_CHECKING:
-    from stages.core.device import Runtime
-    from stages.core.devicedata import DeviceBatches
-
 # torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
 # refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.pretrain")
-
-
-def splits(ds: Dataset, p: PretrainParams, rt: Runtime, mean: list[float], std: list[float],
-           seed: int) -> tuple[DeviceBatches, DeviceBatches]:
-    """Training batches (shuffled, augmented on the device) and validation batches (plain),
-    each resident on the device where it fits, else streamed from the shards."""
-    from stages.core.budget import Budget
-    from stages.core.devicedata import OnlineAugment
-    from stages.core.stream import batches
-    from stages.core.train import EVAL_BATCH
-
-    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last,
-              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
-    train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
-                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
-                    rank=rt.comm.rank, world=rt.comm.world, train_size=p.train_size, **common)
-    val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
-                  **common)
-    return train, val
 
 
 def hflip_in_policy(ds: Dataset, p: PretrainParams) -> bool:
@@ -72,7 +49,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     from stages.core.devicedata import channel_stats
     from stages.core.history import summary, throughput, write_csv
     from stages.core.models import ModelFile, ModelSpec, build_model, save_model_file
-    from stages.core.train import fit, make_trainer, param_groups
+    from stages.core.train import fit, make_trainer, param_groups, split_batches
 
     start = time.perf_counter()
     p = params.pretrain
@@ -86,7 +63,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     seed_everything(params.seed)
     spec = ModelSpec(p.model, len(ds.classes), channels, size, p.width, p.dropout)
     model = build_model(spec, p.weights)
-    train, val = splits(ds, p, rt, mean, std, params.seed)
+    train, val = split_batches(ds, p, rt, mean, std, params.seed, train_size=p.train_size)
     log.info("pretrain: %s on %s, %d train / %d val images (%s), %d steps per epoch",
              p.model, rt.device, train.n, val.n,
              "resident on the device" if train.resident else "streamed", len(train))

@@ -1,7 +1,8 @@
-"""The training loop that pretrain and finetune share: the model prepared for the device,
-optimiser, schedule, `train_one_epoch`, `evaluate`, and `fit` (epochs with checkpoints and one
-history row each, and the best epoch's weights kept when asked: core/best.py). Device set-up
-(`Runtime`, `make_runtime`) is core/device.py's; reporting a history is core/history.py's.
+"""The training loop that pretrain and finetune share: their train and val batches
+(`split_batches`), the model prepared for the device, optimiser, schedule, `train_one_epoch`,
+`evaluate`, and `fit` (epochs with checkpoints and one history row each, and the best epoch's
+weights kept when asked: core/best.py). Device set-up (`Runtime`, `make_runtime`) is
+core/device.py's; reporting a history is core/history.py's.
 
 Device: `auto` takes CUDA when present: `precision` auto is bf16 autocast where the GPU has it,
 else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once per model. CPU:
@@ -31,19 +32,38 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.core.best import BestEpoch
+from stages.core.budget import Budget
 from stages.core.checkpoint import CheckpointStore, Position
+from stages.core.dataset import Dataset
 from stages.core.device import Runtime
-from stages.core.devicedata import DeviceBatches
+from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.epochlog import record_epoch
 from stages.core.errors import BadInput
 from stages.core.progress import progress
+from stages.core.stream import batches
 from stages.params import TrainParams
 
-# Batch size for validation and test passes of the training stages (no gradients, so larger than
-# any training batch fits in the same memory).
+# Batch size of the training stages' validation passes (no gradients, so larger than any
+# training batch fits in the same memory).
 EVAL_BATCH = 512
 
 log = logging.getLogger("imagepipe.train")
+
+
+def split_batches(ds: Dataset, p: TrainParams, rt: Runtime, mean: list[float], std: list[float],
+                  seed: int, train_size: int | None = None) -> tuple[DeviceBatches, DeviceBatches]:
+    """Training batches (shuffled; augmented on the device: padded crop and flip, or
+    random-resized crops of `train_size` where that is below the stored size) and validation
+    batches (plain), each resident on the device where both fit, else streamed from the shards
+    (core/stream.py)."""
+    common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last,
+              "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
+    train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
+                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                    rank=rt.comm.rank, world=rt.comm.world, train_size=train_size, **common)
+    val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
+                  **common)
+    return train, val
 
 
 def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
