@@ -82,7 +82,7 @@ def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
     return net
 
 
-def compiled(model: nn.Module, backend: str | Callable[..., Any] = "inductor") -> nn.Module:
+def compiled(model: nn.Module, backend: str | Callable[..., Any]) -> nn.Module:
     """torch.compile(model), once per model: finetune's phases share one wrapper, whose graphs
     dynamo reuses while their guards hold (phase 2 adds the graphs of a trainable backbone).
     The first call's backend stays."""
