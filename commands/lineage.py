@@ -113,7 +113,8 @@ def lineage_summary(walked: dict[str, Any]) -> str:
 def lineage_main(argv: list[str] | None = None) -> int:
     parser = command_parser("imagepipe lineage", "the runs that made a model version: a summary, or "
                                           "everything with --json")
-    parser.add_argument("ref", nargs="?", default="champion", help="version number, alias, or an ONNX file (found by its sha256)")
+    parser.add_argument("ref", nargs="?", default="champion",
+                        help="version number, alias, or an ONNX file (found by its sha256)")
     args = parser.parse_args(argv)
 
     def body() -> None:
