@@ -1,4 +1,5 @@
-"""imagepipe lineage: a registered model version -> the runs, code, data and params that made it.
+"""imagepipe lineage: a registered model version (or an ONNX file someone was handed) -> the runs,
+code, data and params that made it.
 
 A short summary a person reads (version and aliases, accuracy with its interval, parity, git
 commit, one line per run back to ingest, data hashes), or everything with --json.
@@ -7,6 +8,7 @@ commit, one line per run back to ingest, data hashes), or everything with --json
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from commands.promote import command_parser, registry_params
@@ -17,11 +19,14 @@ from stages.params import RegistryParams
 
 
 def lineage(params: RegistryParams, ref: str) -> dict[str, Any]:
-    """The runs that made a version (ref: a version number or an alias)."""
+    """The runs that made a version (ref: a version number, an alias, or an ONNX file: the
+    newest version registered from those bytes, found by their sha256)."""
     from stages.core.tracking import Registry
 
     reg = Registry.connect()
-    if ref.isdigit():
+    if Path(ref).suffix == ".onnx" or Path(ref).is_file():
+        version = _version_of_file(reg, params.model_name, Path(ref))
+    elif ref.isdigit():
         version = ref
     else:
         info = reg.alias(params.model_name, ref)
@@ -29,6 +34,22 @@ def lineage(params: RegistryParams, ref: str) -> dict[str, Any]:
             raise BadInput(f"registered model {params.model_name!r} has no alias {ref!r}")
         version = info.version
     return reg.walk_back(params.model_name, version)
+
+
+def _version_of_file(reg: Any, name: str, path: Path) -> str:
+    """The ONNX file names no run (its bytes are a function of its inputs: export.py); the
+    registry's onnx.sha256 tag leads from the bytes to the version."""
+    from stages.core.integrity import file_sha256
+
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    digest = file_sha256(path)
+    found = reg.tagged(name, "onnx.sha256", digest)
+    if found is None:
+        raise BadInput(f"no version of {name!r} was registered from {path} (sha256 "
+                       f"{digest[:12]}): a file exported but never registered, or another model "
+                       "name (--model-name)")
+    return found.version
 
 
 def _own_accuracy(tags: dict[str, str], version: str) -> str | None:
@@ -91,7 +112,8 @@ def lineage_summary(walked: dict[str, Any]) -> str:
 def lineage_main(argv: list[str] | None = None) -> int:
     parser = command_parser("imagepipe lineage", "the runs that made a model version: a summary, or "
                                           "everything with --json")
-    parser.add_argument("ref", nargs="?", default="champion", help="version number or alias")
+    parser.add_argument("ref", nargs="?", default="champion",
+                        help="version number, alias, or an ONNX file (found by its sha256)")
     args = parser.parse_args(argv)
 
     def body() -> None:

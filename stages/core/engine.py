@@ -50,12 +50,12 @@ ENGINES = ("local", "ray")
 # JPEGs, the pool 0.33x / 0.71x / 0.71x / 1.25x: the crossover lies between 20k and 60k (lower
 # on a quiet machine, where the second core is free), taken at 30,000 CIFAR JPEGs' weight,
 # 50 MB: some 17 12-MP photos, 35 of 6 MP. benchmarks/ingest_pool.py --photos 300 (6-MP
-# synthetic JPEGs, 1.45 MB each): the rule takes the pool after 35 files. 6 rotated rounds on
-# 2 cores that others' tests kept full (load 2.5-6.4, 5-8 runnable, no idle): inline
-# 15.1-24.2 s (median 22.4), the pool 20.3-29.7 s (median 22.6), 13.5-16.0 CPU s against
-# 15.4-17.3; its two workers ran at once but at a third of a core each: the kernel shares a
-# busy CPU by session (sched_autogroup), so a session's two processes get what its one did. A
-# pool gains where a core is free; a quiet machine was not had to measure it.
+# synthetic JPEGs, 1.45 MB each): the rule takes the pool after 35 files. With the second core
+# mostly free (load 1.1-1.4) inline took 14.3 s on 1.0 core, the pool 9.0 s on 1.8 (1.6x; the
+# rule, the pool again, 11.0 s on 1.4), 16.2 CPU s against 14.5. On 2 cores others kept full
+# (load 2.5-6.4, no idle, 6 rounds) the two were even (medians 22.4 / 22.6 s): the kernel
+# shares a busy CPU by session (sched_autogroup), so a session's two workers get what its one
+# process did, and the pool costs only its start-up.
 FILE_COST_BYTES = 750
 CIFAR_JPEG_BYTES = 921  # the mean of CIFAR-10's 60,000 JPEGs (../shared/data/cifar10-jpg.tar.gz)
 DECODE_POOL_FROM = 30_000 * (CIFAR_JPEG_BYTES + FILE_COST_BYTES)  # bytes' weight, 50,130,000

@@ -6,6 +6,7 @@ stage's door (conftest's tiny_export)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +47,23 @@ def test_not_found_in_the_registry_is_exit_2_and_a_version_number_is_accepted(
     assert f"models:/{NAME}/1 is version 1" in by_version.err
     assert predict.main([f"models:/{NAME}@challenger", str(photo), "--json"]) == 0
     assert capsys.readouterr().out == by_version.out
+
+
+def test_an_onnx_file_leads_to_the_version_registered_from_it(
+        project: Path, tiny_export: Callable[..., int], capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """Serving holds a file, not a version number: the file's sha256 finds its version."""
+    assert tiny_export("good") == 0  # version 1
+    assert tiny_export("bad") == 0  # version 2, other weights, other bytes
+    handed = tmp_path / "served.onnx"
+    handed.write_bytes((project / "models" / "model.onnx").read_bytes())  # v2's bytes
+    capsys.readouterr()
+    assert lineage_main(["--json", str(handed)]) == 0
+    walked = json.loads(capsys.readouterr().out)
+    assert walked["version"] == "2"
+    stranger = tmp_path / "stranger.onnx"
+    stranger.write_bytes(b"not a registered model")
+    assert lineage_main([str(stranger)]) == EXIT_BAD_INPUT
+    assert "no version of" in capsys.readouterr().err
+    assert lineage_main([str(tmp_path / "missing.onnx")]) == EXIT_BAD_INPUT
+    assert "no such file" in capsys.readouterr().err
