@@ -6,9 +6,10 @@ preprocessing in the graph; its outputs are `probabilities` and `logits`. Models
 before that (float32 NCHW input, one `logits` output) are still read and scored: for them the
 preprocessing runs here in numpy, from the same metadata.
 
-Used by export (parity gate, timing), predict (serving) and the registry (re-scoring). An
-exported model describes itself in `metadata_props` (see METADATA_DOC): a server reads the
-class names, input size, channel order and mean/std from the file, never from params.
+Used by export (parity gate, variants), predict, promote's gate (re-scoring) and the served
+model (stages/core/tracking/serving.py). An exported model describes itself in
+`metadata_props` (see METADATA_DOC): a server reads the class names, input size, channel order
+and mean/std from the file, never from params.
 """
 
 from __future__ import annotations

@@ -67,10 +67,10 @@ def _writes_to(handler: logging.Handler, console: Console) -> bool:
 
 
 @contextmanager
-def logs_through(console: Console, logger: logging.Logger | None = None) -> Iterator[None]:
-    """Swap the handlers of `logger` (the root one by default) that write to the console's
-    terminal for ConsoleHandlers, and put them back after."""
-    target = logger or logging.getLogger()
+def logs_through(console: Console) -> Iterator[None]:
+    """Swap the root logger's handlers that write to the console's terminal for
+    ConsoleHandlers, and put them back after."""
+    target = logging.getLogger()
     swapped = [(h, ConsoleHandler(console, h)) for h in list(target.handlers)
                if _writes_to(h, console)]
     for old, new in swapped:
