@@ -41,14 +41,14 @@ def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def decide(challenger_acc: float, champion_acc: float | None, parity: str,
-           min_improvement: float, *, ci: tuple[float, float] | None = None,
-           majority: tuple[float, str] | None = None) -> tuple[bool, str]:
+           min_improvement: float, *, ci: tuple[float, float],
+           majority: tuple[float, str]) -> tuple[bool, str]:
     """(promote?, why). `ci`: the challenger's 95% bootstrap interval; `majority`: the
-    majority-class accuracy of the same test images and that class. With both, a challenger
-    whose interval does not clear the floor is refused, whatever the champion."""
+    majority-class accuracy of the same test images and that class. A challenger whose
+    interval does not clear the floor is refused, whatever the champion."""
     if parity != "true":
         return False, f"challenger's ONNX parity is {parity!r}, not passed"
-    if ci is not None and majority is not None and ci[0] <= majority[0] + _TOLERANCE:
+    if ci[0] <= majority[0] + _TOLERANCE:
         return False, (f"challenger accuracy {challenger_acc:.4f} (95% CI [{ci[0]:.4f}, "
                        f"{ci[1]:.4f}]) does not clear the majority-class accuracy "
                        f"{majority[0]:.4f} (always answering {majority[1]!r}): not shown to be "

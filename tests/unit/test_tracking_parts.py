@@ -94,11 +94,14 @@ def test_tracking_failure_after_a_good_body_says_nothing_was_registered(
 
 
 def test_gate_decision_rule() -> None:
-    assert decide(0.5, None, "true", 0.0)[0]  # first version
-    assert decide(0.8, 0.8, "true", 0.0)[0]  # a tie promotes the newer model
-    assert not decide(0.8, 0.8, "true", 0.01)[0]
-    assert decide(0.81, 0.8, "true", 0.01)[0]
-    assert not decide(1.0, 0.1, "false", 0.0)[0] and not decide(1.0, None, "unknown", 0.0)[0]
+    # Above the majority-class floor throughout (test_evaluate_stats.py tests the floor).
+    floor = {"ci": (0.45, 0.99), "majority": (0.2, "a")}
+    assert decide(0.5, None, "true", 0.0, **floor)[0]  # first version
+    assert decide(0.8, 0.8, "true", 0.0, **floor)[0]  # a tie promotes the newer model
+    assert not decide(0.8, 0.8, "true", 0.01, **floor)[0]
+    assert decide(0.81, 0.8, "true", 0.01, **floor)[0]
+    assert not decide(1.0, 0.1, "false", 0.0, **floor)[0]
+    assert not decide(1.0, None, "unknown", 0.0, **floor)[0]
 
 
 def test_default_store_is_sqlite_at_the_project_root(tmp_path: Path,
