@@ -129,11 +129,11 @@ def _said(metric: str, direction: str, best: Row, ties: list[Row]) -> str:
     return line
 
 
-def pick(rows: list[Row], metric: str, scratch_metric: str | None,
-         direction: str | None = None) -> tuple[Row, list[str]]:
+def pick(rows: list[Row], metric: str, scratch_metric: str | None, direction: str
+         ) -> tuple[Row, list[str]]:
     """The chosen row and what was decided, one line each. direction: 'max' or 'min' for
-    `metric` (None: from its name); the scratch metric's always comes from its name."""
-    direction = direction or direction_of(metric)
+    `metric` (--direction, or direction_of its name); the scratch metric's always comes from
+    its name."""
     best, ties = _best(rows, metric, direction)
     notes = [_said(metric, direction, best, ties)]
     keys = swept(rows)
@@ -152,7 +152,7 @@ def pick(rows: list[Row], metric: str, scratch_metric: str | None,
     return both[0], notes
 
 
-def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str = "max") -> str:
+def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str) -> str:
     """The rows, best first by metrics[0] in `direction`: the swept params and the metrics;
     * marks the pick."""
     keys = swept(rows)

@@ -329,8 +329,8 @@ def test_pick_combines_the_best_lr_with_the_best_scratch_lr() -> None:
     # holding both is the pick, though neither metric alone ranks it first.
     rows = [_row("a", 0.03, 0.003, 0.90, 0.60), _row("b", 0.03, 0.01, 0.89, 0.70),
             _row("c", 0.1, 0.003, 0.80, 0.61), _row("d", 0.1, 0.01, 0.79, 0.71)]
-    assert pick(rows, "finetune.val_accuracy", "finetune.scratch_val_accuracy")[0].name == "b"
-    assert pick(rows, "finetune.val_accuracy", None)[0].name == "a"
+    assert pick(rows, "finetune.val_accuracy", "finetune.scratch_val_accuracy", "max")[0].name == "b"
+    assert pick(rows, "finetune.val_accuracy", None, "max")[0].name == "a"
 
 
 def test_pick_refuses_test_metrics() -> None:

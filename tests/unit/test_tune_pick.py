@@ -19,7 +19,7 @@ def test_a_loss_is_minimised_by_name() -> None:
     assert direction_of("finetune.val_loss") == "min"
     assert direction_of("finetune.val_accuracy") == "max"
     assert direction_of("finetune.scratch_val_accuracy") == "max"
-    chosen, notes = pick(ROWS, "finetune.val_loss", None)
+    chosen, notes = pick(ROWS, "finetune.val_loss", None, direction_of("finetune.val_loss"))
     assert chosen.name == "best", notes
     assert notes == ["best by finetune.val_loss (lowest): best (0.3000)"]
     # The table lists the best first in the same direction.
@@ -34,7 +34,7 @@ def test_the_direction_flag_overrides_the_name() -> None:
 
 def test_ties_are_said_and_go_to_the_first_row() -> None:
     rows = [_row("a", 0.5, 0.8), _row("b", 0.4, 0.9), _row("c", 0.6, 0.9)]
-    chosen, notes = pick(rows, "finetune.val_accuracy", None)
+    chosen, notes = pick(rows, "finetune.val_accuracy", None, "max")
     assert chosen.name == "b"
     assert "a tie between b, c: b is the first" in notes[0], notes
-    assert "tie" not in pick(rows, "finetune.val_loss", None)[1][0]
+    assert "tie" not in pick(rows, "finetune.val_loss", None, "min")[1][0]
