@@ -242,12 +242,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def outputs(args: argparse.Namespace) -> Outputs:
-    return Outputs(args.model, args.probe, args.checkpoints, args.plot)
-
-
 def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
-    return run(params, args.data, args.pretrained, outputs(args))
+    out = Outputs(args.model, args.probe, args.checkpoints, args.plot)
+    return run(params, args.data, args.pretrained, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,12 +103,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def outputs(args: argparse.Namespace) -> Outputs:
-    return Outputs(args.model, args.checkpoints, args.plot)
-
-
 def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
-    return run(params, args.data, args.pretrained, outputs(args))
+    return run(params, args.data, args.pretrained, Outputs(args.model, args.checkpoints, args.plot))
 
 
 def main(argv: list[str] | None = None) -> int:
