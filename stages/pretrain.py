@@ -26,7 +26,6 @@ from stages.core.dataset import Dataset, load_dataset
 from stages.core.door import exit_process
 from stages.core.errors import BadInput
 from stages.params import Params, PretrainParams
-from stages.trainingdoor import training_main, training_rank
 
 # torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
 # refused and the door's launch decision start without it.
@@ -119,11 +118,11 @@ def _ray(params: Params, args: argparse.Namespace, argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main("pretrain", "pretrain", argv, arguments, _work, engine=_ray)
+    return trainingdoor.training_main("pretrain", "pretrain", argv, arguments, _work, engine=_ray)
 
 
 def rank_main(argv: list[str]) -> int:
-    return training_rank("pretrain", argv, arguments, _work)
+    return trainingdoor.training_rank("pretrain", argv, arguments, _work)
 
 
 def rank_body(argv: list[str]) -> None:
