@@ -67,3 +67,19 @@ def test_an_onnx_file_leads_to_the_version_registered_from_it(
     assert "no version of" in capsys.readouterr().err
     assert lineage_main([str(tmp_path / "missing.onnx")]) == EXIT_BAD_INPUT
     assert "no such file" in capsys.readouterr().err
+
+
+def test_registering_in_this_process_leaves_no_tracking_uri_behind(
+        project: Path, tiny_export: Callable[..., int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI. Registration used to leave it set:
+    in the tests' process the next test's deployment then sent its runs to this store (the
+    nightly-deployment test failed that way, twice on CI)."""
+    import os
+
+    from stages.core.tracking.remote import AGENT_ENV
+
+    monkeypatch.setenv(AGENT_ENV, "0")  # registration in this process, not the agent's
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    assert tiny_export("good") == 0
+    assert [v for v in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if v in os.environ] == []

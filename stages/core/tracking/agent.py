@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
-from stages.core.host import restore_env
 from stages.core.tracking.agentcall import CALLABLE
 from stages.core.tracking.channel import accept, agents_dir, socket_path
 from stages.core.tracking.remote import idle_s
@@ -163,12 +162,12 @@ class Agent:
         """(this connection's run after `message`, the reply)."""
         op = message.get("op")
         if op == "start" and run is None:
-            with self.opening, _fluent_uri_kept():
+            with self.opening:
                 return self._captured(self._start, message)
         if op == "finish":  # no run (tracking off, no such stage): the body's code stands
             if run is None:
                 return None, {"code": int(message["code"])}
-            with self.opening, _fluent_uri_kept():
+            with self.opening:
                 return None, self._captured(self._finish, run, message)[1]
         if op == "call":
             return run, self._captured(self._call, message)[1]
@@ -240,17 +239,6 @@ class Agent:
             traceback.print_exc()
             return None, {"raised": ("bug", f"in the tracking agent: {type(err).__name__}: "
                                             f"{err}")}
-
-
-@contextlib.contextmanager
-def _fluent_uri_kept() -> Iterator[None]:
-    """mlflow.set_tracking_uri (registration's fluent API) also exports MLFLOW_TRACKING_URI:
-    left there, the next project's run would go to this one's store. Put back as it was."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    try:
-        yield
-    finally:
-        restore_env(saved)
 
 
 def _warm() -> None:

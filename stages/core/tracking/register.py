@@ -59,6 +59,15 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
     whose alias or description could not be set is deleted again, so a failure never leaves a
     half-registered version. `workspace`: where the stage ran (its metrics describe the
     version; a queued experiment's own, not the project's)."""
+    missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
+    if missing:
+        raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
+    with store.fluent():
+        return _register(store, run_id, reg, workspace, tags)
+
+
+def _register(store: Store, run_id: str, reg: Registration, workspace: Path,
+              tags: dict[str, str]) -> str:
     import mlflow
     import onnx
 
@@ -66,10 +75,6 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
     from stages.core.onnxio import read_metadata
     from stages.core.tracking.serving import log_serving_model
 
-    missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
-    if missing:
-        raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
-    store.use_fluent()
     # stdout to stderr: ending the fluent run prints "View run ..." (see Store.terminate).
     with contextlib.redirect_stdout(sys.stderr), _known_packages(), \
             store.call("open run for models", mlflow.start_run, run_id=run_id):

@@ -13,12 +13,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from stages.core.errors import BadInput, Transient
-from stages.core.host import project_root
+from stages.core.host import project_root, restore_env
 
 log = logging.getLogger("imagepipe.tracking")
 T = TypeVar("T")
@@ -177,12 +177,24 @@ class Store:
                 raise
             return str(exp.experiment_id)
 
-    def use_fluent(self) -> None:
-        """Point mlflow's module-level API (log_model, register_model) at this store."""
+    @contextlib.contextmanager
+    def fluent(self) -> Iterator[None]:
+        """mlflow's module-level API (log_model, register_model) pointed at this store while the
+        block runs. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry's)
+        "so that subprocesses inherit it": left there, every later run of this process, and of
+        every process it starts, would go to this store (the tests' process sent a deployment's
+        runs to the previous test's store that way). Both are put back as they were."""
         import mlflow
 
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)  # the module's own choice gone: the environment's
+            mlflow.set_registry_uri(None)
+            restore_env(saved)
 
     def terminate(self, run_id: str, status: str) -> None:
         """End a run. MLflow prints "View run ... at: URL" on stdout when it ends a run on a
