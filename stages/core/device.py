@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,6 @@ class Runtime:
     compile: bool
     fp16: bool = False  # fp16 autocast with loss scaling (GPUs without bf16)
     comm: Comm = SINGLE
-    # torch.compile's backend (a name or a callable); None: $IMAGEPIPE_COMPILE_BACKEND or inductor
-    compile_backend: str | Callable[..., Any] | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.bf16 or self.fp16:
@@ -48,8 +45,8 @@ class Runtime:
             return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
 
-    def backend(self) -> str | Callable[..., Any]:
-        return self.compile_backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    def backend(self) -> str:
+        return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
 
 
 def select_device(name: str) -> torch.device:

@@ -51,10 +51,7 @@ from stages.core.errors import (
     Transient,
 )
 from stages.core.host import die_with_parent
-
-# The plan is its own module (launchplan.py); stages ask for it here, beside its launch.
-from stages.core.launchplan import Plan as Plan
-from stages.core.launchplan import plan as plan
+from stages.core.launchplan import Plan
 from stages.params import TrainParams
 
 log = logging.getLogger("imagepipe.distributed")
