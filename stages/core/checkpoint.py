@@ -59,9 +59,8 @@ class Resumed:
 
 def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
-    py_version, py_state, py_gauss = random.getstate()
     return {
-        "python": [py_version, list(py_state), py_gauss],
+        "python": random.getstate(),  # a tuple of ints: weights_only loads it as it is
         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                   "gauss": float(np_state["gauss"])},
@@ -71,8 +70,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
+    random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},

@@ -93,14 +93,12 @@ def make_runtime(p: TrainParams) -> Runtime:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.deterministic = True
-        precision = resolve_precision(p.precision, device)
-        return Runtime(device, bf16=precision == "bf16", channels_last=True, compile=p.compile,
-                       fp16=precision == "fp16", comm=comm)
-    # The ranks of one machine share its cores: all of them each would oversubscribe it.
-    torch.set_num_threads(max(1, usable_cores() // comm.local_world))
-    # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
-    # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
-    torch.set_flush_denormal(True)
+    else:
+        # The ranks of one machine share its cores: all of them each would oversubscribe it.
+        torch.set_num_threads(max(1, usable_cores() // comm.local_world))
+        # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
+        # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
+        torch.set_flush_denormal(True)
     precision = resolve_precision(p.precision, device)
-    return Runtime(device, bf16=precision == "bf16", channels_last=False, compile=p.compile,
-                   comm=comm)
+    return Runtime(device, bf16=precision == "bf16", channels_last=device.type == "cuda",
+                   compile=p.compile, fp16=precision == "fp16", comm=comm)

@@ -53,11 +53,9 @@ def resolve_devices(p: TrainParams) -> int:
     gpus = 0 if p.device == "cpu" else visible_gpus()
     if p.devices == "auto":
         return max(gpus, 1)
-    if p.device == "cuda" and p.devices > gpus:
+    if p.devices > gpus and (p.device == "cuda" or gpus):  # auto on a CPU machine: CPU ranks
         raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
                        f"or at most {gpus}")
-    if p.device == "auto" and gpus and p.devices > gpus:
-        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible")
     return p.devices
 
 
