@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +49,6 @@ class Position:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
-
-
-@dataclass
-class Resumed:
-    position: Position
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -120,8 +114,9 @@ class CheckpointStore:
         }
         save_torch(payload, self.path)
 
-    def resume(self, objects: dict[str, Any]) -> Resumed | None:
-        """Load the states into `objects` and restore the RNGs; None means start fresh."""
+    def resume(self, objects: dict[str, Any]) -> tuple[Position, list[dict[str, Any]]] | None:
+        """Load the states into `objects` and restore the RNGs; return the position and the
+        history of finished epochs, or None: start fresh."""
         raw = self.comm.broadcast(self._read() if self.comm.is_main else None)
         if raw is None:
             return None
@@ -131,7 +126,7 @@ class CheckpointStore:
         restore_rng(mine["rng"])
         pos = Position(**mine["position"])
         log.info("resuming from %s: epoch %d, step %d", self.path, pos.epoch + 1, pos.step)
-        return Resumed(pos, json.loads(raw["history"]))
+        return pos, json.loads(raw["history"])
 
     def _read(self) -> dict[str, Any] | None:
         if not self.path.exists():

@@ -320,8 +320,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
         return tr.states() if best is None else {**tr.states(), "best": best}
 
     resumed = store.resume(states())
-    pos = resumed.position if resumed else Position()
-    history = resumed.history if resumed else []
+    pos, history = resumed or (Position(), [])
     if resumed and pos.epoch >= epochs:
         log.info("%s: its checkpoint is complete (%d epochs): nothing to train", phase, epochs)
     left = max(epochs - pos.epoch, 0) * train.images_per_epoch

@@ -121,7 +121,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path,
     CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).save(
         {"model": model}, Position(epoch=1), [{"epoch": 1}])
     same = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).resume({"model": model})
-    assert same is not None and same.position.epoch == 1 and same.history == [{"epoch": 1}]
+    assert same is not None and same[0].epoch == 1 and same[1] == [{"epoch": 1}]
     with caplog.at_level(logging.WARNING, logger="imagepipe.checkpoint"):
         other = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.2}}).resume({"model": model})
     assert other is None
