@@ -132,11 +132,6 @@ def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed
     return Target(train, val, ds.classes, fingerprint, mf)
 
 
-def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
-    for q in model.backbone.parameters():
-        q.requires_grad_(trainable)
-
-
 def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs,
              pretrained_sha: str, best: BestEpoch | None
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -155,7 +150,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
         if rt.comm.is_main:
             write_csv(out.plot, rows + history)
 
-    set_backbone_trainable(model, False)
+    model.backbone.requires_grad_(False)
     tr = make_trainer(model, param_groups([(model.head, p.lr)], p.weight_decay), p, rt,
                       p.head_epochs, steps, frozen=model.backbone)
     head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
@@ -163,7 +158,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
                phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot,
                best=best)
     rows += head
-    set_backbone_trainable(model, True)
+    model.backbone.requires_grad_(True)
     del tr  # its DDP's gradient hooks must be gone before the next one's exist
     gc.collect()
     if rt.comm.is_main:

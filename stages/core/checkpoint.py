@@ -35,7 +35,6 @@ from stages.core.flat import differences
 from stages.core.io import save_torch
 
 log = logging.getLogger("imagepipe.checkpoint")
-FORMAT = 1
 
 
 @dataclass
@@ -104,7 +103,6 @@ class CheckpointStore:
         if ranks is None:
             return
         payload = {
-            "format": FORMAT,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "state": {name: obj.state_dict() for name, obj in objects.items()},
             "rng": ranks[0]["rng"],
@@ -138,7 +136,7 @@ class CheckpointStore:
             log.warning("not resuming %s: unreadable (%s: %s); starting fresh", self.path,
                         type(err).__name__, err)
             return None
-        if raw.get("format") != FORMAT or stored != self.fingerprint:
+        if stored != self.fingerprint:  # its code included: a new layout is new code
             log.warning("not resuming %s: %s; starting fresh", self.path,
                         why_not(stored, self.fingerprint))
             return None
@@ -159,4 +157,4 @@ def why_not(stored: dict[str, Any], current: dict[str, Any]) -> str:
     if diff:
         parts.append("under other params or data (" + "; ".join(diff[:5])
                      + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "") + ")")
-    return " and ".join(parts) or "its format is another"
+    return " and ".join(parts)

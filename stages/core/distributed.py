@@ -196,18 +196,10 @@ class RankFailed(Exception):
 
 def raise_for(code: int, stage: str) -> None:
     """Re-raise a launch's exit code in the parent, so that its stage door maps it back."""
-    said = f"{stage}: a training process failed (its message is above)"
-    if code == EXIT_OK:
-        return
-    if code == EXIT_BAD_INPUT:
-        raise BadInput(said)
-    if code == EXIT_TRANSIENT:
-        raise Transient(said)
-    if code == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
-    if code == EXIT_TERMINATED:
-        raise Terminated(said)
-    raise RankFailed(said)
+    if code != EXIT_OK:
+        kind = {EXIT_BAD_INPUT: BadInput, EXIT_TRANSIENT: Transient,
+                EXIT_INTERRUPTED: KeyboardInterrupt, EXIT_TERMINATED: Terminated}
+        raise kind.get(code, RankFailed)(f"{stage}: a training process failed (its message is above)")
 
 
 def join(backend: str, node_rank: int | None, timeout_s: float = 300.0) -> Comm:
