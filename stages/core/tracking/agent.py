@@ -76,7 +76,7 @@ class _Streams(io.TextIOBase):
 
 
 class Agent:
-    def __init__(self, key: str, code: Path, streams: _Streams | None = None) -> None:
+    def __init__(self, key: str, code: Path, streams: _Streams) -> None:
         self.key, self.code = key, code
         self.path = socket_path(key)
         self.streams = streams
@@ -173,20 +173,19 @@ class Agent:
             return run, self._captured(self._call, message)[1]
         if op == "stop":
             return run, self._stop(message)
-        return run, {"pid": os.getpid(), "code": str(self.code)}
+        return run, {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
 
     def _stop(self, message: dict[str, Any]) -> dict[str, Any]:
         """Drain: no new stage reaches this agent (its socket's path goes now), the ones it
         serves finish as usual, then it exits. Another test worker's stage is never cut off."""
-        under = message.get("under")
-        if under is not None and not self.code.is_relative_to(under):
+        if not self.code.is_relative_to(message["under"]):
             return {"stopping": False}
         self.draining.set()
         self._unlink()
         with self.counts:
             busy = self.connected - 1  # not counting the connection asking
         log.info("asked to stop: draining %d stage(s)", busy)
-        return {"stopping": True, "draining": busy}
+        return {"stopping": True}
 
     def _captured(self, fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
         """fn(*args), with what this thread logs and prints captured into the reply."""
@@ -194,8 +193,7 @@ class Agent:
         root_logger = logging.getLogger("imagepipe")
         root_logger.addHandler(capture)
         try:
-            with self.streams.capture() if self.streams else contextlib.nullcontext(
-                    io.StringIO()) as err:
+            with self.streams.capture() as err:
                 result, reply = fn(*args)
         finally:
             root_logger.removeHandler(capture)
