@@ -67,9 +67,6 @@ START_WAIT_S = 60.0
 # a stopped agent is seen within channel.HANDSHAKE_S whatever this says.
 DEFAULT_FINISH_S = 900.0
 
-__all__ = ["AGENT_ENV", "AgentUnavailable", "CODE", "connect_agent", "prewarm",
-           "start_stage_run", "stop_agents"]
-
 
 def agent_enabled() -> bool:
     return os.environ.get(AGENT_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
@@ -288,8 +285,6 @@ class RemoteStageRun:
 
 def relay(reply: dict[str, Any]) -> None:
     """What the agent logged and printed for this stage, in the stage's own stderr."""
-    for name, level, message in reply.get("logs") or []:
-        logging.getLogger(name).log(level, "%s", message)
     text = reply.get("stderr") or ""
     if text:
         sys.stderr.write(text)

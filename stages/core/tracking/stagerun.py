@@ -238,7 +238,7 @@ class StageRun:
 
         assert self.store is not None and self.run_id is not None
         self.store.call("log metrics", self.store.client.log_batch, self.run_id,
-                        metrics=self._final_metrics() + self._epoch_metrics())
+                        metrics=self._file_metrics())
         # Output hashes link runs: the run whose dvc.out.X equals another's dvc.dep.X made X.
         out_tags = [RunTag(metric_key(f"dvc.out.{p}"), h)
                     for p, h in path_hashes(self.root, self.decl.outs).items()]
@@ -247,26 +247,17 @@ class StageRun:
             self.store.call(f"log artifact {local.name}", self.store.client.log_artifact,
                             self.run_id, str(local), artifact_dir)
 
-    def _final_metrics(self) -> list[Any]:
+    def _file_metrics(self) -> list[Any]:
+        """The numbers of the metrics files, and the epochs of the plots tables that the live
+        tail did not log."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        out: list[Any] = []
-        for rel in self.decl.metrics:
-            numbers = flat_numbers(read_json(self.root / rel))
-            out += [Metric(k, v, now, 0) for k, v in numbers.items()]
-        return out
-
-    def _epoch_metrics(self) -> list[Any]:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        live = self._live_logged
-        out: list[Any] = []
-        for rel in self.decl.plots:
-            out += [Metric(k, v, now, step) for k, v, step in per_epoch_metrics(self.root / rel)
-                    if (k, step) not in live]  # the live tail logged those already
-        return out
+        out = [Metric(k, v, now, 0) for rel in self.decl.metrics
+               for k, v in flat_numbers(read_json(self.root / rel)).items()]
+        return out + [Metric(k, v, now, step) for rel in self.decl.plots
+                      for k, v, step in per_epoch_metrics(self.root / rel)
+                      if (k, step) not in self._live_logged]
 
     def _register(self, registration: Registration) -> None:
         from stages.core.tracking.register import register_model_version
