@@ -126,12 +126,10 @@ def _version(reg: Registry, name: str, alias: str) -> str | None:
     return info.version if info else None
 
 
-def nothing_to_promote(reg: Registry, params: RegistryParams) -> Decision | None:
+def nothing_to_promote(reg: Registry, params: RegistryParams) -> Decision:
     """The decision when there is no challenger at all (a fresh clone's empty store, or a run
-    that exported nothing): nothing to promote, said as such; None when there is one."""
+    that exported nothing): nothing to promote, said as such."""
     name = params.model_name
-    if reg.alias(name, CHALLENGER) is not None:
-        return None
     now = _version(reg, name, CHAMPION)
     return Decision(promoted=False, model_name=name, challenger_version=None,
                     champion_version=now, min_improvement=params.min_improvement,
@@ -215,8 +213,8 @@ def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, forc
     compare-and-set and the alias moves."""
     name = params.model_name
     reg = Registry.connect(root)
-    if missing_ok and (nothing := nothing_to_promote(reg, params)) is not None:
-        return nothing
+    if missing_ok and reg.alias(name, CHALLENGER) is None:
+        return nothing_to_promote(reg, params)
     images, truth = load_test_split(data)
     before = _version(reg, name, CHAMPION)
     scores: dict[str, np.ndarray] = {}
@@ -270,12 +268,11 @@ def version_text(v: str | None, none: str) -> str:
 
 def said(d: dict[str, Any]) -> str:
     """A decision (Decision as a dict: also what --json printed) in one line."""
+    who = str(d.get("model_name"))
+    if d.get("challenger_version"):  # else nothing to promote
+        who += f" v{d['challenger_version']} {'promoted' if d.get('promoted') else 'not promoted'}"
     now = version_text(d.get("current_champion_version"), "no champion")
-    if not d.get("challenger_version"):
-        return f"{d.get('model_name')}: {d.get('reason')} (champion now: {now})"
-    verdict = "promoted" if d.get("promoted") else "not promoted"
-    return (f"{d.get('model_name')} v{d.get('challenger_version')} {verdict}: {d.get('reason')} "
-            f"(champion now: {now})")
+    return f"{who}: {d.get('reason')} (champion now: {now})"
 
 
 def promote_main(argv: list[str] | None = None) -> int:

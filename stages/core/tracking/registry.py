@@ -63,7 +63,7 @@ class VersionInfo:
     version: str
     run_id: str
     tags: dict[str, str]
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...]
 
 
 class Registry:
@@ -104,14 +104,15 @@ class Registry:
         """fn(*args) through Store.call, except that "not there" (NOT_FOUND) is None."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            return fn(*args)
-        except MlflowException as err:
-            if error_code(err) in NOT_FOUND:
-                return None
-            return self.store.call(f"read {what}", reraise, err)
-        except store_errors() as err:
-            return self.store.call(f"read {what}", reraise, err)
+        def read() -> Any:
+            try:
+                return fn(*args)
+            except MlflowException as err:
+                if error_code(err) in NOT_FOUND:
+                    return None
+                raise
+
+        return self.store.call(f"read {what}", read)
 
     def tagged(self, name: str, key: str, value: str) -> VersionInfo | None:
         """The newest version of `name` whose tag `key` is `value`; None when there is none."""
@@ -144,19 +145,16 @@ class Registry:
         return version, onnx_files[0]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self._still_held()
+        if self.held is not None:  # LockLost unless the server lock (if any) is still ours
+            self.held.verify()
         self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
                         name, alias, version)
 
     def delete_alias(self, name: str, alias: str) -> None:
-        self._still_held()
-        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
-                        name, alias)
-
-    def _still_held(self) -> None:
-        """LockLost unless the server lock held for this move (if any) is still ours."""
         if self.held is not None:
             self.held.verify()
+        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
+                        name, alias)
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -300,27 +298,23 @@ class Registry:
         return str(runs[0].info.run_id) if runs else None
 
 
-class _Heartbeat:
+class _Heartbeat(threading.Thread):
     """While a server lock is held: its beat tag moves every HEARTBEAT_S (waiters see the
     holder alive); a beat that finds another holder marks the lock lost."""
 
     def __init__(self, registry: Registry, key: str, me: str) -> None:
+        super().__init__(name="promotion-lock-heartbeat", daemon=True)
         self.registry, self.key, self.me = registry, key, me
         self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="promotion-lock-heartbeat",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self.stopped = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self.stopped.set()
+        self.join(timeout=30)
 
-    def _beat(self) -> None:
+    def run(self) -> None:
         beat = 0
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self.stopped.wait(HEARTBEAT_S):
             beat += 1
             with contextlib.suppress(Exception):  # a missed beat: the next one may land
                 if self._holder() != self.me:
