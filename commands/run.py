@@ -148,10 +148,6 @@ def _holder(f: IO[str]) -> str:
         return "pid unknown: it is starting"
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     root = project_root()
@@ -180,7 +176,7 @@ def _run_flow(root: Path, args: argparse.Namespace, stages: list[str] | None,
 
     # A SIGTERM (CI cancelling, `kill`) unwinds like Ctrl-C, so the running stage's process
     # group is killed too instead of being orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     atexit.register(dvcstage.kill_live_groups)
     start = time.perf_counter()
     try:

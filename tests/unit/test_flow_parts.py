@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -232,3 +233,11 @@ def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> 
             run_command._check_overrides(tmp_path, [bad])
     run_command._check_overrides(tmp_path, ["pretrain.epochs=3", "augment.copies=0"])
     assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+def test_a_temporary_api_that_exits_is_unavailable_and_says_how_it_ended() -> None:
+    from flows import localapi
+
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], process_group=0)
+    with pytest.raises(localapi.APIUnavailable, match="exited with 3"):
+        localapi.ready(proc, "http://127.0.0.1:9/api", 30)
