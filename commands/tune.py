@@ -40,14 +40,9 @@ SCRATCH_PARAM = "finetune.scratch_lr"
 TEST_FILES = ("evaluate", "per_class", "export")
 
 
-class Refused(Exception):
-    """A command line or project state that cannot give a pick: one line, exit 2."""
-
-
 @dataclass(frozen=True)
 class Row:
     name: str  # the experiment's name, or the baseline's "HEAD (rev)"
-    rev: str
     baseline: bool
     params: dict[str, Any]  # flattened params.yaml: "finetune.lr" -> 0.01
     metrics: dict[str, Any]  # "finetune.val_accuracy" -> 0.9 (file stem + dotted key)
@@ -65,7 +60,7 @@ def _row(record: dict[str, Any], baseline: bool) -> Row | None:
         metrics.update(flatten_dict(content.get("data") or {}, Path(path).stem))
     rev = str(record.get("rev", ""))
     name = f"HEAD ({rev[:7]})" if baseline else str(record.get("name") or rev[:7])
-    return Row(name, rev, baseline, params, metrics)
+    return Row(name, baseline, params, metrics)
 
 
 def rows_of(shown: list[dict[str, Any]]) -> list[Row]:
@@ -86,9 +81,9 @@ def rows_of(shown: list[dict[str, Any]]) -> list[Row]:
 def check_metric(metric: str) -> None:
     stem, _, key = metric.partition(".")
     if not key:
-        raise Refused(f"--metric wants FILE.KEY (e.g. {METRIC}), got {metric!r}")
+        raise BadInput(f"--metric wants FILE.KEY (e.g. {METRIC}), got {metric!r}")
     if stem in TEST_FILES or "val" not in key:
-        raise Refused(f"--metric {metric}: not a validation metric; tuning on the test split "
+        raise BadInput(f"--metric {metric}: not a validation metric; tuning on the test split "
                       f"fits the test set (use {METRIC} or {SCRATCH_METRIC})")
 
 
@@ -112,7 +107,7 @@ def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, list[Row]]
     """The best row by `metric` in `direction` and every row that ties with it."""
     scored = [r for r in rows if isinstance(r.metrics.get(metric), (int, float))]
     if not scored:
-        raise Refused(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
+        raise BadInput(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
     sign = -1.0 if direction == "min" else 1.0
     top = max(sign * r.metrics[metric] for r in scored)
     # A tie goes to the first row: the baseline, then experiments newest first (exp show order).
@@ -209,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             check_metric(metric)
         shown = _dvc(root, "exp", "show", "--json")
         if shown.returncode != 0:
-            raise Refused(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
+            raise BadInput(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
         rows = rows_of(json.loads(shown.stdout or "[]"))
         direction = direction_of(args.metric) if args.direction == "auto" else args.direction
         chosen, notes = pick(rows, args.metric, scratch, direction)
-    except Refused as err:
+    except BadInput as err:  # a command line or project state that gives no pick
         print(f"imagepipe tune: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(table(rows, [m for m in (args.metric, scratch) if m], chosen, direction))

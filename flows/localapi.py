@@ -27,10 +27,11 @@ from prefect.settings import get_current_settings
 
 from flows.deploy import wait_healthy
 from flows.orphans import kill_group
+from stages.core.errors import Transient
 from stages.core.host import die_with_parent
 
 
-class APIUnavailable(RuntimeError):
+class APIUnavailable(Transient):
     """The temporary API did not come up: exit 75 (try again later), one line."""
 
 
