@@ -124,8 +124,8 @@ def lock_project(root: Path, wait: bool) -> None:
         holder = _holder(f)
         if not wait:
             f.close()
-            raise Transient(f"another run ({holder}) holds {root}; wait for it to finish, or "
-                        "run again with --wait to start when it does") from None
+            raise Transient(f"another run ({holder}) holds {root}; wait for it to finish, "
+                            "or run again with --wait to start when it does") from None
         print(f"imagepipe run: waiting for the run that holds {root} ({holder})", file=sys.stderr)
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)

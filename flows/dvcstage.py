@@ -10,7 +10,6 @@ DVC stays the judge of what is stale: the plan comes from one in-process `Repo.s
 from __future__ import annotations
 
 import contextvars
-import logging
 import os
 import re
 import signal
@@ -31,8 +30,6 @@ from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
 from stages.core.host import die_with_parent
 
-log = logging.getLogger("imagepipe.flow")
-
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
 # Retries of a transient failure (exit 75, a death by signal): the flow's tasks and `imagepipe
@@ -49,8 +46,6 @@ _STAGE_REASON = re.compile(r"^[\w.-]+: (error|transient failure|internal error)\
 class StageError(RuntimeError):
     """A stage (or DVC around it) failed; `reason` is the one line worth showing."""
 
-    retryable = False
-
     def __init__(self, stage: str, code: int | None, reason: str) -> None:
         self.stage, self.code, self.reason = stage, code, reason
         super().__init__(f"{stage}: {reason}" if not reason.startswith(f"{stage}:") else reason)
@@ -58,8 +53,6 @@ class StageError(RuntimeError):
 
 class StageTransient(StageError):
     """Exit 75 or a death by signal: a retry may cure it."""
-
-    retryable = True
 
 
 class StageBadInput(StageError):

@@ -52,7 +52,7 @@ STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates it
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
     """Retry exit 75 and deaths by signal; never exit 2, a crash, or a timeout."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, StageError) and exc.retryable
+    return isinstance(exc, StageTransient)
 
 
 def _lineage_env() -> dict[str, str]:
@@ -61,13 +61,13 @@ def _lineage_env() -> dict[str, str]:
     return {FLOW_RUN_ENV: run_id} if run_id else {}
 
 
-# Every task's retries. The stage and promote tasks retry only what may heal (_TRANSIENT).
-_RETRIED: dict[str, Any] = {"retries": RETRIES, "retry_delay_seconds": exponential_backoff(RETRY_DELAY_S),
-                            "cache_policy": NO_CACHE, "persist_result": False}
+# The flow gives every call its retries (stage_retries, doubling from retry_delay_s); the stage
+# and promote tasks retry only what may heal (_TRANSIENT), dvc push any failure.
+_TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 _TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retry_jitter_factor": 0.2}
 
 
-@task(name="stage", task_run_name="{stage}", **_RETRIED, **_TRANSIENT)
+@task(name="stage", task_run_name="{stage}", **_TASK, **_TRANSIENT)
 def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
                gpus: int) -> dict[str, Any]:
     """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
@@ -84,7 +84,7 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
             "seconds": round(done.seconds, 2), "attempts": task_run.get_run_count()}
 
 
-@task(name="promote", **_RETRIED, **_TRANSIENT)
+@task(name="promote", **_TASK, **_TRANSIENT)
 def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> dict[str, Any]:
     """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable.
     exported=False (this run exported nothing): no challenger at all is "nothing to promote"
@@ -106,7 +106,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     return decision
 
 
-@task(name="dvc-push", **_RETRIED)
+@task(name="dvc-push", **_TASK)
 def push_task(project_dir: str, remote: str, timeout_s: float) -> None:
     """`dvc push`: any failure is retried (a remote is a network service)."""
     logger = get_run_logger()

