@@ -1,7 +1,5 @@
 """Classify image files with an ONNX model written by the export stage.
 
-Usage: imagepipe predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
-
 MODEL is an .onnx file or a registered version, models:/NAME@ALIAS or models:/NAME/VERSION
 (MLflow's two forms; downloaded from the project's tracking store, MLFLOW_TRACKING_URI where
 set; one that is not there is exit 2). Of a registered version only the
