@@ -103,15 +103,21 @@ def direction_of(metric: str) -> str:
     return "min" if any(w in _LOWER_IS_BETTER for w in words) else "max"
 
 
+def _score(row: Row, metric: str, direction: str) -> float:
+    """Higher is better in `direction`; a row without the metric scores -inf."""
+    value = row.metrics.get(metric)
+    if not isinstance(value, (int, float)):
+        return float("-inf")
+    return -float(value) if direction == "min" else float(value)
+
+
 def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, list[Row]]:
     """The best row by `metric` in `direction` and every row that ties with it."""
-    scored = [r for r in rows if isinstance(r.metrics.get(metric), (int, float))]
-    if not scored:
+    top = max((_score(r, metric, direction) for r in rows), default=float("-inf"))
+    if top == float("-inf"):
         raise BadInput(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
-    sign = -1.0 if direction == "min" else 1.0
-    top = max(sign * r.metrics[metric] for r in scored)
     # A tie goes to the first row: the baseline, then experiments newest first (exp show order).
-    ties = [r for r in scored if sign * r.metrics[metric] == top]
+    ties = [r for r in rows if _score(r, metric, direction) == top]
     return ties[0], ties
 
 
@@ -151,19 +157,13 @@ def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str) -> s
     """The rows, best first by metrics[0] in `direction`: the swept params and the metrics;
     * marks the pick."""
     keys = swept(rows)
-    sign = 1.0 if direction == "min" else -1.0
     grid = [["  experiment", *keys, *metrics]]
     grid += [[("* " if r is chosen else "  ") + r.name, *(str(r.params.get(k)) for k in keys),
               *(_fmt(r.metrics.get(m)) for m in metrics)]
-             for r in sorted(rows, key=lambda r: _rank(r.metrics.get(metrics[0]), sign))]
+             for r in sorted(rows, key=lambda r: -_score(r, metrics[0], direction))]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in grid)
-
-
-def _rank(value: Any, sign: float) -> float:
-    """Sort key: best first; rows without the metric last."""
-    return sign * float(value) if isinstance(value, (int, float)) else float("inf")
 
 
 def _fmt(value: Any) -> str:
