@@ -5,8 +5,7 @@ stages/core/dataset.py), labels and one split's indices. Output: the same per-ep
 (normalised float images, int64 labels) on the device as `DeviceBatches`, which `StreamBatches`
 extends: same `epoch(epoch, start_step)`, `__len__`, `images_per_epoch`, `normalise`, crops and
 flips (on the device), rank partitioning. `batches()` picks: resident where the split fits on
-the device, as before; streamed where it does not, or where IMAGEPIPE_STREAM=1 says so (tests
-and benchmarks: the resident path is the default wherever it fits).
+the device (stages/core/budget.py), streamed where it does not.
 
 Order: a block-shuffled permutation, a pure function of (seed, epoch). The split, in storage
 order, is cut into blocks of `block` images that never straddle a shard; the blocks are
@@ -27,7 +26,6 @@ exception in the reader is raised in the consumer.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +40,6 @@ from stages.core.devicedata import DeviceBatches
 
 log = logging.getLogger("imagepipe.data")
 
-STREAM_ENV = "IMAGEPIPE_STREAM"  # 1: stream even a set that fits (tests, benchmarks)
 # 256 images is 38 MB of 224 px RGB: one sequential read; a window of 16 blocks mixes 16
 # places of the set (often 16 classes of a class-local set) into every batch.
 BLOCK = 256
@@ -186,19 +183,15 @@ class StreamBatches(DeviceBatches):
         return host
 
 
-def streaming_forced() -> bool:
-    return os.environ.get(STREAM_ENV, "").strip() not in ("", "0")
-
-
 def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: torch.device,
             budget: Budget | None = None, **kw: Any) -> DeviceBatches:
     """A split's batches: resident on the device where they fit in `budget` (shared by a
-    stage's splits, so train and val are counted together; None: a budget of its own) and
-    streaming is not forced, else streamed from the shards, as they are when the resident copy
-    itself runs out of memory. Keywords are DeviceBatches'."""
+    stage's splits, so train and val are counted together; None: a budget of its own), else
+    streamed from the shards, as they are when the resident copy itself runs out of memory.
+    Keywords are DeviceBatches'."""
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
     budget = Budget(device) if budget is None else budget
-    if not streaming_forced() and budget.take(nbytes):
+    if budget.take(nbytes):
         try:
             return DeviceBatches(images, labels, indices, device=device, **kw)
         except (torch.OutOfMemoryError, MemoryError):

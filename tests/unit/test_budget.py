@@ -18,7 +18,7 @@ import torch
 from stages.core import budget
 from stages.core.budget import Budget, cgroup_room, host_free_bytes
 from stages.core.devicedata import DeviceBatches
-from stages.core.stream import STREAM_ENV, StreamBatches, batches
+from stages.core.stream import StreamBatches, batches
 from tests.helpers import REPO, run_in_cgroup
 
 CPU = torch.device("cpu")
@@ -100,7 +100,6 @@ def test_train_and_val_are_counted_together_and_ranks_share_the_host(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """64 images of 10 x 10 (6400 bytes) and 36 (3600). Half of 20000 free holds both; half of
     16000 holds train, then val streams; two CPU ranks on the machine: 4000 each, both stream."""
-    monkeypatch.delenv(STREAM_ENV, raising=False)
     images = np.zeros((100, 10, 10, 1), np.uint8)
     labels = np.zeros(100, np.int64)
     train_idx, val_idx = np.arange(64), np.arange(64, 100)
@@ -139,13 +138,12 @@ def test_a_resident_copy_out_of_memory_falls_back_to_the_streaming_reader(tmp_pa
     set is copied: the split is streamed by stream.py's reader, not the synchronous memmap."""
     out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_CHILD, str(tmp_path / "x.npy")],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, STREAM_ENV: "0", "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["StreamBatches", "False", "(8,", "3,", "256,", "256)"]
 
 
-def test_a_split_that_fits_is_still_resident_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(STREAM_ENV, raising=False)
+def test_a_split_that_fits_is_still_resident_by_default() -> None:
     b = batches(np.zeros((20, 4, 4, 1), np.uint8), np.zeros(20, np.int64), np.arange(20),
                 train=False, **_kw())
     assert type(b) is DeviceBatches and b.resident
