@@ -160,12 +160,11 @@ def source_shards(folder: Path, ds: Dataset) -> tuple[list[Path], np.ndarray]:
             np.concatenate([[0], np.cumsum([e["n"] for e in entries])]))
 
 
-def _copy_rows(path: Path, mask: np.ndarray, dest: Path, chunk: int = 2048
-               ) -> tuple[Path, str, int]:
+def _copy_rows(path: Path, mask: np.ndarray, dest: Path) -> tuple[Path, str, int]:
     """The rows of a shard where `mask`, into a new shard, in chunks: memory flat."""
     shape = tuple(np.load(path, mmap_mode="r").shape[1:])
     writer = RowWriter(dest, shape, capacity=int(mask.sum()), hashed=True)
-    for lo, rows in iter_rows(path, shape, chunk):
+    for lo, rows in iter_rows(path, shape, chunk=2048):
         writer.write(rows[mask[lo:lo + len(rows)]])
     writer.close()
     return dest, writer.digest, writer.n

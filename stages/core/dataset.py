@@ -191,7 +191,7 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int = 1024
+def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int
               ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) of a shard in chunks, read with plain reads: memory flat, no map."""
     row = int(np.prod(row_shape))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.core.cifar import missing_files, read_cifar
+from stages.core.cifar import download_or_refuse, read_cifar
 from stages.core.errors import BadInput
 from stages.core.imageform import DEFAULT_MAX_FILE_BYTES, MAX_PIXELS
 from stages.core.walk import Walk, kind
@@ -129,14 +129,9 @@ def _open_torchvision(cls: type, name: str, root: Path, train: bool, download: b
     try:
         return cls(root=str(root), train=train, download=False)
     except RuntimeError:
-        pass
-    reason = "download is off (data.<role>.download: false)"
-    if download:
-        try:
-            return cls(root=str(root), train=train, download=True)
-        except Exception as err:  # noqa: BLE001 - any network or archive failure means the same
-            reason = f"download failed ({type(err).__name__}: {err})".splitlines()[0]
-    raise missing_files(name, root, reason, cls.mirrors[0] if hasattr(cls, "mirrors") else "")
+        return download_or_refuse(name, root, download,
+                                  lambda: cls(root=str(root), train=train, download=True),
+                                  cls.mirrors[0] if hasattr(cls, "mirrors") else "")
 
 
 # ---------------------------------------------------------------- files on disk

@@ -113,6 +113,14 @@ def test_a_cifar_batch_of_the_wrong_shape_is_bad_input(tmp_path: Path) -> None:
         sources.open_source("torchvision:CIFAR10", root=str(tmp_path), download=False)
 
 
+@pytest.mark.parametrize("name", ["CIFAR10", "MNIST"])
+def test_a_missing_torchvision_set_with_download_off_says_where_to_get_it(
+        tmp_path: Path, name: str) -> None:
+    with pytest.raises(BadInput, match=rf"^torchvision:{name}: no files under .* and download is "
+                                       r"off .*; download https?://"):
+        sources.open_source(f"torchvision:{name}", root=str(tmp_path), download=False)
+
+
 # -- the image tree: links, loops, special files, huge files ---------------------------------
 
 
