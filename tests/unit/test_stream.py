@@ -21,7 +21,7 @@ from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.io import atomic_dir
 from stages.core.models import load_model_file
 from stages.core.shards import RowWriter
-from stages.core.stream import Prefetch, StreamBatches, batches, block_order
+from stages.core.stream import StreamBatches, batches, block_order, prefetch
 from stages.params import parse_params
 from tests.helpers import default_params
 
@@ -72,7 +72,8 @@ def labels_of(b: DeviceBatches, epoch: int, start: int = 0) -> list[np.ndarray]:
 
 
 def reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "imagepipe-reader" and t.is_alive()]
+    return [t for t in threading.enumerate()
+            if t.name.startswith("imagepipe-reader") and t.is_alive()]
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch_and_a_permutation(data: Any) -> None:
@@ -159,7 +160,7 @@ def test_the_reader_never_runs_more_than_ahead_batches_ahead() -> None:
         return task
 
     ahead = 3
-    for i, task in enumerate(Prefetch(range(12), read, ahead)):
+    for i, task in enumerate(prefetch(range(12), read, ahead)):
         assert task == i
         taken.append(task)
         time.sleep(0.05)  # a slow step: the reader catches up and must wait
