@@ -177,6 +177,10 @@ class RowWriter:
             self.digest = (self._sha.hexdigest() if self.n == self.capacity
                            else file_sha256(self.path))
 
+    def discard(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
 
 def root_digest(digests: Sequence[str]) -> str:
     """One digest for all shards, in order: the data's identity in lineage tags."""

@@ -50,6 +50,19 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "s.npy.json"]  # pieces gone
 
 
+def test_an_abandoned_join_leaves_no_file(tmp_path: Path) -> None:
+    """A failed or interrupted map: the shard's temporary and its pieces (joined or not) go."""
+    for part in (0, 1):
+        w = shards.RowWriter(tmp_path / f"p{part}.tmp", (4, 4, 3))
+        w.write(RNG.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8))
+        w.close()
+    joiner = staging.ShardAssembler(tmp_path, "s.npy", 9, (4, 4, 3))
+    joiner.add(0, {"path": str(tmp_path / "p0.tmp")})  # joined
+    joiner.add(2, {"path": str(tmp_path / "p1.tmp")})  # waits for part 1, which never comes
+    joiner.abandon()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sharded_array_indexes_like_one_array() -> None:
     whole = RNG.integers(0, 256, (23, 2, 2, 1), dtype=np.uint8)
     cuts = [0, 5, 5, 14, 23]  # an empty shard too
