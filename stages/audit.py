@@ -17,7 +17,6 @@ naming the CSV (after writing every output, so the list is there to read).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.dataset import SPLITS, Dataset, load_dataset
-from stages.core.door import exit_process, run_stage
+from stages.core.door import arguments, exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.imageissues import (
     ImageIssue,
@@ -212,15 +211,9 @@ def write_grid(ds: Dataset, rows: np.ndarray, found: LabelIssues | None, count: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.audit",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/target", type=Path)
-    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
-    parser.add_argument("--metrics", default="metrics/audit.json", type=Path)
-    parser.add_argument("--issues", default="metrics/audit_issues.csv", type=Path)
-    parser.add_argument("--grid", default="plots/label_issues.png", type=Path)
-    args = parser.parse_args(argv)
+    args = arguments("audit", __doc__, argv, data="data/target", model="models/finetuned.pt",
+                     metrics="metrics/audit.json", issues="metrics/audit_issues.csv",
+                     grid="plots/label_issues.png")
     out = Outputs(args.metrics, args.issues, args.grid)
 
     def body() -> None:

@@ -12,7 +12,6 @@ image is written again (29,400 images on the CIFAR-10 preset).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import time
@@ -31,7 +30,7 @@ from stages.core.dataset import (
     load_dataset,
     write_sharded,
 )
-from stages.core.door import exit_process, run_stage
+from stages.core.door import arguments, exit_process, run_stage
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.progress import progress
 from stages.core.shards import RowWriter
@@ -217,13 +216,8 @@ def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.augment", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--source", default="data/source", type=Path)
-    parser.add_argument("--out", default="data/augmented", type=Path)
-    parser.add_argument("--metrics", default="metrics/augment.json", type=Path)
-    parser.add_argument("--preview", default="plots/augment_preview.png", type=Path)
-    args = parser.parse_args(argv)
+    args = arguments("augment", __doc__, argv, source="data/source", out="data/augmented",
+                     metrics="metrics/augment.json", preview="plots/augment_preview.png")
 
     def body() -> None:
         params = load_params(args.params)

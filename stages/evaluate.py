@@ -20,7 +20,6 @@ model was taught that invariance) when every image is mirrored.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from scipy.special import softmax
 
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import exit_process, run_stage
+from stages.core.door import arguments, exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_path, write_json
 from stages.core.stats import statistics, transfer_verdict, warn_wide
@@ -238,18 +237,10 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/target", type=Path)
-    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
-    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
-    parser.add_argument("--probe", default="models/probe.pt", type=Path)
-    parser.add_argument("--metrics", default="metrics/evaluate.json", type=Path)
-    parser.add_argument("--per-class", default="reports/per_class.json", type=Path)
-    parser.add_argument("--confusion", default="plots/confusion.png", type=Path)
-    parser.add_argument("--confusion-data", default="plots/confusion.csv", type=Path)
-    args = parser.parse_args(argv)
+    args = arguments("evaluate", __doc__, argv, data="data/target", model="models/finetuned.pt",
+                     scratch="models/scratch.pt", probe="models/probe.pt",
+                     metrics="metrics/evaluate.json", per_class="reports/per_class.json",
+                     confusion="plots/confusion.png", confusion_data="plots/confusion.csv")
     out = Outputs(args.metrics, args.per_class, args.confusion, args.confusion_data)
 
     def body() -> None:

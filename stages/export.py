@@ -30,7 +30,6 @@ the Registration that tracking registers (model version, alias challenger).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.dataset import file_sha256, load_dataset
-from stages.core.door import exit_process, run_stage
+from stages.core.door import arguments, exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 from stages.core.io import atomic_path, write_json
@@ -297,17 +296,10 @@ def _write(metrics: dict[str, Any], metrics_path: Path, details_path: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.export",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
-    parser.add_argument("--scratch", default="models/scratch.pt", type=Path)
-    parser.add_argument("--target", default="data/target", type=Path)
-    parser.add_argument("--out", default="models/model.onnx", type=Path)
-    parser.add_argument("--variants", default="models/onnx_variants", type=Path)
-    parser.add_argument("--metrics", default="metrics/export.json", type=Path)
-    parser.add_argument("--details", default="reports/export.json", type=Path)
-    args = parser.parse_args(argv)
+    args = arguments("export", __doc__, argv, model="models/finetuned.pt",
+                     scratch="models/scratch.pt", target="data/target", out="models/model.onnx",
+                     variants="models/onnx_variants", metrics="metrics/export.json",
+                     details="reports/export.json")
 
     def body() -> Registration:
         params = load_params(args.params)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.core import door
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, file_sha256, load_dataset
-from stages.core.door import exit_process
 from stages.core.errors import BadInput
 from stages.params import FinetuneParams, Params
-from stages.trainingdoor import training_main, training_rank
+from stages.trainingdoor import training_main
 
 if TYPE_CHECKING:
     from stages.core.best import BestEpoch
@@ -132,11 +132,6 @@ def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed
     return Target(train, val, ds.classes, fingerprint, mf)
 
 
-def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
-    for q in model.backbone.parameters():
-        q.requires_grad_(trainable)
-
-
 def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: Outputs,
              pretrained_sha: str, best: BestEpoch | None
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -155,7 +150,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
         if rt.comm.is_main:
             write_csv(out.plot, rows + history)
 
-    set_backbone_trainable(model, False)
+    model.backbone.requires_grad_(False)
     tr = make_trainer(model, param_groups([(model.head, p.lr)], p.weight_decay), p, rt,
                       p.head_epochs, steps, frozen=model.backbone)
     head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
@@ -163,7 +158,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
                phase="head", epochs=p.head_epochs, every=p.checkpoint_every_steps, on_epoch=plot,
                best=best)
     rows += head
-    set_backbone_trainable(model, True)
+    model.backbone.requires_grad_(True)
     del tr  # its DDP's gradient hooks must be gone before the next one's exist
     gc.collect()
     if rt.comm.is_main:
@@ -229,31 +224,20 @@ def run_metrics(history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str,
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.finetune",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/target", type=Path)
-    parser.add_argument("--pretrained", default="models/pretrained.pt", type=Path)
-    parser.add_argument("--model", default="models/finetuned.pt", type=Path)
-    parser.add_argument("--probe", default="models/probe.pt", type=Path)
-    parser.add_argument("--checkpoints", default="checkpoints/finetune", type=Path)
-    parser.add_argument("--metrics", default="metrics/finetune.json", type=Path)
-    parser.add_argument("--plot", default="plots/finetune.csv", type=Path)
-    return parser.parse_args(argv)
+    return door.arguments("finetune", __doc__, argv, data="data/target",
+                          pretrained="models/pretrained.pt", model="models/finetuned.pt",
+                          probe="models/probe.pt", checkpoints="checkpoints/finetune",
+                          metrics="metrics/finetune.json", plot="plots/finetune.csv")
 
 
-def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+def work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
     out = Outputs(args.model, args.probe, args.checkpoints, args.plot)
     return run(params, args.data, args.pretrained, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main("finetune", "finetune", argv, arguments, _work)
-
-
-def rank_main(argv: list[str]) -> int:
-    return training_rank("finetune", argv, arguments, _work)
+    return training_main("finetune", "finetune", argv, arguments, work)
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    door.exit_process(main())

@@ -17,7 +17,6 @@ with the classes that train_per_class capped.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import zlib
@@ -32,7 +31,7 @@ import numpy as np
 
 from stages.core import raycluster
 from stages.core.dataset import SPLIT_CODE, SPLITS, write_sharded
-from stages.core.door import exit_process, run_stage
+from stages.core.door import arguments, exit_process, run_stage
 from stages.core.errors import BadInput
 from stages.core.io import atomic_dir, write_json
 from stages.core.progress import progress
@@ -371,10 +370,7 @@ def run(params: Params, out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data", type=Path, help="folder that receives source/ and target/")
-    args = parser.parse_args(argv)
+    args = arguments("ingest", __doc__, argv, out="data")  # it receives source/ and target/
     return run_stage("ingest", lambda: run(load_params(args.params), args.out))
 
 

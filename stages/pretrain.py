@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from stages import trainingdoor
+from stages.core import door
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import Dataset, load_dataset
-from stages.core.door import exit_process
 from stages.core.errors import BadInput
 from stages.params import Params, PretrainParams
 
@@ -90,45 +90,31 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.pretrain",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/augmented", type=Path)
-    parser.add_argument("--model", default="models/pretrained.pt", type=Path)
-    parser.add_argument("--checkpoints", default="checkpoints/pretrain", type=Path)
-    parser.add_argument("--metrics", default="metrics/pretrain.json", type=Path)
-    parser.add_argument("--plot", default="plots/pretrain.csv", type=Path)
-    return parser.parse_args(argv)
+    return door.arguments("pretrain", __doc__, argv, data="data/augmented",
+                          model="models/pretrained.pt", checkpoints="checkpoints/pretrain",
+                          metrics="metrics/pretrain.json", plot="plots/pretrain.csv")
 
 
-def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+def work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
     return run(params, args.data, args.model, args.checkpoints, args.plot)
 
 
 def _ray(params: Params, args: argparse.Namespace, argv: list[str]) -> bool:
-    """With engine: ray, the run on Ray Train workers (each runs rank_body); else False."""
+    """With engine: ray, the run on Ray Train workers (each runs trainingdoor.rank_body); else
+    False."""
     if params.pretrain.engine != "ray":
         return False
     from stages.core import raytrain
 
-    raytrain.fit("stages.pretrain:rank_body", argv, params.pretrain, params.data.ray_address,
-                 stage="pretrain", restarts=params.pretrain.restarts,
+    raytrain.fit("stages.trainingdoor:rank_body", ["pretrain", *argv], params.pretrain,
+                 params.data.ray_address, stage="pretrain", restarts=params.pretrain.restarts,
                  storage=args.checkpoints.resolve().parent / ".ray-train")
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    return trainingdoor.training_main("pretrain", "pretrain", argv, arguments, _work, engine=_ray)
-
-
-def rank_main(argv: list[str]) -> int:
-    return trainingdoor.training_rank("pretrain", argv, arguments, _work)
-
-
-def rank_body(argv: list[str]) -> None:
-    """A Ray Train worker's work (engine: ray)."""
-    trainingdoor.rank_body(argv, arguments, _work)
+    return trainingdoor.training_main("pretrain", "pretrain", argv, arguments, work, engine=_ray)
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    door.exit_process(main())

@@ -27,12 +27,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stages.core import door
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
-from stages.core.door import exit_process
 from stages.finetune import adapt_to_target, load_target, run_metrics
 from stages.params import Params
-from stages.trainingdoor import training_main, training_rank
+from stages.trainingdoor import training_main
 
 log = logging.getLogger("imagepipe.scratch")
 
@@ -91,29 +91,19 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.scratch",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/target", type=Path)
-    parser.add_argument("--pretrained", default="models/pretrained.pt", type=Path)
-    parser.add_argument("--model", default="models/scratch.pt", type=Path)
-    parser.add_argument("--checkpoints", default="checkpoints/scratch", type=Path)
-    parser.add_argument("--metrics", default="metrics/scratch.json", type=Path)
-    parser.add_argument("--plot", default="plots/scratch.csv", type=Path)
-    return parser.parse_args(argv)
+    return door.arguments("scratch", __doc__, argv, data="data/target",
+                          pretrained="models/pretrained.pt", model="models/scratch.pt",
+                          checkpoints="checkpoints/scratch", metrics="metrics/scratch.json",
+                          plot="plots/scratch.csv")
 
 
-def _work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+def work(params: Params, args: argparse.Namespace) -> dict[str, Any]:
     return run(params, args.data, args.pretrained, Outputs(args.model, args.checkpoints, args.plot))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main("scratch", "finetune", argv, arguments, _work)
-
-
-def rank_main(argv: list[str]) -> int:
-    return training_rank("scratch", argv, arguments, _work)
+    return training_main("scratch", "finetune", argv, arguments, work)
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    door.exit_process(main())

@@ -1,14 +1,15 @@
 """The door of a training stage (pretrain, finetune, scratch): `python -m stages.NAME` runs the
 stage's work in this process, or launches the processes its params section's `devices`/`nodes`
-ask for (stages/core/distributed.py) as `stages.NAME:rank_main`, or hands them to another
-engine (pretrain's Ray Train workers run `rank_body`). Each process runs the same work on the
-same argv; the first process of node 0 writes the metrics; tracking stays with the launching
-process.
+ask for (stages/core/distributed.py) as `rank_main`, or hands them to another engine (pretrain's
+Ray Train workers run `rank_body`). Each process runs the same work on the same argv, found by
+the stage's name (its module's `arguments` and `work`); the first process of node 0 writes the
+metrics; tracking stays with the launching process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,28 +38,30 @@ def training_main(stage: str, section: str, argv: list[str] | None, parse: Parse
         if engine is not None and engine(params, args, argv):  # its processes write everything
             return
         # torch is imported here, not at load: --help and a params file refused start without it.
-        from stages.core import distributed
+        from stages.core import distributed, launchplan
 
-        plan = distributed.plan(getattr(params, section), section)
+        plan = launchplan.plan(getattr(params, section), section)
         if plan is not None:  # the processes write everything; this one keeps the exit code
-            distributed.raise_for(distributed.launch(plan, f"stages.{stage}:rank_main", argv),
-                                  stage)
+            code = distributed.launch(plan, "stages.trainingdoor:rank_main", [stage, *argv])
+            distributed.raise_for(code, stage)
             return
         write_json(args.metrics, work(params, args))
 
     return run_stage(stage, body)
 
 
-def rank_body(argv: list[str], parse: Parse, work: Work) -> None:
-    """One training process's work, in-stage launch or Ray Train worker alike."""
+def rank_body(argv: list[str]) -> None:
+    """One training process's work (argv: the stage's name, then its own argv), in-stage
+    launch or Ray Train worker alike."""
     from stages.core import distributed
 
-    args = parse(argv)
-    metrics = work(load_params(args.params), args)
+    module = importlib.import_module(f"stages.{argv[0]}")
+    args = module.arguments(argv[1:])
+    metrics = module.work(load_params(args.params), args)
     if distributed.current().is_main:
         write_json(args.metrics, metrics)
 
 
-def training_rank(stage: str, argv: list[str], parse: Parse, work: Work) -> int:
+def rank_main(argv: list[str]) -> int:
     """One training process of a launched run (tracking stays with the launching process)."""
-    return run_stage(stage, lambda: rank_body(argv, parse, work), track=False)
+    return run_stage(argv[0], lambda: rank_body(argv), track=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from stages.core.flat import differences
 from stages.core.io import save_torch
 
 log = logging.getLogger("imagepipe.checkpoint")
-FORMAT = 1
 
 
 @dataclass
@@ -51,17 +50,10 @@ class Position:
     seconds: float = 0.0
 
 
-@dataclass
-class Resumed:
-    position: Position
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
-    py_version, py_state, py_gauss = random.getstate()
     return {
-        "python": [py_version, list(py_state), py_gauss],
+        "python": random.getstate(),  # a tuple of ints: weights_only loads it as it is
         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                   "gauss": float(np_state["gauss"])},
@@ -71,8 +63,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
+    random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
@@ -112,7 +103,6 @@ class CheckpointStore:
         if ranks is None:
             return
         payload = {
-            "format": FORMAT,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "state": {name: obj.state_dict() for name, obj in objects.items()},
             "rng": ranks[0]["rng"],
@@ -122,8 +112,9 @@ class CheckpointStore:
         }
         save_torch(payload, self.path)
 
-    def resume(self, objects: dict[str, Any]) -> Resumed | None:
-        """Load the states into `objects` and restore the RNGs; None means start fresh."""
+    def resume(self, objects: dict[str, Any]) -> tuple[Position, list[dict[str, Any]]] | None:
+        """Load the states into `objects` and restore the RNGs; return the position and the
+        history of finished epochs, or None: start fresh."""
         raw = self.comm.broadcast(self._read() if self.comm.is_main else None)
         if raw is None:
             return None
@@ -133,7 +124,7 @@ class CheckpointStore:
         restore_rng(mine["rng"])
         pos = Position(**mine["position"])
         log.info("resuming from %s: epoch %d, step %d", self.path, pos.epoch + 1, pos.step)
-        return Resumed(pos, json.loads(raw["history"]))
+        return pos, json.loads(raw["history"])
 
     def _read(self) -> dict[str, Any] | None:
         if not self.path.exists():
@@ -145,7 +136,7 @@ class CheckpointStore:
             log.warning("not resuming %s: unreadable (%s: %s); starting fresh", self.path,
                         type(err).__name__, err)
             return None
-        if raw.get("format") != FORMAT or stored != self.fingerprint:
+        if stored != self.fingerprint:  # its code included: a new layout is new code
             log.warning("not resuming %s: %s; starting fresh", self.path,
                         why_not(stored, self.fingerprint))
             return None
@@ -166,4 +157,4 @@ def why_not(stored: dict[str, Any], current: dict[str, Any]) -> str:
     if diff:
         parts.append("under other params or data (" + "; ".join(diff[:5])
                      + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "") + ")")
-    return " and ".join(parts) or "its format is another"
+    return " and ".join(parts)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,6 @@ class Runtime:
     compile: bool
     fp16: bool = False  # fp16 autocast with loss scaling (GPUs without bf16)
     comm: Comm = SINGLE
-    # torch.compile's backend (a name or a callable); None: $IMAGEPIPE_COMPILE_BACKEND or inductor
-    compile_backend: str | Callable[..., Any] | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.bf16 or self.fp16:
@@ -48,8 +45,8 @@ class Runtime:
             return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
 
-    def backend(self) -> str | Callable[..., Any]:
-        return self.compile_backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    def backend(self) -> str:
+        return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
 
 
 def select_device(name: str) -> torch.device:
@@ -96,14 +93,12 @@ def make_runtime(p: TrainParams) -> Runtime:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.deterministic = True
-        precision = resolve_precision(p.precision, device)
-        return Runtime(device, bf16=precision == "bf16", channels_last=True, compile=p.compile,
-                       fp16=precision == "fp16", comm=comm)
-    # The ranks of one machine share its cores: all of them each would oversubscribe it.
-    torch.set_num_threads(max(1, usable_cores() // comm.local_world))
-    # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
-    # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
-    torch.set_flush_denormal(True)
+    else:
+        # The ranks of one machine share its cores: all of them each would oversubscribe it.
+        torch.set_num_threads(max(1, usable_cores() // comm.local_world))
+        # Weights that decay towards zero become denormal floats, which x86 CPUs compute at a
+        # fraction of the speed: finetuning a pretrained resnet_small ran 2x slower without this.
+        torch.set_flush_denormal(True)
     precision = resolve_precision(p.precision, device)
-    return Runtime(device, bf16=precision == "bf16", channels_last=False, compile=p.compile,
-                   comm=comm)
+    return Runtime(device, bf16=precision == "bf16", channels_last=device.type == "cuda",
+                   compile=p.compile, fp16=precision == "fp16", comm=comm)

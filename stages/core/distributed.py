@@ -11,10 +11,7 @@ any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, wi
 reruns bad input. Here each rank runs the stage's body behind the stage door, writes the exit
 code it means to a small file, and exits with it; the parent combines the codes (`combine`).
 
-One device on one machine never comes here (`plan` returns None): today's path, no process.
-
-Out of device memory under DDP is exit 2 with a hint (train.py `_step`): SyncBatchNorm's
-collectives in the forward leave no point where the ranks could agree to redo a step.
+One device on one machine never comes here (launchplan.plan returns None): no process.
 
 Rank 0 (the writer) is the first process of node 0 whenever node ranks are given: the c10d
 rendezvous numbers machines by their address, then the agent's pid, not by node rank, so `join`
@@ -51,10 +48,7 @@ from stages.core.errors import (
     Transient,
 )
 from stages.core.host import die_with_parent
-
-# The plan is its own module (launchplan.py); stages ask for it here, beside its launch.
-from stages.core.launchplan import Plan as Plan
-from stages.core.launchplan import plan as plan
+from stages.core.launchplan import Plan
 from stages.params import TrainParams
 
 log = logging.getLogger("imagepipe.distributed")
@@ -68,10 +62,8 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TER
 
 @dataclass(frozen=True)
 class Comm:
-    """This process's place among the training processes. Rank 0 is the writer: local rank 0
-    of node 0 when node ranks are given (PET_NODE_RANK, as a launcher sets it), whatever order
-    the rendezvous put the machines in (`join`). Without node ranks, torch's order: c10d
-    numbers the machines by address (host name), then the launching process's id."""
+    """This process's place among the training processes; rank 0 writes (which process that
+    is: `join`)."""
 
     rank: int = 0
     world: int = 1
@@ -204,18 +196,10 @@ class RankFailed(Exception):
 
 def raise_for(code: int, stage: str) -> None:
     """Re-raise a launch's exit code in the parent, so that its stage door maps it back."""
-    said = f"{stage}: a training process failed (its message is above)"
-    if code == EXIT_OK:
-        return
-    if code == EXIT_BAD_INPUT:
-        raise BadInput(said)
-    if code == EXIT_TRANSIENT:
-        raise Transient(said)
-    if code == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
-    if code == EXIT_TERMINATED:
-        raise Terminated(said)
-    raise RankFailed(said)
+    if code != EXIT_OK:
+        kind = {EXIT_BAD_INPUT: BadInput, EXIT_TRANSIENT: Transient,
+                EXIT_INTERRUPTED: KeyboardInterrupt, EXIT_TERMINATED: Terminated}
+        raise kind.get(code, RankFailed)(f"{stage}: a training process failed (its message is above)")
 
 
 def join(backend: str, node_rank: int | None, timeout_s: float = 300.0) -> Comm:

@@ -1,12 +1,14 @@
-"""The stage door: every stage's main() ends in run_stage(name, body), which sets up the process
-(logging, thread policy, SIGTERM), opens the stage's MLflow run, runs the body, and maps what it
-raised to the exit codes of stages/core/errors.py.
+"""The stage door: every stage's main() parses its command line with `arguments` and ends in
+run_stage(name, body), which sets up the process (logging, thread policy, SIGTERM), opens the
+stage's MLflow run, runs the body, and maps what it raised to the exit codes of
+stages/core/errors.py.
 
 It sits above everything a stage calls; nothing in stages/core imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -19,6 +21,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 from stages.core.errors import (
@@ -35,6 +38,18 @@ from stages.core.errors import (
 )
 
 log = logging.getLogger("imagepipe")
+
+
+def arguments(stage: str, doc: str | None, argv: list[str] | None, **paths: str
+              ) -> argparse.Namespace:
+    """`python -m stages.STAGE`'s command line: --params, and a --NAME PATH for each of `paths`
+    (NAME's underscores written as dashes; the value its default, what dvc.yaml passes)."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
+                                     description=doc and doc.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    for name, default in paths.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default, type=Path)
+    return parser.parse_args(argv)
 
 
 def configure_process() -> None:

@@ -43,7 +43,7 @@ def cpu_quota() -> float | None:
     and their ancestors'), v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); None when there is no
     quota or it cannot be read (not Linux, no cgroup file system)."""
     found = [q for version, folder in cgroup_folders("cpu")
-             if (q := (_v2_quota if version == 2 else _v1_quota)(folder)) is not None]
+             if (q := _quota(version, folder)) is not None]
     return min(found) if found else None
 
 
@@ -74,21 +74,18 @@ def cgroup_folders(controller: str, cgroups: Path = Path("/proc/self/cgroup"),
     return found
 
 
-def _v2_quota(folder: Path) -> float | None:
+def _quota(version: int, folder: Path) -> float | None:
+    """v2's `cpu.max` ("max" or "QUOTA PERIOD"), v1's quota and period files (-1: none)."""
     try:
-        limit, period = (folder / "cpu.max").read_text().split()[:2]
-        return None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
+        if version == 2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text()
+            period = (folder / "cpu.cfs_period_us").read_text()
+        q, p = int(quota), int(period)
+    except (OSError, ValueError):  # "max" too
         return None
-
-
-def _v1_quota(folder: Path) -> float | None:
-    try:
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
+    return q / p if q > 0 and p > 0 else None
 
 
 def visible_gpus() -> int:

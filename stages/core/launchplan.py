@@ -4,7 +4,7 @@ collective waits for the others.
 
 Input: a training section of params.yaml (devices, nodes, rdzv_endpoint, dist_timeout_min) and
 torch elastic's environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_RDZV_ENDPOINT,
-PET_RDZV_BACKEND, PET_RDZV_ID, PET_LOCAL_ADDR; or MASTER_ADDR/MASTER_PORT), the flow-run id.
+PET_RDZV_BACKEND, PET_RDZV_ID, PET_LOCAL_ADDR), the flow-run id.
 Output: a Plan, or None for one process on one machine (no launch at all). distributed.py
 launches it.
 """
@@ -29,7 +29,7 @@ class Plan:
     rdzv_backend: str
     run_id: str
     backend: str  # the process group's: nccl on CUDA, gloo on the CPU
-    ranked: bool = False  # node_rank was given (PET_NODE_RANK / NODE_RANK), not assumed
+    ranked: bool = False  # node_rank was given (PET_NODE_RANK), not assumed
     local_addr: str | None = None  # this machine's address for the rendezvous (PET_LOCAL_ADDR)
     timeout_s: float = 300.0  # a collective's wait for the others (dist_timeout_min)
 
@@ -53,11 +53,9 @@ def resolve_devices(p: TrainParams) -> int:
     gpus = 0 if p.device == "cpu" else visible_gpus()
     if p.devices == "auto":
         return max(gpus, 1)
-    if p.device == "cuda" and p.devices > gpus:
+    if p.devices > gpus and (p.device == "cuda" or gpus):  # auto on a CPU machine: CPU ranks
         raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
                        f"or at most {gpus}")
-    if p.device == "auto" and gpus and p.devices > gpus:
-        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible")
     return p.devices
 
 
@@ -71,11 +69,8 @@ def plan(p: TrainParams, stage: str) -> Plan | None:
     if nproc * nnodes == 1:
         return None
     given = _env_int("PET_NODE_RANK")
-    given = _env_int("NODE_RANK") if given is None else given
     node_rank = given or 0
     endpoint = os.environ.get("PET_RDZV_ENDPOINT") or p.rdzv_endpoint
-    if not endpoint and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
-        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if not endpoint:
         if nnodes > 1:
             raise BadInput(f"{stage}.nodes: {nnodes} machines need a rendezvous: set "

@@ -132,14 +132,14 @@ def _torchvision_backbone(spec: ModelSpec, weights: str) -> tuple[nn.Module, int
 
 
 def _adapt_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """Same conv for another channel count; RGB weights are summed for one channel."""
+    """A torchvision RGB stem conv for `in_channels` (1 or 3, params.yaml's choices): for one
+    grey channel, the RGB kernels summed."""
     if conv.in_channels == in_channels:
         return conv
     new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     bias=conv.bias is not None)
     with torch.no_grad():
-        if in_channels == 1:
-            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
     return new
 
 

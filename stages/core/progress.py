@@ -4,9 +4,9 @@ line after FIRST_REPORT_S, then one at every 10% and at least every REPORT_EVERY
 the rate and the time left at that rate (a 10-minute stage used to say nothing for a minute,
 and its log lines never said how long was left).
 
-While the bar is live, log records that would go to the same terminal are printed through the
-bar's console instead (above the bar, each on its own line): a handler writing to the stream
-directly would land behind the bar's last frame (`...0:00:37imagepipe.train: epoch 11/40`).
+While the bar is live, the log handlers that write to the same terminal write through the bar's
+console instead (rich's FileProxy: each line printed above the bar): a handler writing to the
+stream directly would land behind the bar's last frame (`...0:00:37imagepipe.train: epoch 11/40`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("imagepipe")
@@ -34,25 +35,6 @@ def clock(seconds: float) -> str:
     return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
-class ConsoleHandler(logging.Handler):
-    """Stands in for a stream handler while a bar is live: same level, same format, printed by
-    the bar's console (which clears the bar, prints the line, and draws the bar again)."""
-
-    def __init__(self, console: Console, like: logging.Handler) -> None:
-        super().__init__(like.level)
-        self.console = console
-        self.setFormatter(like.formatter or logging.Formatter())
-        for f in like.filters:
-            self.addFilter(f)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.console.print(self.format(record), markup=False, highlight=False,
-                               soft_wrap=True)
-        except Exception:  # noqa: BLE001 - a log line must never end the stage
-            self.handleError(record)
-
-
 def _writes_to(handler: logging.Handler, console: Console) -> bool:
     """Whether a handler writes to the terminal the bar is drawn on."""
     if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
@@ -68,20 +50,15 @@ def _writes_to(handler: logging.Handler, console: Console) -> bool:
 
 @contextmanager
 def logs_through(console: Console) -> Iterator[None]:
-    """Swap the root logger's handlers that write to the console's terminal for
-    ConsoleHandlers, and put them back after."""
-    target = logging.getLogger()
-    swapped = [(h, ConsoleHandler(console, h)) for h in list(target.handlers)
-               if _writes_to(h, console)]
-    for old, new in swapped:
-        target.removeHandler(old)
-        target.addHandler(new)
+    """Point the root logger's handlers that write to the console's terminal at the console
+    (which clears the bar, prints the line, and draws the bar again), and back after."""
+    handlers = [h for h in logging.getLogger().handlers if _writes_to(h, console)]
+    streams = [h.setStream(FileProxy(console, h.stream)) for h in handlers]
     try:
         yield
     finally:
-        for old, new in swapped:
-            target.removeHandler(new)
-            target.addHandler(old)
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.setStream(stream)
 
 
 @contextmanager

@@ -54,15 +54,13 @@ def _said(acc: float | None, epoch: int | None) -> str:
     return f"validation accuracy {acc:.4f}" + (f" (epoch {epoch})" if epoch else "")
 
 
-def choose(rule: Literal["finetuned", "scratch", "best"], finetuned: Path,
-           scratch: Path | None) -> Choice:
+def choose(rule: Literal["finetuned", "scratch", "best"], finetuned: Path, scratch: Path
+           ) -> Choice:
     """The model to export under `rule` (export.model); logs the choice and why."""
-    if rule == FINETUNED or (rule == "best" and scratch is None):
-        why = ("export.model is finetuned" if rule == FINETUNED
-               else "export.model is best, but no scratch model was given")
-        choice = Choice(finetuned, FINETUNED, rule, f"The finetuned model: {why}.")
+    if rule == FINETUNED:
+        choice = Choice(finetuned, FINETUNED, rule, "The finetuned model: export.model is "
+                                                    "finetuned.")
     elif rule == SCRATCH:
-        assert scratch is not None
         _, _, trained = _recorded(scratch)
         if not trained:
             raise BadInput(f"export.model is scratch but {scratch} is untrained "
@@ -70,7 +68,6 @@ def choose(rule: Literal["finetuned", "scratch", "best"], finetuned: Path,
         choice = Choice(scratch, SCRATCH, rule, "The from-scratch baseline: export.model is "
                                                 "scratch.")
     else:
-        assert scratch is not None
         choice = _best(finetuned, scratch)
     log.info("export: exporting %s. %s", choice.path, choice.reason)
     return choice

@@ -4,16 +4,12 @@
 weights kept when asked: core/best.py). Device set-up (`Runtime`, `make_runtime`) is
 core/device.py's; reporting a history is core/history.py's.
 
-Device: `auto` takes CUDA when present: `precision` auto is bf16 autocast where the GPU has it,
-else fp16 with a GradScaler; channels_last, cuDNN benchmark, torch.compile once per model. CPU:
-fp32 (bf16 is slower on most CPUs), a thread per core, shared by this machine's ranks. Evaluation
-runs in fp32. Several processes (core/distributed.py): DDP, each rank on its share of a batch,
-the root alone writes checkpoints and calls `on_epoch`; SyncBatchNorm on CUDA only (it has no
-CPU/gloo implementation: CPU ranks normalise over their own share). Each step runs in
-`micro_batches` forward/backward passes whose gradients add up to the batch's (nanoGPT's
-gradient accumulation). Out of device memory in one process: the step is redone in twice the
-micro-batches; at one image each, exit 2 with a hint. Under DDP, exit 2 with the hint at once
-(`_step`). Evaluation out of memory halves its batch (`_forward`).
+Training autocasts to the Runtime's precision (a GradScaler for fp16), torch.compile once per
+model; evaluation runs in fp32. Several processes (core/distributed.py): DDP, each rank on its
+share of a batch, the root alone writes checkpoints and calls `on_epoch`; SyncBatchNorm on CUDA
+only (it has no CPU/gloo implementation: CPU ranks normalise over their own share). Each step
+runs in `micro_batches` forward/backward passes whose gradients add up to the batch's (nanoGPT's
+gradient accumulation). What out of device memory does: `_step` (training), `_forward`.
 """
 
 from __future__ import annotations
@@ -324,8 +320,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
         return tr.states() if best is None else {**tr.states(), "best": best}
 
     resumed = store.resume(states())
-    pos = resumed.position if resumed else Position()
-    history = resumed.history if resumed else []
+    pos, history = resumed or (Position(), [])
     if resumed and pos.epoch >= epochs:
         log.info("%s: its checkpoint is complete (%d epochs): nothing to train", phase, epochs)
     left = max(epochs - pos.epoch, 0) * train.images_per_epoch

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages.core import distributed
+from stages.core import distributed, launchplan
 from stages.core.checkpoint import Position
 from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.door import run_stage as door
@@ -114,8 +114,8 @@ def meet_then_wait_for_rank_1(argv: list[str]) -> int:
     return door("pretrain", body, track=False)
 
 
-def two_processes() -> distributed.Plan:
-    pl = distributed.plan(TrainParams(device="cpu", devices=2), "pretrain")
+def two_processes() -> launchplan.Plan:
+    pl = launchplan.plan(TrainParams(device="cpu", devices=2), "pretrain")
     assert pl is not None and pl.world == 2 and pl.backend == "gloo"
     return pl
 
@@ -205,7 +205,7 @@ def test_codes_combine_cause_before_consequence() -> None:
 def test_a_peer_stalled_past_the_timeout_is_75_not_a_hang(tmp_path: Path) -> None:
     """Rank 1 stays away from a collective: rank 0 gives up after dist_timeout_min (here 3 s;
     gloo's own default is 30 minutes) and the stage exits 75, to be retried."""
-    pl = distributed.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.05),
+    pl = launchplan.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.05),
                           "pretrain")
     assert pl is not None
     assert distributed.launch(pl, f"{__name__}:meet_then_wait_for_rank_1",
@@ -214,10 +214,10 @@ def test_a_peer_stalled_past_the_timeout_is_75_not_a_hang(tmp_path: Path) -> Non
 
 LAUNCH_NODE = """
 import sys
-from stages.core import distributed
+from stages.core import distributed, launchplan
 from stages.params import TrainParams
 
-pl = distributed.plan(TrainParams(device="cpu", devices=1, nodes=2), "pretrain")
+pl = launchplan.plan(TrainParams(device="cpu", devices=1, nodes=2), "pretrain")
 sys.exit(distributed.launch(pl, "tests.integration.test_distributed:meet_then_wait_for_rank_1",
                             sys.argv[1:]))
 """
@@ -262,16 +262,16 @@ def test_two_multi_machine_runs_never_share_a_rendezvous_id(monkeypatch: pytest.
     monkeypatch.delenv("IMAGEPIPE_FLOW_RUN_ID", raising=False)
     p = TrainParams(device="cpu", nodes=2, rdzv_endpoint="node0:29400")
     with pytest.raises(BadInput, match="PET_RDZV_ID"):
-        distributed.plan(p, "pretrain")
+        launchplan.plan(p, "pretrain")
     ids = set()
     for flow_run in ("flow-a", "flow-b"):
         monkeypatch.setenv("IMAGEPIPE_FLOW_RUN_ID", flow_run)
-        pl = distributed.plan(p, "pretrain")
+        pl = launchplan.plan(p, "pretrain")
         assert pl is not None
         ids.add(pl.run_id)
     assert len(ids) == 2
     monkeypatch.setenv("PET_RDZV_ID", "job-7")  # what a launcher sets: the job's name
-    assert distributed.plan(p, "pretrain").run_id == "job-7"  # type: ignore[union-attr]
+    assert launchplan.plan(p, "pretrain").run_id == "job-7"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("code", [0, 2, 75, 70, 130, 143])

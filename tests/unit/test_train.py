@@ -11,6 +11,7 @@ import random
 import shutil
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path,
     CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).save(
         {"model": model}, Position(epoch=1), [{"epoch": 1}])
     same = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.1}}).resume({"model": model})
-    assert same is not None and same.position.epoch == 1 and same.history == [{"epoch": 1}]
+    assert same is not None and same[0].epoch == 1 and same[1] == [{"epoch": 1}]
     with caplog.at_level(logging.WARNING, logger="imagepipe.checkpoint"):
         other = CheckpointStore(tmp_path / "c.pt", {"train": {"lr": 0.2}}).resume({"model": model})
     assert other is None
@@ -171,20 +172,20 @@ def test_ranks_share_each_global_batch_disjointly(images: np.ndarray) -> None:
 
 
 def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.core import distributed
+    from stages.core import launchplan
     from stages.params import TrainParams
 
-    for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT", "MASTER_ADDR"):
+    for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    assert distributed.plan(TrainParams(device="cpu", devices="auto"), "pretrain") is None
-    assert distributed.plan(TrainParams(device="cpu", devices=1, nodes=1), "pretrain") is None
+    assert launchplan.plan(TrainParams(device="cpu", devices="auto"), "pretrain") is None
+    assert launchplan.plan(TrainParams(device="cpu", devices=1, nodes=1), "pretrain") is None
     with pytest.raises(BadInput, match="pretrain.rdzv_endpoint"):
-        distributed.plan(TrainParams(device="cpu", nodes=2), "pretrain")
+        launchplan.plan(TrainParams(device="cpu", nodes=2), "pretrain")
     monkeypatch.setenv("PET_NNODES", "2")
     monkeypatch.setenv("PET_NODE_RANK", "1")
     monkeypatch.setenv("PET_RDZV_ENDPOINT", "job-0.svc:29400")
     monkeypatch.setenv("PET_RDZV_ID", "job")  # a job's name: shared, per run
-    pl = distributed.plan(TrainParams(device="cpu"), "finetune")
+    pl = launchplan.plan(TrainParams(device="cpu"), "finetune")
     assert pl is not None and (pl.nnodes, pl.node_rank, pl.world) == (2, 1, 2)
     assert (pl.endpoint, pl.rdzv_backend, pl.backend) == ("job-0.svc:29400", "c10d", "gloo")
 
@@ -261,18 +262,20 @@ def finetune_phases(images: np.ndarray, folder: Path, backend: Any
     from stages.params import TrainParams
 
     model, p = TwoPart(), TrainParams(device="cpu")
-    rt = Runtime(CPU, bf16=False, channels_last=False, compile=backend is not None,
-                 compile_backend=backend)
+    rt = Runtime(CPU, bf16=False, channels_last=False, compile=backend is not None)
     train = batches(images, augment=OnlineAugment(crop_padding=1))
     val = batches(images[:48], train=False)  # whole batches: one evaluation shape
     nets: list[Any] = []
     counts: list[int] = []
+    # Runtime.backend names the backend; a counting one is an object, not a name.
+    counted = mock.patch.object(Runtime, "backend", lambda _: backend)
     for phase, frozen in (("head", True), ("full", False)):
         for q in model.backbone.parameters():
             q.requires_grad_(not frozen)
         part = model.head if frozen else model
-        tr = make_trainer(model, param_groups([(part, 0.05)], 5e-4), p, rt, 2, len(train),
-                          frozen=model.backbone if frozen else None)
+        with counted:
+            tr = make_trainer(model, param_groups([(part, 0.05)], 5e-4), p, rt, 2, len(train),
+                              frozen=model.backbone if frozen else None)
         fit(tr, train, val, CheckpointStore(folder / f"{phase}.pt", {"phase": phase}),
             phase=phase, epochs=2, epoch_offset=0 if frozen else 2,
             on_epoch=lambda _: counts.append(getattr(backend, "frame_count", 0)))
