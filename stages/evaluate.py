@@ -186,7 +186,7 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    from stages.core.history import write_csv as write_rows
+    from stages.core.history import write_csv
 
     labels = np.arange(len(classes))
     side = max(4.0, 0.5 * len(classes) + 2)
@@ -198,8 +198,8 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
     with atomic_path(out.confusion_png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    write_rows(out.confusion_csv, [{"actual": classes[a], "predicted": classes[b]}
-                                   for a, b in zip(y, pred, strict=True)])
+    write_csv(out.confusion_csv, [{"actual": classes[a], "predicted": classes[b]}
+                                  for a, b in zip(y, pred, strict=True)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,15 +129,12 @@ def transfer_verdict(gain: float, lo: float, hi: float, p: float, n: int) -> tup
 def statistics(y: np.ndarray, pred: np.ndarray, scratch_pred: np.ndarray | None, n_classes: int,
                seed: int) -> dict[str, Any]:
     """Intervals, the majority-class floor and McNemar's test, as flat evaluate.json keys."""
-    out = {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
-           "majority_accuracy": majority(y)[0], "ci_level": CI_LEVEL,
-           "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": None,
-           "mcnemar_finetuned_only": None, "mcnemar_scratch_only": None, "transfer_verdict": None}
-    if scratch_pred is not None:
-        m = mcnemar_exact(pred == y, scratch_pred == y)
-        out.update(mcnemar_p=m["p"], mcnemar_finetuned_only=m["only_a"],
-                   mcnemar_scratch_only=m["only_b"])
-    return out
+    m = {} if scratch_pred is None else mcnemar_exact(pred == y, scratch_pred == y)
+    return {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
+            "majority_accuracy": majority(y)[0], "ci_level": CI_LEVEL,
+            "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": m.get("p"),
+            "mcnemar_finetuned_only": m.get("only_a"), "mcnemar_scratch_only": m.get("only_b"),
+            "transfer_verdict": None}
 
 
 def warn_wide(metrics: dict[str, Any]) -> None:
