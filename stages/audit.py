@@ -53,15 +53,6 @@ class Outputs:
     grid: Path
 
 
-def embed(ds: Dataset, model: Path, p: AuditParams) -> np.ndarray:
-    """N x F backbone features of every image of the set, in one pass: the probe's input (val
-    and test images too, though only train and val are audited: one pass is simpler than three
-    and costs little more)."""
-    from stages.core.scoring import Scorer
-
-    return Scorer(model, ds, p).features(ds.images, ds.labels)
-
-
 def label_rows(ds: Dataset, rows: np.ndarray, found: LabelIssues | None) -> list[dict[str, Any]]:
     """CSV rows of the label issues, most severe first."""
     if found is None:
@@ -113,9 +104,13 @@ def summary(ds: Dataset, rows: np.ndarray, found: LabelIssues | None,
 
 
 def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]:
+    from stages.core.scoring import Scorer  # torch: not at load (`--help`, the door)
+
     p = params.audit
     ds = load_dataset(data, verify=params.verify_data)
-    features = embed(ds, model, p)
+    # Backbone features of every image, in one pass: val and test too, though only train and val
+    # are audited (one pass is simpler than three and costs little more).
+    features = Scorer(model, ds, p).features(ds.images, ds.labels)
     rows = np.flatnonzero(ds.split < 2)  # train and val: the labels training learns from
     found = audit_labels(features[rows], ds.labels[rows], folds=p.folds, c=p.probe_c,
                          seed=params.seed)
