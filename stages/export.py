@@ -1,5 +1,6 @@
 """export: models/finetuned.pt + models/scratch.pt + data/target/ + params.export ->
-models/model.onnx, models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
+models/model.onnx, models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json,
+reports/export.json (the details nobody compares across runs).
 
 The model exported is export.model's: the finetuned one, the from-scratch baseline, or (best,
 the default) whichever did better on the validation split (stages/core/selection.py); the log,
@@ -14,13 +15,10 @@ carry what a server needs (stages.core.onnxio). Its bytes are a function of the 
 only (the checkpoint, the export code, params, the torch/onnx versions): no run id, git commit
 or machine path is written into it, so DVC caches one copy however often it reruns, and the
 registry (onnx.sha256 tag, the version's run) says which runs made it. It is moved into place
-only after the parity gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU
-provider, from uint8 pixels, must match PyTorch (the training preprocessing, the model,
-softmax) on every logit and probability within |onnx - torch| <= export.parity_atol +
-export.parity_rtol * |torch|, and agree on every top-1 class. Otherwise the stage exits 2 with
-the figures and leaves no model.onnx (a previous one is removed: it no longer matches
-finetuned.pt). Where CUDA loads, its differences are reported too, for information: the gate
-is the CPU's.
+only after the parity gate (stages/core/parity.py: ONNX Runtime's CPU provider against PyTorch
+on target images, within export.parity_atol + export.parity_rtol * |torch|, every top-1 class
+the same); otherwise the stage exits 2 with the figures and leaves no model.onnx (a previous
+one is removed: it no longer matches finetuned.pt).
 
 metrics/export.json holds what only changes when the model does (parity figures, sizes, the
 int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
