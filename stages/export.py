@@ -45,10 +45,9 @@ from stages.core.tracking.registration import Parity, Registration
 from stages.params import Params, load_params
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import numpy as np
     import onnx
+    import onnx_ir
 
     from stages.core.models import Classifier, ModelFile
     from stages.core.selection import Choice
@@ -93,8 +92,8 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
             input_names=[onnxio.INPUT], output_names=list(onnxio.OUTPUTS),
             dynamic_shapes=({0: batch},),
         )
+    drop_machine_props(program.model)
     proto = program.model_proto
-    drop_machine_props(proto)
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise BadInput(f"the exporter wrote opset {got}, not export.opset={opset}")
@@ -109,23 +108,12 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
 MACHINE_NODE_PROPS = frozenset({"pkg.torch.onnx.stack_trace"})
 
 
-def drop_machine_props(proto: onnx.ModelProto) -> None:
+def drop_machine_props(model: onnx_ir.Model) -> None:
     """Remove MACHINE_NODE_PROPS from every node (subgraphs and local functions included)."""
-
-    def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-        for node in graph.node:
-            yield node
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.HasField("g") else []
-                for sub in subgraphs + list(attr.graphs):
-                    yield from nodes(sub)
-
-    every = [n for f in proto.functions for n in f.node] + list(nodes(proto.graph))
-    for node in every:
-        kept = [p for p in node.metadata_props if p.key not in MACHINE_NODE_PROPS]
-        if len(kept) < len(node.metadata_props):
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
+    for nodes in [*model.graphs(), *model.functions.values()]:
+        for node in nodes:
+            for key in MACHINE_NODE_PROPS:
+                node.metadata_props.pop(key, None)
 
 
 def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:
