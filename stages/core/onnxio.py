@@ -166,12 +166,6 @@ def metadata_props(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    """Replace the model's metadata_props with `meta` (encoded by `metadata_props`)."""
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, metadata_props(meta))
-
-
 def read_metadata(model: onnx.ModelProto | ort.InferenceSession) -> dict[str, Any]:
     """The decoded metadata_props of a session (what serving, predict and promote hold) or a
     ModelProto (what registering holds).
