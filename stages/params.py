@@ -123,15 +123,11 @@ class DataParams(_Section):
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None
 
-    def role(self, name: Literal["source", "target"]) -> DatasetRole:
-        """The role with every per-role setting filled in (its own value, else data.*)."""
-        return getattr(self, name).filled(self)
-
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> DataParams:
         for name in ("source", "target"):
-            r = self.role(name)  # type: ignore[arg-type]
-            if r.val_fraction + r.test_fraction >= 1.0:  # type: ignore[operator]
+            r = getattr(self, name).filled(self)
+            if r.val_fraction + r.test_fraction >= 1.0:
                 raise ValueError(f"{name}: val_fraction ({r.val_fraction}) + test_fraction "
                                  f"({r.test_fraction}) must be below 1 (train would be empty)")
         return self
