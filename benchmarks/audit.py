@@ -91,14 +91,15 @@ def finetune_and_predict(params: Any, data: Path, pretrained: Path, out: Path
     """(finetuned model file, test labels, test predictions)."""
     from stages import finetune
     from stages.core.dataset import load_dataset
-    from stages.evaluate import Scorer, test_split
+    from stages.core.scoring import Scorer
+    from stages.evaluate import test_split
 
     ft = finetune.Outputs(out / "finetuned.pt", out / "probe.pt", out / "scratch.pt",
                           out / "checkpoints", out / "finetune.csv", out / "scratch.csv")
     finetune.run(params, data, pretrained, ft)
     ds = load_dataset(data)
     images, y = test_split(ds)
-    pred = Scorer(ft.finetuned, params.evaluate, ds.classes).logits(images, y).argmax(axis=1)
+    pred = Scorer(ft.finetuned, ds, params.evaluate).logits(images, y).argmax(axis=1)
     return ft.finetuned, y, pred
 
 

@@ -100,7 +100,7 @@ def rule(tree: Path) -> dict:
     from stages.core import engine, shards
 
     files = sorted(str(p) for p in tree.rglob("*") if p.is_file())
-    work, weighed = shards.decode_work(files)
+    work, weighed = shards.decode_work(os.path.getsize(f) for f in files)
     return {"files": len(files), "weighed": weighed, "work": work,
             "pool_from": engine.DECODE_POOL_FROM,
             "engine": shards.decode_engine("local", True, work)}

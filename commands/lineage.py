@@ -19,20 +19,15 @@ from stages.params import RegistryParams
 
 
 def lineage(params: RegistryParams, ref: str) -> dict[str, Any]:
-    """The runs that made a version (ref: a version number, an alias, or an ONNX file: the
+    """The runs that made a version (ref: a version number, an alias, or a file NAME.onnx: the
     newest version registered from those bytes, found by their sha256)."""
     from stages.core.tracking import Registry
 
     reg = Registry.connect()
-    if Path(ref).suffix == ".onnx" or Path(ref).is_file():
+    if ref.endswith(".onnx"):
         version = _version_of_file(reg, params.model_name, Path(ref))
-    elif ref.isdigit():
-        version = ref
     else:
-        info = reg.alias(params.model_name, ref)
-        if info is None:
-            raise BadInput(f"registered model {params.model_name!r} has no alias {ref!r}")
-        version = info.version
+        version = reg.find(params.model_name, ref, by_version=ref.isdigit()).version
     return reg.walk_back(params.model_name, version)
 
 
@@ -113,7 +108,7 @@ def lineage_main(argv: list[str] | None = None) -> int:
     parser = command_parser("imagepipe lineage", "the runs that made a model version: a summary, or "
                                           "everything with --json")
     parser.add_argument("ref", nargs="?", default="champion",
-                        help="version number, alias, or an ONNX file (found by its sha256)")
+                        help="version number, alias, or an ONNX file NAME.onnx (found by its sha256)")
     args = parser.parse_args(argv)
 
     def body() -> None:

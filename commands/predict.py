@@ -1,7 +1,5 @@
 """Classify image files with an ONNX model written by the export stage.
 
-Usage: imagepipe predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
-
 MODEL is an .onnx file or a registered version, models:/NAME@ALIAS or models:/NAME/VERSION
 (MLflow's two forms; downloaded from the project's tracking store, MLFLOW_TRACKING_URI where
 set; one that is not there is exit 2). Of a registered version only the
@@ -34,7 +32,7 @@ from scipy.special import softmax
 
 from stages.core import onnxio
 from stages.core.door import run_stage
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
+from stages.core.errors import BadInput
 from stages.core.imageform import canonical
 from stages.core.sources import BadFile, read_image_file
 from stages.core.walk import IMAGE_SUFFIXES
@@ -137,8 +135,8 @@ def open_model(model: str, scratch: Path) -> Any:
     return onnxio.make_session(path)
 
 
-def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> int:
-    """Print one line per image; return the exit code (2 when any image failed)."""
+def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> None:
+    """Print one line per image; BadInput at the end when any image could not be read."""
     with tempfile.TemporaryDirectory(prefix="imagepipe-predict-") as scratch:
         session = open_model(str(model), Path(scratch))
     images = expand(images)
@@ -152,8 +150,7 @@ def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> int:
         elif outcome.error is None:
             print(outcome.as_text(), flush=True)
     if failed:
-        print(f"predict: {failed} of {len(images)} images could not be read", file=sys.stderr)
-    return EXIT_BAD_INPUT if failed else EXIT_OK
+        raise BadInput(f"{failed} of {len(images)} images could not be read")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,12 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k must be at least 1 (got {args.top_k})")
-    code = EXIT_OK
-
-    def body() -> None:
-        nonlocal code
-        code = run(args.model, args.images, args.top_k, args.json)
-
     # Not a pipeline stage: no MLflow run for a prediction.
-    status = run_stage("predict", body, track=False)
-    return status if status != EXIT_OK else code
+    return run_stage("predict", lambda: run(args.model, args.images, args.top_k, args.json),
+                     track=False)

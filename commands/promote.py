@@ -29,6 +29,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,10 @@ from commands.gate import decide, hits, load_test_split
 from stages.core.door import run_stage
 from stages.core.errors import BadInput, Transient
 from stages.core.host import project_root
+from stages.core.stats import accuracy_interval, majority
+from stages.core.tracking import CHALLENGER, CHAMPION, PREVIOUS, Registry, VersionInfo
 from stages.core.tracking.agentcall import call
+from stages.core.tracking.registry import LockLost
 from stages.params import RegistryParams, load_params
 
 # Compare-and-set rounds before giving up (each one re-scores against the moved champion).
@@ -52,12 +56,12 @@ class Decision:
     model_name: str
     challenger_version: str | None
     champion_version: str | None  # the champion the challenger was compared with
-    challenger_accuracy: float | None
-    champion_accuracy: float | None
     min_improvement: float
     parity_passed: str
     reason: str
     test_images: int
+    challenger_accuracy: float | None = None  # None: not scored (refused, already champion)
+    champion_accuracy: float | None = None
     current_champion_version: str | None = None  # after the decision
     # The challenger's 95% bootstrap interval and the floor it must clear (this test split).
     challenger_ci_low: float | None = None
@@ -91,15 +95,7 @@ class Decision:
         }
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """What the challenger is checked against: this checkout's exported model."""
-    onnx_path: Path
-    force: bool
-    champion_before: str | None  # read before taking the lock: who promoted it
-
-
-def refusal(challenger: Any, onnx_path: Path) -> str | None:
+def refusal(challenger: VersionInfo, onnx_path: Path) -> str | None:
     """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
     from stages.core.dataset import file_sha256
     from stages.core.tracking.registration import not_kept
@@ -125,84 +121,57 @@ def refusal(challenger: Any, onnx_path: Path) -> str | None:
     return None
 
 
-def _score(reg: Any, name: str, alias: str, expected: str, test: tuple[np.ndarray, np.ndarray],
-           scratch: Path, scores: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Per-image hits of models:/NAME@ALIAS (a version scored in an earlier round is not
-    scored again); None when the alias moved away from `expected` meanwhile (the caller then
-    decides again)."""
-    if expected in scores:
-        return scores[expected]
-    version, onnx_path = reg.download(name, alias, scratch / alias)
-    if version != expected:
-        return None
-    scores[expected] = hits(onnx_path, *test)
-    return scores[expected]
+def _version(reg: Registry, name: str, alias: str) -> str | None:
+    info = reg.alias(name, alias)
+    return info.version if info else None
 
 
-def nothing_to_promote(reg: Any, params: RegistryParams) -> Decision | None:
+def nothing_to_promote(reg: Registry, params: RegistryParams) -> Decision:
     """The decision when there is no challenger at all (a fresh clone's empty store, or a run
-    that exported nothing): nothing to promote, said as such; None when there is one."""
-    from stages.core.tracking import CHALLENGER, CHAMPION
-
+    that exported nothing): nothing to promote, said as such."""
     name = params.model_name
-    if reg.alias(name, CHALLENGER) is not None:
-        return None
-    champion = reg.alias(name, CHAMPION)
-    now = champion.version if champion else None
+    now = _version(reg, name, CHAMPION)
     return Decision(promoted=False, model_name=name, challenger_version=None,
-                    champion_version=now, challenger_accuracy=None, champion_accuracy=None,
-                    min_improvement=params.min_improvement, parity_passed="n/a",
+                    champion_version=now, min_improvement=params.min_improvement,
+                    parity_passed="n/a",
                     reason=f"nothing to promote: registered model {name!r} has no "
                            f"{CHALLENGER!r} version (the export stage registers one when it "
                            "runs)", test_images=0,
                     current_champion_version=now)
 
 
-def _decide_without_lock(reg: Any, params: RegistryParams, test: tuple[np.ndarray, np.ndarray],
-                         n: int, scratch: Path, ws: Workspace, scores: dict[str, np.ndarray]
-                         ) -> Decision | None:
-    """One round's decision, scored without the lock; None when an alias moved under it."""
-    from stages.core.tracking import CHALLENGER, CHAMPION
-
+def _decide(reg: Registry, params: RegistryParams, truth: np.ndarray,
+            hits_of: Callable[[str], np.ndarray], *, model: Path, force: bool,
+            champion_before: str | None) -> Decision:
+    """One round's decision on the aliases as they are now, scored without the lock (the
+    caller checks under it that they did not move). `hits_of(version)`: its per-image hits."""
     name = params.model_name
-    challenger = reg.alias(name, CHALLENGER)
+    challenger, champion = reg.alias(name, CHALLENGER), reg.alias(name, CHAMPION)
     if challenger is None:
         raise BadInput(f"registered model {name!r} has no {CHALLENGER!r} version: run the "
                        "pipeline (its export stage registers one) before promote")
-    champion = reg.alias(name, CHAMPION)
     parity = challenger.tags.get("parity_passed", "unknown")
     base = dict(model_name=name, challenger_version=challenger.version,
                 champion_version=champion.version if champion else None,
-                min_improvement=params.min_improvement, parity_passed=parity, test_images=n,
-                challenger_run_id=challenger.run_id or None,
+                min_improvement=params.min_improvement, parity_passed=parity,
+                test_images=len(truth), challenger_run_id=challenger.run_id or None,
                 champion_run_id=champion.run_id or None if champion else None,
                 challenger_rolled_back=challenger.tags.get("rolled_back") == "true")
     if champion is not None and champion.version == challenger.version:
-        by_other = " (promoted by another run)" if ws.champion_before != champion.version else ""
-        return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
-                        reason=f"version {challenger.version} is already champion{by_other}",
-                        **base)
-    blocked = refusal(challenger, ws.onnx_path)
-    if blocked and not ws.force:
-        return Decision(promoted=False, challenger_accuracy=None, champion_accuracy=None,
-                        reason=blocked, **base)
-    chal_hits = _score(reg, name, CHALLENGER, challenger.version, test, scratch, scores)
+        by_other = " (promoted by another run)" if champion_before != champion.version else ""
+        return Decision(promoted=False, **base,
+                        reason=f"version {challenger.version} is already champion{by_other}")
+    blocked = refusal(challenger, model)
+    if blocked and not force:
+        return Decision(promoted=False, reason=blocked, **base)
+    chal_hits = hits_of(challenger.version)
     champ_acc, note = None, ""
     if champion is not None:
         try:
-            champ_hits = _score(reg, name, CHAMPION, champion.version, test, scratch,
-                                scores)
+            champ_acc = float(np.mean(hits_of(champion.version)))
         except BadInput as err:  # e.g. made for another image size: it cannot serve today's data
-            champ_hits, note = np.zeros(n, dtype=bool), f"; champion cannot score today's data ({err})"
-        if champ_hits is None:
-            return None
-        champ_acc = float(np.mean(champ_hits))
-    if chal_hits is None:
-        return None
-    from stages.core.stats import accuracy_interval, majority
-
-    chal_acc, ci = float(np.mean(chal_hits)), accuracy_interval(chal_hits)
-    floor = majority(test[1])
+            champ_acc, note = 0.0, f"; champion cannot score today's data ({err})"
+    chal_acc, ci, floor = float(np.mean(chal_hits)), accuracy_interval(chal_hits), majority(truth)
     promoted, reason = decide(chal_acc, champ_acc, parity, params.min_improvement, ci=ci,
                               majority=floor)
     forced = f"; --force overrode: {blocked}" if blocked else ""
@@ -212,11 +181,9 @@ def _decide_without_lock(reg: Any, params: RegistryParams, test: tuple[np.ndarra
                     forced=bool(blocked), **base)
 
 
-def _apply(reg: Any, d: Decision) -> Decision:
+def _apply(reg: Registry, d: Decision) -> Decision:
     """Move the aliases for a promotion (champion last: one call, so never zero champions),
     then tag both versions with the decision (when the challenger was scored)."""
-    from stages.core.tracking import CHAMPION, PREVIOUS
-
     name = d.model_name
     if d.promoted and d.challenger_version:
         if d.champion_version:
@@ -226,8 +193,7 @@ def _apply(reg: Any, d: Decision) -> Decision:
         reg.set_alias(name, CHAMPION, d.challenger_version)
         if d.challenger_rolled_back:  # promoted again on purpose (--force): no longer barred
             reg.tag(name, d.challenger_version, {"rolled_back": "false"})
-    now = reg.alias(name, CHAMPION)
-    d.current_champion_version = now.version if now else None
+    d.current_champion_version = _version(reg, name, CHAMPION)
     if d.promoted and d.current_champion_version != d.challenger_version:
         # Another machine moved it between our re-read and our move (no shared lock there).
         d.promoted = False
@@ -245,32 +211,30 @@ def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, forc
     `missing_ok`: no challenger at all is "nothing to promote", not bad input. Downloads and
     scoring happen without the lock (minutes on a large test split); under it, only the
     compare-and-set and the alias moves."""
-    from stages.core.tracking import CHALLENGER, CHAMPION, Registry
-    from stages.core.tracking.registry import LockLost
-
     name = params.model_name
     reg = Registry.connect(root)
-    if missing_ok and (nothing := nothing_to_promote(reg, params)) is not None:
-        return nothing
+    if missing_ok and reg.alias(name, CHALLENGER) is None:
+        return nothing_to_promote(reg, params)
     images, truth = load_test_split(data)
-    before = reg.alias(name, CHAMPION)
-    ws = Workspace(model, force, before.version if before else None)
+    before = _version(reg, name, CHAMPION)
     scores: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imagepipe-promote-") as tmp:
-        for attempt in range(_ROUNDS):
-            decision = _decide_without_lock(reg, params, (images, truth), len(images),
-                                            Path(tmp) / str(attempt), ws, scores)
-            if decision is None:
-                continue
+
+        def hits_of(version: str) -> np.ndarray:  # a version is scored once, whatever the rounds
+            if version not in scores:
+                _, onnx_path = reg.download(name, version, Path(tmp) / version, by_version=True)
+                scores[version] = hits(onnx_path, images, truth)
+            return scores[version]
+
+        for _ in range(_ROUNDS):
+            decision = _decide(reg, params, truth, hits_of, model=model, force=force,
+                               champion_before=before)
             try:
                 with reg.lock(name):
                     # Compare-and-set: both aliases must still be the versions decided on.
-                    champion, challenger = reg.alias(name, CHAMPION), reg.alias(name, CHALLENGER)
-                    if ((champion.version if champion else None) != decision.champion_version
-                            or (challenger.version if challenger else None)
-                            != decision.challenger_version):
-                        continue
-                    return _apply(reg, decision)
+                    if (_version(reg, name, CHAMPION) == decision.champion_version
+                            and _version(reg, name, CHALLENGER) == decision.challenger_version):
+                        return _apply(reg, decision)
             except LockLost as err:  # stalled past the stale limit: decide again, lock again
                 print(f"promote: {err}; deciding again", file=sys.stderr)
     raise Transient(f"the aliases of {name} kept moving during {_ROUNDS} promotion rounds; run "
@@ -304,12 +268,11 @@ def version_text(v: str | None, none: str) -> str:
 
 def said(d: dict[str, Any]) -> str:
     """A decision (Decision as a dict: also what --json printed) in one line."""
+    who = str(d.get("model_name"))
+    if d.get("challenger_version"):  # else nothing to promote
+        who += f" v{d['challenger_version']} {'promoted' if d.get('promoted') else 'not promoted'}"
     now = version_text(d.get("current_champion_version"), "no champion")
-    if not d.get("challenger_version"):
-        return f"{d.get('model_name')}: {d.get('reason')} (champion now: {now})"
-    verdict = "promoted" if d.get("promoted") else "not promoted"
-    return (f"{d.get('model_name')} v{d.get('challenger_version')} {verdict}: {d.get('reason')} "
-            f"(champion now: {now})")
+    return f"{who}: {d.get('reason')} (champion now: {now})"
 
 
 def promote_main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,14 @@ from typing import IO
 import yaml
 
 from flows.dvcstage import RETRIES, RETRY_DELAY_S
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TRANSIENT
+from stages.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_TRANSIENT,
+    BadInput,
+    Transient,
+)
 from stages.core.host import project_root
 
 
@@ -45,26 +52,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"retries of a transient failure (default {RETRIES})")
     parser.add_argument("--retry-delay", type=float, default=RETRY_DELAY_S,
                         help=f"first retry delay in seconds, doubling (default {RETRY_DELAY_S:g})")
-    parser.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
+    parser.add_argument("--timeout", action="append", default=[], type=_timeout,
+                        metavar="STAGE=SECONDS",
                         help="a stage's time limit (repeatable)")
     parser.add_argument("--wait", action="store_true",
                         help="if another run holds this project, wait for it instead of exiting 75")
     return parser.parse_args(argv)
 
 
-class _Refused(Exception):
-    """A command line that cannot run: one line for the user, exit 2."""
-
-
-def _timeouts(pairs: list[str]) -> dict[str, float]:
-    out = {}
-    for pair in pairs:
-        stage, _, seconds = pair.partition("=")
-        try:
-            out[stage] = float(seconds)
-        except ValueError:
-            raise _Refused(f"--timeout wants STAGE=SECONDS, got {pair!r}") from None
-    return out
+def _timeout(pair: str) -> tuple[str, float]:
+    stage, _, seconds = pair.partition("=")
+    try:
+        return stage, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants STAGE=SECONDS, got {pair!r}") from None
 
 
 def _stage_names(root: Path, requested: str | None) -> list[str] | None:
@@ -75,10 +76,10 @@ def _stage_names(root: Path, requested: str | None) -> list[str] | None:
     try:
         known = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
     except (OSError, yaml.YAMLError) as err:
-        raise _Refused(f"cannot read {root / 'dvc.yaml'}: {err}") from None
+        raise BadInput(f"cannot read {root / 'dvc.yaml'}: {err}") from None
     unknown = [s for s in stages if s not in known]
     if unknown:
-        raise _Refused(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
+        raise BadInput(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
                        f"dvc.yaml has: {', '.join(known)}")
     return stages
 
@@ -100,19 +101,15 @@ def _check_overrides(root: Path, overrides: list[str]) -> None:
         try:
             apply_overrides(Path(tmp), overrides)
         except StageBadInput as err:
-            raise _Refused(err.reason) from None
+            raise BadInput(err.reason) from None
 
 
 LOCK_FILE = Path(".dvc") / "tmp" / "imagepipe-run.lock"
 _HELD: list[IO[str]] = []  # the open lock file: closing it (or exiting) releases the lock
 
 
-class _Busy(Exception):
-    """Another `imagepipe run` holds the project: one line, exit 75."""
-
-
 def lock_project(root: Path, wait: bool) -> None:
-    """Take the project's run lock for the rest of this process, or raise _Busy naming the
+    """Take the project's run lock for the rest of this process, or raise Transient naming the
     holder. DVC's own .dvc/tmp/rwlock is taken per stage, and its message when two runs meet
     advises deleting it, which would corrupt the live run; this lock stops the second run first.
     """
@@ -127,8 +124,8 @@ def lock_project(root: Path, wait: bool) -> None:
         holder = _holder(f)
         if not wait:
             f.close()
-            raise _Busy(f"another run ({holder}) holds {root}; wait for it to finish, or "
-                        "run again with --wait to start when it does") from None
+            raise Transient(f"another run ({holder}) holds {root}; wait for it to finish, "
+                            "or run again with --wait to start when it does") from None
         print(f"imagepipe run: waiting for the run that holds {root} ({holder})", file=sys.stderr)
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
@@ -148,55 +145,38 @@ def _holder(f: IO[str]) -> str:
         return "pid unknown: it is starting"
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     root = project_root()
     try:
         stages = _stage_names(root, args.stages)
-        timeouts = _timeouts(args.timeout)
         _check_overrides(root, args.set_param)
-    except _Refused as err:
-        print(f"imagepipe run: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
         lock_project(root, args.wait)
-    except _Busy as err:
+        return _run_flow(root, args, stages, dict(args.timeout))
+    except (BadInput, Transient) as err:  # Transient: the project is busy, or Prefect's API
         print(f"imagepipe run: {err}", file=sys.stderr)
-        return EXIT_TRANSIENT
+        return EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT
     except KeyboardInterrupt:
-        print("imagepipe run: interrupted while waiting", file=sys.stderr)
+        print("imagepipe run: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return _run_flow(root, args, stages, timeouts)
 
 
 def _run_flow(root: Path, args: argparse.Namespace, stages: list[str] | None,
               timeouts: dict[str, float]) -> int:
     from flows import dvcstage, pipeline
-    from flows.localapi import APIUnavailable
 
     # A SIGTERM (CI cancelling, `kill`) unwinds like Ctrl-C, so the running stage's process
     # group is killed too instead of being orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     atexit.register(dvcstage.kill_live_groups)
     start = time.perf_counter()
-    try:
-        if not args.set_param:  # overrides change the plan: it is made after them
-            pipeline.plan_ahead(root, stages)
-        with pipeline.api():
-            state = pipeline.pipeline(
-                project_dir=str(root), stages=stages, set_params=args.set_param, push=args.push,
-                promote=not args.no_promote, stage_retries=args.retries,
-                retry_delay_s=args.retry_delay, timeouts_s=timeouts, return_state=True)
-    except KeyboardInterrupt:
-        print("imagepipe run: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except APIUnavailable as err:
-        print(f"imagepipe run: {err}", file=sys.stderr)
-        return EXIT_TRANSIENT
+    if not args.set_param:  # overrides change the plan: it is made after them
+        pipeline.plan_ahead(root, stages)
+    with pipeline.api():
+        state = pipeline.pipeline(
+            project_dir=str(root), stages=stages, set_params=args.set_param, push=args.push,
+            promote=not args.no_promote, stage_retries=args.retries,
+            retry_delay_s=args.retry_delay, timeouts_s=timeouts, return_state=True)
     if state.is_completed():
         print(f"imagepipe run: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         return 0

@@ -40,14 +40,9 @@ SCRATCH_PARAM = "finetune.scratch_lr"
 TEST_FILES = ("evaluate", "per_class", "export")
 
 
-class Refused(Exception):
-    """A command line or project state that cannot give a pick: one line, exit 2."""
-
-
 @dataclass(frozen=True)
 class Row:
     name: str  # the experiment's name, or the baseline's "HEAD (rev)"
-    rev: str
     baseline: bool
     params: dict[str, Any]  # flattened params.yaml: "finetune.lr" -> 0.01
     metrics: dict[str, Any]  # "finetune.val_accuracy" -> 0.9 (file stem + dotted key)
@@ -65,7 +60,7 @@ def _row(record: dict[str, Any], baseline: bool) -> Row | None:
         metrics.update(flatten_dict(content.get("data") or {}, Path(path).stem))
     rev = str(record.get("rev", ""))
     name = f"HEAD ({rev[:7]})" if baseline else str(record.get("name") or rev[:7])
-    return Row(name, rev, baseline, params, metrics)
+    return Row(name, baseline, params, metrics)
 
 
 def rows_of(shown: list[dict[str, Any]]) -> list[Row]:
@@ -86,9 +81,9 @@ def rows_of(shown: list[dict[str, Any]]) -> list[Row]:
 def check_metric(metric: str) -> None:
     stem, _, key = metric.partition(".")
     if not key:
-        raise Refused(f"--metric wants FILE.KEY (e.g. {METRIC}), got {metric!r}")
+        raise BadInput(f"--metric wants FILE.KEY (e.g. {METRIC}), got {metric!r}")
     if stem in TEST_FILES or "val" not in key:
-        raise Refused(f"--metric {metric}: not a validation metric; tuning on the test split "
+        raise BadInput(f"--metric {metric}: not a validation metric; tuning on the test split "
                       f"fits the test set (use {METRIC} or {SCRATCH_METRIC})")
 
 
@@ -108,15 +103,21 @@ def direction_of(metric: str) -> str:
     return "min" if any(w in _LOWER_IS_BETTER for w in words) else "max"
 
 
+def _score(row: Row, metric: str, direction: str) -> float:
+    """Higher is better in `direction`; a row without the metric scores -inf."""
+    value = row.metrics.get(metric)
+    if not isinstance(value, (int, float)):
+        return float("-inf")
+    return -float(value) if direction == "min" else float(value)
+
+
 def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, list[Row]]:
     """The best row by `metric` in `direction` and every row that ties with it."""
-    scored = [r for r in rows if isinstance(r.metrics.get(metric), (int, float))]
-    if not scored:
-        raise Refused(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
-    sign = -1.0 if direction == "min" else 1.0
-    top = max(sign * r.metrics[metric] for r in scored)
+    top = max((_score(r, metric, direction) for r in rows), default=float("-inf"))
+    if top == float("-inf"):
+        raise BadInput(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
     # A tie goes to the first row: the baseline, then experiments newest first (exp show order).
-    ties = [r for r in scored if sign * r.metrics[metric] == top]
+    ties = [r for r in rows if _score(r, metric, direction) == top]
     return ties[0], ties
 
 
@@ -156,19 +157,13 @@ def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str) -> s
     """The rows, best first by metrics[0] in `direction`: the swept params and the metrics;
     * marks the pick."""
     keys = swept(rows)
-    sign = 1.0 if direction == "min" else -1.0
     grid = [["  experiment", *keys, *metrics]]
     grid += [[("* " if r is chosen else "  ") + r.name, *(str(r.params.get(k)) for k in keys),
               *(_fmt(r.metrics.get(m)) for m in metrics)]
-             for r in sorted(rows, key=lambda r: _rank(r.metrics.get(metrics[0]), sign))]
+             for r in sorted(rows, key=lambda r: -_score(r, metrics[0], direction))]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in grid)
-
-
-def _rank(value: Any, sign: float) -> float:
-    """Sort key: best first; rows without the metric last."""
-    return sign * float(value) if isinstance(value, (int, float)) else float("inf")
 
 
 def _fmt(value: Any) -> str:
@@ -209,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             check_metric(metric)
         shown = _dvc(root, "exp", "show", "--json")
         if shown.returncode != 0:
-            raise Refused(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
+            raise BadInput(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
         rows = rows_of(json.loads(shown.stdout or "[]"))
         direction = direction_of(args.metric) if args.direction == "auto" else args.direction
         chosen, notes = pick(rows, args.metric, scratch, direction)
-    except Refused as err:
+    except BadInput as err:  # a command line or project state that gives no pick
         print(f"imagepipe tune: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(table(rows, [m for m in (args.metric, scratch) if m], chosen, direction))

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from flows.dvcstage import child_env
 from flows.orphans import kill_group
 
 POOL = "gpu"
@@ -40,11 +41,8 @@ def prefect_cmd(*args: str) -> list[str]:
 
 def tool_env(api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the server, worker and CLI calls: this interpreter's tools first."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", **(extra or {})})
-    return env
+    return child_env({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                      "DO_NOT_TRACK": "1", **(extra or {})})
 
 
 def healthy(api_url: str) -> bool:
@@ -74,7 +72,7 @@ def wait_healthy(api_url: str, proc: subprocess.Popen[bytes] | None, timeout_s: 
             return
         if proc is not None and proc.poll() is not None:
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
     raise RuntimeError(f"Prefect server at {api_url} did not become healthy\n{tail}")
 

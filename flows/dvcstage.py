@@ -10,7 +10,6 @@ DVC stays the judge of what is stale: the plan comes from one in-process `Repo.s
 from __future__ import annotations
 
 import contextvars
-import logging
 import os
 import re
 import signal
@@ -31,8 +30,6 @@ from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
 from stages.core.host import die_with_parent
 
-log = logging.getLogger("imagepipe.flow")
-
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
 # Retries of a transient failure (exit 75, a death by signal): the flow's tasks and `imagepipe
@@ -49,8 +46,6 @@ _STAGE_REASON = re.compile(r"^[\w.-]+: (error|transient failure|internal error)\
 class StageError(RuntimeError):
     """A stage (or DVC around it) failed; `reason` is the one line worth showing."""
 
-    retryable = False
-
     def __init__(self, stage: str, code: int | None, reason: str) -> None:
         self.stage, self.code, self.reason = stage, code, reason
         super().__init__(f"{stage}: {reason}" if not reason.startswith(f"{stage}:") else reason)
@@ -58,8 +53,6 @@ class StageError(RuntimeError):
 
 class StageTransient(StageError):
     """Exit 75 or a death by signal: a retry may cure it."""
-
-    retryable = True
 
 
 class StageBadInput(StageError):
@@ -91,28 +84,24 @@ def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
     from dvc.repo import Repo  # lazy: ~0.5 s, and only this function needs it
 
     try:
-        return _plan(Repo, root, selected)
+        with Repo(str(root)) as repo:
+            names = _pipeline_stages(repo, root)
+            order = _topological(repo, names)
+            unknown = sorted(set(selected or ()) - set(order))
+            if unknown:
+                raise StageBadInput("flow", EXIT_BAD_INPUT,
+                                    f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: "
+                                    f"{', '.join(order)}")
+            by_address = {stage.addressing: name for stage, name in names.items()}
+            stale = {by_address[addr]: _why(changes) for addr, changes in repo.status().items()
+                     if addr in by_address}
+            chosen = [s for s in order if selected is None or s in selected]
+            downstream = _related(repo, names, set(stale), nx_fn="ancestors")  # stage -> dep
+            upstream = _related(repo, names, set(chosen), nx_fn="descendants")
+            remote = repo.config["core"].get("remote")
     except DvcException as err:  # dvc.yaml or params.yaml invalid, not a DVC repo, ...
         detail = f": {err.__cause__}" if err.__cause__ else ""
         raise StageBadInput("dvc", EXIT_BAD_INPUT, f"{err}{detail}".splitlines()[0]) from None
-
-
-def _plan(Repo: Any, root: Path, selected: Sequence[str] | None) -> Plan:
-    with Repo(str(root)) as repo:
-        names = _pipeline_stages(repo, root)
-        order = _topological(repo, names)
-        unknown = sorted(set(selected or ()) - set(order))
-        if unknown:
-            raise StageBadInput("flow", EXIT_BAD_INPUT,
-                                f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: "
-                                f"{', '.join(order)}")
-        by_address = {stage.addressing: name for stage, name in names.items()}
-        stale = {by_address[addr]: _why(changes) for addr, changes in repo.status().items()
-                 if addr in by_address}
-        chosen = [s for s in order if selected is None or s in selected]
-        downstream = _related(repo, names, set(stale), nx_fn="ancestors")  # edges: stage -> dep
-        upstream = _related(repo, names, set(chosen), nx_fn="descendants")
-        remote = repo.config["core"].get("remote")
     to_run = [s for s in chosen if s in stale or s in downstream]
     skipped = [s for s in order if s in stale and s not in chosen and s in upstream]
     return Plan(order=chosen, all_stages=order, stale=stale, to_run=to_run,

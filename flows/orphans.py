@@ -54,13 +54,7 @@ def orphaned(signum, frame):
 signal.signal(signal.SIGTERM, orphaned)
 if os.getppid() != flow:
     orphaned(signal.SIGTERM, None)
-child = subprocess.Popen(cmd)
-while True:
-    try:
-        code = child.wait()
-        break
-    except InterruptedError:
-        continue
+code = subprocess.Popen(cmd).wait()  # a handled signal does not end the wait (PEP 475)
 sys.exit(code if code >= 0 else 128 - code)
 """
 

@@ -28,10 +28,11 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run, task_run
 from prefect.states import State
+from prefect.tasks import exponential_backoff
 
-from flows import dvcstage, report, slots
+from flows import dvcstage, localapi, report, slots
 from flows.dvcstage import RETRIES, RETRY_DELAY_S, Plan, StageError, StageTransient
-from flows.localapi import TemporaryAPI
+from flows.orphans import kill_group
 from stages.core.host import FLOW_RUN_ENV
 
 FLOW_NAME = "imagepipe-pipeline"
@@ -50,11 +51,8 @@ STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates it
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
     """Retry exit 75 and deaths by signal; never exit 2, a crash, or a timeout."""
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        with contextlib.suppress(Exception):
-            exc = state.result(raise_on_failure=False)
-    return isinstance(exc, StageError) and exc.retryable
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, StageTransient)
 
 
 def _lineage_env() -> dict[str, str]:
@@ -63,17 +61,13 @@ def _lineage_env() -> dict[str, str]:
     return {FLOW_RUN_ENV: run_id} if run_id else {}
 
 
-def _backoff(retries: int, first_s: float) -> list[float]:
-    return [first_s * 2**i for i in range(max(retries, 1))]
-
-
-# Every task's retries. The stage and promote tasks retry only what may heal (_TRANSIENT).
-_RETRIED: dict[str, Any] = {"retries": RETRIES, "retry_delay_seconds": _backoff(RETRIES, RETRY_DELAY_S),
-                            "cache_policy": NO_CACHE, "persist_result": False}
+# The flow gives every call its retries (stage_retries, doubling from retry_delay_s); the stage
+# and promote tasks retry only what may heal (_TRANSIENT), dvc push any failure.
+_TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 _TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retry_jitter_factor": 0.2}
 
 
-@task(name="stage", task_run_name="{stage}", **_RETRIED, **_TRANSIENT)
+@task(name="stage", task_run_name="{stage}", **_TASK, **_TRANSIENT)
 def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
                gpus: int) -> dict[str, Any]:
     """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
@@ -90,7 +84,7 @@ def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | No
             "seconds": round(done.seconds, 2), "attempts": task_run.get_run_count()}
 
 
-@task(name="promote", **_RETRIED, **_TRANSIENT)
+@task(name="promote", **_TASK, **_TRANSIENT)
 def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> dict[str, Any]:
     """`imagepipe promote --json`: 0 promoted or not, 2 bad input, 75 tracking unreachable.
     exported=False (this run exported nothing): no challenger at all is "nothing to promote"
@@ -112,7 +106,7 @@ def promote_task(project_dir: str, timeout_s: float, exported: bool = True) -> d
     return decision
 
 
-@task(name="dvc-push", **_RETRIED)
+@task(name="dvc-push", **_TASK)
 def push_task(project_dir: str, remote: str, timeout_s: float) -> None:
     """`dvc push`: any failure is retried (a remote is a network service)."""
     logger = get_run_logger()
@@ -151,7 +145,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     note = ""
     try:
         options = {"retries": stage_retries,
-                   "retry_delay_seconds": _backoff(stage_retries, retry_delay_s)}
+                   "retry_delay_seconds": exponential_backoff(retry_delay_s)}
         for name in plan.order:
             results[name] = {"outcome": "failed"}
             try:
@@ -348,10 +342,11 @@ def api() -> Iterator[None]:
     timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
     if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
         timeout = max(timeout, STARTUP_TIMEOUT_S)
-    api = TemporaryAPI().start()
-    atexit.register(api.stop)  # after Prefect's log and event workers drain (they go first)
+    proc, url = localapi.start()
+    # Stopped after Prefect's log and event workers drain (their atexit hooks run first).
+    atexit.register(kill_group, proc, 10.0)
     try:
-        _TEMPORARY_API_URL = api.wait_ready(timeout)
+        _TEMPORARY_API_URL = localapi.ready(proc, url, timeout)
         with temporary_settings(updates={PREFECT_API_URL: _TEMPORARY_API_URL}):
             yield
     finally:

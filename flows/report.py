@@ -122,19 +122,18 @@ def _runs_section(decision: Mapping[str, Any] | None, flow_run_id: str | None) -
 def _decision_text(decision: Mapping[str, Any] | None, note: str) -> str:
     if not decision:
         return note or "Not run."
+    now = decision.get("current_champion_version")
+    champion_now = f" Champion now: {'v' + str(now) if now else 'none'}."
     if not decision.get("challenger_version"):  # promote --missing-ok: no challenger at all
-        now = decision.get("current_champion_version")
         reason = str(decision.get("reason", "-")).removeprefix("nothing to promote: ")
-        return (f"**nothing to promote**: {reason}. "
-                f"Champion now: {'v' + str(now) if now else 'none'}.")
+        return f"**nothing to promote**: {reason}.{champion_now}"
     verdict = "**promoted**" if decision.get("promoted") else "**not promoted**"
     champion = decision.get("champion_version")
     against = (f"champion v{champion} (accuracy {_fmt(decision.get('champion_accuracy'))})"
                if champion else "no champion")
-    now = decision.get("current_champion_version")
     text = (f"{verdict}: challenger v{decision.get('challenger_version')} "
             f"(accuracy {_fmt(decision.get('challenger_accuracy'))}) vs {against}. "
             f"Reason: {decision.get('reason', '-')}.")
     if "current_champion_version" in decision:
-        text += f" Champion now: {'v' + str(now) if now else 'none'}."
+        text += champion_now
     return f"{text}\n\n{note}" if note else text

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import tempfile
 import time
@@ -22,8 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from stages.core.host import GPUS_GRANTED_ENV, visible_gpus
-
-log = logging.getLogger("imagepipe.flow")
 
 POLL_S = 2.0
 
@@ -48,8 +45,7 @@ def lock_dir() -> Path:
 
 
 @contextlib.contextmanager
-def local_gpu_slots(slots: int, want: int,
-                    on_wait: Callable[[str], None] = log.info) -> Iterator[list[int]]:
+def local_gpu_slots(slots: int, want: int, on_wait: Callable[[str], None]) -> Iterator[list[int]]:
     """Hold `want` of the `slots` lock files at once; yield their indices. All or none: a stage
     that holds some while it waits for more could deadlock with another doing the same. Waits
     (polling) while fewer than `want` are free."""

@@ -4,10 +4,7 @@ in the clone."""
 
 from __future__ import annotations
 
-import logging
 import os
-
-log = logging.getLogger("imagepipe.flow")
 
 
 def check_tracking_uri() -> dict[str, str]:

@@ -37,7 +37,7 @@ from stages.core.imageissues import (
 )
 from stages.core.io import atomic_path, write_json
 from stages.core.labelaudit import METHOD, LabelIssues, audit_labels
-from stages.params import AuditParams, EvaluateParams, Params, load_params
+from stages.params import AuditParams, Params, load_params
 
 log = logging.getLogger("imagepipe.audit")
 
@@ -50,23 +50,6 @@ class Outputs:
     metrics: Path
     issues: Path
     grid: Path
-
-
-def embed(ds: Dataset, model: Path, p: AuditParams) -> np.ndarray:
-    """N x F backbone features of every image of the set, in one pass (fp32): the probe's
-    input (val and test images too, though only train and val are audited: one pass is
-    simpler than three and costs little more)."""
-    from stages.core.stream import batches
-    from stages.core.train import predict
-    from stages.evaluate import Scorer, require_shape
-
-    # Scorer loads the model file, checks its classes and picks the device as evaluate does.
-    scorer = Scorer(model, EvaluateParams(batch_size=p.batch_size, device=p.device), ds.classes)
-    require_shape(ds, scorer.mf, model)
-    every = np.arange(len(ds.labels))
-    feed = batches(ds.images, ds.labels, every, device=scorer.rt.device, mean=scorer.mf.mean,
-                   std=scorer.mf.std, batch_size=p.batch_size, train=False)
-    return predict(scorer.model.backbone, feed, scorer.rt)
 
 
 def label_rows(ds: Dataset, rows: np.ndarray, found: LabelIssues | None) -> list[dict[str, Any]]:
@@ -120,9 +103,13 @@ def summary(ds: Dataset, rows: np.ndarray, found: LabelIssues | None,
 
 
 def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]:
+    from stages.core.scoring import Scorer  # torch: not at load (`--help`, the door)
+
     p = params.audit
     ds = load_dataset(data, verify=params.verify_data)
-    features = embed(ds, model, p)
+    # Backbone features of every image, in one pass: val and test too, though only train and val
+    # are audited (one pass is simpler than three and costs little more).
+    features = Scorer(model, ds, p).features(ds.images, ds.labels)
     rows = np.flatnonzero(ds.split < 2)  # train and val: the labels training learns from
     found = audit_labels(features[rows], ds.labels[rows], folds=p.folds, c=p.probe_c,
                          seed=params.seed)

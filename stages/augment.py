@@ -143,11 +143,7 @@ def _metrics(n_train: int, copies: int, n_total: int) -> dict[str, Any]:
 def linked(source: Path, out: Path, ds: Dataset, meta: dict[str, Any]) -> dict[str, Any]:
     """copies 0: the source's shards linked into `out` as they are (write_sharded links each,
     copying only where links fail), with the source's labels and splits: no image rewritten."""
-    files, bounds = source_shards(source, ds)
-    digests = ([e["sha256"] for e in ds.manifest["shards"]] if "shards" in ds.manifest
-               else [ds.manifest["sha256"]["images.npy"]])
-    shards = [(f, d, int(bounds[k + 1] - bounds[k]))
-              for k, (f, d) in enumerate(zip(files, digests, strict=True))]
+    shards = [(source / e["file"], e["sha256"], int(e["n"])) for e in ds.manifest["shards"]]
     with atomic_dir(out) as tmp:
         write_sharded(tmp, shards, np.asarray(ds.labels), np.asarray(ds.split), ds.classes, meta)
     n_train = len(ds.indices("train"))
@@ -157,20 +153,17 @@ def linked(source: Path, out: Path, ds: Dataset, meta: dict[str, Any]) -> dict[s
 
 
 def source_shards(folder: Path, ds: Dataset) -> tuple[list[Path], np.ndarray]:
-    """The source's shard files and their row offsets (a one-array set is one shard)."""
-    if "shards" not in ds.manifest:
-        return [folder / "images.npy"], np.array([0, len(ds.labels)])
+    """The source's shard files and their row offsets."""
     entries = ds.manifest["shards"]
     return ([folder / e["file"] for e in entries],
             np.concatenate([[0], np.cumsum([e["n"] for e in entries])]))
 
 
-def _copy_rows(path: Path, mask: np.ndarray, dest: Path, chunk: int = 2048
-               ) -> tuple[Path, str, int]:
+def _copy_rows(path: Path, mask: np.ndarray, dest: Path) -> tuple[Path, str, int]:
     """The rows of a shard where `mask`, into a new shard, in chunks: memory flat."""
     shape = tuple(np.load(path, mmap_mode="r").shape[1:])
     writer = RowWriter(dest, shape, capacity=int(mask.sum()), hashed=True)
-    for lo, rows in iter_rows(path, shape, chunk):
+    for lo, rows in iter_rows(path, shape, chunk=2048):
         writer.write(rows[mask[lo:lo + len(rows)]])
     writer.close()
     return dest, writer.digest, writer.n

@@ -37,8 +37,9 @@ from stages.params import EvaluateParams, Params, load_params
 
 if TYPE_CHECKING:
     from stages.core.models import ModelFile
+    from stages.core.scoring import Scorer
 
-# torch (through stages.core.models/train/devicedata) and sklearn are imported where they are
+# torch (through stages.core.scoring) and sklearn are imported where they are
 # used: `python -m stages.evaluate --help` and the door come up without them.
 
 log = logging.getLogger("imagepipe.evaluate")
@@ -58,12 +59,9 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> f
     conf = probs.max(axis=1)
     hit = probs.argmax(axis=1) == y
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            ece += inside.mean() * abs(hit[inside].mean() - conf[inside].mean())
-    return float(ece)
+    # Each bin's share times |accuracy - confidence| there = |sum of (hit - conf) in it| / N.
+    gap = np.bincount(which, weights=hit - conf, minlength=bins)
+    return float(np.abs(gap).sum() / len(y))
 
 
 def scores(y: np.ndarray, logits: np.ndarray, n_classes: int, bins: int) -> dict[str, Any]:
@@ -88,34 +86,6 @@ def shift_right(images: np.ndarray) -> np.ndarray:
     return out
 
 
-class Scorer:
-    """Logits of a model file's network on arrays of uint8 test images."""
-
-    def __init__(self, path: Path, p: EvaluateParams, classes: list[str]) -> None:
-        from stages.core.device import select_device
-        from stages.core.models import load_model_file
-        from stages.core.train import Runtime, prepare
-
-        self.model, self.mf = load_model_file(path)
-        if self.mf.classes != classes:
-            raise BadInput(f"{path} predicts {self.mf.classes} but the test set has {classes}: "
-                           "run finetune on this target set")
-        device = select_device(p.device)
-        self.rt = Runtime(device, bf16=device.type == "cuda", channels_last=False, compile=False)
-        self.net = prepare(self.model, self.rt)
-        self.batch_size = p.batch_size
-
-    def logits(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        from stages.core.stream import batches as make_batches
-        from stages.core.train import predict
-
-        # Resident where the split fits on the device, else streamed (stream.py).
-        batches = make_batches(images, labels, np.arange(len(labels)), device=self.rt.device,
-                               mean=self.mf.mean, std=self.mf.std, batch_size=self.batch_size,
-                               train=False)
-        return predict(self.net, batches, self.rt)
-
-
 def behaviour(scorer: Scorer, images: np.ndarray, y: np.ndarray, pred: np.ndarray
               ) -> dict[str, Any]:
     shifted = scorer.logits(shift_right(images), y).argmax(axis=1)
@@ -130,11 +100,12 @@ def run(params: Params, data: Path, finetuned: Path, scratch: Path, probe: Path,
         ) -> dict[str, Any]:
     from sklearn.metrics import classification_report
 
+    from stages.core.scoring import Scorer
+
     p = params.evaluate
     ds = load_dataset(data, verify=params.verify_data)
     images, y = test_split(ds)
-    main_model = Scorer(finetuned, p, ds.classes)
-    require_shape(ds, main_model.mf, finetuned)
+    main_model = Scorer(finetuned, ds, p)
     logits = main_model.logits(images, y)
     pred = logits.argmax(axis=1)
     metrics = {**scores(y, logits, len(ds.classes), p.ece_bins), "n_test": int(len(y)),
@@ -172,14 +143,6 @@ def report(m: dict[str, Any]) -> None:
     warn_wide(m)
 
 
-def require_shape(ds: Dataset, mf: ModelFile, path: Path) -> None:
-    want = (mf.spec.image_size, mf.spec.image_size, mf.spec.in_channels)
-    if ds.image_shape != want:
-        raise BadInput(f"{path} takes {want[0]} px x {want[2]} channels but the target test images "
-                       f"are {ds.image_shape[0]} px x {ds.image_shape[2]}: run finetune on this "
-                       "target set")
-
-
 def test_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     images, y = ds.part("test")
     if not len(y):
@@ -191,10 +154,12 @@ def baselines(scratch: Path, probe: Path, mf: ModelFile, p: EvaluateParams, ds: 
               images: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
     """Scratch-baseline and linear-probe figures (None where that model was not trained), and
     the baseline's predictions (for the paired intervals and McNemar's test)."""
+    from stages.core.scoring import Scorer
+
     out: dict[str, Any] = {"scratch_accuracy": None, "scratch_macro_f1": None, "scratch_ece": None,
                            "probe_accuracy": None}
     scratch_pred = None
-    base = Scorer(scratch, p, ds.classes)
+    base = Scorer(scratch, ds, p)
     if (base.mf.mean, base.mf.std) != (mf.mean, mf.std):
         raise BadInput(f"{scratch} normalises with other numbers than the finetuned model: "
                        "both must come from the same finetune run")
@@ -206,7 +171,7 @@ def baselines(scratch: Path, probe: Path, mf: ModelFile, p: EvaluateParams, ds: 
                    scratch_ece=s["ece"])
     else:
         log.info("evaluate: the baseline was off (finetune.baseline: false): no transfer gain")
-    lin = Scorer(probe, p, ds.classes)
+    lin = Scorer(probe, ds, p)
     if lin.mf.extra.get("head_epochs", 0) > 0:
         out["probe_accuracy"] = float(np.mean(lin.logits(images, y).argmax(axis=1) == y))
     return out, scratch_pred
@@ -220,7 +185,7 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    from stages.core.history import write_csv as write_rows
+    from stages.core.history import write_csv
 
     labels = np.arange(len(classes))
     side = max(4.0, 0.5 * len(classes) + 2)
@@ -232,8 +197,8 @@ def write_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], out: Ou
     with atomic_path(out.confusion_png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    write_rows(out.confusion_csv, [{"actual": classes[a], "predicted": classes[b]}
-                                   for a, b in zip(y, pred, strict=True)])
+    write_csv(out.confusion_csv, [{"actual": classes[a], "predicted": classes[b]}
+                                  for a, b in zip(y, pred, strict=True)])
 
 
 def main(argv: list[str] | None = None) -> int:

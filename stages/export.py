@@ -1,5 +1,6 @@
 """export: models/finetuned.pt + models/scratch.pt + data/target/ + params.export ->
-models/model.onnx, models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json.
+models/model.onnx, models/onnx_variants/ (int8, fp16 where CUDA loads), metrics/export.json,
+reports/export.json (the details nobody compares across runs).
 
 The model exported is export.model's: the finetuned one, the from-scratch baseline, or (best,
 the default) whichever did better on the validation split (stages/core/selection.py); the log,
@@ -14,13 +15,10 @@ carry what a server needs (stages.core.onnxio). Its bytes are a function of the 
 only (the checkpoint, the export code, params, the torch/onnx versions): no run id, git commit
 or machine path is written into it, so DVC caches one copy however often it reruns, and the
 registry (onnx.sha256 tag, the version's run) says which runs made it. It is moved into place
-only after the parity gate: on target images at batch sizes 1, 7 and 64, ONNX Runtime's CPU
-provider, from uint8 pixels, must match PyTorch (the training preprocessing, the model,
-softmax) on every logit and probability within |onnx - torch| <= export.parity_atol +
-export.parity_rtol * |torch|, and agree on every top-1 class. Otherwise the stage exits 2 with
-the figures and leaves no model.onnx (a previous one is removed: it no longer matches
-finetuned.pt). Where CUDA loads, its differences are reported too, for information: the gate
-is the CPU's.
+only after the parity gate (stages/core/parity.py: ONNX Runtime's CPU provider against PyTorch
+on target images, within export.parity_atol + export.parity_rtol * |torch|, every top-1 class
+the same); otherwise the stage exits 2 with the figures and leaves no model.onnx (a previous
+one is removed: it no longer matches finetuned.pt).
 
 metrics/export.json holds what only changes when the model does (parity figures, sizes, the
 int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
@@ -46,10 +44,9 @@ from stages.core.tracking.registration import Parity, Registration
 from stages.params import Params, load_params
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import numpy as np
     import onnx
+    import onnx_ir
 
     from stages.core.models import Classifier, ModelFile
     from stages.core.selection import Choice
@@ -94,8 +91,8 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
             input_names=[onnxio.INPUT], output_names=list(onnxio.OUTPUTS),
             dynamic_shapes=({0: batch},),
         )
+    drop_machine_props(program.model)
     proto = program.model_proto
-    drop_machine_props(proto)
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise BadInput(f"the exporter wrote opset {got}, not export.opset={opset}")
@@ -110,23 +107,12 @@ def export_onnx(model: Classifier, mf: ModelFile, opset: int) -> onnx.ModelProto
 MACHINE_NODE_PROPS = frozenset({"pkg.torch.onnx.stack_trace"})
 
 
-def drop_machine_props(proto: onnx.ModelProto) -> None:
+def drop_machine_props(model: onnx_ir.Model) -> None:
     """Remove MACHINE_NODE_PROPS from every node (subgraphs and local functions included)."""
-
-    def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-        for node in graph.node:
-            yield node
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.HasField("g") else []
-                for sub in subgraphs + list(attr.graphs):
-                    yield from nodes(sub)
-
-    every = [n for f in proto.functions for n in f.node] + list(nodes(proto.graph))
-    for node in every:
-        kept = [p for p in node.metadata_props if p.key not in MACHINE_NODE_PROPS]
-        if len(kept) < len(node.metadata_props):
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
+    for nodes in [*model.graphs(), *model.functions.values()]:
+        for node in nodes:
+            for key in MACHINE_NODE_PROPS:
+                node.metadata_props.pop(key, None)
 
 
 def model_metadata(mf: ModelFile, model_path: Path | None) -> dict[str, Any]:

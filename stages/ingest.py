@@ -61,7 +61,6 @@ class Selection:
     notes: list[str] = field(default_factory=list)  # split decisions worth a line in the log
     capped: dict[str, int] = field(default_factory=dict)  # class -> train images before the cap
     shipped: bool = False  # every split came from the source (folders), none carved here
-    stamps: np.ndarray | None = None  # the files' (size, mtime_ns) as listed (Listing.stamps)
 
 
 def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int],
@@ -99,9 +98,8 @@ def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int
         keep &= mask
         capped = {classes[c]: n for c, n in before.items()}
     idx = np.flatnonzero(keep)
-    stamps = None if listing.stamps is None else listing.stamps[idx]
     return Selection(classes, [listing.refs[i] for i in idx], labels[idx],
-                     splits[idx].astype(np.uint8), notes, capped, shipped, stamps)
+                     splits[idx].astype(np.uint8), notes, capped, shipped)
 
 
 def _shipped_val_as_test(splits: np.ndarray, keep: np.ndarray, role: DatasetRole) -> str | None:
@@ -171,13 +169,12 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     # No fork server started ahead of the listing: most folders are too light for the pool
     # to pay (engine.DECODE_POOL_FROM, by their bytes), and for those it was a second of two
     # cores spent for nothing.
-    # By file type only: no stat per file while listing; shards.decode_work stats the files to
-    # decode until they weigh enough for the pool, each worker's fstat stamps its files for the
-    # shards' meta and refuses those over data.max_file_mb ("skipped").
+    # No stat per file while listing; shards.decode_work stats the files to decode until they
+    # weigh enough for the pool, each worker's fstat stamps its files for the shards' meta and
+    # refuses those over data.max_file_mb ("skipped").
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
-                          max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes,
-                          stat_files=False)
+                          max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes)
     sel = by_class(select(listing, role, data, [params.seed, ROLES.index(role_name)], role_name))
     for note in sel.notes:
         log.info("ingest %s: %s", role_name, note)
@@ -225,16 +222,14 @@ def _drop_unread(role_name: str, sel: Selection) -> Selection:
              said, role_name, " or ".join(SPLITS[k] for k, n in enumerate(left) if n))
     idx = np.flatnonzero(wanted)
     return replace(sel, refs=[sel.refs[i] for i in idx], labels=sel.labels[idx],
-                   splits=sel.splits[idx],
-                   stamps=None if sel.stamps is None else sel.stamps[idx])
+                   splits=sel.splits[idx])
 
 
 def by_class(sel: Selection) -> Selection:
     """The selection in class order (stable within a class): shards are class-local."""
     order = np.argsort(sel.labels, kind="stable")
     return replace(sel, refs=[sel.refs[i] for i in order], labels=sel.labels[order],
-                   splits=sel.splits[order],
-                   stamps=None if sel.stamps is None else sel.stamps[order])
+                   splits=sel.splits[order])
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
@@ -246,7 +241,7 @@ def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,
             size=role.image_size, channels=role.channels,  # type: ignore[arg-type]
             max_bytes=int(data.max_file_mb * 2**20), shard_mb=data.shard_mb,
             batch=data.batch_size, engine=data.engine, ray_address=data.ray_address,
-            staging=staging, stamps=sel.stamps, advance=advance)
+            staging=staging, advance=advance)
 
 
 def counts_table(role_name: str, role: DatasetRole, counts: dict[str, dict[str, int]],

@@ -23,8 +23,6 @@ from stages.core.errors import BadInput
 from stages.core.flat import flatten_dict
 from stages.paramsfile import read_yaml
 
-DEFAULT_PATH = Path("params.yaml")
-
 # Every number has an upper bound: `pretrain.width: 1.0e30` passed validation (pydantic takes
 # an integral float as an int) and crashed pretrain with exit 70; `seed: 1.0e30` overflowed
 # torch.manual_seed. The bounds are far above any sensible value, below any that breaks a stage.
@@ -68,8 +66,9 @@ class DatasetRole(_Section):
     """One dataset role: where the images come from and which of them to keep."""
 
     uri: str = Field(pattern=r"^(sklearn|imagefolder|torchvision):.+$")
-    # None keeps every class; a list keeps only these (by class name), in this order.
-    classes: list[str] | None = None
+    # None keeps every class; a list keeps only these (by class name), in this order. At least
+    # two: with one class, finetune and evaluate reported accuracy 1.0 for any model.
+    classes: Annotated[list[str], Field(min_length=2)] | None = None
     # Keep at most this many training images per class (seeded choice); None keeps all.
     train_per_class: Images | None = None
     # torchvision: folder that holds (or receives) the files; relative to the project.
@@ -89,17 +88,10 @@ class DatasetRole(_Section):
 
     @field_validator("classes")
     @classmethod
-    def _two_classes_at_least(cls, classes: list[str] | None) -> list[str] | None:
-        # With one class, finetune and evaluate reported accuracy 1.0 for any model.
-        if classes is not None and len(classes) < 2:
-            raise ValueError(f"a classifier needs at least two classes, got {len(classes)}")
-        return classes
-
-    @model_validator(mode="after")
-    def _unique_classes(self) -> DatasetRole:
-        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+    def _unique_classes(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is not None and len(set(classes)) != len(classes):
             raise ValueError("class names must be unique")
-        return self
+        return classes
 
 
 class DataParams(_Section):
@@ -131,15 +123,11 @@ class DataParams(_Section):
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None
 
-    def role(self, name: Literal["source", "target"]) -> DatasetRole:
-        """The role with every per-role setting filled in (its own value, else data.*)."""
-        return getattr(self, name).filled(self)
-
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> DataParams:
         for name in ("source", "target"):
-            r = self.role(name)  # type: ignore[arg-type]
-            if r.val_fraction + r.test_fraction >= 1.0:  # type: ignore[operator]
+            r = getattr(self, name).filled(self)
+            if r.val_fraction + r.test_fraction >= 1.0:
                 raise ValueError(f"{name}: val_fraction ({r.val_fraction}) + test_fraction "
                                  f"({r.test_fraction}) must be below 1 (train would be empty)")
         return self
@@ -384,7 +372,7 @@ def parse_params(raw: Any) -> Params:
         raise BadInput(f"params.{_explain(err)}") from None
 
 
-def load_params(path: str | Path = DEFAULT_PATH) -> Params:
+def load_params(path: str | Path) -> Params:
     """Read and validate params.yaml; raise BadInput naming the bad key (or what is wrong with
     the file itself: missing, a folder, not UTF-8, too large, nested too deeply)."""
     return parse_params(read_yaml(Path(path)))

@@ -1,8 +1,8 @@
 """A params file's text, made safe to parse before YAML sees it: it exists and is a file, at
 most MAX_FILE_BYTES, UTF-8 (a byte-order mark allowed), and not nested past MAX_FLOW_DEPTH.
 
-Input: a path. Output: the text, or its YAML (read_yaml), or BadInput naming the file and what
-is wrong with it in one line. stages/params.py's load_params (the only reader of params files)
+Input: a path. Output: its YAML (read_yaml), or BadInput naming the file and what is wrong
+with it in one line. stages/params.py's load_params (the only reader of params files)
 validates what read_yaml gives.
 """
 
@@ -23,28 +23,23 @@ MAX_FILE_BYTES = 2**20  # a params file is a few KB: a larger one is another fil
 MAX_FLOW_DEPTH = 32
 
 
-
 def read_yaml(path: Path) -> Any:
     """The params file at `path` parsed as YAML (not yet validated: stages/params.py does that),
     or BadInput naming the file and what is wrong with it in one line."""
-    text = params_text(path)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise BadInput(f"params: {yaml_where(path, err)} is not valid YAML: "
-                       f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
-                       "hold keys, a few levels deep)") from None
-
-
-def params_text(path: Path) -> str:
-    """The text of the params file at `path`, checked as the module doc says."""
     text = _read_text(path)
     if _flow_depth(text) > MAX_FLOW_DEPTH:
         raise BadInput(f"params: {path} is nested too deeply for a params file (over "
                        f"{MAX_FLOW_DEPTH} levels of [ ] or {{ }})")
-    return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)  # PATH:LINE:COLUMN, 1-based as editors count
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        raise BadInput(f"params: {where} is not valid YAML: "
+                       f"{getattr(err, 'problem', None) or err}".splitlines()[0]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
+                       "hold keys, a few levels deep)") from None
 
 
 def _flow_depth(text: str) -> int:
@@ -78,9 +73,3 @@ def _read_text(path: Path) -> str:
                        + ("UTF-16, by its byte-order mark" if utf16 else
                           f"byte {data[err.start]:#04x} at offset {err.start}")
                        + "); save it as UTF-8") from None
-
-
-def yaml_where(path: Path, err: yaml.YAMLError) -> str:
-    """PATH:LINE:COLUMN (1-based, as editors count) of a YAML syntax error, when it has one."""
-    mark = getattr(err, "problem_mark", None)
-    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -4,19 +4,19 @@ Input: the device, the training processes on this machine, the splits' sizes. Ou
 `Budget` each split takes from (stages/core/stream.py `batches`), so a stage's train and
 validation splits are counted together against one measure of the free memory.
 
-Free memory on a CPU is the smaller of the kernel's MemAvailable and the room left under this
-process's cgroup memory limits (v2 `memory.max` - `memory.current`, v1 `memory.limit_in_bytes`
-- `memory.usage_in_bytes`, the tightest of its cgroup and their ancestors'): a container limited
-to a few GiB on a host with hundreds free otherwise made sets resident that the kernel's OOM
-killer then ended. The ranks of one machine share it, so each counts 1/ranks of it. On CUDA,
-the device's own free memory (each rank has its device).
+Free memory on a CPU is the smaller of the kernel's MemAvailable (psutil's `available`) and
+the room left under this process's cgroup memory limits (v2 `memory.max` - `memory.current`,
+v1 `memory.limit_in_bytes` - `memory.usage_in_bytes`, the tightest of its cgroup and their
+ancestors'): a container limited to a few GiB on a host with hundreds free otherwise made sets
+resident that the kernel's OOM killer then ended. The ranks of one machine share it, so each
+counts 1/ranks of it. On CUDA, the device's own free memory (each rank has its device).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import psutil
 import torch
 
 from stages.core.host import cgroup_folders
@@ -24,19 +24,7 @@ from stages.core.host import cgroup_folders
 # Share of the free memory that resident sets may take: the rest is for the model, its
 # activations and everything else on the machine.
 RESIDENT_SHARE = 0.5
-UNLIMITED = 1 << 62  # where nothing can be read: assume it fits, as a DataLoader would
 _V1_UNLIMITED = 1 << 60  # v1 writes "no limit" as a page-rounded 2**63 - 1
-
-
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's estimate of memory available without swapping (bytes), or None."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def cgroup_room(cgroups: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
@@ -61,16 +49,11 @@ def _room(folder: Path, limit_name: str, usage_name: str) -> int | None:
 
 
 def host_free_bytes(cgroups: Path = Path("/proc/self/cgroup"),
-                    mount: Path = Path("/sys/fs/cgroup"),
-                    meminfo: Path = Path("/proc/meminfo")) -> int:
+                    mount: Path = Path("/sys/fs/cgroup")) -> int:
     """min(MemAvailable, the cgroup's room): what this machine's processes may still use."""
-    found = [v for v in (mem_available(meminfo), cgroup_room(cgroups, mount)) if v is not None]
-    if found:
-        return min(found)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):  # not POSIX
-        return UNLIMITED
+    room = cgroup_room(cgroups, mount)
+    available = int(psutil.virtual_memory().available)
+    return available if room is None else min(available, room)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -85,11 +68,10 @@ class Budget:
     """Bytes this process may still make resident, measured once and shared by a stage's
     splits. `ranks`: the training processes on this machine sharing host memory (CPU)."""
 
-    def __init__(self, device: torch.device, ranks: int = 1, free: int | None = None,
-                 share: float = RESIDENT_SHARE) -> None:
+    def __init__(self, device: torch.device, ranks: int = 1, free: int | None = None) -> None:
         free = free_memory_bytes(device) if free is None else free
         shared = ranks if device.type != "cuda" else 1
-        self.left = int(share * free) // max(shared, 1)
+        self.left = int(RESIDENT_SHARE * free) // max(shared, 1)
 
     def take(self, nbytes: int) -> bool:
         """Whether `nbytes` fit in what is left; if so they are counted as taken."""

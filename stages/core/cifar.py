@@ -12,19 +12,29 @@ numpy). Anything else is refused, naming the file, before it is built.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from stages.core.errors import BadInput
 
+T = TypeVar("T")
 
-def missing_files(name: str, root: Path, reason: str, where: str) -> BadInput:
-    return BadInput(
-        f"torchvision:{name}: no files under {root} and {reason}; download {where} "
-        f"and extract it into {root} (or run once with a network and download: true)"
-    )
+
+def download_or_refuse(name: str, root: Path, download: bool, fetch: Callable[[], T],
+                       where: str) -> T:
+    """fetch() where download is on; BadInput naming `where` to fetch the files by hand when it
+    is off or fails."""
+    reason = "download is off (data.<role>.download: false)"
+    if download:
+        try:
+            return fetch()
+        except Exception as err:  # noqa: BLE001 - any network or archive failure means the same
+            reason = f"download failed ({type(err).__name__}: {err})".splitlines()[0]
+    raise BadInput(f"torchvision:{name}: no files under {root} and {reason}; download {where} "
+                   f"and extract it into {root} (or run once with a network and download: true)")
 
 
 # The globals a CIFAR batch may name (see the module docstring for why only these).
@@ -106,11 +116,5 @@ def _download_cifar(name: str, root: Path, download: bool) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     cls = getattr(tvd, name)
-    reason = "download is off (data.<role>.download: false)"
-    if download:
-        try:
-            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-            return
-        except Exception as err:  # noqa: BLE001 - any network or archive failure means the same
-            reason = f"download failed ({type(err).__name__}: {err})".splitlines()[0]
-    raise missing_files(name, root, reason, cls.url)
+    download_or_refuse(name, root, download, lambda: download_and_extract_archive(
+        cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5), cls.url)

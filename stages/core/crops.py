@@ -25,13 +25,11 @@ SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
 
-def draw_boxes(rng: np.random.Generator, n: int, size: tuple[int, int],
-               scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
-               ) -> np.ndarray:
+def draw_boxes(rng: np.random.Generator, n: int, size: tuple[int, int]) -> np.ndarray:
     """n boxes (top, left, height, width) in pixels, float64, each inside an H x W image."""
     h, w = size
-    area = h * w * rng.uniform(scale[0], scale[1], size=n)
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=n))
+    area = h * w * rng.uniform(SCALE[0], SCALE[1], size=n)
+    aspect = np.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1]), size=n))
     bw = np.clip(np.sqrt(area * aspect), 1.0, w)
     bh = np.clip(np.sqrt(area / aspect), 1.0, h)
     top = rng.uniform(0.0, 1.0, size=n) * (h - bh)

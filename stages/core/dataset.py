@@ -3,12 +3,12 @@
 A dataset is a folder:
   shards/*.npy   uint8 images, n_k x H x W x C each, bounded in size (data.shard_mb); in the
                  order of manifest["shards"], together the logical N x H x W x C array
-                 (stages/core/shards.py). Older or hand-written sets have one images.npy.
+                 (stages/core/shards.py).
   labels.npy     int64 N, indices into manifest["classes"]
   split.npy      uint8 N: 0 train, 1 val, 2 test
   manifest.json  classes, counts per split and class, sha256 of each shard and array (the
-                 images' entry, "images.npy" as in one-array sets, is one digest over the
-                 shards' digests), source URI, params
+                 images' entry, "images.npy", is one digest over the shards' digests), source
+                 URI, params
 
 A shard file is written by RowWriter (rows appended after a fixed header; see shards.py for
 why) and read by ShardedArray or iter_rows.
@@ -177,6 +177,10 @@ class RowWriter:
             self.digest = (self._sha.hexdigest() if self.n == self.capacity
                            else file_sha256(self.path))
 
+    def discard(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
 
 def root_digest(digests: Sequence[str]) -> str:
     """One digest for all shards, in order: the data's identity in lineage tags."""
@@ -191,7 +195,7 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int = 1024
+def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int
               ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) of a shard in chunks, read with plain reads: memory flat, no map."""
     row = int(np.prod(row_shape))
@@ -223,11 +227,8 @@ def load_dataset(folder: str | Path, *, verify: Verify = "sha256") -> Dataset:
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest, verify)
-    if "shards" in manifest:
-        parts = [load_array(folder / s["file"], folder, manifest, "r") for s in manifest["shards"]]
-        images: np.ndarray | ShardedArray = parts[0] if len(parts) == 1 else ShardedArray(parts)
-    else:
-        images = load_array(folder / "images.npy", folder, manifest, "r")
+    parts = [load_array(folder / s["file"], folder, manifest, "r") for s in manifest["shards"]]
+    images = parts[0] if len(parts) == 1 else ShardedArray(parts)
     labels = load_array(folder / "labels.npy", folder, manifest, None)
     split = load_array(folder / "split.npy", folder, manifest, None)
     if not len(images) == len(labels) == len(split) == manifest.get("n", len(labels)):
@@ -260,8 +261,8 @@ def write_sharded(folder: Path, shards: list[tuple[Path, str, int]], labels: np.
         entries.append({"file": name, "n": int(n), "sha256": digest})
     np.save(folder / "labels.npy", labels.astype(np.int64, copy=False))
     np.save(folder / "split.npy", split.astype(np.uint8, copy=False))
-    # Keyed images.npy as in one-array sets: lineage tags (data.<set>.images.sha256) and the
-    # registry's promotion tags read it unchanged. Its value is the digest over the shards'.
+    # Keyed images.npy: lineage tags (data.<set>.images.sha256) and the registry's promotion
+    # tags read it. Its value is the digest over the shards'.
     sums = {"images.npy": root_digest([e["sha256"] for e in entries])}
     sums |= {name: file_sha256(folder / name) for name in ("labels.npy", "split.npy")}
     manifest = {"classes": classes, "n": int(len(labels)), "counts": counts(labels, split, classes),

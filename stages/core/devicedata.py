@@ -124,15 +124,22 @@ class DeviceBatches:
         return min(len(self) * self.batch_size, self.n) // self.world
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, offsets, flips = self._draw(epoch)
+        drawn = self._draw(epoch)
         for step in range(start_step, len(self)):
-            pos = order[step * self.batch_size:(step + 1) * self.batch_size]
-            lo, hi = step * self.batch_size, step * self.batch_size + len(pos)
-            off, flip = offsets[lo:hi], flips[lo:hi]
-            if self.world > 1:
-                pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
+            pos, off, flip = self._share(drawn, step)
             which = torch.from_numpy(pos).to(self.device)
             yield self.augmented(self._images, which, off, flip), self._labels[pos]
+
+    def _share(self, drawn: tuple[np.ndarray, np.ndarray, np.ndarray], step: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's positions, crop offsets and flips of batch `step` of a drawn epoch."""
+        order, offsets, flips = drawn
+        lo = step * self.batch_size
+        pos = order[lo:lo + self.batch_size]
+        off, flip = offsets[lo:lo + len(pos)], flips[lo:lo + len(pos)]
+        if self.world > 1:
+            pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
+        return pos, off, flip
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole epoch's order and augmentation, from (seed, epoch) alone."""

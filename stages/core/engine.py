@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from stages.core import raycluster
@@ -78,14 +78,13 @@ def workers(engine: str) -> int:
 
 
 def run_map(fn: Callable[[T], R], items: Sequence[T], *, engine: str = "local",
-            ray_address: str | None = None, max_workers: int | None = None
-            ) -> Iterator[tuple[int, R]]:
+            ray_address: str | None = None) -> Iterator[tuple[int, R]]:
     """(index into items, fn(item)) for every item, as they finish.
 
     `local` with one usable core (or one item) runs inline: a pool would only add start-up."""
     if engine not in (*ENGINES, "inline"):
         raise BadInput(f"data.engine: {engine!r} is not one of {ENGINES}")
-    n_workers = max_workers or usable_cores()
+    n_workers = usable_cores()
     if engine == "inline" or (engine == "local" and (n_workers < 2 or len(items) < 2)):
         for i, item in enumerate(items):
             yield i, fn(item)
@@ -118,11 +117,9 @@ def _pool_map(fn: Callable[[T], R], items: Sequence[T], n_workers: int
     ctx = prestart(fn.__module__)
     pool = ProcessPoolExecutor(max_workers=min(n_workers, len(items)), mp_context=ctx)
     try:
-        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield pending.pop(future), future.result()
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
     except BaseException:
         # A failed task, Ctrl-C or SIGTERM: stop the workers now rather than let them finish
         # their shards (minutes on photos); what they leave are temporaries the rerun sweeps.

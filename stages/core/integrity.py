@@ -1,6 +1,6 @@
 """A dataset folder checked against its own manifest before any stage reads it.
 
-folder (manifest.json, shards/*.npy or images.npy, labels.npy, split.npy) + how much to check
+folder (manifest.json, shards/*.npy, labels.npy, split.npy) + how much to check
 -> the manifest (a dict), or BadInput naming the file that is missing, truncated or changed and
 the fix (restore it from DVC's cache, or rerun the stage that wrote it).
 
@@ -61,9 +61,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                        f"{remedy(folder, None)}") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     ok = (isinstance(manifest, dict) and isinstance(manifest.get("classes"), list)
-          and isinstance(manifest.get("sha256"), dict)
-          and (shards is None or (isinstance(shards, list) and shards and all(
-              isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards))))
+          and isinstance(manifest.get("sha256"), dict) and isinstance(shards, list) and shards
+          and all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards))
     if not ok:
         raise BadInput(f"{path}: not a dataset manifest (classes, sha256 or shards missing); "
                        f"{remedy(folder, manifest if isinstance(manifest, dict) else None)}")
@@ -77,10 +76,7 @@ def _short(err: BaseException) -> str:
 def array_files(folder: Path, manifest: dict[str, Any]) -> list[tuple[Path, str | None]]:
     """(file, its sha256 in the manifest or None) of every array the set consists of."""
     sums = manifest["sha256"]
-    if "shards" in manifest:
-        images = [(folder / s["file"], s.get("sha256")) for s in manifest["shards"]]
-    else:
-        images = [(folder / "images.npy", sums.get("images.npy"))]
+    images = [(folder / s["file"], s.get("sha256")) for s in manifest["shards"]]
     return [*images, *((folder / name, sums.get(name)) for name in ("labels.npy", "split.npy"))]
 
 

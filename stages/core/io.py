@@ -215,26 +215,16 @@ def sweep_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]
 
 
 def _writer_gone(pid: int, mtime: float) -> bool:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
-        pass  # alive, another user's
-    started = process_start_time(pid)
+    except psutil.Error:  # alive, and its start cannot be read: kept
+        return False
     # A live writer created its temporary after it started; 2 s covers btime's 1 s resolution.
-    return started is not None and started > mtime + 2.0
-
-
-def process_start_time(pid: int) -> float | None:
-    """When `pid` started (epoch seconds), from /proc; None where /proc cannot say."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
+    return started > mtime + 2.0
 
 
 def _remove(path: Path) -> None:

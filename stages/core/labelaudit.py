@@ -33,13 +33,6 @@ class LabelIssues:
     folds: int  # K actually used (fewer than asked when a class has fewer images)
 
 
-def usable_folds(labels: np.ndarray, folds: int) -> int:
-    """K for stratified folds: at most the smallest class's count (0 when a class has fewer
-    than 2 images: no probe can be fitted without it and scored on it)."""
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
-    return min(folds, smallest) if smallest >= 2 else 0
-
-
 def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, *, k: int, c: float,
                         seed: int) -> np.ndarray:
     """N x classes probabilities, each row from the probe of the fold that left it out."""
@@ -76,8 +69,10 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, k: int) -> LabelIssues:
 def audit_labels(features: np.ndarray, labels: np.ndarray, *, folds: int, c: float, seed: int
                  ) -> LabelIssues | None:
     """Features and given labels of the audited images -> their ranked label issues; None
-    when some class has fewer than 2 of them (see usable_folds)."""
-    k = usable_folds(labels, folds)
-    if k < 2:
+    when some class has fewer than 2 of them: no probe can be fitted without it and scored on
+    it. Stratified folds: K is at most the smallest class's count."""
+    smallest = int(np.bincount(labels).min()) if len(labels) else 0
+    if smallest < 2:
         return None
+    k = min(folds, smallest)
     return find_issues(labels, out_of_sample_probs(features, labels, k=k, c=c, seed=seed), k)

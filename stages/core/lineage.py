@@ -1,6 +1,6 @@
-"""Where a result came from: git commit and dirty flag (and the diff, when dirty), the
-`dvc.lock` hashes of a stage's inputs, the content hashes of the datasets, the Prefect flow run
-and the device.
+"""Where a result came from: git commit and dirty flag (and the diff, when dirty), the DVC
+hashes of a stage's inputs (as dvc.lock will record them), the content hashes of the datasets,
+the Prefect flow run and the device.
 
 `lineage_tags(root, stage)` gathers all of it as flat string tags (what tracking puts on every
 MLflow run and on every registered model version). Reads files and asks git; imports nothing
@@ -52,11 +52,11 @@ def git_diff(cwd: Path) -> str | None:
     """What makes the tree at `cwd` differ from its HEAD: `git diff HEAD` (binary files named,
     not dumped) and the untracked files git does not ignore, listed. None when it does not
     differ (or this is no git checkout): a clean run's commit says it all."""
-    if not git_dirty(cwd) and not _git("ls-files", "--others", "--exclude-standard", cwd=cwd):
+    untracked = (_git("ls-files", "--others", "--exclude-standard", cwd=cwd) or "").splitlines()
+    if not git_dirty(cwd) and not untracked:
         return None
     head = git_commit(cwd) or "?"
     diff = _git("diff", "HEAD", "--no-color", "--no-ext-diff", cwd=cwd) or ""
-    untracked = (_git("ls-files", "--others", "--exclude-standard", cwd=cwd) or "").splitlines()
     if len(diff) > _DIFF_LIMIT:
         diff = diff[:_DIFF_LIMIT] + f"\n# ... cut at {_DIFF_LIMIT:,} characters\n"
     lines = [f"# The working tree this run saw: `git diff HEAD` against {head}"]
@@ -66,32 +66,18 @@ def git_diff(cwd: Path) -> str | None:
     return "\n".join(lines) + "\n" + diff + ("\n" if diff and not diff.endswith("\n") else "")
 
 
-def dvc_lock_deps(root: Path, stage: str, kind: str = "deps") -> dict[str, str]:
-    """{dep path: md5} of `stage` as recorded in root/dvc.lock ({out path: md5} with kind
-    "outs"); {} when it has no entry.
-
-    Beware: while a stage runs under `dvc repro`, dvc.lock still holds its *previous* run
-    (DVC rewrites the entry when the stage ends). `dep_hashes` computes the current ones.
-    """
+def dvc_lock_outs(root: Path, stage: str) -> dict[str, str]:
+    """{out path: md5} of `stage` as recorded in root/dvc.lock; {} when it has no entry."""
     try:
         lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
     entry = (lock.get("stages") or {}).get(stage) or {}
     out: dict[str, str] = {}
-    for dep in entry.get(kind) or []:
+    for dep in entry.get("outs") or []:
         if isinstance(dep, dict) and "path" in dep and dep.get("md5"):
             out[str(dep["path"])] = str(dep["md5"])
     return out
-
-
-def dep_hashes(root: Path, stage: str, deps: list[str]) -> dict[str, str]:
-    """{dep path: md5} of the stage's inputs as they are now: the value DVC writes into
-    dvc.lock when this run of the stage ends. Falls back to what dvc.lock recorded for a dep
-    that cannot be hashed here."""
-    recorded = dvc_lock_deps(root, stage)
-    hashed = path_hashes(root, deps)
-    return {d: hashed.get(d) or recorded[d] for d in deps if d in hashed or d in recorded}
 
 
 def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
@@ -165,7 +151,8 @@ def lineage_tags(root: Path, stage: str, deps: list[str]) -> dict[str, str]:
     dirty = git_dirty(root)
     if dirty is not None:
         tags["git.dirty"] = str(dirty).lower()
-    for path, md5 in dep_hashes(root, stage, deps).items():
+    # Hashed now: while a stage runs under `dvc repro`, dvc.lock still holds its previous run.
+    for path, md5 in path_hashes(root, deps).items():
         tags[f"dvc.dep.{path}"] = md5
     for key, digest in data_hashes(root).items():
         tags[f"data.{key}.sha256"] = digest

@@ -161,15 +161,9 @@ def metadata_props(meta: dict[str, Any]) -> dict[str, str]:
     out = {"imagepipe_format": METADATA_FORMAT, "preprocess": METADATA_DOC}
     for key, value in meta.items():
         if value is None:
-            continue  # absent, not the string "None" (no MLflow run, no git checkout)
+            continue  # absent, not the string "None" (a model exported without its file)
         out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
     return out
-
-
-def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    """Replace the model's metadata_props with `meta` (encoded by `metadata_props`)."""
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, metadata_props(meta))
 
 
 def read_metadata(model: onnx.ModelProto | ort.InferenceSession) -> dict[str, Any]:
@@ -222,8 +216,6 @@ def predict_outputs(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
         raise BadInput(f"images must be uint8 N x {' x '.join(map(str, expected))} for this "
                        f"model; got {images.dtype} {images.shape}")
-    if batch_size < 1:
-        raise BadInput(f"batch_size must be at least 1 (got {batch_size})")
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in OUTPUTS if n in names] or names[:1]  # format 1: the one output

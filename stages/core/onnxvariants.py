@@ -28,7 +28,7 @@ FP16_NAME = "model.fp16.onnx"
 
 def finish_model(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
     """Attach metadata, run the full checker, return the bytes to write."""
-    onnxio.set_metadata(proto, meta)
+    onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))  # replaces any there
     proto.doc_string = "imagepipe classifier: " + onnxio.METADATA_DOC
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,11 +205,11 @@ def plan(labels: np.ndarray, row_bytes: int, shard_mb: int) -> list[tuple[int, i
 def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
                  fetch: Callable[[str], tuple[str, Any]], size: int, channels: int,
                  max_bytes: int, shard_mb: int, batch: int, engine: str,
-                 ray_address: str | None, staging: Path, stamps: np.ndarray | None = None,
+                 ray_address: str | None, staging: Path,
                  advance: Callable[[int], None] = lambda n: None) -> StagedShards:
     """Decode `refs` (class-ordered) into staged shards, reusing those already staged whose
-    files are unchanged. `stamps`: the files' (size, mtime_ns) rows as listed, else each
-    staged shard's files are stat'ed (a cold run stats none: its workers' fstat stamps them)."""
+    files are unchanged (each staged shard's files are stat'ed; a cold run stats none here:
+    its workers' fstat stamps them)."""
     from stages.core.engine import workers
     from stages.core.io import sweep_stale_temps
 
@@ -224,13 +224,13 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     for k, (name, (lo, hi)) in enumerate(zip(names, ranges, strict=True)):
         meta = staged_meta(staging, name)
         if meta is not None and (not files or meta.get("inputs") == inputs_digest(
-                stamps[lo:hi].tolist() if stamps is not None else map(_stamp, refs[lo:hi]))):
+                map(_stamp, refs[lo:hi]))):
             metas[k] = meta
             advance(hi - lo)
     todo = [k for k in range(len(ranges)) if k not in metas]
     rows = [i for k in todo for i in range(*ranges[k])]
-    work, weighed = decode_work([refs[i] for i in rows] if files else [],
-                                None if stamps is None else stamps[rows], max_bytes)
+    work, weighed = decode_work((_stamp(refs[i])[0] for i in rows) if files else (),
+                                max_bytes)
     engine = decode_engine(engine, files, work)
     pieces = _pieces(todo, ranges, names, refs, workers(engine) if engine != "inline" else 1,
                      ShardPart("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
@@ -251,25 +251,24 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
     return _built(ranges, names, metas, len(todo), staging)
 
 
-def decode_work(refs: Sequence[str], stamps: np.ndarray | None = None,
-                max_bytes: int = 2**63) -> tuple[int, int]:
-    """(work, files weighed) of decoding the files `refs` name: each weighs its size plus
-    engine.FILE_COST_BYTES (its fixed cost), summed until the total reaches
+def decode_work(sizes: Iterable[int], max_bytes: int = 2**63) -> tuple[int, int]:
+    """(work, files weighed) of decoding files of `sizes` (-1: vanished): each weighs its size
+    plus engine.FILE_COST_BYTES (its fixed cost), summed until the total reaches
     engine.DECODE_POOL_FROM, where the pool pays (on 60,000 CIFAR JPEGs the first 30,000). A
     file over `max_bytes` weighs its fixed cost only: its reader refuses it unread.
 
-    Sizes from the listing's `stamps` where it has them, else one stat a file: 0.17 s at load
-    5 for the 30,096 of CIFAR's 60,000 it stops at, some 2% of their decoding, as the files'
-    count cannot tell a folder of 32-px JPEGs from one of camera photos."""
+    `sizes` is lazy (build_shards stats a file as it is weighed): one stat a file, 0.17 s at
+    load 5 for the 30,096 of CIFAR's 60,000 it stops at, some 2% of their decoding, as the
+    files' count cannot tell a folder of 32-px JPEGs from one of camera photos."""
     from stages.core.engine import DECODE_POOL_FROM, FILE_COST_BYTES
 
-    work = 0
-    for k, ref in enumerate(refs):
-        size = int(stamps[k, 0]) if stamps is not None else _stamp(ref)[0]
-        work += (size if 0 <= size <= max_bytes else 0) + FILE_COST_BYTES  # -1: vanished
+    work = weighed = 0
+    for size in sizes:
+        work += (size if 0 <= size <= max_bytes else 0) + FILE_COST_BYTES
+        weighed += 1
         if work >= DECODE_POOL_FROM:
-            return work, k + 1
-    return work, len(refs)
+            break
+    return work, weighed
 
 
 def decode_engine(engine: str, files: bool, work: int) -> str:

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.core.cifar import missing_files, read_cifar
+from stages.core.cifar import download_or_refuse, read_cifar
 from stages.core.errors import BadInput
 from stages.core.imageform import DEFAULT_MAX_FILE_BYTES, MAX_PIXELS
-from stages.core.walk import Walk, kind, too_large
+from stages.core.walk import Walk, kind
 
 SPLIT_FOLDERS = ("train", "val", "test")
 TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")
@@ -53,31 +53,27 @@ class Listing:
     fetch: Callable[[str], tuple[str, Image.Image]]
     ignored: list[str]  # files that are not images by name (README.txt, .DS_Store, ...)
     # Entries refused before reading, each {"path", "reason"}: a link out of the root, a loop,
-    # a FIFO, socket or device, a file over data.max_file_mb. For report.json's "skipped".
+    # a FIFO, socket or device. For report.json's "skipped".
     skipped: list[dict[str, str]] = field(default_factory=list)
-    # int64 N x 2 (size, mtime_ns) of each file as listed (one lstat per file); None for arrays
-    # and for a listing by file type only (stat_files=False: the reader's fstat stamps them).
-    stamps: np.ndarray | None = None
 
 
 def open_source(uri: str, *, root: str, download: bool, key: str = "",
                 follow_symlinks: bool = False,
                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                classes: Collection[str] | None = None, stat_files: bool = True) -> Listing:
+                classes: Collection[str] | None = None) -> Listing:
     """`key` (the dotted params key, "data.source.uri") prefixes the errors about the URI.
 
     `classes`: the class folders whose files are listed (None: all). Every class name is
     still in Listing.classes, so a misspelt name is reported with the names there are.
-    `stat_files=False` lists by the file types scandir gives for free, with no stat per file
-    (0.05-0.1 s against 0.3-0.45 s for CIFAR's 60,000 here): no stamps, and a file over the size limit
-    is left to its reader (TooLarge). Ingest lists so, its workers stat as they open."""
+    A file over `max_file_bytes` is listed and left to its reader (TooLarge), which stats it
+    as it opens it: the walk stats no plain file."""
     kind, _, rest = uri.partition(":")
     where = f"{key}: " if key else ""
     if kind == "sklearn":
         return _sklearn(rest)
     if kind == "imagefolder":
         return _imagefolder(Path(rest).expanduser(), where, follow_symlinks, max_file_bytes,
-                            classes, stat_files)
+                            classes)
     if kind == "torchvision":
         return _torchvision(rest, Path(root), download)
     raise BadInput(f"{where}unknown dataset URI kind {kind!r}: use sklearn:, imagefolder: or "
@@ -133,21 +129,16 @@ def _open_torchvision(cls: type, name: str, root: Path, train: bool, download: b
     try:
         return cls(root=str(root), train=train, download=False)
     except RuntimeError:
-        pass
-    reason = "download is off (data.<role>.download: false)"
-    if download:
-        try:
-            return cls(root=str(root), train=train, download=True)
-        except Exception as err:  # noqa: BLE001 - any network or archive failure means the same
-            reason = f"download failed ({type(err).__name__}: {err})".splitlines()[0]
-    raise missing_files(name, root, reason, cls.mirrors[0] if hasattr(cls, "mirrors") else "")
+        return download_or_refuse(name, root, download,
+                                  lambda: cls(root=str(root), train=train, download=True),
+                                  cls.mirrors[0] if hasattr(cls, "mirrors") else "")
 
 
 # ---------------------------------------------------------------- files on disk
 
 
 def _imagefolder(root: Path, where: str, follow_symlinks: bool, max_bytes: int,
-                 wanted: Collection[str] | None, stat_files: bool = True) -> Listing:
+                 wanted: Collection[str] | None) -> Listing:
     if not root.is_dir():
         raise BadInput(f"{where}imagefolder:{root}: no such folder")
     has_splits = (root / "train").is_dir()
@@ -157,7 +148,7 @@ def _imagefolder(root: Path, where: str, follow_symlinks: bool, max_bytes: int,
         split_roots = [(sr, -1 if code == 0 else code) for sr, code in split_roots]
     if not has_splits:
         split_roots = [(root, -1)]
-    walk = Walk(root.resolve(), follow_symlinks, max_bytes, stat_files)
+    walk = Walk(root.resolve(), follow_symlinks)
     class_dirs = [(d, code) for sr, code in split_roots for d in sorted(sr.iterdir())
                   if _visible_dir(d) and walk.admits(d)]
     classes = sorted({d.name for d, _ in class_dirs})
@@ -168,20 +159,16 @@ def _imagefolder(root: Path, where: str, follow_symlinks: bool, max_bytes: int,
     wanted = None if wanted is None else set(wanted)
     refs: list[str] = []
     labels, splits = [np.zeros(0, np.int64)], [np.zeros(0, np.int8)]
-    stamps = [np.zeros((0, 2), np.int64)]  # int64 throughout: a float would round mtime_ns
     for class_dir, code in class_dirs:
         if wanted is not None and class_dir.name not in wanted:
             continue  # never opened: its files are no candidates, nor ignored or skipped
         found = walk.files(class_dir)
-        refs += [f[0] for f in found]
+        refs += found
         labels.append(np.full(len(found), index[class_dir.name], dtype=np.int64))
         splits.append(np.full(len(found), code, dtype=np.int8))
-        if stat_files:
-            stamps.append(np.array([f[1:] for f in found], dtype=np.int64).reshape(-1, 2))
     return Listing(
         classes, refs, np.concatenate(labels), np.concatenate(splits),
         functools.partial(read_image_file, max_bytes=max_bytes), walk.ignored, walk.skipped,
-        np.concatenate(stamps) if stat_files else None,
     )
 
 
@@ -194,7 +181,7 @@ def read_image_file(ref: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
     """One file -> (sha256 of its bytes, decoded image); BadFile with the reason when unusable.
 
     `stamps`: its (size, mtime_ns) by the fstat below is appended there, bad or not (a shard's
-    record of its inputs: a listing by file type has none).
+    record of its inputs: the listing stats no file).
 
     Only a regular file is read: it is opened without blocking (a FIFO would wait for a writer
     forever) and checked by fstat before any byte is read; its size is checked against
@@ -212,7 +199,8 @@ def read_image_file(ref: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
         if st.st_size == 0:
             raise BadFile("empty file (0 bytes)")
         if st.st_size > max_bytes:
-            raise TooLarge(too_large(st.st_size, max_bytes))
+            raise TooLarge(f"too large: {st.st_size / 2**20:,.1f} MB is over data.max_file_mb="
+                           f"{max_bytes / 2**20:g}")
         if st.st_size <= WHOLE_READ_BYTES:
             # Exactly its size (+1 to see growth): a read of WHOLE_READ_BYTES allocated a
             # megabyte per image, 16 us of the 81 one took.

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.dataset import HEADER, file_sha256, npy_header
+from stages.core.dataset import HEADER, RowWriter
 from stages.core.io import umask
 
 
@@ -27,48 +27,37 @@ def inputs_digest(stamps: Sequence[Sequence[int]]) -> str:
 
 
 class ShardAssembler:
-    """The pieces of one shard appended in order to its temporary as they come back, hashed as
-    written on the bet that no file was bad (the header then holds the planned row count);
-    a lost bet rewrites the header and reads the file back once."""
+    """The pieces of one shard appended in order, as they come back, to a RowWriter of the
+    planned rows (hashed as written; a bad file in a piece makes it read the shard back once)."""
 
     def __init__(self, staging: Path, shard: str, rows: int, row_shape: tuple[int, ...]) -> None:
-        self.staging, self.shard, self.rows, self.row_shape = staging, shard, rows, row_shape
-        self.tmp = staging / f".{shard}.{os.getpid()}.concat00.tmp"
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish() or abandon()
-        self._view = memoryview(bytearray(8 * 2**20))
-        self._sha = hashlib.sha256()
-        self._append(npy_header((rows, *row_shape)))
+        self.staging, self.shard = staging, shard
+        self.writer = RowWriter(staging / f".{shard}.{os.getpid()}.concat00.tmp", row_shape,
+                                capacity=rows, hashed=True)
+        # One 8 MB buffer the pieces are read into: no allocation per read.
+        self._buf = np.empty((max(1, 2**23 // self.writer.row), *row_shape), dtype=np.uint8)
         self.results: dict[int, dict[str, Any]] = {}
-        self.next = self.n = 0
-
-    def _append(self, block: bytes | memoryview) -> None:
-        self._f.write(block)
-        self._sha.update(block)
+        self.next = 0
 
     def add(self, part: int, result: dict[str, Any]) -> None:
         self.results[part] = result
         while self.next in self.results:
             path = Path(self.results[self.next]["path"])
-            self.n += (path.stat().st_size - HEADER) // int(np.prod(self.row_shape))
-            with open(path, "rb", buffering=0) as f:  # into one buffer: no 8 MB allocations
+            with open(path, "rb", buffering=0) as f:
                 f.seek(HEADER)
-                while n := f.readinto(self._view):
-                    self._append(self._view[:n])
+                while n := f.readinto(self._buf):
+                    self.writer.write(self._buf[:n // self.writer.row])
             path.unlink()
             self.next += 1
 
     def finish(self) -> dict[str, Any]:
-        if self.n != self.rows:  # bad files: the header holds fewer rows than planned
-            self._f.seek(0)
-            self._f.write(npy_header((self.n, *self.row_shape)))
-        self._f.close()
-        digest = self._sha.hexdigest() if self.n == self.rows else file_sha256(self.tmp)
+        self.writer.close()
         results = [self.results[k] for k in sorted(self.results)]
-        return finish_shard(self.staging, self.shard, self.tmp, self.n, digest, results)
+        return finish_shard(self.staging, self.shard, self.writer.path, self.writer.n,
+                            self.writer.digest, results)
 
     def abandon(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        self.writer.discard()
         for result in self.results.values():
             Path(result["path"]).unlink(missing_ok=True)
 

@@ -26,9 +26,8 @@ WIDE_HALF_WIDTH = 0.05
 _CHUNK_ENTRIES = 2_000_000
 
 
-def percentile_intervals(data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray], *,
-                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def percentile_intervals(data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray],
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) percentile intervals of every row `statistic` returns, paired: each resample
     draws the same images from every array of `data` (scipy.stats.bootstrap, paired=True).
     `statistic(*arrays, axis)` gets (k, n) resampled arrays and returns (rows, k). Fewer than
@@ -39,8 +38,8 @@ def percentile_intervals(data: tuple[np.ndarray, ...], statistic: Callable[..., 
         return point, point
     from scipy.stats import bootstrap
 
-    res = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
-                    batch=max(1, _CHUNK_ENTRIES // n), method="percentile",
+    res = bootstrap(data, statistic, paired=True, vectorized=True, method="percentile",
+                    n_resamples=BOOTSTRAP_RESAMPLES, batch=max(1, _CHUNK_ENTRIES // n),
                     confidence_level=CI_LEVEL, rng=np.random.default_rng([seed, n]))
     return np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
 
@@ -63,8 +62,8 @@ def macro_f1_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray
 
 
 def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, n_classes: int,
-                        scratch_pred: np.ndarray | None = None, *,
-                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+                        scratch_pred: np.ndarray | None = None, *, seed: int = 0
+                        ) -> dict[str, Any]:
     """95% percentile intervals of accuracy and macro-F1, and (with the scratch baseline's
     predictions on the same images) of its accuracy and of the transfer gain, paired."""
     hit = (pred == y).astype(np.float64)
@@ -76,8 +75,7 @@ def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, n_classes: int,
         acc, base = hit_.mean(axis=axis), other_.mean(axis=axis)
         return np.stack([acc, f1.reshape(np.shape(y_)[:-1]), base, acc - base])
 
-    low, high = percentile_intervals((y, pred, hit, other), figures, resamples=resamples,
-                                     seed=seed)
+    low, high = percentile_intervals((y, pred, hit, other), figures, seed)
     out: dict[str, Any] = {}
     for i, name in enumerate(("accuracy", "macro_f1", "scratch_accuracy", "transfer_gain")):
         known = i < 2 or scratch_pred is not None
@@ -86,12 +84,10 @@ def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, n_classes: int,
     return out
 
 
-def accuracy_interval(hits: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-                      ) -> tuple[float, float]:
+def accuracy_interval(hits: np.ndarray) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean of a 0/1 vector (promote's gate)."""
     low, high = percentile_intervals((np.asarray(hits, dtype=np.float64),),
-                                     lambda h, axis=-1: h.mean(axis=axis), resamples=resamples,
-                                     seed=seed)
+                                     lambda h, axis=-1: h.mean(axis=axis), seed=0)
     return float(low[0]), float(high[0])
 
 
@@ -133,15 +129,12 @@ def transfer_verdict(gain: float, lo: float, hi: float, p: float, n: int) -> tup
 def statistics(y: np.ndarray, pred: np.ndarray, scratch_pred: np.ndarray | None, n_classes: int,
                seed: int) -> dict[str, Any]:
     """Intervals, the majority-class floor and McNemar's test, as flat evaluate.json keys."""
-    out = {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
-           "majority_accuracy": majority(y)[0], "ci_level": CI_LEVEL,
-           "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": None,
-           "mcnemar_finetuned_only": None, "mcnemar_scratch_only": None, "transfer_verdict": None}
-    if scratch_pred is not None:
-        m = mcnemar_exact(pred == y, scratch_pred == y)
-        out.update(mcnemar_p=m["p"], mcnemar_finetuned_only=m["only_a"],
-                   mcnemar_scratch_only=m["only_b"])
-    return out
+    m = {} if scratch_pred is None else mcnemar_exact(pred == y, scratch_pred == y)
+    return {**bootstrap_intervals(y, pred, n_classes, scratch_pred, seed=seed),
+            "majority_accuracy": majority(y)[0], "ci_level": CI_LEVEL,
+            "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "mcnemar_p": m.get("p"),
+            "mcnemar_finetuned_only": m.get("only_a"), "mcnemar_scratch_only": m.get("only_b"),
+            "transfer_verdict": None}
 
 
 def warn_wide(metrics: dict[str, Any]) -> None:

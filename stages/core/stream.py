@@ -5,8 +5,7 @@ stages/core/dataset.py), labels and one split's indices. Output: the same per-ep
 (normalised float images, int64 labels) on the device as `DeviceBatches`, which `StreamBatches`
 extends: same `epoch(epoch, start_step)`, `__len__`, `images_per_epoch`, `normalise`, crops and
 flips (on the device), rank partitioning. `batches()` picks: resident where the split fits on
-the device, as before; streamed where it does not, or where IMAGEPIPE_STREAM=1 says so (tests
-and benchmarks: the resident path is the default wherever it fits).
+the device (stages/core/budget.py), streamed where it does not.
 
 Order: a block-shuffled permutation, a pure function of (seed, epoch). The split, in storage
 order, is cut into blocks of `block` images that never straddle a shard; the blocks are
@@ -17,21 +16,21 @@ images from many places, and a run resumed at `start_step` reads exactly the bat
 left. DDP: every rank draws the same order and takes images r, r + w, ... of each batch, as
 `DeviceBatches` does.
 
-Reading: one daemon thread per epoch reads each batch (this rank's share) into a host tensor,
-pinned when the device is CUDA (so the copy to the device is asynchronous; pinning on a CPU
-only costs), at most `ahead` batches ahead of the training step (a semaphore, so memory is
-bounded whatever the set's size). The consumer stopping early stops and joins the thread; an
-exception in the reader is raised in the consumer.
+Reading: one thread per epoch reads each batch (this rank's share) into a host tensor, pinned
+when the device is CUDA (so the copy to the device is asynchronous; pinning on a CPU only
+costs), at most `ahead` batches ahead of the training step, so memory is bounded whatever the
+set's size. The consumer stopping early stops and joins the thread; an exception in the reader
+is raised in the consumer.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,7 +41,6 @@ from stages.core.devicedata import DeviceBatches
 
 log = logging.getLogger("imagepipe.data")
 
-STREAM_ENV = "IMAGEPIPE_STREAM"  # 1: stream even a set that fits (tests, benchmarks)
 # 256 images is 38 MB of 224 px RGB: one sequential read; a window of 16 blocks mixes 16
 # places of the set (often 16 classes of a class-local set) into every batch.
 BLOCK = 256
@@ -96,44 +94,20 @@ def read_rows(source: Any, idx: np.ndarray, out: np.ndarray) -> None:
         np.take(source, idx, axis=0, out=out, mode="clip")
 
 
-class Prefetch(Generic[T]):
-    """`read(task)` for each task in a background thread, handed over in order, at most
-    `ahead` results read and not yet taken. Iterate it once."""
-
-    def __init__(self, tasks: Iterable[Any], read: Callable[[Any], T], ahead: int) -> None:
-        self._tasks, self._read = tasks, read
-        self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-        self._room = threading.Semaphore(max(ahead, 1))
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="imagepipe-reader", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            for task in self._tasks:
-                self._room.acquire()
-                if self._stop.is_set():
-                    return
-                self._results.put((True, self._read(task)))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            self._results.put((False, err))
-            return
-        self._results.put((False, None))
-
-    def __iter__(self) -> Iterator[T]:
-        self.thread.start()
-        try:
-            while True:
-                ok, item = self._results.get()
-                if not ok:
-                    if item is None:
-                        return
-                    raise item
-                self._room.release()
-                yield item
-        finally:
-            self._stop.set()
-            self._room.release()  # a reader waiting for room wakes, sees the stop, returns
-            self.thread.join()
+def prefetch(tasks: Iterable[Any], read: Callable[[Any], T], ahead: int) -> Iterator[T]:
+    """`read(task)` for each task on one background thread, handed over in order, at most
+    `ahead` of them read or being read and not yet taken. Stopping early cancels the queued
+    reads and joins the thread; a read's exception is raised here."""
+    tasks = iter(tasks)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="imagepipe-reader")
+    try:
+        pending = deque(pool.submit(read, task) for task in islice(tasks, max(ahead, 1)))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(read, task) for task in islice(tasks, 1))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class StreamBatches(DeviceBatches):
@@ -159,21 +133,13 @@ class StreamBatches(DeviceBatches):
         return self._augmentation(rng, order)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, offsets, flips = self._draw(epoch)
-
-        def share(step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            lo = step * self.batch_size
-            pos = order[lo:lo + self.batch_size]
-            off, flip = offsets[lo:lo + len(pos)], flips[lo:lo + len(pos)]
-            if self.world > 1:
-                pos, off, flip = (a[self.rank::self.world] for a in (pos, off, flip))
-            return pos, off, flip
+        drawn = self._draw(epoch)
 
         def read(step: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-            pos, off, flip = share(step)
+            pos, off, flip = self._share(drawn, step)
             return self._read(self.indices[pos]), pos, off, flip
 
-        for host, pos, off, flip in Prefetch(range(start_step, len(self)), read, self.ahead):
+        for host, pos, off, flip in prefetch(range(start_step, len(self)), read, self.ahead):
             src = host.to(self.device, non_blocking=True)
             which = torch.arange(len(pos), device=self.device)
             yield self.augmented(src, which, off, flip), self._labels[pos]
@@ -186,19 +152,15 @@ class StreamBatches(DeviceBatches):
         return host
 
 
-def streaming_forced() -> bool:
-    return os.environ.get(STREAM_ENV, "").strip() not in ("", "0")
-
-
 def batches(images: Any, labels: np.ndarray, indices: np.ndarray, *, device: torch.device,
             budget: Budget | None = None, **kw: Any) -> DeviceBatches:
     """A split's batches: resident on the device where they fit in `budget` (shared by a
-    stage's splits, so train and val are counted together; None: a budget of its own) and
-    streaming is not forced, else streamed from the shards, as they are when the resident copy
-    itself runs out of memory. Keywords are DeviceBatches'."""
+    stage's splits, so train and val are counted together; None: a budget of its own), else
+    streamed from the shards, as they are when the resident copy itself runs out of memory.
+    Keywords are DeviceBatches'."""
     nbytes = len(indices) * int(np.prod(images.shape[1:]))
     budget = Budget(device) if budget is None else budget
-    if not streaming_forced() and budget.take(nbytes):
+    if budget.take(nbytes):
         try:
             return DeviceBatches(images, labels, indices, device=device, **kw)
         except (torch.OutOfMemoryError, MemoryError):

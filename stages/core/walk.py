@@ -1,10 +1,11 @@
 """A class-folder tree listed without opening a file: root folder + rules -> the image files'
-(path, size, mtime_ns), the names ignored (not images), and the entries skipped with a reason.
+paths, the names ignored (not images), and the entries skipped with a reason.
 
 Rules: a link out of the root is skipped unless followed (data.follow_symlinks), as are loops,
-FIFOs, sockets, devices, files over data.max_file_mb, and folders or entries that cannot be
-read (no permission, vanished: a followed link to / reaches /proc). Used by sources.py's
-imagefolder listing; the same reasons are what read_image_file gives for a file it refuses.
+FIFOs, sockets, devices, and folders or entries that cannot be read (no permission, vanished: a
+followed link to / reaches /proc). A file's size is left to its reader (read_image_file refuses
+one over data.max_file_mb), so listing stats no plain file. Used by sources.py's imagefolder
+listing.
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class Walk:
-    """Lists a tree by lstat, never opening anything: what it will not read goes to `skipped`
-    with the reason (links out of the root, loops, FIFOs, sockets, devices, files too large)."""
+    """Lists a tree by the file types scandir gives, stat'ing only links and special files:
+    what it will not read goes to `skipped` with the reason."""
 
-    def __init__(self, root: Path, follow_symlinks: bool, max_bytes: int,
-                 stat_files: bool = True) -> None:
-        self.root, self.follow, self.max_bytes = root, follow_symlinks, max_bytes
-        self.stat_files = stat_files
+    def __init__(self, root: Path, follow_symlinks: bool) -> None:
+        self.root, self.follow = root, follow_symlinks
         self.ignored: list[str] = []
         self.skipped: list[dict[str, str]] = []
         self._seen_dirs: set[tuple[int, int]] = set()
@@ -55,13 +54,12 @@ class Walk:
         st = self._target(folder)
         return st is not None and stat.S_ISDIR(st.st_mode)
 
-    def files(self, folder: Path) -> list[tuple[str, int, int]]:
-        """(path, size, mtime_ns) of the image files under `folder`, in name order.
+    def files(self, folder: Path) -> list[str]:
+        """The image files under `folder`, in name order.
 
-        By scandir: a plain entry costs one lstat (none for a folder or a non-image name, nor
-        for a regular file without stat_files: its d_type says so, and its size and mtime are
-        (-1, -1)), where Path.iterdir + is_symlink + stat cost three; links take the checked
-        path."""
+        By scandir: a plain file or folder costs no stat (its d_type says what it is; 0.05-0.1 s
+        for CIFAR's 60,000 files against 0.3-0.45 s with one lstat each), where Path.iterdir +
+        is_symlink + stat cost three; links take the checked path."""
         try:
             st = folder.stat()
             if (st.st_dev, st.st_ino) in self._seen_dirs:  # a followed link back into the tree
@@ -73,39 +71,32 @@ class Walk:
         except OSError as err:  # no permission (a followed link to / reaches /proc), vanished
             self._skip(folder, f"unreadable folder: {err.strerror or err}")
             return []
-        out: list[tuple[str, int, int]] = []
+        out: list[str] = []
         for entry in entries:
             try:
-                if not self.stat_files and entry.is_file(follow_symlinks=False):  # by d_type
-                    name = entry.name
-                    if name[0] != "." and _suffix(name) in IMAGE_SUFFIXES:
-                        out.append((entry.path, -1, -1))
-                    else:
-                        self.ignored.append(entry.path)
+                if entry.is_file(follow_symlinks=False):  # by d_type
+                    (out if _is_image(entry.name) else self.ignored).append(entry.path)
                     continue
                 link = entry.is_symlink()
                 if link:
-                    st = self._target(Path(entry.path))
-                    if st is None:
+                    target = self._target(Path(entry.path))
+                    if target is None:
                         continue
-                    is_dir = stat.S_ISDIR(st.st_mode)
+                    is_dir = stat.S_ISDIR(target.st_mode)
                 else:
                     is_dir = entry.is_dir(follow_symlinks=False)
                 if is_dir:
                     if not link or self.follow:
                         out += self.files(Path(entry.path))
                     continue
-                name = entry.name
-                if name.startswith(".") or _suffix(name) not in IMAGE_SUFFIXES:
+                if not _is_image(entry.name):
                     self.ignored.append(entry.path)
                     continue
-                st = st if link else entry.stat(follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode):
-                    self._skip(Path(entry.path), f"{kind(st.st_mode)}, not a regular file")
-                elif st.st_size > self.max_bytes:
-                    self._skip(Path(entry.path), too_large(st.st_size, self.max_bytes))
+                mode = (target if link else entry.stat(follow_symlinks=False)).st_mode
+                if stat.S_ISREG(mode):
+                    out.append(entry.path)
                 else:
-                    out.append((entry.path, st.st_size, st.st_mtime_ns))
+                    self._skip(Path(entry.path), f"{kind(mode)}, not a regular file")
             except OSError as err:  # its stat failed: vanished since listed, no permission
                 self._skip(Path(entry.path), f"unreadable: {err.strerror or err}")
         return out
@@ -114,11 +105,11 @@ class Walk:
 _NAME = operator.attrgetter("name")
 
 
-def _suffix(name: str) -> str:
-    """os.path.splitext(name)[1].lower() for a name not starting with a dot, at a third of
-    its cost (once per listed file)."""
+def _is_image(name: str) -> bool:
+    """Not hidden, and an image suffix: os.path.splitext(name)[1].lower() at a third of its
+    cost (once per listed file)."""
     dot = name.rfind(".")
-    return name[dot:].lower() if dot > 0 else ""
+    return name[0] != "." and dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES
 
 
 def kind(mode: int) -> str:
@@ -129,8 +120,3 @@ def kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-
-
-def too_large(size: int, max_bytes: int) -> str:
-    return (f"too large: {size / 2**20:,.1f} MB is over data.max_file_mb="
-            f"{max_bytes / 2**20:g}")

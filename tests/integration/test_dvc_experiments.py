@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from commands.tune import Refused, Row, check_metric, pick, rows_of
+from commands.tune import Row, check_metric, pick, rows_of
+from stages.core.errors import BadInput
 from tests.helpers import default_params, dvc, git, project_copy, write_params
 
 pytestmark = pytest.mark.slow
@@ -320,7 +321,7 @@ def test_tune_pick_applies_the_best_by_validation_and_only_it_becomes_challenger
 
 
 def _row(name: str, lr: float, scratch_lr: float, val: float, scratch_val: float) -> Row:
-    return Row(name, name, False, {"finetune.lr": lr, "finetune.scratch_lr": scratch_lr},
+    return Row(name, False, {"finetune.lr": lr, "finetune.scratch_lr": scratch_lr},
                {"finetune.val_accuracy": val, "finetune.scratch_val_accuracy": scratch_val})
 
 
@@ -335,6 +336,6 @@ def test_pick_combines_the_best_lr_with_the_best_scratch_lr() -> None:
 
 def test_pick_refuses_test_metrics() -> None:
     for metric in ("evaluate.accuracy", "per_class.macro avg.f1-score", "finetune.train_loss"):
-        with pytest.raises(Refused):
+        with pytest.raises(BadInput):
             check_metric(metric)
     check_metric("finetune.scratch_val_accuracy")

@@ -28,11 +28,11 @@ DRIVER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from flows import dvcstage
-    from flows.localapi import TemporaryAPI
+    from flows import localapi
 
     root = Path(sys.argv[1])
-    api = TemporaryAPI().start()
-    (root / "api.pid").write_text(str(api.proc.pid))
+    api, _ = localapi.start()
+    (root / "api.pid").write_text(str(api.pid))
     (root / "driver.pid").write_text(str(os.getpid()))
     done = dvcstage.run_killable(dvcstage.repro_command("sleeper"), root,
                                  dvcstage.child_env({"SLEEP_S": "120"}), None, print)

@@ -142,7 +142,7 @@ def walk_back_from_version(backend: str, project: Path, name: str, version: str)
     assert mv.tags["dvc.dep.models/finetuned.pt"] == hashlib.md5(
         (project / "models/finetuned.pt").read_bytes()).hexdigest()
     assert mv.tags["imagepipe.pipeline_run_id"]
-    walked = lineage(load_params().registry, version)
+    walked = lineage(load_params("params.yaml").registry, version)
     assert walked["version"] == version and "metrics" in walked["runs"][0]
     export_run = walked["runs"][0]
     assert export_run["stage"] == "export" and export_run["run_id"] == mv.run_id

@@ -67,6 +67,10 @@ def test_an_onnx_file_leads_to_the_version_registered_from_it(
     assert "no version of" in capsys.readouterr().err
     assert lineage_main([str(tmp_path / "missing.onnx")]) == EXIT_BAD_INPUT
     assert "no such file" in capsys.readouterr().err
+    # A file named like a version number does not shadow the version: only NAME.onnx is a file.
+    (project / "1").write_bytes(b"not a model")
+    assert lineage_main(["--json", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "1"
 
 
 def test_registering_in_this_process_leaves_no_tracking_uri_behind(

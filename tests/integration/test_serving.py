@@ -189,7 +189,7 @@ def test_logged_with_signature_and_input_example(registered: dict) -> None:
     assert served.metadata["classes"] == CLASSES
     assert served.saved_input_example_info is not None
 
-    onnx_uri = reg.version(MODEL_NAME, registered["version"]).tags["onnx_model_uri"]
+    onnx_uri = reg.find(MODEL_NAME, registered["version"], by_version=True).tags["onnx_model_uri"]
     mlmodel = Model.load(mlflow.artifacts.download_artifacts(
         artifact_uri=onnx_uri, dst_path=str(registered["root"] / "dl-onnx"),
         tracking_uri=registered["uri"]))

@@ -75,8 +75,9 @@ def stage_key() -> str:
 
 
 def agent_pid() -> int | None:
-    """The pid the running agent for the stages' code answers with, if one runs."""
-    from stages.core.tracking.channel import AgentUnavailable, dial, request
+    """The pid of the agent listening for the stages' code (it answered the handshake), if one
+    runs."""
+    from stages.core.tracking.channel import AgentUnavailable, dial, peer_pid
 
     try:
         conn = dial(socket_path(stage_key()))
@@ -85,11 +86,7 @@ def agent_pid() -> int | None:
     if conn is None:
         return None
     with conn:
-        try:
-            reply = request(conn, {"op": "ping"}, 30) or {}
-        except AgentUnavailable:
-            return None
-    return int(reply["pid"]) if "pid" in reply else None
+        return peer_pid(conn)
 
 
 @pytest.fixture
@@ -110,6 +107,12 @@ def test_stages_share_one_agent_and_never_import_mlflow(tracked: Path) -> None:
         run_ids.append(json.loads((tracked / "seen.json").read_text())["run_id"])
         pids.add(agent_pid())
     assert None not in pids and len(pids) == 1, pids  # the second stage reused the first's
+    from stages.core.tracking.channel import dial, request
+
+    conn = dial(socket_path(stage_key()))
+    assert conn is not None
+    with conn:  # it answers only what stages and commands send
+        assert (request(conn, {"op": "ping"}, 30) or {})["raised"][0] == "BadInput"
     runs = [client(tracked).get_run(r) for r in run_ids]
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     assert [r.data.metrics["accuracy"] for r in runs] == [0.75, 0.8]

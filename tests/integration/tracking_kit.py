@@ -176,8 +176,9 @@ def save_tiny(model: Any, pt: Path, onnx_path: Path) -> None:
     torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
     proto = onnx.load(str(onnx_path))
-    onnxio.set_metadata(proto, {"classes": CLASSES, "image_size": SIZE, "channels": CHANNELS,
-                                "channel_order": "L", "mean": MEAN, "std": STD})
+    meta = {"classes": CLASSES, "image_size": SIZE, "channels": CHANNELS, "channel_order": "L",
+            "mean": MEAN, "std": STD}
+    onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))
     onnx.save(proto, str(onnx_path))
 
 

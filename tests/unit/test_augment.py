@@ -151,28 +151,21 @@ def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: P
     assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
 
 
-def test_a_one_array_source_is_read_as_one_shard(tmp_path: Path) -> None:
-    """Sets written whole (one images.npy, as older stages made them) are augmented like
-    sharded ones, through numpy's own .npy header."""
+def test_a_set_without_shards_is_refused_naming_its_manifest(tmp_path: Path) -> None:
+    """A one-array set (one images.npy: nothing writes it any more) is no dataset: one line
+    naming manifest.json, exit 2, not a traceback."""
     import json
 
-    from stages.core.dataset import SPLIT_CODE, counts
+    from stages.core.errors import BadInput
     from stages.core.integrity import file_sha256
 
-    rng = np.random.default_rng(1)
     old = tmp_path / "old"
     old.mkdir()
-    labels = np.arange(40) % 2
-    split = np.where(np.arange(40) < 30, SPLIT_CODE["train"], SPLIT_CODE["test"]).astype(np.uint8)
-    np.save(old / "images.npy", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
-    np.save(old / "labels.npy", labels)
-    np.save(old / "split.npy", split)
-    sums = {f.name: file_sha256(f) for f in old.glob("*.npy")}
+    np.save(old / "images.npy", np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    np.save(old / "labels.npy", np.arange(4) % 2)
+    np.save(old / "split.npy", np.zeros(4, np.uint8))
     (old / "manifest.json").write_text(json.dumps(
-        {"classes": ["a", "b"], "n": 40, "counts": counts(labels, split, ["a", "b"]),
-         "sha256": sums, "uri": "test:old"}))
-    augment.run(_params(copies=1), tmp_path / "old", tmp_path / "aug")
-    old, aug = load_dataset(tmp_path / "old"), load_dataset(tmp_path / "aug")
-    np.testing.assert_array_equal(aug.images[:30], old.images[:30])
-    np.testing.assert_array_equal(aug.part("test")[0], old.part("test")[0])
-    assert len(aug.indices("train")) == 60
+        {"classes": ["a", "b"], "n": 4, "uri": "test:old",
+         "sha256": {f.name: file_sha256(f) for f in old.glob("*.npy")}}))
+    with pytest.raises(BadInput, match=r"manifest\.json: not a dataset manifest"):
+        augment.run(_params(copies=1), old, tmp_path / "aug")

@@ -8,15 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from stages.core import budget
 from stages.core.budget import Budget, cgroup_room, host_free_bytes
 from stages.core.devicedata import DeviceBatches
-from stages.core.stream import STREAM_ENV, StreamBatches, batches
+from stages.core.stream import StreamBatches, batches
 from tests.helpers import REPO, run_in_cgroup
 
 CPU = torch.device("cpu")
@@ -24,9 +26,9 @@ GIB = 1 << 30
 
 
 def fake_host(tmp_path: Path, v2: dict[str, tuple[str, str]], v1: dict[str, tuple[str, str]],
-              available_kib: int) -> dict[str, Path]:
-    """A /proc/self/cgroup, a cgroup mount and a /proc/meminfo in files: per level of the
-    hierarchy ("" is the root), (limit, usage) as the kernel writes them."""
+              available_kib: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A /proc/self/cgroup and a cgroup mount in files: per level of the hierarchy ("" is the
+    root), (limit, usage) as the kernel writes them; psutil's MemAvailable told."""
     mount = tmp_path / "cgroup"
     mount.mkdir(parents=True)
     for base, levels, names in ((mount, v2, ("memory.max", "memory.current")),
@@ -38,22 +40,26 @@ def fake_host(tmp_path: Path, v2: dict[str, tuple[str, str]], v1: dict[str, tupl
             for name, value in zip(names, values, strict=True):
                 (folder / name).write_text(value + "\n")
     (tmp_path / "cgroup.txt").write_text("4:memory:/pod/box\n0::/pod/box\n")
-    (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {available_kib} kB\n")
-    return {"cgroups": tmp_path / "cgroup.txt", "mount": mount, "meminfo": tmp_path / "meminfo"}
+    monkeypatch.setattr(budget.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=available_kib * 1024))
+    return {"cgroups": tmp_path / "cgroup.txt", "mount": mount}
 
 
-def test_free_memory_is_the_tightest_of_meminfo_and_every_cgroup_level(tmp_path: Path) -> None:
+def test_free_memory_is_the_tightest_of_meminfo_and_every_cgroup_level(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A container limited to 4 GiB (2 used) on a host with 64 GiB available has 2 GiB: the
     pod's v2 limit, not the host's; v1's "no limit" (2**63 rounded) and "max" are no limit."""
     host = fake_host(tmp_path, v2={"": ("max", "0"), "pod": (str(4 * GIB), str(2 * GIB)),
                                    "pod/box": ("max", str(2 * GIB))},
-                     v1={"pod/box": ("9223372036854771712", "5")}, available_kib=64 << 20)
+                     v1={"pod/box": ("9223372036854771712", "5")}, available_kib=64 << 20,
+                     monkeypatch=monkeypatch)
     assert cgroup_room(host["cgroups"], host["mount"]) == 2 * GIB
     assert host_free_bytes(**host) == 2 * GIB
     host = fake_host(tmp_path / "v1", v2={}, v1={"pod/box": (str(8 * GIB), str(GIB))},
-                     available_kib=3 << 20)
+                     available_kib=3 << 20, monkeypatch=monkeypatch)
     assert host_free_bytes(**host) == 3 * GIB  # MemAvailable is tighter here
-    host = fake_host(tmp_path / "none", v2={}, v1={}, available_kib=1 << 20)
+    host = fake_host(tmp_path / "none", v2={}, v1={}, available_kib=1 << 20,
+                     monkeypatch=monkeypatch)
     assert cgroup_room(host["cgroups"], host["mount"]) is None
     assert host_free_bytes(**host) == GIB
 
@@ -94,7 +100,6 @@ def test_train_and_val_are_counted_together_and_ranks_share_the_host(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """64 images of 10 x 10 (6400 bytes) and 36 (3600). Half of 20000 free holds both; half of
     16000 holds train, then val streams; two CPU ranks on the machine: 4000 each, both stream."""
-    monkeypatch.delenv(STREAM_ENV, raising=False)
     images = np.zeros((100, 10, 10, 1), np.uint8)
     labels = np.zeros(100, np.int64)
     train_idx, val_idx = np.arange(64), np.arange(64, 100)
@@ -133,13 +138,12 @@ def test_a_resident_copy_out_of_memory_falls_back_to_the_streaming_reader(tmp_pa
     set is copied: the split is streamed by stream.py's reader, not the synchronous memmap."""
     out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_CHILD, str(tmp_path / "x.npy")],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, STREAM_ENV: "0", "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["StreamBatches", "False", "(8,", "3,", "256,", "256)"]
 
 
-def test_a_split_that_fits_is_still_resident_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(STREAM_ENV, raising=False)
+def test_a_split_that_fits_is_still_resident_by_default() -> None:
     b = batches(np.zeros((20, 4, 4, 1), np.uint8), np.zeros(20, np.int64), np.arange(20),
                 train=False, **_kw())
     assert type(b) is DeviceBatches and b.resident

@@ -15,7 +15,7 @@ from stages.core import stats
 
 def test_perfect_classifier_has_a_point_interval() -> None:
     y = np.repeat(np.arange(4), 25)
-    ci = stats.bootstrap_intervals(y, y.copy(), 4, y.copy(), resamples=500)
+    ci = stats.bootstrap_intervals(y, y.copy(), 4, y.copy())
     assert (ci["accuracy_ci_low"], ci["accuracy_ci_high"]) == (1.0, 1.0)
     assert (ci["macro_f1_ci_low"], ci["macro_f1_ci_high"]) == (1.0, 1.0)
     # Same predictions twice: every paired resample has gain exactly 0.
@@ -45,11 +45,11 @@ def test_bootstrap_interval_matches_the_normal_approximation_at_large_n() -> Non
     n, p = 10_000, 0.8
     hits = np.zeros(n)
     hits[: int(n * p)] = 1.0
-    lo, hi = stats.accuracy_interval(hits, resamples=2000, seed=1)
+    lo, hi = stats.accuracy_interval(hits)
     half = 1.959964 * np.sqrt(p * (1 - p) / n)  # 0.00784
     assert lo == pytest.approx(p - half, abs=0.0015)
     assert hi == pytest.approx(p + half, abs=0.0015)
-    assert stats.accuracy_interval(hits, resamples=2000, seed=1) == (lo, hi)  # seeded
+    assert stats.accuracy_interval(hits) == (lo, hi)  # seeded
 
 
 def test_macro_f1_rows_equal_sklearn_per_resample() -> None:
@@ -80,7 +80,7 @@ def test_gain_interval_is_paired() -> None:
     scratch[:200] = 0
     tuned = scratch.copy()
     tuned[200:220] = 0
-    ci = stats.bootstrap_intervals(y, tuned, 2, scratch, resamples=1000)
+    ci = stats.bootstrap_intervals(y, tuned, 2, scratch)
     assert ci["transfer_gain_ci_low"] > 0
     assert ci["accuracy_ci_low"] < ci["scratch_accuracy_ci_high"]  # unpaired: overlap
     s = stats.statistics(y, tuned, scratch, 2, seed=0)

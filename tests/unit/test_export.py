@@ -171,8 +171,9 @@ def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) ->
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
     proto = onnx.load(old)
-    onnxio.set_metadata(proto, {"classes": CLASSES, "image_size": 16, "channels": 1,
-                                "channel_order": "L", "mean": MEAN, "std": STD})
+    meta = {"classes": CLASSES, "image_size": 16, "channels": 1, "channel_order": "L",
+            "mean": MEAN, "std": STD}
+    onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))
     onnx.save(proto, old)
     images, _ = _images(9, 16, 1, np.random.default_rng(7))
     new = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_classify_dvc_own_failures() -> None:
     killed = dvcstage.classify("s", -15, ["Running stage 's':"])
     assert isinstance(killed, dvcstage.StageTransient) and "SIGTERM" in str(killed)
     broken = dvcstage.classify("s", 1, ["ERROR: 'dvc.yaml' is invalid"])
-    assert type(broken) is dvcstage.StageError and not broken.retryable
+    assert type(broken) is dvcstage.StageError
 
 
 EVALUATE = {"accuracy": 0.98765, "accuracy_ci_low": 0.97, "accuracy_ci_high": 0.995,
@@ -223,12 +224,30 @@ def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> 
     import shutil
 
     from commands import run as run_command
+    from stages.core.errors import BadInput
     from tests.helpers import REPO
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     before = (tmp_path / "params.yaml").read_bytes()
     for bad in ("pretrain.epochs=-1", "pretrain.epoch=3", "pretrain.epochs=[1"):
-        with pytest.raises(run_command._Refused, match=r"pretrain\.epoch"):
+        with pytest.raises(BadInput, match=r"pretrain\.epoch"):
             run_command._check_overrides(tmp_path, [bad])
     run_command._check_overrides(tmp_path, ["pretrain.epochs=3", "augment.copies=0"])
     assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+def test_a_temporary_api_that_exits_is_unavailable_and_says_how_it_ended() -> None:
+    from flows import localapi
+
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], process_group=0)
+    with pytest.raises(localapi.APIUnavailable, match="exited with 3"):
+        localapi.ready(proc, "http://127.0.0.1:9/api", 30)
+
+
+def test_a_bad_timeout_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from commands import run as run_command
+
+    with pytest.raises(SystemExit) as exit_:
+        run_command.main(["--timeout", "pretrain"])
+    assert exit_.value.code == 2
+    assert "--timeout: wants STAGE=SECONDS, got 'pretrain'" in capsys.readouterr().err

@@ -134,8 +134,8 @@ def test_a_file_over_the_size_limit_is_skipped_by_its_reader_not_bad(tmp_path: P
     with open(root / "b" / "huge.png", "wb") as f:
         f.truncate(3 * 2**20)  # sparse: costs no disk
     listing = sources.open_source(f"imagefolder:{root}", root="", download=False,
-                                  max_file_bytes=2**20, stat_files=False)
-    assert listing.stamps is None and listing.skipped == []
+                                  max_file_bytes=2**20)
+    assert listing.skipped == []
     assert str(root / "b" / "huge.png") in listing.refs
     params = parse_params(_params(tmp_path, f"imagefolder:{root}", max_file_mb=1,
                                   max_bad_fraction=0.0))
@@ -264,8 +264,6 @@ def test_a_class_filter_walks_only_the_kept_class_folders(tmp_path: Path,
     assert sorted(Path(p).parent.name for p in opened) == ["test", "test", "train", "train"]
     assert {Path(r).parent.name for r in listing.refs} == {"a", "b"} and len(listing.refs) == 10
     assert listing.ignored == [] and listing.skipped == []  # c's README and FIFO never seen
-    assert listing.stamps is not None and listing.stamps.tolist() == [  # exact: fingerprints
-        [os.stat(r).st_size, os.stat(r).st_mtime_ns] for r in listing.refs]
     whole = sources.open_source(f"imagefolder:{root}", root="", download=False)
     assert len(whole.refs) == 16 and len(whole.ignored) == 1 and len(whole.skipped) == 1
 

@@ -30,9 +30,9 @@ BAD = [
     ("augment.copies", -1, "augment.copies", "greater than or equal to 0"),
     ("augment.copies", "many", "augment.copies", "integer"),
     ("data.image_size", 0, "data.image_size", "greater than or equal to 8"),
-    ("data.source.classes", [], "data.source.classes", "at least two classes"),
+    ("data.source.classes", [], "data.source.classes", "at least 2 items"),
     # One class: finetune and evaluate then reported accuracy 1.0 for any model.
-    ("data.target.classes", ["5"], "data.target.classes", "at least two classes"),
+    ("data.target.classes", ["5"], "data.target.classes", "at least 2 items"),
     ("data.max_bad_fraction", 1.5, "data.max_bad_fraction", "less than or equal to 1"),
     ("data.val_fraction", -0.1, "data.val_fraction", "greater than or equal to 0"),
     ("data.target.uri", "ftp://x", "data.target.uri", "pattern"),

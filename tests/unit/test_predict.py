@@ -79,7 +79,7 @@ def test_text_output_errors_and_exit_code(served: dict, capsys: pytest.CaptureFi
         assert len(shown) == 2 and all(s.split()[0] in CLASSES and s.endswith("%") for s in shown)
     assert f"{files[1]}: no such file" in err
     assert f"{files[3]}: not an image" in err
-    assert "2 of 6 images could not be read" in err
+    assert "predict: error: 2 of 6 images could not be read" in err  # the door's line, exit 2
 
 
 def test_json_matches_torch_with_the_metadata_preprocessing(

@@ -50,6 +50,19 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "s.npy.json"]  # pieces gone
 
 
+def test_an_abandoned_join_leaves_no_file(tmp_path: Path) -> None:
+    """A failed or interrupted map: the shard's temporary and its pieces (joined or not) go."""
+    for part in (0, 1):
+        w = shards.RowWriter(tmp_path / f"p{part}.tmp", (4, 4, 3))
+        w.write(RNG.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8))
+        w.close()
+    joiner = staging.ShardAssembler(tmp_path, "s.npy", 9, (4, 4, 3))
+    joiner.add(0, {"path": str(tmp_path / "p0.tmp")})  # joined
+    joiner.add(2, {"path": str(tmp_path / "p1.tmp")})  # waits for part 1, which never comes
+    joiner.abandon()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sharded_array_indexes_like_one_array() -> None:
     whole = RNG.integers(0, 256, (23, 2, 2, 1), dtype=np.uint8)
     cuts = [0, 5, 5, 14, 23]  # an empty shard too
@@ -235,12 +248,11 @@ def test_a_few_camera_photos_take_the_pool(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_the_pool_is_chosen_by_the_files_bytes_not_their_count() -> None:
-    """The listing's sizes (its stamps) weighed: 40,000 tiny files (200 B, 16-px icons) stay
-    in this process, where their count (over 30,000) started the pool; 17 camera photos of
-    3 MB take it; 30,000 CIFAR JPEGs of their mean size are the crossover itself."""
+    """The files' sizes weighed: 40,000 tiny files (200 B, 16-px icons) stay in this process,
+    where their count (over 30,000) started the pool; 17 camera photos of 3 MB take it;
+    30,000 CIFAR JPEGs of their mean size are the crossover itself."""
     def verdict(n: int, size: int) -> str:
-        stamps = np.array([[size, 0]] * n, dtype=np.int64)
-        work, _ = shards.decode_work([f"{i}.jpg" for i in range(n)], stamps)
+        work, _ = shards.decode_work([size] * n)
         return shards.decode_engine("local", True, work)
 
     assert verdict(40_000, 200) == "inline"
@@ -250,18 +262,17 @@ def test_the_pool_is_chosen_by_the_files_bytes_not_their_count() -> None:
     assert verdict(29_999, engine.CIFAR_JPEG_BYTES) == "inline"
 
 
-def test_decode_work_stats_the_files_and_stops_once_the_pool_pays(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path / "imgs"
-    _folder(root, {"a": 5})
-    files = sorted(str(p) for p in (root / "a").iterdir())
-    sizes = [os.path.getsize(f) for f in files]
-    work, weighed = shards.decode_work([*files, str(root / "gone.jpg")])
+def test_decode_work_weighs_the_sizes_and_stops_once_the_pool_pays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = [300, 500, 700, 900, 1100]
+    work, weighed = shards.decode_work([*sizes, -1])
     assert (work, weighed) == (sum(sizes) + 6 * engine.FILE_COST_BYTES, 6)  # gone: its overhead
     # files over data.max_file_mb are refused unread: their bytes are no work
-    assert shards.decode_work(files, max_bytes=min(sizes) - 1) == (5 * engine.FILE_COST_BYTES, 5)
-    monkeypatch.setattr(engine, "DECODE_POOL_FROM", sizes[0] + sizes[1] + 2 * engine.FILE_COST_BYTES)
-    assert shards.decode_work(files) == (engine.DECODE_POOL_FROM, 2)  # the rest never stat'ed
+    assert shards.decode_work(sizes, max_bytes=299) == (5 * engine.FILE_COST_BYTES, 5)
+    monkeypatch.setattr(engine, "DECODE_POOL_FROM", 800 + 2 * engine.FILE_COST_BYTES)
+    weighed_sizes = iter(sizes)
+    assert shards.decode_work(weighed_sizes) == (engine.DECODE_POOL_FROM, 2)
+    assert next(weighed_sizes) == 700  # the rest never weighed: build_shards never stats them
 
 
 def test_new_decoding_code_reuses_no_staged_shard(tmp_path: Path, inline: list[int],

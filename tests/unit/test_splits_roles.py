@@ -125,7 +125,7 @@ def test_per_role_fractions_size_and_channels(tmp_path: Path) -> None:
     raw["data"]["source"].update(image_size=8, channels=1)
     raw["data"]["target"].update(image_size=12, channels=3, val_fraction=0.3, test_fraction=0.3)
     params = parse_params(raw)
-    assert params.data.role("source").val_fraction == raw["data"]["val_fraction"]  # default
+    assert params.data.source.filled(params.data).val_fraction == raw["data"]["val_fraction"]  # default
     ingest.run(params, tmp_path)
     source, target = load_dataset(tmp_path / "source"), load_dataset(tmp_path / "target")
     assert source.images.shape[1:] == (8, 8, 1) and target.images.shape[1:] == (12, 12, 3)

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from stages import pretrain
+from stages.core import budget
 from stages.core.crops import draw_boxes, resized_crop
 from stages.core.dataset import ShardedArray, file_sha256, load_dataset, preprocess, write_sharded
 from stages.core.devicedata import DeviceBatches, OnlineAugment
 from stages.core.io import atomic_dir
 from stages.core.models import load_model_file
 from stages.core.shards import RowWriter
-from stages.core.stream import STREAM_ENV, Prefetch, StreamBatches, batches, block_order
+from stages.core.stream import StreamBatches, batches, block_order, prefetch
 from stages.params import parse_params
 from tests.helpers import default_params
 
@@ -71,7 +72,8 @@ def labels_of(b: DeviceBatches, epoch: int, start: int = 0) -> list[np.ndarray]:
 
 
 def reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "imagepipe-reader" and t.is_alive()]
+    return [t for t in threading.enumerate()
+            if t.name.startswith("imagepipe-reader") and t.is_alive()]
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch_and_a_permutation(data: Any) -> None:
@@ -158,7 +160,7 @@ def test_the_reader_never_runs_more_than_ahead_batches_ahead() -> None:
         return task
 
     ahead = 3
-    for i, task in enumerate(Prefetch(range(12), read, ahead)):
+    for i, task in enumerate(prefetch(range(12), read, ahead)):
         assert task == i
         taken.append(task)
         time.sleep(0.05)  # a slow step: the reader catches up and must wait
@@ -239,15 +241,14 @@ def test_stored_images_larger_than_train_size_are_random_resized_crops(data: Any
     assert x0.shape == (60, 3, 5, 5) and torch.equal(x0, x1)
 
 
-def test_batches_stay_resident_where_the_set_fits_unless_streaming_is_forced(
+def test_batches_stay_resident_where_the_set_fits_else_stream(
         data: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     source, _ = data
     kw: dict[str, Any] = {"device": CPU, "mean": [0.5] * 3, "std": [0.2] * 3, "batch_size": 60,
                           "train": True}
-    monkeypatch.delenv(STREAM_ENV, raising=False)
     resident = batches(source, np.arange(N), np.arange(N), **kw)
     assert type(resident) is DeviceBatches and resident.resident
-    monkeypatch.setenv(STREAM_ENV, "1")
+    monkeypatch.setattr(budget, "RESIDENT_SHARE", 0.0)  # no room: as a set larger than memory
     streamed = batches(source, np.arange(N), np.arange(N), **kw)
     assert isinstance(streamed, StreamBatches) and not streamed.resident
     assert len(streamed) == len(resident) and streamed.images_per_epoch == resident.images_per_epoch
@@ -264,7 +265,7 @@ def test_pretrain_streams_a_sharded_set_with_random_resized_crops_reproducibly(
     raw["pretrain"] = {**raw["pretrain"], "device": "cpu", "epochs": 2, "batch_size": 16,
                        "width": 8, "train_size": 9, "checkpoint_every_steps": 0}
     params = parse_params(raw)
-    monkeypatch.setenv(STREAM_ENV, "1")
+    monkeypatch.setattr(budget, "RESIDENT_SHARE", 0.0)  # no room: both splits stream
     weights = []
     for run in ("a", "b"):
         with caplog.at_level("INFO", logger="imagepipe.pretrain"):

@@ -8,7 +8,7 @@ from commands.tune import Row, direction_of, pick, table
 
 
 def _row(name: str, val_loss: float, val_acc: float) -> Row:
-    return Row(name, name, False, {"finetune.lr": val_acc},
+    return Row(name, False, {"finetune.lr": val_acc},
                {"finetune.val_loss": val_loss, "finetune.val_accuracy": val_acc})
 
 

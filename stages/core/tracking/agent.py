@@ -1,17 +1,14 @@
 """The tracking agent: one long-lived process per project code and tracking environment that
-keeps the MLflow runs of the stages that connect to it (remote.py says why, channel.py how).
+keeps the MLflow runs of the stages that connect to it (remote.py says why and when it exits,
+channel.py how they talk).
 
-`python -m stages.core.tracking.agent KEY CODE_DIR` (remote.py starts it): binds
-its socket (channel.socket_path) first, so stages can connect at once, then imports mlflow and
-everything a run needs while they wait. Each connection is one stage's run, served by a thread
-of its own: "start" opens it, "finish" closes it, a dropped connection ends it FAILED; "call"
-runs one of agentcall.CALLABLE (`imagepipe promote`). Requests run side by side, except that
-runs open and close one at a time (the store's first touch; registration's use of mlflow's
-process-wide URI): a promotion never waits for them. The process's environment is the one
-its key names (channel.code_key) and its folder its own: no request swaps either (the
-live-curve threads of other runs log all the while). What a request logs and prints goes back
-in its reply. Exits after the idle time with no stage connected,
-when its code folder is gone, or after "stop" once the stages it serves are done (draining).
+`python -m stages.core.tracking.agent KEY CODE_DIR` binds its socket first, so stages can
+connect at once, then imports mlflow and everything a run needs while they wait. Each
+connection is one stage's run, served by a thread of its own: "start" opens it, "finish"
+closes it, a dropped connection ends it FAILED; "call" runs one of agentcall.CALLABLE; "stop"
+drains the agent. No request swaps the process's environment (the one its key names) or its
+folder: the live-curve threads of other runs log all the while. What a request logs and
+prints goes back in its reply.
 """
 
 from __future__ import annotations
@@ -38,26 +35,18 @@ from stages.core.tracking.remote import idle_s
 log = logging.getLogger("imagepipe.tracking.agent")
 
 
-class _Capture(logging.Handler):
-    """The log records one request's thread emits, sent back for the stage to print."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.thread = threading.get_ident()
-        self.records: list[tuple[str, int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.records.append((record.name, record.levelno, record.getMessage()))
-
-
 class _Streams(io.TextIOBase):
-    """The agent's sys.stderr: what a request's thread prints goes into that request's reply,
-    anything else to the agent's log (contextlib.redirect_stderr is process-wide)."""
+    """The agent's sys.stderr: what a request's thread prints and logs goes into that request's
+    reply, anything else to the agent's log (contextlib.redirect_stderr is process-wide)."""
 
     def __init__(self, default: Any) -> None:
         self.default = default
         self.buffers: dict[int, io.StringIO] = {}
+        # Log records of a request's thread, as the stage door prints its own (door.py).
+        handler = logging.StreamHandler(self)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.addFilter(lambda record: record.thread in self.buffers)
+        logging.getLogger("imagepipe").addHandler(handler)
 
     def write(self, text: str) -> int:
         return int(self.buffers.get(threading.get_ident(), self.default).write(text))
@@ -76,7 +65,7 @@ class _Streams(io.TextIOBase):
 
 
 class Agent:
-    def __init__(self, key: str, code: Path, streams: _Streams | None = None) -> None:
+    def __init__(self, key: str, code: Path, streams: _Streams) -> None:
         self.key, self.code = key, code
         self.path = socket_path(key)
         self.streams = streams
@@ -173,33 +162,25 @@ class Agent:
             return run, self._captured(self._call, message)[1]
         if op == "stop":
             return run, self._stop(message)
-        return run, {"pid": os.getpid(), "code": str(self.code)}
+        return run, {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
 
     def _stop(self, message: dict[str, Any]) -> dict[str, Any]:
         """Drain: no new stage reaches this agent (its socket's path goes now), the ones it
         serves finish as usual, then it exits. Another test worker's stage is never cut off."""
-        under = message.get("under")
-        if under is not None and not self.code.is_relative_to(under):
+        if not self.code.is_relative_to(message["under"]):
             return {"stopping": False}
         self.draining.set()
         self._unlink()
         with self.counts:
             busy = self.connected - 1  # not counting the connection asking
         log.info("asked to stop: draining %d stage(s)", busy)
-        return {"stopping": True, "draining": busy}
+        return {"stopping": True}
 
     def _captured(self, fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
         """fn(*args), with what this thread logs and prints captured into the reply."""
-        capture = _Capture()
-        root_logger = logging.getLogger("imagepipe")
-        root_logger.addHandler(capture)
-        try:
-            with self.streams.capture() if self.streams else contextlib.nullcontext(
-                    io.StringIO()) as err:
-                result, reply = fn(*args)
-        finally:
-            root_logger.removeHandler(capture)
-        reply.update(logs=capture.records, stderr=err.getvalue())
+        with self.streams.capture() as err:
+            result, reply = fn(*args)
+        reply["stderr"] = err.getvalue()
         return result, reply
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -54,24 +54,16 @@ class AgentStalled(AgentUnavailable):
 
 
 def agents_dir() -> Path:
-    """<tmp>/imagepipe-<uid>, this user's only: a folder someone else made there (or opened to
-    others) is refused, since a socket in it could hand runs and pickles to another user."""
-    return _own_folder(Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}")
-
-
-def socket_dir() -> Path:
-    """Where the agents' sockets are: agents_dir(), unless a long TMPDIR (pytest's, a CI
-    runner's) would make a socket path longer than a Unix socket address holds (107 bytes on
-    Linux: bind fails with "AF_UNIX path too long"); then a folder in /tmp named after it, so
-    two TMPDIRs never share an agent whose key the other does not hold."""
-    folder = agents_dir()
-    if len(os.fsencode(folder / f"{'0' * KEY_CHARS}.sock")) <= SUN_PATH_MAX:
-        return folder
-    tag = hashlib.sha256(os.fsencode(folder)).hexdigest()[:12]
-    return _own_folder(Path("/tmp") / f"imagepipe-{os.getuid()}-{tag}")
-
-
-def _own_folder(folder: Path) -> Path:
+    """<tmp>/imagepipe-<uid>: the agents' sockets, key, locks and logs. When a long TMPDIR
+    (pytest's, a CI runner's) would make a socket path longer than a Unix socket address holds
+    (107 bytes on Linux: bind fails with "AF_UNIX path too long"), a folder in /tmp named
+    after it instead, so two TMPDIRs never share an agent. This user's only: a folder someone
+    else made there (or opened to others) is refused, since a socket in it could hand runs and
+    pickles to another user."""
+    folder = Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}"
+    if len(os.fsencode(folder / f"{'0' * KEY_CHARS}.sock")) > SUN_PATH_MAX:
+        tag = hashlib.sha256(os.fsencode(folder)).hexdigest()[:12]
+        folder = Path("/tmp") / f"imagepipe-{os.getuid()}-{tag}"
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.lstat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or folder.is_symlink():
@@ -86,23 +78,23 @@ def tracking_env(env: dict[str, str] | None = None) -> dict[str, str]:
             if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and k not in _PER_STAGE}
 
 
-def code_key(code: Path = CODE, env: dict[str, str] | None = None) -> str:
+def code_key(env: dict[str, str] | None = None) -> str:
     """Which agent serves this stage: the interpreter, the code folder, the size and mtime of
     every source file it may run (an edited stagerun.py must not be served by a stale agent)
     and the tracking environment (tracking_env)."""
-    h = hashlib.sha256(f"{sys.executable}\0{code}".encode())
+    h = hashlib.sha256(f"{sys.executable}\0{CODE}".encode())
     for key, value in tracking_env(env).items():
         h.update(f"{key}={value}\0".encode())
-    files = [*(code / "stages").rglob("*.py"), *(code / "commands").glob("*.py")]
+    files = [*(CODE / "stages").rglob("*.py"), *(CODE / "commands").glob("*.py")]
     for path in sorted(files):
         with contextlib.suppress(OSError):
             st = path.stat()
-            h.update(f"{path.relative_to(code)}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+            h.update(f"{path.relative_to(CODE)}:{st.st_size}:{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:KEY_CHARS]
 
 
-def socket_path(key: str | None = None) -> Path:
-    return socket_dir() / f"{key or code_key()}.sock"
+def socket_path(key: str) -> Path:
+    return agents_dir() / f"{key}.sock"
 
 
 def auth_key() -> bytes:
@@ -142,32 +134,32 @@ def _handshake(conn: Connection, seconds: float, *, answer_first: bool) -> None:
         step(conn, key)
 
 
-def dial(path: Path, timeout: float = HANDSHAKE_S) -> Connection | None:
+def dial(path: Path) -> Connection | None:
     """An authenticated connection to the agent at `path`; None when none listens there (no
     socket, a stale one, or an agent closing as we came). AgentUnavailable when one listens but
-    does not complete the handshake within `timeout` (stopped or wedged)."""
+    does not complete the handshake within HANDSHAKE_S (stopped or wedged)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock.settimeout(HANDSHAKE_S)
     try:
         sock.connect(str(path))
     except TimeoutError:
         sock.close()
         raise AgentUnavailable(f"the tracking agent at {path} did not accept a connection "
-                               f"within {timeout:.0f} s (stopped or overloaded)") from None
+                               f"within {HANDSHAKE_S:.0f} s (stopped or overloaded)") from None
     except OSError:
         sock.close()
         return None
     sock.settimeout(None)  # blocking again; the kernel's timeouts bound each read and write
     conn = Connection(sock.detach())
     try:
-        _handshake(conn, timeout, answer_first=True)
+        _handshake(conn, HANDSHAKE_S, answer_first=True)
     except (EOFError, ConnectionError):
         conn.close()
         return None
     except OSError as err:
         conn.close()
         raise AgentUnavailable(f"the tracking agent at {path} did not answer the handshake "
-                               f"within {timeout:.0f} s (stopped or wedged): {err}") from None
+                               f"within {HANDSHAKE_S:.0f} s (stopped or wedged): {err}") from None
     except Exception as err:  # noqa: BLE001 - AuthenticationError: another key, not our agent
         conn.close()
         raise AgentUnavailable(f"the tracking agent at {path} failed the handshake: {err}"
@@ -221,11 +213,11 @@ def agent_state(pid: int, key: str | None = None) -> str:
     return "stopped" if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else "running"
 
 
-def request(conn: Connection, message: dict[str, Any], budget_s: float,
-            pid: int | None = None) -> dict[str, Any] | None:
+def request(conn: Connection, message: dict[str, Any], budget_s: float) -> dict[str, Any] | None:
     """Send `message`, wait for the reply. None when the agent closed the connection (it died);
-    AgentStalled after `budget_s` without a reply, or sooner when process `pid` stays stopped
-    for HANDSHAKE_S."""
+    AgentStalled after `budget_s` without a reply, or sooner when the agent stays stopped for
+    HANDSHAKE_S."""
+    pid = peer_pid(conn)
     try:
         conn.send(message)
     except BlockingIOError:  # SO_SNDTIMEO: the agent stopped reading

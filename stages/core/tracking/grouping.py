@@ -64,7 +64,7 @@ def _dvc_ancestor() -> Any:
 
 
 def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict[str, str],
-               params_file: Path | None = None) -> str:
+               params_file: Path) -> str:
     """The parent run of group `key`, created on first use (with the code/device tags of
     `tags`, the DVC experiment name, and every parameter of `params_file`; the stage-specific
     input hashes belong to the children).
@@ -87,8 +87,7 @@ def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict
                      tags={**general, **parent_tags(), "imagepipe.group": key,
                            "imagepipe.role": "pipeline"},
                      run_name=name)
-    if params_file is not None:
-        log_parent_params(store, run.info.run_id, params_file)
+    log_parent_params(store, run.info.run_id, params_file)
     # A parent has no process of its own: it is never left RUNNING; children set its status.
     store.terminate(run.info.run_id, "FINISHED")
     first = find()[0].info.run_id

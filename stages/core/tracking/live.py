@@ -25,7 +25,6 @@ log = logging.getLogger("imagepipe.tracking")
 
 INTERVAL_ENV = "IMAGEPIPE_EPOCH_LOG_INTERVAL_S"
 DEFAULT_INTERVAL_S = 5.0  # a curve a few seconds behind; one small write per interval at most
-_MAX_METRICS = 1000  # MLflow's limit per log_batch
 
 
 def epoch_key_prefix(stage: str, phase: str, plot_stems: set[str]) -> list[str]:
@@ -110,14 +109,11 @@ class EpochTail:
             # Once per (key, step), even when a row is written twice (every rank of a
             # distributed stage that appends): the last value wins.
             latest = {(k, s): v for k, v, s in found if (k, s) not in self.logged}
-            fresh = [(k, v, s) for (k, s), v in latest.items()]
-            for lo in range(0, len(fresh), _MAX_METRICS):
-                part = fresh[lo:lo + _MAX_METRICS]
-                self.store.call("log epoch metrics", self.store.client.log_batch, self.run_id,
-                                metrics=[Metric(k, v, now, s) for k, v, s in part])
-                self.logged.update((k, s) for k, _, s in part)
+            self.store.call("log epoch metrics", self.store.client.log_batch, self.run_id,
+                            metrics=[Metric(k, v, now, s) for (k, s), v in latest.items()])
+            self.logged.update(latest.keys())
             self._offset += end
-            return len(fresh)
+            return len(latest)
 
     def stop(self) -> None:
         """Stop the thread and log what is left (raises TrackingDown when the store fails)."""

@@ -37,13 +37,13 @@ def stage_params(params_file: Path, keys: list[str]) -> dict[str, str]:
         for part in key.split("."):
             value = getattr(value, part, None)
         if hasattr(value, "model_dump"):
-            out.update({k: _param_text(v) for k, v in flatten(value, f"{key}.").items()})
+            out.update({k: param_text(v) for k, v in flatten(value, f"{key}.").items()})
         elif value is not None:
-            out[key] = _param_text(value)
+            out[key] = param_text(value)
     return out
 
 
-def _param_text(value: Any) -> str:
+def param_text(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
     return text[:_PARAM_CHARS]
 
@@ -68,42 +68,32 @@ def flat_numbers(obj: Any) -> dict[str, float]:
     return {k: v for k, v in numbers.items() if v is not None}
 
 
-def read_structured(path: Path) -> Any:
-    """A metrics file's content (JSON, or YAML for .yaml/.yml); None when unreadable."""
-    import yaml
-
+def read_json(path: Path) -> Any:
+    """A metrics file's content (every stage writes JSON); None when unreadable."""
     try:
-        text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
 
 
 def epoch_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a plots file (CSV/TSV, or a JSON list of records) that has an `epoch` column."""
+    """Rows of a plots file (every stage's epoch table is a CSV) that has an `epoch` column."""
     import csv
 
-    rows: list[dict[str, Any]]
-    if path.suffix in {".csv", ".tsv"}:
-        try:
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-        except OSError:
-            return []
-    elif path.suffix == ".json":
-        data = read_structured(path)
-        rows = data if isinstance(data, list) and all(isinstance(r, dict) for r in data) else []
-    else:
+    if path.suffix != ".csv":
+        return []
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
         return []
     return rows if rows and "epoch" in rows[0] else []
 
 
-def _as_float(text: Any) -> float | None:
-    """A table cell as a number; None for text (and for bools, which are flags, not values)."""
-    if isinstance(text, bool) or text is None:
-        return None
+def _as_float(text: str | None) -> float | None:
+    """A table cell as a number; None for text or a missing cell."""
     try:
-        return float(text)
+        return float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
 

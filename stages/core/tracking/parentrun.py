@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 from stages.core.host import FLOW_RUN_ENV
-from stages.core.tracking.metrics import flat_numbers, metric_key, read_structured
+from stages.core.tracking.metrics import flat_numbers, metric_key, param_text, read_json
 from stages.core.tracking.store import Store
 
 EXP_NAME_ENV = "DVC_EXP_NAME"  # dvc/env.py; set by `dvc exp run` (queued, temp or workspace)
-_MAX_PARAMS, _PARAM_CHARS = 100, 6000  # MLflow's limits per log_batch and per value
 
 # The figures a pipeline run is compared by: metrics file -> {key there: key on the parent}.
 HEADLINE: dict[str, dict[str, str]] = {
@@ -54,10 +53,10 @@ def parent_tags() -> dict[str, str]:
     return {"dvc.exp_name": exp} if exp else {}
 
 
-def all_params(params_file: Path) -> dict[str, str]:
-    """Every section of the params file, flattened to dotted keys; {} if it is bad (the stage
+def log_parent_params(store: Store, run_id: str, params_file: Path) -> None:
+    """Every section of the params file, under dotted keys; none if it is bad (the stage
     reports that itself with exit code 2)."""
-    import json
+    from mlflow.entities import Param
 
     from stages.core.errors import BadInput
     from stages.params import flatten, load_params
@@ -65,22 +64,9 @@ def all_params(params_file: Path) -> dict[str, str]:
     try:
         params = load_params(params_file)
     except BadInput:
-        return {}
-    out: dict[str, str] = {}
-    for key, value in flatten(params).items():
-        text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
-        out[metric_key(key)] = text[:_PARAM_CHARS]
-    return out
-
-
-def log_parent_params(store: Store, run_id: str, params_file: Path) -> int:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in all_params(params_file).items()]
-    for lo in range(0, len(items), _MAX_PARAMS):
-        store.call("log parent params", store.client.log_batch, run_id,
-                   params=items[lo:lo + _MAX_PARAMS])
-    return len(items)
+        return
+    store.call("log parent params", store.client.log_batch, run_id,
+               params=[Param(metric_key(k), param_text(v)) for k, v in flatten(params).items()])
 
 
 def headline_metrics(root: Path, metrics_files: list[str]) -> dict[str, float]:
@@ -90,7 +76,7 @@ def headline_metrics(root: Path, metrics_files: list[str]) -> dict[str, float]:
         wanted = HEADLINE.get(Path(rel).as_posix())
         if not wanted:
             continue
-        numbers = flat_numbers(read_structured(root / rel))
+        numbers = flat_numbers(read_json(root / rel))
         out.update({wanted[k]: v for k, v in numbers.items() if k in wanted})
     return out
 

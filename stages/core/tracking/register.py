@@ -224,12 +224,10 @@ def _torch_requirements() -> list[str]:
 
 def _onnx_requirements() -> list[str]:
     found = _versions("onnx", "numpy", "onnxruntime", "onnxruntime-gpu")
-    ort = found.pop("onnxruntime", None) or found.pop("onnxruntime-gpu", None)
-    found.pop("onnxruntime-gpu", None)
+    ort = found.get("onnxruntime") or found.get("onnxruntime-gpu")
     # The CPU wheel: it runs anywhere, and the version that passed parity here is the floor.
-    reqs = [f"onnx=={found['onnx']}"] if "onnx" in found else []
-    reqs += [f"onnxruntime>={ort}"] if ort else ["onnxruntime"]
-    return reqs + ([f"numpy=={found['numpy']}"] if "numpy" in found else [])
+    return [f"{n}=={found[n]}" for n in ("onnx", "numpy") if n in found] + [
+        f"onnxruntime>={ort}" if ort else "onnxruntime"]
 
 
 def _serving_requirements() -> list[str]:

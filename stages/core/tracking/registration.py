@@ -90,7 +90,7 @@ def not_kept(tags: dict[str, str], version: str, model: Path) -> str | None:
     that stage: DVC writes the entry only when the run succeeded (outputs checked, cached), so
     a run that failed after the stage registered leaves a version that is no stage's output.
     Versions registered outside DVC carry no such tags and are left to the other checks."""
-    from stages.core.lineage import dvc_lock_deps
+    from stages.core.lineage import dvc_lock_outs
 
     stage, rel, md5 = (tags.get(k) for k in (DVC_STAGE_TAG, DVC_OUT_TAG, DVC_MD5_TAG))
     if not (stage and rel and md5):
@@ -98,7 +98,7 @@ def not_kept(tags: dict[str, str], version: str, model: Path) -> str | None:
     model = model.resolve()
     project = model.parents[len(Path(rel).parts) - 1] if model.as_posix().endswith(
         "/" + rel) else Path.cwd()
-    recorded = dvc_lock_deps(project, stage.rpartition(":")[2], "outs").get(rel)
+    recorded = dvc_lock_outs(project, stage.rpartition(":")[2]).get(rel)
     if recorded == md5:
         return None
     said = f"records md5 {recorded[:12]}" if recorded else "has no entry"

@@ -63,7 +63,7 @@ class VersionInfo:
     version: str
     run_id: str
     tags: dict[str, str]
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...]
 
 
 class Registry:
@@ -81,55 +81,51 @@ class Registry:
 
     def alias(self, name: str, alias: str) -> VersionInfo | None:
         """The version behind `alias` (fresh from the store), None when unset or no model."""
+        mv = self._get(f"models:/{name}@{alias}", self.store.client.get_model_version_by_alias,
+                       name, alias)
+        return None if mv is None else _info(mv)
+
+    def find(self, name: str, ref: str, *, by_version: bool = False) -> VersionInfo:
+        """The version `ref` names: an alias (models:/NAME@ALIAS), or with by_version a version
+        number (models:/NAME/VERSION; MLflow allows all-digit aliases, so the caller says
+        which). BadInput naming it when it is not there."""
+        if by_version:
+            shown, fn = f"models:/{name}/{ref}", self.store.client.get_model_version
+        else:
+            shown, fn = f"models:/{name}@{ref}", self.store.client.get_model_version_by_alias
+        mv = self._get(shown, fn, name, ref)
+        if mv is None:
+            raise BadInput(f"{shown} is not in the registry at {redact(self.store.uri)}: check "
+                           "the name, version or alias (imagepipe lineage champion lists a "
+                           "version's aliases)")
+        return _info(mv)
+
+    def _get(self, what: str, fn: Any, *args: Any) -> Any:
+        """fn(*args) through Store.call, except that "not there" (NOT_FOUND) is None."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            mv = self.store.client.get_model_version_by_alias(name, alias)
-        except MlflowException as err:
-            if error_code(err) in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
-                return None
-            return self.store.call("read alias", reraise, err)
-        except store_errors() as err:
-            return self.store.call("read alias", reraise, err)
-        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+        def read() -> Any:
+            try:
+                return fn(*args)
+            except MlflowException as err:
+                if error_code(err) in NOT_FOUND:
+                    return None
+                raise
 
-    def version(self, name: str, version: str) -> VersionInfo:
-        mv = self._found(f"models:/{name}/{version}", self.store.client.get_model_version,
-                         name, version)
-        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}),
-                           tuple(sorted(getattr(mv, "aliases", None) or ())))
-
-    def _found(self, what: str, fn: Any, *args: Any) -> Any:
-        """fn(*args) through Store.call, except that "not there" is BadInput naming `what`."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return fn(*args)
-        except MlflowException as err:
-            if error_code(err) in NOT_FOUND:
-                raise BadInput(f"{what} is not in the registry at {redact(self.store.uri)}: "
-                               "check the name, version or alias (imagepipe lineage champion "
-                               "lists a version's aliases)") from None
-            return self.store.call(f"read {what}", reraise, err)
-        except store_errors() as err:
-            return self.store.call(f"read {what}", reraise, err)
+        return self.store.call(f"read {what}", read)
 
     def tagged(self, name: str, key: str, value: str) -> VersionInfo | None:
         """The newest version of `name` whose tag `key` is `value`; None when there is none."""
         found = self.store.call(f"search versions of {name}", self.store.client.search_model_versions,
                                 f"name = '{name}' and tags.`{key}` = '{value}'")
-        if not found:
-            return None
-        mv = max(found, key=lambda v: int(v.version))
-        return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+        return _info(max(found, key=lambda v: int(v.version))) if found else None
 
     def download(self, name: str, ref: str, dst: Path, *, by_version: bool = False
                  ) -> tuple[str, Path]:
-        """Download a version of `name`: `ref` an alias (models:/NAME@ALIAS), or with
-        by_version a version number (models:/NAME/VERSION; MLflow allows all-digit aliases, so
-        the caller says which); return (the version it was, the .onnx file). A version is the
-        serving wrapper with the exported file among its artifacts (register.py), or,
-        registered before the wrapper, the onnx flavour itself: either holds one .onnx file."""
+        """Download the version `ref` names (as `find`); return (the version it was, the .onnx
+        file). A version is the serving wrapper with the exported file among its artifacts
+        (register.py), or, registered before the wrapper, the onnx flavour itself: either
+        holds one .onnx file."""
         import mlflow.artifacts
 
         # Not a models:/ URI: MLflow resolves those through its process-wide registry URI,
@@ -137,36 +133,28 @@ class Registry:
         # tracking agent that is whichever project it served last; setting it would leak into
         # the process's environment (set_tracking_uri exports MLFLOW_TRACKING_URI). So: the
         # alias and the version's location from this store's client, then the files.
-        client = self.store.client
-        shown = f"models:/{name}/{ref}" if by_version else f"models:/{name}@{ref}"
-        if by_version:
-            mv = self._found(shown, client.get_model_version, name, ref)
-        else:
-            mv = self._found(shown, client.get_model_version_by_alias, name, ref)
-        uri = self.store.call(f"locate {name} v{mv.version}",
-                              client.get_model_version_download_uri, name, mv.version)
+        version = self.find(name, ref, by_version=by_version).version
+        uri = self.store.call(f"locate {name} v{version}",
+                              self.store.client.get_model_version_download_uri, name, version)
         local = Path(self.store.call(
-            f"download {shown}", mlflow.artifacts.download_artifacts,
+            f"download {name} v{version}", mlflow.artifacts.download_artifacts,
             artifact_uri=uri, dst_path=str(dst), tracking_uri=self.store.uri))
         onnx_files = sorted(local.rglob("*.onnx"))
         if not onnx_files:
-            raise BadInput(f"{shown} holds no .onnx file")
-        return str(mv.version), onnx_files[0]
+            raise BadInput(f"{name} v{version} holds no .onnx file")
+        return version, onnx_files[0]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self._still_held()
+        if self.held is not None:  # LockLost unless the server lock (if any) is still ours
+            self.held.verify()
         self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
                         name, alias, version)
 
     def delete_alias(self, name: str, alias: str) -> None:
-        self._still_held()
-        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
-                        name, alias)
-
-    def _still_held(self) -> None:
-        """LockLost unless the server lock held for this move (if any) is still ours."""
         if self.held is not None:
             self.held.verify()
+        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
+                        name, alias)
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -229,7 +217,7 @@ class Registry:
 
     def _lock_state(self, key: str) -> tuple[str, str] | None:
         """(holder, heartbeat) of the lock as the server has it; None when nobody holds it."""
-        held = self._lock_model(key)
+        held = self._get("the promotion lock", self.store.client.get_registered_model, key)
         if held is None:
             return None
         tags = dict(held.tags or {})
@@ -276,26 +264,14 @@ class Registry:
         except store_errors() as err:
             return self.store.call("take the promotion lock", reraise, err)
         # A create retried after a lost response finds our own lock.
-        holder = self._lock_model(key)
-        return holder is not None and holder.tags.get(HOLDER_TAG) == me
-
-    def _lock_model(self, key: str) -> Any:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.store.client.get_registered_model(key)
-        except MlflowException as err:
-            if error_code(err) == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            return self.store.call("read the promotion lock", reraise, err)
-        except store_errors() as err:
-            return self.store.call("read the promotion lock", reraise, err)
+        state = self._lock_state(key)
+        return state is not None and state[0] == me
 
     def walk_back(self, name: str, version: str, max_runs: int = 20) -> dict[str, Any]:
         """From a model version to the runs that made it: the export run, then for each input
         hash (dvc.dep.*) the latest run whose output hash (dvc.out.*) is the same, and so on
         up to ingest. Each run with its stage, params, git commit and data hashes."""
-        info = self.version(name, version)
+        info = self.find(name, version, by_version=True)
         chain: list[dict[str, Any]] = []
         queue, seen = [info.run_id], set()
         while queue and len(chain) < max_runs:
@@ -322,27 +298,23 @@ class Registry:
         return str(runs[0].info.run_id) if runs else None
 
 
-class _Heartbeat:
+class _Heartbeat(threading.Thread):
     """While a server lock is held: its beat tag moves every HEARTBEAT_S (waiters see the
     holder alive); a beat that finds another holder marks the lock lost."""
 
     def __init__(self, registry: Registry, key: str, me: str) -> None:
+        super().__init__(name="promotion-lock-heartbeat", daemon=True)
         self.registry, self.key, self.me = registry, key, me
         self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="promotion-lock-heartbeat",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self.stopped = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self.stopped.set()
+        self.join(timeout=30)
 
-    def _beat(self) -> None:
+    def run(self) -> None:
         beat = 0
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self.stopped.wait(HEARTBEAT_S):
             beat += 1
             with contextlib.suppress(Exception):  # a missed beat: the next one may land
                 if self._holder() != self.me:
@@ -364,6 +336,11 @@ class _Heartbeat:
         if self.lost is not None:
             raise LockLost(f"the promotion lock {self.key} was broken as stale while this "
                            f"process held it ({self.lost}): nothing moved")
+
+
+def _info(mv: Any) -> VersionInfo:
+    return VersionInfo(str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}),
+                       tuple(sorted(mv.aliases or ())))
 
 
 def _run_summary(run: Any) -> dict[str, Any]:

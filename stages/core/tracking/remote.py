@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path, PurePath
 from typing import Any
 
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
+from stages.core.errors import EXIT_TRANSIENT
 from stages.core.host import env_seconds, restore_env
 from stages.core.tracking.channel import (
     CODE,
@@ -51,7 +51,6 @@ from stages.core.tracking.channel import (
     dial,
     peer_pid,
     request,
-    socket_dir,
     socket_path,
 )
 
@@ -67,9 +66,6 @@ START_WAIT_S = 60.0
 # "finish" logs the outputs and registers a model (uploads, each call with its own retries);
 # a stopped agent is seen within channel.HANDSHAKE_S whatever this says.
 DEFAULT_FINISH_S = 900.0
-
-__all__ = ["AGENT_ENV", "AgentUnavailable", "CODE", "connect_agent", "prewarm",
-           "start_stage_run", "stop_agents"]
 
 
 def agent_enabled() -> bool:
@@ -164,12 +160,12 @@ def prewarm(env: dict[str, str] | None = None) -> None:
             conn.close()
 
 
-def stop_agents(under: Path | None = None) -> int:
-    """Ask this user's agents (only those serving code under `under`) to stop: each stops
-    taking new stages at once and exits when the stages it serves are done. How many agreed."""
+def stop_agents(under: Path) -> int:
+    """Ask this user's agents serving code under `under` to stop: each stops taking new
+    stages at once and exits when the stages it serves are done. How many agreed."""
     stopped = 0
     try:
-        folder = socket_dir()
+        folder = agents_dir()
     except (AgentUnavailable, OSError):
         return 0
     for path in sorted(folder.glob("*.sock")):
@@ -181,8 +177,7 @@ def stop_agents(under: Path | None = None) -> int:
             continue
         with conn:
             try:
-                reply = request(conn, {"op": "stop", "under": str(under) if under else None},
-                                START_WAIT_S) or {}
+                reply = request(conn, {"op": "stop", "under": str(under)}, START_WAIT_S) or {}
             except AgentUnavailable:
                 continue
         stopped += bool(reply.get("stopping"))
@@ -208,12 +203,10 @@ class RemoteStageRun:
         self.stage, self.root, self.stage_facts = stage, root, stage_facts
         self.conn: Connection | None = None
         self.finished = False
-        self.failure: tuple[int, str] | None = None
         self.pid: int | None = None
-        self.ids: dict[str, Any] = {}  # run_id, parent_id, tags: what reopening it here needs
+        self.opened: dict[str, Any] = {}  # the agent's reply to "start": what reopening needs
         self._saved_env: dict[str, str | None] = {}
         self._closing = threading.Event()
-        self.lost: str | None = None  # why the agent is gone, once it is
 
     @classmethod
     def start(cls, stage: str, root: Path) -> RemoteStageRun:
@@ -223,8 +216,8 @@ class RemoteStageRun:
         try:
             # cwd: the workspace the run describes (a queued experiment's own clone).
             reply = request(conn, {"op": "start", "stage": stage, "root": str(root),
-                                   "cwd": os.getcwd(), "stage_facts": run.stage_facts}, START_WAIT_S,
-                            peer_pid(conn))
+                                   "cwd": os.getcwd(), "stage_facts": run.stage_facts},
+                            START_WAIT_S)
         except AgentUnavailable:
             conn.close()  # the agent, if it wakes, sees the stage gone and ends the run FAILED
             raise
@@ -235,8 +228,7 @@ class RemoteStageRun:
             raise AgentUnavailable("the tracking agent closed the connection before it "
                                    "answered 'start' (it exited or was killed)")
         relay(reply)
-        run.conn, run.pid, run.failure = conn, peer_pid(conn), reply.get("failed")
-        run.ids = {k: reply.get(k) for k in ("run_id", "parent_id", "tags")}
+        run.conn, run.pid, run.opened = conn, peer_pid(conn), reply
         env = reply.get("env") or {}
         run._saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -250,9 +242,9 @@ class RemoteStageRun:
         with contextlib.suppress(OSError, ValueError):
             self.conn.poll(None)
         if not self._closing.is_set():
-            self.lost = f"the tracking agent (pid {self.pid}) died while the stage ran"
-            print(f"{self.stage}: {self.lost}; its run {self.ids.get('run_id')} is finished in "
-                  "this process when the stage ends", file=sys.stderr, flush=True)
+            print(f"{self.stage}: the tracking agent (pid {self.pid}) died while the stage ran; "
+                  f"its run {self.opened.get('run_id')} is finished in this process when the "
+                  "stage ends", file=sys.stderr, flush=True)
 
     def finish(self, code: int, outcome: object = None) -> int:
         self.finished = True
@@ -262,7 +254,7 @@ class RemoteStageRun:
         try:
             reply = request(self.conn, {"op": "finish", "code": code,
                                         "outcome": _absolute_paths(outcome)},
-                            env_seconds(FINISH_ENV, DEFAULT_FINISH_S), self.pid)
+                            env_seconds(FINISH_ENV, DEFAULT_FINISH_S))
         except AgentStalled as err:
             # It may yet wake and finish the run itself: finishing it here too would log it
             # twice. The outputs are written; the flow retries.
@@ -274,44 +266,25 @@ class RemoteStageRun:
                 self.conn.close()
         if reply is None:
             print(f"{self.stage}: the tracking agent (pid {self.pid}) died before it closed "
-                  f"the run; finishing run {self.ids.get('run_id')} in this process",
+                  f"the run; finishing run {self.opened.get('run_id')} in this process",
                   file=sys.stderr, flush=True)
-            return self._in_process().finish(code, outcome)
+            return self._in_process(code, outcome)
         relay(reply)
         return int(reply["code"])
 
-    def _in_process(self) -> Any:
-        """This stage's run, reopened in this process: the same run id, parent and tags (or,
-        when the agent never opened it, a new one)."""
+    def _in_process(self, code: int, outcome: object) -> int:
+        """This stage's run finished in this process: the one the agent opened (same run id,
+        parent and tags) or, when it never opened one, a new one."""
         from stages.core.tracking.stagerun import StageRun
-        from stages.core.tracking.store import Store
 
-        if not self.ids.get("run_id"):
-            return StageRun.start(self.stage, root=self.root) or _Untracked()
-        run = StageRun(self.stage, self.root, self.stage_facts)
-        run.run_id, run.parent_id = self.ids["run_id"], self.ids.get("parent_id")
-        run.tags = dict(self.ids.get("tags") or {})
-        run.failure = self.failure
-        try:
-            run.store = Store.connect(self.root)
-        except BadInput as err:
-            run.failure = (EXIT_BAD_INPUT, str(err))
-        except Transient as err:
-            run.failure = (EXIT_TRANSIENT, str(err))
-        return run
-
-
-class _Untracked:
-    """No run to finish (dvc.yaml no longer declares the stage): the body's code stands."""
-
-    def finish(self, code: int, outcome: object = None) -> int:
-        return code
+        reopen = self.opened if self.opened.get("run_id") else None
+        run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
+                             reopen=reopen)
+        return code if run is None else run.finish(code, outcome)  # None: no longer a stage
 
 
 def relay(reply: dict[str, Any]) -> None:
     """What the agent logged and printed for this stage, in the stage's own stderr."""
-    for name, level, message in reply.get("logs") or []:
-        logging.getLogger(name).log(level, "%s", message)
     text = reply.get("stderr") or ""
     if text:
         sys.stderr.write(text)

@@ -76,8 +76,8 @@ def expected_input(size: int, channels: int, order: str) -> str:
             f"0-255, or a list of base64-encoded image files")
 
 
-def as_pixels(model_input: Any, size: int, channels: int, order: str = "RGB",
-              max_images: int = DEFAULT_MAX_IMAGES) -> np.ndarray:
+def as_pixels(model_input: Any, size: int, channels: int, order: str, max_images: int
+              ) -> np.ndarray:
     """A request as the server or a Python caller hands it -> uint8 N x size x size x channels.
     Raises BadRequest naming the expected input for anything else, before any cast, and for
     more than `max_images` images, before any is decoded."""
@@ -104,7 +104,7 @@ def as_pixels(model_input: Any, size: int, channels: int, order: str = "RGB",
     return x.astype(np.uint8)
 
 
-def _one_array(model_input: Any, want: str, max_images: int = DEFAULT_MAX_IMAGES) -> np.ndarray:
+def _one_array(model_input: Any, want: str, max_images: int) -> np.ndarray:
     """The one array in a request: as sent, {"image": array} (the ONNX input's name), or a
     one-column DataFrame (dataframe_split/records bodies; base64 files only fit that way)."""
     import pandas as pd
@@ -178,8 +178,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         from stages.core import onnxio
 
-        pixels = as_pixels(model_input, self._size, self._channels, self._order,
-                           getattr(self, "_max_images", DEFAULT_MAX_IMAGES))
+        pixels = as_pixels(model_input, self._size, self._channels, self._order, self._max_images)
         if not len(pixels):
             return []
         out = onnxio.predict_outputs(self._session, pixels)

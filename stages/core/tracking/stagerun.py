@@ -30,7 +30,7 @@ from stages.core.tracking.metrics import (
     flat_numbers,
     metric_key,
     per_epoch_metrics,
-    read_structured,
+    read_json,
     stage_params,
 )
 from stages.core.tracking.parentrun import parent_name, update_parent_metrics
@@ -40,8 +40,6 @@ from stages.core.tracking.store import Store, TrackingDown, state_dir, tracking_
 log = logging.getLogger("imagepipe.tracking")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # exported while a stage body runs (export stamps it into ONNX)
-# MLflow's limits per log_batch call.
-_MAX_PARAMS, _MAX_METRICS, _MAX_TAGS = 100, 1000, 100
 
 
 class StageRun:
@@ -72,18 +70,20 @@ class StageRun:
 
     @classmethod
     def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
-              stage_facts: dict[str, Any] | None = None) -> StageRun | None:
+              stage_facts: dict[str, Any] | None = None,
+              reopen: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
         (a command like `imagepipe predict` is not a pipeline stage: no run per call).
         `root`: the project whose store keeps the run; `workspace`: where the stage ran
-        (default: both from the working folder, host.py)."""
+        (default: both from the working folder, host.py). `reopen`: the run the tracking
+        agent opened and died holding (remote.py), finished here instead of a new one."""
         workspace = workspace or workspace_root()
         root = root or project_root(workspace)
         if not tracking_enabled() or stage_decl(workspace, stage) is None:
             return None
         run = cls(stage, workspace, stage_facts, store_root=root)
         try:
-            run._open()
+            run._open() if reopen is None else run._reopen(reopen)
         except BadInput as err:
             run.failure = (EXIT_BAD_INPUT, str(err))
         except Transient as err:
@@ -123,6 +123,13 @@ class StageRun:
         self._log_diff()
         self._start_tail()
 
+    def _reopen(self, opened: dict[str, Any]) -> None:
+        """The agent's reply to "start": its run's ids and tags, and why tracking failed."""
+        self.run_id, self.parent_id = opened["run_id"], opened.get("parent_id")
+        self.tags = dict(opened.get("tags") or {})
+        self.failure = opened.get("failed")
+        self.store = Store.connect(self.store_root)
+
     def _log_diff(self) -> None:
         """A dirty tree's diff against its commit, as an artifact of the run (airbench keeps its
         own source with its results): the commit tag alone would name code that did not run."""
@@ -149,16 +156,15 @@ class StageRun:
 
         assert self.store is not None and self.run_id is not None
         given = stage_params(self.root / self.decl.params_file, self.decl.params)
-        items = [Param(metric_key(k), v) for k, v in given.items()]
-        for lo in range(0, len(items), _MAX_PARAMS):
-            self.store.call("log params", self.store.client.log_batch, self.run_id,
-                            params=items[lo:lo + _MAX_PARAMS])
+        # MlflowClient.log_batch splits what it is given into batches of the server's limits.
+        self.store.call("log params", self.store.client.log_batch, self.run_id,
+                        params=[Param(metric_key(k), v) for k, v in given.items()])
 
     def finish(self, code: int, outcome: object = None) -> int:
         """Log the stage's files (on success), register `outcome` when the body returned a
         Registration (on success), end the run; return the stage's exit code."""
         self.finished = True
-        self._restore_env()
+        restore_env(self._saved_env)
         registration = outcome if isinstance(outcome, Registration) else None
         if self.failure is not None:
             return self._report_failure(code, registration)
@@ -195,9 +201,6 @@ class StageRun:
               f"{extra}", file=sys.stderr)
         return fail_code if code == EXIT_OK else code
 
-    def _restore_env(self) -> None:
-        restore_env(self._saved_env)
-
     def _stop_tail(self) -> None:
         tail, self.tail = self.tail, None
         if tail is not None:
@@ -218,16 +221,13 @@ class StageRun:
 
     def _end_quietly(self) -> None:
         """One try at ending the run FAILED; if the store is down the journal keeps it."""
-        self._restore_env()
+        restore_env(self._saved_env)
         if self.store is None or self.run_id is None:
             return
         with contextlib.suppress(Exception):
             self._stop_tail()
         with contextlib.suppress(Exception):
-            self.store.terminate(self.run_id, "FAILED")
-            journal_remove(self.store_root, self.run_id)
-            if self.parent_id:
-                self.store.terminate(self.parent_id, "FAILED")
+            self._end(False)
 
     # ------------------------------------------------------------ what the stage wrote
 
@@ -237,40 +237,27 @@ class StageRun:
         from stages.core.lineage import path_hashes
 
         assert self.store is not None and self.run_id is not None
-        metrics = self._final_metrics() + self._epoch_metrics()
-        for lo in range(0, len(metrics), _MAX_METRICS):
-            self.store.call("log metrics", self.store.client.log_batch, self.run_id,
-                            metrics=metrics[lo:lo + _MAX_METRICS])
+        self.store.call("log metrics", self.store.client.log_batch, self.run_id,
+                        metrics=self._file_metrics())
         # Output hashes link runs: the run whose dvc.out.X equals another's dvc.dep.X made X.
         out_tags = [RunTag(metric_key(f"dvc.out.{p}"), h)
                     for p, h in path_hashes(self.root, self.decl.outs).items()]
-        for lo in range(0, len(out_tags), _MAX_TAGS):
-            self.store.call("tag outputs", self.store.client.log_batch, self.run_id,
-                            tags=out_tags[lo:lo + _MAX_TAGS])
+        self.store.call("tag outputs", self.store.client.log_batch, self.run_id, tags=out_tags)
         for local, artifact_dir in artifacts(self.root, self.decl):
             self.store.call(f"log artifact {local.name}", self.store.client.log_artifact,
                             self.run_id, str(local), artifact_dir)
 
-    def _final_metrics(self) -> list[Any]:
+    def _file_metrics(self) -> list[Any]:
+        """The numbers of the metrics files, and the epochs of the plots tables that the live
+        tail did not log."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        out: list[Any] = []
-        for rel in self.decl.metrics:
-            numbers = flat_numbers(read_structured(self.root / rel))
-            out += [Metric(k, v, now, 0) for k, v in numbers.items()]
-        return out
-
-    def _epoch_metrics(self) -> list[Any]:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        live = self._live_logged
-        out: list[Any] = []
-        for rel in self.decl.plots:
-            out += [Metric(k, v, now, step) for k, v, step in per_epoch_metrics(self.root / rel)
-                    if (k, step) not in live]  # the live tail logged those already
-        return out
+        out = [Metric(k, v, now, 0) for rel in self.decl.metrics
+               for k, v in flat_numbers(read_json(self.root / rel)).items()]
+        return out + [Metric(k, v, now, step) for rel in self.decl.plots
+                      for k, v, step in per_epoch_metrics(self.root / rel)
+                      if (k, step) not in self._live_logged]
 
     def _register(self, registration: Registration) -> None:
         from stages.core.tracking.register import register_model_version
