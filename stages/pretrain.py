@@ -23,20 +23,14 @@ from typing import Any
 from stages import trainingdoor
 from stages.core import door
 from stages.core.codeid import code_fingerprint
-from stages.core.dataset import Dataset, load_dataset
+from stages.core.dataset import load_dataset
 from stages.core.errors import BadInput
-from stages.params import Params, PretrainParams
+from stages.params import Params
 
 # torch (~2 s) is imported by the functions that train, not at load: `--help`, a params file
 # refused and the door's launch decision start without it.
 
 log = logging.getLogger("imagepipe.pretrain")
-
-
-def hflip_in_policy(ds: Dataset, p: PretrainParams) -> bool:
-    """Whether the model saw mirrored images: augment's policy or the online flip."""
-    offline = ds.manifest.get("params", {}).get("augment", {}).get("hflip", False)
-    return bool(offline or p.hflip)
 
 
 def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Path
@@ -84,8 +78,10 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     if not rt.comm.is_main:
         return metrics
     write_csv(plot, history)
+    # Whether the model saw mirrored images: augment's policy or the online flip.
+    offline_flip = ds.manifest.get("params", {}).get("augment", {}).get("hflip", False)
     save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, {}, extra={
-        "stage": "pretrain", "weights": p.weights, "hflip_policy": hflip_in_policy(ds, p),
+        "stage": "pretrain", "weights": p.weights, "hflip_policy": bool(offline_flip or p.hflip),
         "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs,
         "train_size": train.train_size or size}))
     return metrics

@@ -33,10 +33,6 @@ class Plan:
     local_addr: str | None = None  # this machine's address for the rendezvous (PET_LOCAL_ADDR)
     timeout_s: float = 300.0  # a collective's wait for the others (dist_timeout_min)
 
-    @property
-    def world(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)

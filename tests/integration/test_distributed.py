@@ -116,7 +116,7 @@ def meet_then_wait_for_rank_1(argv: list[str]) -> int:
 
 def two_processes() -> launchplan.Plan:
     pl = launchplan.plan(TrainParams(device="cpu", devices=2), "pretrain")
-    assert pl is not None and pl.world == 2 and pl.backend == "gloo"
+    assert pl is not None and pl.nproc_per_node * pl.nnodes == 2 and pl.backend == "gloo"
     return pl
 
 

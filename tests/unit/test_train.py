@@ -185,7 +185,7 @@ def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PET_RDZV_ENDPOINT", "job-0.svc:29400")
     monkeypatch.setenv("PET_RDZV_ID", "job")  # a job's name: shared, per run
     pl = launchplan.plan(TrainParams(device="cpu"), "finetune")
-    assert pl is not None and (pl.nnodes, pl.node_rank, pl.world) == (2, 1, 2)
+    assert pl is not None and (pl.nnodes, pl.node_rank, pl.nproc_per_node) == (2, 1, 1)
     assert (pl.endpoint, pl.rdzv_backend, pl.backend) == ("job-0.svc:29400", "c10d", "gloo")
 
 
