@@ -31,13 +31,10 @@ CALLABLE = frozenset({"commands.promote:promote"})
 
 def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """local(*args, **kwargs), run by this code's tracking agent when tracking is on and one can
-    be reached, else here. The agent has mlflow imported and its store open: `imagepipe promote`
-    right after a pipeline run is ~0.5 s there instead of ~5 s in a new process (most of that the
-    import). Arguments and result cross a pickle; relative Path arguments are made absolute here
-    (the agent has a folder of its own; its environment is the caller's tracking environment,
-    which chose the agent: channel.code_key). BadInput and Transient come back as themselves;
-    anything else raised there is a RuntimeError here, its traceback relayed. An agent stopped
-    mid-call is Transient (it may still act: running it here too could race)."""
+    be reached, else here: `imagepipe promote` right after a pipeline run is ~0.5 s there
+    instead of ~5 s in a new process (most of that the mlflow import). Arguments and result
+    cross a pickle. BadInput and Transient come back as themselves; anything else raised there
+    is a RuntimeError here, its traceback relayed."""
     from stages.core.tracking.store import tracking_enabled
 
     if not (agent_enabled() and tracking_enabled()) or target not in CALLABLE:
