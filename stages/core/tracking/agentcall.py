@@ -13,7 +13,7 @@ from typing import Any
 
 from stages.core.errors import BadInput, Transient
 from stages.core.host import env_seconds
-from stages.core.tracking.channel import AgentStalled, AgentUnavailable, peer_pid, request
+from stages.core.tracking.channel import AgentStalled, AgentUnavailable, request
 from stages.core.tracking.remote import (
     DEFAULT_FINISH_S,
     FINISH_ENV,
@@ -51,8 +51,7 @@ def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     with conn:
         try:
             reply = request(conn, {"op": "call", "target": target, "args": args,
-                                   "kwargs": kwargs}, env_seconds(FINISH_ENV, DEFAULT_FINISH_S),
-                            peer_pid(conn))
+                                   "kwargs": kwargs}, env_seconds(FINISH_ENV, DEFAULT_FINISH_S))
         except AgentStalled as err:  # it may still be at work: running it here too could race
             raise Transient(f"{target}: {err}") from None
     if reply is None:  # the agent died (or was exiting as we connected): do it here
