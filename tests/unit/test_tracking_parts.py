@@ -37,7 +37,7 @@ stages:
     d = stage_decl(tmp_path, "train")
     assert d is not None
     assert d.deps == ["a.py", "data/target"]
-    assert d.params == ["seed", "finetune", "export.opset"] and d.params_file == "params.yaml"
+    assert d.params == ["seed", "finetune", "export.opset"]
     assert d.outs == ["models/m.pt", "checkpoints/c"]
     assert d.metrics == ["metrics/m.json"] and d.plots == ["plots/h.csv", "plots/c.png"]
     assert stage_decl(tmp_path, "predict") is None  # not a stage: not tracked
