@@ -45,12 +45,12 @@ class Registration:
     """One model version to register under `model_name` with alias challenger.
 
     onnx_path: the model served; torch_path: the PyTorch model it was exported from (logged
-    beside it, with a signature); dataset: the target data folder (two of its test images
-    become the PyTorch model's input example). Paths as the stage was given them: relative
-    ones are relative to the working directory the stage runs in (the project root under DVC).
-    input_example / output_example: what the ONNX model is logged with, so MLflow records its
-    signature and `mlflow models serve` documents a real request: two target images as the
-    model takes them (uint8 N x H x W x C) and the model's outputs for them
+    beside it, with a signature); dataset: the target data folder (named in the version's
+    description). Paths as the stage was given them: relative ones are relative to the working
+    directory the stage runs in (the project root under DVC).
+    input_example / output_example: what the models are logged with, so MLflow records their
+    signatures and `mlflow models serve` documents a real request: two target images as the
+    ONNX model takes them (uint8 N x H x W x C) and its outputs for them
     ({"probabilities": ..., "logits": ...}). None: logged without (as before).
     """
 
