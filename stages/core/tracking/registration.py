@@ -27,17 +27,15 @@ class Parity:
     top1_agreement: float  # lowest share of images with the same top-1 class
     atol: float  # the tolerance the gate allowed (export.parity_atol)
     images: int  # how many target images were compared
-    rtol: float | None = None  # the relative tolerance (export.parity_rtol); None: absolute only
+    rtol: float  # the relative tolerance (export.parity_rtol)
 
     def tags(self) -> dict[str, str]:
         """The verdict as model-version tags (the promotion gate reads parity_passed)."""
-        tags = {"parity_passed": str(self.passed).lower(),
+        return {"parity_passed": str(self.passed).lower(),
                 "parity_max_abs_diff": f"{self.max_abs_diff:.3g}",
                 "parity_top1_agreement": f"{self.top1_agreement:.6g}",
-                "parity_atol": f"{self.atol:g}", "parity_images": str(self.images)}
-        if self.rtol is not None:
-            tags["parity_rtol"] = f"{self.rtol:g}"
-        return tags
+                "parity_atol": f"{self.atol:g}", "parity_images": str(self.images),
+                "parity_rtol": f"{self.rtol:g}"}
 
 
 @dataclass(frozen=True)
