@@ -179,8 +179,9 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
 
 def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
     """Transfer; write the finetuned and probe model files and the CSV; return the metrics."""
+    import torch
+
     from stages.core.best import BestEpoch, chosen
-    from stages.core.checkpoint import seed_everything
     from stages.core.device import make_runtime
     from stages.core.history import summary, throughput
     from stages.core.models import load_model_file, save_model_file
@@ -193,7 +194,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     t = load_target(ds, mf, p, rt, params.seed)
     out.checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     # The new head's initial weights depend on the seed only, not on what ran before.
-    seed_everything(params.seed)
+    torch.manual_seed(params.seed)
     model.replace_head(len(t.classes))
     best = BestEpoch(model) if p.keep_best else None
     head, full = transfer(model, t, p, rt, out, file_sha256(pretrained), best)

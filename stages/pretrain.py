@@ -42,8 +42,10 @@ def hflip_in_policy(ds: Dataset, p: PretrainParams) -> bool:
 def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Path
         ) -> dict[str, Any]:
     """Pretrain, write the model file and the per-epoch CSV; return the metrics."""
+    import torch
+
     from stages.core import distributed
-    from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.checkpoint import CheckpointStore
     from stages.core.device import make_runtime
     from stages.core.devicedata import channel_stats
     from stages.core.history import summary, throughput, write_csv
@@ -59,7 +61,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
         raise BadInput(f"{data}: the train split is empty")
     size, _, channels = ds.image_shape
     mean, std = channel_stats(ds.images, ds.indices("train"))
-    seed_everything(params.seed)
+    torch.manual_seed(params.seed)
     spec = ModelSpec(p.model, len(ds.classes), channels, size, p.width, p.dropout)
     model = build_model(spec, p.weights)
     train, val = split_batches(ds, p, rt, mean, std, params.seed, train_size=p.train_size)

@@ -47,8 +47,10 @@ class Outputs:
 def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str, Any]:
     """Train the baseline (or not, with `baseline: false`); write its model file and CSV."""
     # torch is imported here, not at load (as in finetune.py): --help starts without it.
+    import torch
+
     from stages.core.best import BestEpoch, chosen
-    from stages.core.checkpoint import CheckpointStore, seed_everything
+    from stages.core.checkpoint import CheckpointStore
     from stages.core.device import make_runtime
     from stages.core.history import throughput, write_csv
     from stages.core.models import build_model, load_model_file, save_model_file
@@ -61,7 +63,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     _, mf = adapt_to_target(*load_model_file(pretrained), ds)  # the spec and normalisation
     t = load_target(ds, mf, p, rt, params.seed)
     out.checkpoints.mkdir(parents=True, exist_ok=True)
-    seed_everything(params.seed)
+    torch.manual_seed(params.seed)
     model = build_model(replace(mf.spec, num_classes=len(t.classes)))
     best = BestEpoch(model) if p.keep_best else None
     history: list[dict[str, Any]] = []

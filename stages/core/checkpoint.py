@@ -1,8 +1,8 @@
 """Training checkpoints: everything a killed run needs to go on as if it had never stopped.
 
 One file per training run (checkpoints/<stage>/<run>.pt), replaced atomically each time, holds:
-model, optimizer, scheduler and grad-scaler states; the python, numpy, torch and CUDA RNG
-states; the position (epoch, steps done in it, the epoch's running totals); the history of
+model, optimizer, scheduler and grad-scaler states; the torch and CUDA RNG states (`capture_rng`);
+the position (epoch, steps done in it, the epoch's running totals); the history of
 finished epochs; and the fingerprint it was made under: params, input hashes, world size and the
 digests of the code files the stage runs (stages/core/codeid.py).
 
@@ -14,20 +14,17 @@ A checkpoint is resumed only when its fingerprint equals the current one: one ma
 params would silently mix two experiments, and one made by other code would ship the old code's
 weights under the new code's name (a "complete" checkpoint trains nothing). Then the run starts
 fresh and the log says which code files or keys differ. Loading uses
-torch.load(weights_only=True): the file holds only tensors and plain containers (RNG states are
-converted to them).
+torch.load(weights_only=True): the file holds only tensors and plain containers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stages.core.distributed import SINGLE, Comm
@@ -51,23 +48,14 @@ class Position:
 
 
 def capture_rng() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),  # a tuple of ints: weights_only loads it as it is
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    """The generators training draws from: torch's and CUDA's (initial weights, dropout). The
+    data order and the online augmentation come from numpy Generators seeded per epoch
+    (devicedata.py, stream.py); nothing in training uses Python's or numpy's global ones."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     saved = state["cuda"]
     if saved and torch.cuda.is_available():
@@ -79,12 +67,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         if len(saved) != seen:
             log.info("the checkpoint holds the RNG states of %d GPU(s), %d are visible: restored "
                      "%d", len(saved), seen, min(len(saved), seen))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class CheckpointStore:

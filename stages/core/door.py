@@ -20,7 +20,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -85,37 +84,32 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@dataclass
-class Outcome:
-    code: int
-    value: object = None  # what the body returned (export: the Registration for tracking)
-
-
-def _run_body(name: str, body: Callable[[], object]) -> Outcome:
+def _run_body(name: str, body: Callable[[], object]) -> tuple[int, object]:
+    """The exit code, and what the body returned (export: the Registration for tracking)."""
     try:
-        return Outcome(EXIT_OK, body())
+        return EXIT_OK, body()
     except BadInput as err:
         print(f"{name}: error: {err}", file=sys.stderr)
-        return Outcome(EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT, None
     except Transient as err:
         print(f"{name}: transient failure (retry may help): {err}", file=sys.stderr)
-        return Outcome(EXIT_TRANSIENT)
+        return EXIT_TRANSIENT, None
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
-        return Outcome(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED, None
     except Terminated:
         print(f"{name}: terminated", file=sys.stderr)
-        return Outcome(EXIT_TERMINATED)
+        return EXIT_TERMINATED, None
     except Exception as err:  # noqa: BLE001 - a bug: the traceback for whoever fixes it, and a code not retried
         if peer_lost(err):  # a peer of a collective gone: the job is retried, not a bug
             print(f"{name}: transient failure (a training process it works with is gone; "
                   f"retry may help): {type(err).__name__}: {str(err).strip()[:300]}",
                   file=sys.stderr)
-            return Outcome(EXIT_TRANSIENT)
+            return EXIT_TRANSIENT, None
         traceback.print_exc(file=sys.stderr)
         print(f"{name}: internal error (a bug, not retried): {type(err).__name__}: {err}",
               file=sys.stderr)
-        return Outcome(EXIT_BUG)
+        return EXIT_BUG, None
 
 
 def exit_process(code: int) -> NoReturn:
@@ -167,11 +161,10 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
 
                 stage_run = start_stage_run(name)
             clock.append(time.time())
-            outcome = _run_body(name, body)
+            code, value = _run_body(name, body)
             clock.append(time.time())
-            code = outcome.code
             if stage_run is not None:
-                code = stage_run.finish(code, outcome.value)
+                code = stage_run.finish(code, value)
             clock.append(time.time())
             _record_times(name, clock)
     except Terminated:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 from rich.console import Console
 from rich.file_proxy import FileProxy
@@ -27,12 +28,6 @@ log = logging.getLogger("imagepipe")
 FIRST_REPORT_S = 5.0
 # At most this long between log lines: an epoch of a large set is more than 10% of nothing.
 REPORT_EVERY_S = 60.0
-
-
-def clock(seconds: float) -> str:
-    """'0:07:05' for 425 s (rich's format for time left)."""
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def _writes_to(handler: logging.Handler, console: Console) -> bool:
@@ -101,8 +96,8 @@ def _log_lines(description: str, total: int) -> Callable[[int], None]:
         if not total or not done or (done * 10 < tenth * total and now < next_time):
             return
         rate = done / max(now - start, 1e-9)
-        left = (f"{clock((total - done) / rate)} left" if done < total
-                else f"done in {clock(now - start)}")
+        left = (f"{timedelta(seconds=round((total - done) / rate))} left" if done < total
+                else f"done in {timedelta(seconds=round(now - start))}")  # 0:07:05
         log.info(f"{description}: {done}/{total} ({done / total:.0%}, {rate:,.0f} img/s, "
                  f"{left})")
         tenth = done * 10 // total + 1

@@ -23,8 +23,6 @@ class L2SP:
         self.anchors = [p.detach().clone() for p in self.weights]
 
     def __call__(self) -> torch.Tensor:
-        if not self.weights:
-            return torch.zeros(())
         total = sum((w.float() - a.float()).pow(2).sum()
                     for w, a in zip(self.weights, self.anchors, strict=True))
         return 0.5 * self.alpha * total  # type: ignore[return-value]
