@@ -1,7 +1,7 @@
 """imagepipe promote: the promotion gate on the model registry (rollback: rollback.py; lineage:
 lineage.py).
 
-promote: registry.model_name's `challenger` and `champion` (loaded through models:/NAME@ALIAS)
+promote: registry.model_name's `challenger` and `champion` (the versions the aliases name)
 -> both re-scored with ONNX Runtime on the target test split as it is today (data/target)
 -> `champion` moves to the challenger only if its ONNX parity passed, the lower end of its
 accuracy's 95% bootstrap interval is above the majority-class accuracy of that test split (a
@@ -9,10 +9,10 @@ model no better than always answering one class is never champion, not even the 
 its accuracy is at least the champion's + registry.min_improvement (the first version that
 clears the floor becomes champion). The decision and both scores are tagged on both versions;
 the replaced champion keeps the alias `previous-champion`. `--json` prints it as one JSON object.
-Two refusals only `--force` overrides (the reason says so): a challenger whose `onnx.sha256` tag
-is not the sha256 of this workspace's models/model.onnx (the export that made it failed or did
-not register it: the challenger is an older model), and a rolled-back one (version tag
-`rolled_back=true`). It runs in the tracking agent when one is up (agentcall.py).
+Refusals only `--force` overrides (the reason says so): a challenger that is not this
+workspace's models/model.onnx (its `onnx.sha256` tag differs or is missing, or DVC did not keep
+the run that registered it: the challenger is an older model), and a rolled-back one (version
+tag `rolled_back=true`). It runs in the tracking agent when one is up (agentcall.py).
 
 Concurrency: alias moves (promote's, rollback's) hold a lock (a file on this machine; against
 a server also one held on the server), and promote re-reads the champion just before moving it

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Transient
+from stages.core.door import run_stage
+from stages.core.errors import BadInput
 from stages.core.flat import flatten_dict
 from stages.core.host import project_root
 
@@ -197,38 +198,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    # Not a pipeline stage: no MLflow run for a pick.
+    return run_stage("tune", lambda: _pick_and_apply(args), track=False)
+
+
+def _pick_and_apply(args: argparse.Namespace) -> None:
     scratch = None if args.scratch_metric.lower() == "none" else args.scratch_metric
     root = project_root()
-    try:
-        for metric in filter(None, (args.metric, scratch)):
-            check_metric(metric)
-        shown = _dvc(root, "exp", "show", "--json")
-        if shown.returncode != 0:
-            raise BadInput(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
-        rows = rows_of(json.loads(shown.stdout or "[]"))
-        direction = direction_of(args.metric) if args.direction == "auto" else args.direction
-        chosen, notes = pick(rows, args.metric, scratch, direction)
-    except BadInput as err:  # a command line or project state that gives no pick
-        print(f"imagepipe tune: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for metric in filter(None, (args.metric, scratch)):
+        check_metric(metric)
+    shown = _dvc(root, "exp", "show", "--json")
+    if shown.returncode != 0:
+        raise BadInput(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
+    rows = rows_of(json.loads(shown.stdout or "[]"))
+    direction = direction_of(args.metric) if args.direction == "auto" else args.direction
+    chosen, notes = pick(rows, args.metric, scratch, direction)
     print(table(rows, [m for m in (args.metric, scratch) if m], chosen, direction))
     print("\n" + "\n".join(notes))
     if chosen.baseline:
         print(f"pick: the baseline {chosen.name}: nothing to apply")
-        return 0
+        return
     print(f"pick: {chosen.name}\ndvc exp apply {chosen.name}")
     if not args.apply:
-        return 0
+        return
     applied = _dvc(root, "exp", "apply", chosen.name)
     print((applied.stdout + applied.stderr).strip())
     if applied.returncode != 0:
-        return applied.returncode
-    try:
-        print(challenger_to(root, chosen.name))
-    except (BadInput, Transient) as err:
-        print(f"imagepipe tune: applied {chosen.name}, but the registry: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT
-    return 0
+        raise BadInput(f"dvc exp apply {chosen.name} failed (exit {applied.returncode})")
+    print(challenger_to(root, chosen.name))
 
 
 def challenger_to(root: Path, experiment: str) -> str:

@@ -172,16 +172,13 @@ def apply_overrides(root: Path, overrides: Sequence[str]) -> list[str]:
         dvc_apply(path, list(overrides))
         after = yaml.safe_load(path.read_text()) or {}
         load_params(path)
-    except InvalidArgumentError as err:
-        path.write_text(before_text)
-        cause = str(err.__cause__ or err).splitlines()[0]
-        raise StageBadInput("params", EXIT_BAD_INPUT,
-                            f"bad override {list(overrides)}: {cause}") from None
     except BaseException as err:
         path.write_text(before_text)
-        if isinstance(err, StageError | KeyboardInterrupt | SystemExit):
+        if not isinstance(err, Exception):  # interrupted: the file is back, the run ends
             raise
-        raise StageBadInput("params", EXIT_BAD_INPUT, str(err).splitlines()[0]) from None
+        reason = (f"bad override {list(overrides)}: {err.__cause__ or err}"
+                  if isinstance(err, InvalidArgumentError) else str(err))
+        raise StageBadInput("params", EXIT_BAD_INPUT, reason.splitlines()[0]) from None
     changes = differences(before, after)
     if not changes:
         path.write_text(before_text)  # same values: keep the user's formatting

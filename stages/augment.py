@@ -26,6 +26,7 @@ from stages.core.augpolicy import augment, image_keys
 from stages.core.dataset import (
     SPLIT_CODE,
     Dataset,
+    RowWriter,
     iter_rows,
     load_dataset,
     write_sharded,
@@ -33,7 +34,6 @@ from stages.core.dataset import (
 from stages.core.door import arguments, exit_process, run_stage
 from stages.core.io import atomic_dir, atomic_path, write_json
 from stages.core.progress import progress
-from stages.core.shards import RowWriter
 from stages.params import AugmentParams, Params, load_params
 
 # torch (~2 s) is imported where it is used (stages/core/augpolicy.py), not for --help or the

@@ -63,14 +63,12 @@ class Selection:
     shipped: bool = False  # every split came from the source (folders), none carved here
 
 
-def select(listing: Listing, role: DatasetRole, data: DataParams, seed: list[int],
-           role_name: str = "target") -> Selection:
-    """Filter classes, assign splits where none shipped, cap training images per class.
+def select(listing: Listing, role: DatasetRole, seed: list[int], role_name: str) -> Selection:
+    """Filter classes, assign splits where none shipped, cap training images per class, for a
+    filled `role` (DatasetRole.filled).
 
-    `role` should be filled (DatasetRole.filled); its unset fractions fall back to `data`.
     Each class draws from a generator of its own, seeded by `seed` and the class name: a change
     to one class's files changes no other class's split or cap (nor its shards)."""
-    role = role.filled(data)
     labels, splits = listing.labels, listing.splits.copy()
     classes = listing.classes
     if role.classes is not None:
@@ -175,7 +173,7 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
                           max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes)
-    sel = by_class(select(listing, role, data, [params.seed, ROLES.index(role_name)], role_name))
+    sel = by_class(select(listing, role, [params.seed, ROLES.index(role_name)], role_name))
     for note in sel.notes:
         log.info("ingest %s: %s", role_name, note)
     _require_training_images(sel, sel.labels, sel.splits, role.uri)

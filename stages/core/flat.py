@@ -1,7 +1,6 @@
-"""Nested mappings as one level of dotted keys: params for MLflow, metrics files for the run and
-the flow's report, and what differs between two such trees (the params a flow run changed, a
-checkpoint's fingerprint against this run's). Input: JSON-like values; output: a flat dict or
-lines 'key: old -> new'."""
+"""Nested mappings as one level of dotted keys (params.py's params for MLflow), and what differs
+between two such trees (a checkpoint's fingerprint against this run's). Input: JSON-like
+values; output: a flat dict or lines 'key: old -> new'."""
 
 from __future__ import annotations
 

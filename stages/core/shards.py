@@ -14,7 +14,7 @@ staging folder (data/.ROLE.shards/) keeps finished shards named by refs and para
 their files' (size, mtime) in the meta: a killed or repeated ingest decodes only the shards
 that are missing or whose inputs changed. The pieces of a shard are joined by the driver in
 order as they come back, while the workers decode the rest; each shard's sha256 is taken as
-it is written, never by reading it back.
+it is written (read back only when a bad file left fewer rows than planned).
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def _built(ranges: list[tuple[int, int]], names: list[str], metas: dict[int, dic
             raise RuntimeError(f"staged shard {name} does not match its plan")
         digests += meta["digests"]
         bad += meta["bad"]
-        skipped += meta.get("skipped", [])
+        skipped += meta["skipped"]
         shards.append((staging / name, meta["sha256"], meta["n"]))
     keep = np.array([d is not None for d in digests], dtype=bool)
     return StagedShards(shards, keep, digests, bad, skipped, decoded, staging)

@@ -72,8 +72,8 @@ def finish_shard(staging: Path, shard: str, tmp: Path, n: int, digest: str,
     meta = {"n": int(n), "sha256": digest,  # "inputs": checked for files only (build_shards)
             "digests": [d for r in results for d in r["digests"]],
             "bad": [b for r in results for b in r["bad"]],
-            "skipped": [b for r in results for b in r.get("skipped", ())],
-            "inputs": inputs_digest([s for r in results for s in r.get("stamps") or ()])}
+            "skipped": [b for r in results for b in r["skipped"]],
+            "inputs": inputs_digest([s for r in results for s in r["stamps"] or ()])}
     tmp_meta = staging / f".{shard}.json.{os.getpid()}.metadata.tmp"
     tmp_meta.write_text(json.dumps(meta))
     tmp_meta.replace(staging / f"{shard}.json")

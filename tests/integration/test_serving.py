@@ -189,10 +189,11 @@ def test_logged_with_signature_and_input_example(registered: dict) -> None:
     assert served.metadata["classes"] == CLASSES
     assert served.saved_input_example_info is not None
 
-    onnx_uri = reg.find(MODEL_NAME, registered["version"], by_version=True).tags["onnx_model_uri"]
-    mlmodel = Model.load(mlflow.artifacts.download_artifacts(
-        artifact_uri=onnx_uri, dst_path=str(registered["root"] / "dl-onnx"),
-        tracking_uri=registered["uri"]))
+    tags = reg.find(MODEL_NAME, registered["version"], by_version=True).tags
+    onnx_dir = mlflow.artifacts.download_artifacts(
+        artifact_uri=tags["onnx_model_uri"], dst_path=str(registered["root"] / "dl-onnx"),
+        tracking_uri=registered["uri"])
+    mlmodel = Model.load(onnx_dir)
     assert "onnx" in mlmodel.flavors
     inputs = mlmodel.signature.inputs.to_dict()
     outputs = {o["name"] for o in mlmodel.signature.outputs.to_dict()}
@@ -200,6 +201,17 @@ def test_logged_with_signature_and_input_example(registered: dict) -> None:
     assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, SIZE, SIZE, CHANNELS]
     assert outputs == {"probabilities", "logits"}
     assert mlmodel.saved_input_example_info is not None
+    # The PyTorch model's example is the same two images, preprocessed as it takes them.
+    from stages.core.dataset import preprocess
+    from stages.core.models import load_model_file
+
+    torch_dir = mlflow.artifacts.download_artifacts(
+        artifact_uri=tags["pytorch_model_uri"], dst_path=str(registered["root"] / "dl-torch"),
+        tracking_uri=registered["uri"])
+    mf = load_model_file(registered["root"] / "models" / "finetuned.pt")[1]
+    pixels = mlmodel.load_input_example(onnx_dir)
+    assert np.allclose(Model.load(torch_dir).load_input_example(torch_dir),
+                       preprocess(np.asarray(pixels), mf.mean, mf.std))
 
 
 def test_the_wrapper_in_python_answers_pixels_and_refuses_floats(registered: dict) -> None:

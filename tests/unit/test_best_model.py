@@ -261,7 +261,7 @@ def test_the_version_description_says_which_model_and_why(tmp_path: Path) -> Non
         {"accuracy": 0.81, "scratch_accuracy": 0.88, "transfer_gain": -0.07}))
     reason = "The from-scratch baseline, the better on validation (export.model best: ...)."
     reg = Registration(onnx_path=Path("models/model.onnx"), torch_path=Path("models/scratch.pt"),
-                       parity=Parity(True, 1e-6, 1.0, 1e-4, 40), model_name="m",
+                       parity=Parity(True, 1e-6, 1.0, 1e-4, 40, 1e-3), model_name="m",
                        shipped="scratch", selection=reason)
     text = version_description(tmp_path, "r" * 32, reg, {})
     assert "exported from scratch.pt" in text and reason in text

@@ -39,7 +39,8 @@ def test_pieces_join_in_order_whatever_order_they_finish(tmp_path: Path, planned
         w = shards.RowWriter(tmp_path / f"p{part}.tmp", (4, 4, 3))
         w.write(rows[lo:hi])
         w.close()
-        results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)], "bad": []}
+        results[part] = {"path": str(tmp_path / f"p{part}.tmp"), "digests": [str(part)],
+                         "bad": [], "skipped": [], "stamps": None}
     joiner = staging.ShardAssembler(tmp_path, "s.npy", planned, (4, 4, 3))
     for part in (2, 0, 1):
         joiner.add(part, results[part])

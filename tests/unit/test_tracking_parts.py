@@ -37,7 +37,7 @@ stages:
     d = stage_decl(tmp_path, "train")
     assert d is not None
     assert d.deps == ["a.py", "data/target"]
-    assert d.params == ["seed", "finetune", "export.opset"] and d.params_file == "params.yaml"
+    assert d.params == ["seed", "finetune", "export.opset"]
     assert d.outs == ["models/m.pt", "checkpoints/c"]
     assert d.metrics == ["metrics/m.json"] and d.plots == ["plots/h.csv", "plots/c.png"]
     assert stage_decl(tmp_path, "predict") is None  # not a stage: not tracked
@@ -66,7 +66,7 @@ def test_metrics_keep_numbers_only_under_dotted_keys() -> None:
 def _registration(passed: bool = True) -> Registration:
     return Registration(onnx_path=Path("models/model.onnx"), torch_path=Path("models/ft.pt"),
                         parity=Parity(passed=passed, max_abs_diff=2.5e-6, top1_agreement=1.0,
-                                      atol=1e-4, images=40),
+                                      atol=1e-4, images=40, rtol=1e-3),
                         model_name="m", dataset=Path("data/target"))
 
 
@@ -75,6 +75,7 @@ def test_parity_verdict_becomes_version_tags(passed: bool, text: str) -> None:
     tags = _registration(passed).parity.tags()
     assert tags["parity_passed"] == text  # what the promotion gate reads
     assert tags["parity_max_abs_diff"] == "2.5e-06" and tags["parity_images"] == "40"
+    assert tags["parity_rtol"] == "0.001"
     with pytest.raises(dataclasses.FrozenInstanceError):
         _registration().model_name = "other"  # type: ignore[misc]
 

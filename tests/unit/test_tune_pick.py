@@ -4,7 +4,9 @@ tests/integration/test_dvc_experiments.py)."""
 
 from __future__ import annotations
 
-from commands.tune import Row, direction_of, pick, table
+import pytest
+
+from commands.tune import Row, direction_of, main, pick, table
 
 
 def _row(name: str, val_loss: float, val_acc: float) -> Row:
@@ -38,3 +40,9 @@ def test_ties_are_said_and_go_to_the_first_row() -> None:
     assert chosen.name == "b"
     assert "a tie between b, c: b is the first" in notes[0], notes
     assert "tie" not in pick(rows, "finetune.val_loss", None, "min")[1][0]
+
+
+def test_a_test_metric_is_refused_through_the_door(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before DVC is asked anything: exit 2 and the one line every command's door prints.
+    assert main(["pick", "--metric", "evaluate.accuracy"]) == 2
+    assert "tune: error: --metric evaluate.accuracy: not a validation metric" in capsys.readouterr().err

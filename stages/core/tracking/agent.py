@@ -148,21 +148,26 @@ class Agent:
                 self.last_seen = time.monotonic()
 
     def _answer(self, run: Any, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """(this connection's run after `message`, the reply)."""
+        """(this connection's run after `message`, the reply, with what this thread printed
+        and logged meanwhile)."""
         op = message.get("op")
-        if op == "start" and run is None:
-            with self.opening:
-                return self._captured(self._start, message)
-        if op == "finish":  # no run (tracking off, no such stage): the body's code stands
-            if run is None:
-                return None, {"code": int(message["code"])}
-            with self.opening:
-                return None, self._captured(self._finish, run, message)[1]
-        if op == "call":
-            return run, self._captured(self._call, message)[1]
         if op == "stop":
             return run, self._stop(message)
-        return run, {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
+        if op == "finish" and run is None:  # tracking off, no such stage: the body's code stands
+            return None, {"code": int(message["code"])}
+        with self.streams.capture() as err:
+            if op == "start" and run is None:
+                with self.opening:
+                    run, reply = self._start(message)
+            elif op == "finish":
+                with self.opening:
+                    reply = {"code": run.finish(int(message["code"]), message.get("outcome"))}
+                run = None
+            elif op == "call":
+                reply = self._call(message)
+            else:
+                reply = {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
+        return run, {**reply, "stderr": err.getvalue()}
 
     def _stop(self, message: dict[str, Any]) -> dict[str, Any]:
         """Drain: no new stage reaches this agent (its socket's path goes now), the ones it
@@ -175,13 +180,6 @@ class Agent:
             busy = self.connected - 1  # not counting the connection asking
         log.info("asked to stop: draining %d stage(s)", busy)
         return {"stopping": True}
-
-    def _captured(self, fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
-        """fn(*args), with what this thread logs and prints captured into the reply."""
-        with self.streams.capture() as err:
-            result, reply = fn(*args)
-        reply["stderr"] = err.getvalue()
-        return result, reply
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from stages.core.epochlog import EPOCH_LOG_ENV
@@ -200,26 +198,20 @@ class Agent:
         return run, {"env": {k: v for k, v in env.items() if v}, "failed": run.failure,
                      "run_id": run.run_id, "parent_id": run.parent_id, "tags": run.tags}
 
-    def _finish(self, run: Any, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        return None, {"code": run.finish(int(message["code"]), message.get("outcome"))}
-
-    def _call(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         """One of agentcall.CALLABLE with the caller's arguments; what it raised, as (kind, text)."""
         target = message.get("target")
         if target not in CALLABLE:
-            return None, {"raised": ("BadInput", f"the tracking agent does not run {target!r}")}
+            return {"raised": ("BadInput", f"the tracking agent does not run {target!r}")}
         module, name = str(target).split(":")
         try:
             fn = getattr(importlib.import_module(module), name)
-            return None, {"result": fn(*message.get("args", ()), **message.get("kwargs", {}))}
-        except BadInput as err:
-            return None, {"raised": ("BadInput", str(err))}
-        except Transient as err:
-            return None, {"raised": ("Transient", str(err))}
+            return {"result": fn(*message.get("args", ()), **message.get("kwargs", {}))}
+        except (BadInput, Transient) as err:
+            return {"raised": ("BadInput" if isinstance(err, BadInput) else "Transient", str(err))}
         except Exception as err:  # noqa: BLE001 - a bug: its traceback goes back with the reply's stderr
             traceback.print_exc()
-            return None, {"raised": ("bug", f"in the tracking agent: {type(err).__name__}: "
-                                            f"{err}")}
+            return {"raised": ("bug", f"in the tracking agent: {type(err).__name__}: {err}")}
 
 
 def _warm() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from stages.core.errors import BadInput, Transient
 from stages.core.host import env_seconds
-from stages.core.tracking.channel import AgentStalled, AgentUnavailable, peer_pid, request
+from stages.core.tracking.channel import AgentStalled, AgentUnavailable, request
 from stages.core.tracking.remote import (
     DEFAULT_FINISH_S,
     FINISH_ENV,
@@ -31,13 +31,10 @@ CALLABLE = frozenset({"commands.promote:promote"})
 
 def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """local(*args, **kwargs), run by this code's tracking agent when tracking is on and one can
-    be reached, else here. The agent has mlflow imported and its store open: `imagepipe promote`
-    right after a pipeline run is ~0.5 s there instead of ~5 s in a new process (most of that the
-    import). Arguments and result cross a pickle; relative Path arguments are made absolute here
-    (the agent has a folder of its own; its environment is the caller's tracking environment,
-    which chose the agent: channel.code_key). BadInput and Transient come back as themselves;
-    anything else raised there is a RuntimeError here, its traceback relayed. An agent stopped
-    mid-call is Transient (it may still act: running it here too could race)."""
+    be reached, else here: `imagepipe promote` right after a pipeline run is ~0.5 s there
+    instead of ~5 s in a new process (most of that the mlflow import). Arguments and result
+    cross a pickle. BadInput and Transient come back as themselves; anything else raised there
+    is a RuntimeError here, its traceback relayed."""
     from stages.core.tracking.store import tracking_enabled
 
     if not (agent_enabled() and tracking_enabled()) or target not in CALLABLE:
@@ -54,8 +51,7 @@ def call(target: str, local: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     with conn:
         try:
             reply = request(conn, {"op": "call", "target": target, "args": args,
-                                   "kwargs": kwargs}, env_seconds(FINISH_ENV, DEFAULT_FINISH_S),
-                            peer_pid(conn))
+                                   "kwargs": kwargs}, env_seconds(FINISH_ENV, DEFAULT_FINISH_S))
         except AgentStalled as err:  # it may still be at work: running it here too could race
             raise Transient(f"{target}: {err}") from None
     if reply is None:  # the agent died (or was exiting as we connected): do it here

@@ -18,8 +18,7 @@ class StageDecl:
     """The files dvc.yaml names for one stage (paths relative to the project root)."""
 
     deps: list[str] = field(default_factory=list)
-    params: list[str] = field(default_factory=list)  # keys of params_file
-    params_file: str = DVC_PARAMS_FILE
+    params: list[str] = field(default_factory=list)  # keys of DVC_PARAMS_FILE
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     outs: list[str] = field(default_factory=list)

@@ -83,8 +83,8 @@ class EpochTail:
                     log.warning("live epoch metrics: %s (retried; logged at the end)", err)
                     self._warned = True
 
-    def flush(self) -> int:
-        """Log the complete rows appended since the last flush; return how many metrics."""
+    def flush(self) -> None:
+        """Log the complete rows appended since the last flush."""
         from mlflow.entities import Metric
 
         with self._lock:
@@ -93,10 +93,10 @@ class EpochTail:
                     f.seek(self._offset)
                     data = f.read()
             except OSError:
-                return 0
+                return
             end = data.rfind(b"\n") + 1  # an unterminated last line waits for the next read
             if end == 0:
-                return 0
+                return
             now = int(time.time() * 1000)
             found: list[tuple[str, float, int]] = []
             for line in data[:end].splitlines():
@@ -113,7 +113,6 @@ class EpochTail:
                             metrics=[Metric(k, v, now, s) for (k, s), v in latest.items()])
             self.logged.update(latest.keys())
             self._offset += end
-            return len(latest)
 
     def stop(self) -> None:
         """Stop the thread and log what is left (raises TrackingDown when the store fails)."""

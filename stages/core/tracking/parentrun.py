@@ -82,14 +82,12 @@ def headline_metrics(root: Path, metrics_files: list[str]) -> dict[str, float]:
 
 
 def update_parent_metrics(store: Store, parent_id: str, root: Path,
-                          metrics_files: list[str]) -> dict[str, float]:
+                          metrics_files: list[str]) -> None:
     """Log the headline figures of a finished stage on the parent run (the latest value wins
     in MLflow's views: a re-run evaluate updates it)."""
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
     found = headline_metrics(root, metrics_files)
-    if found:
-        now = int(time.time() * 1000)
-        store.call("log headline metrics", store.client.log_batch, parent_id,
-                   metrics=[Metric(k, v, now, 0) for k, v in found.items()])
-    return found
+    store.call("log headline metrics", store.client.log_batch, parent_id,
+               metrics=[Metric(k, v, now, 0) for k, v in found.items()])

@@ -78,7 +78,7 @@ def _register(store: Store, run_id: str, reg: Registration, workspace: Path,
     # stdout to stderr: ending the fluent run prints "View run ..." (see Store.terminate).
     with contextlib.redirect_stdout(sys.stderr), _known_packages(), \
             store.call("open run for models", mlflow.start_run, run_id=run_id):
-        torch_uri = _log_torch(store, Path(reg.torch_path), reg.dataset)
+        torch_uri = _log_torch(store, Path(reg.torch_path), reg.input_example)
         proto = onnx.load(reg.onnx_path)
         onnx_info = store.call("log onnx model", mlflow.onnx.log_model, proto,
                                name="onnx", pip_requirements=_onnx_requirements(),
@@ -136,17 +136,22 @@ def _dvc_tags(reg: Registration, workspace: Path) -> dict[str, str]:
     return {DVC_STAGE_TAG: reg.dvc_stage, DVC_OUT_TAG: rel, DVC_MD5_TAG: md5} if md5 else {}
 
 
-def _log_torch(store: Store, path: Path, dataset: Path | None) -> str:
-    """Log the finetuned model (pytorch flavour) with a signature and a real input example."""
+def _log_torch(store: Store, path: Path, pixels: Any) -> str:
+    """Log the finetuned model (pytorch flavour) with a signature and an input example: the
+    ONNX model's example `pixels` as the PyTorch model takes them (zeros without)."""
     import mlflow
+    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
     import stages
+    from stages.core.dataset import preprocess
     from stages.core.models import load_model_file
 
     model, mf = load_model_file(path)
-    x = _input_example(mf, dataset)
+    spec = mf.spec
+    x = (np.zeros((2, spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
+         if pixels is None else preprocess(pixels, mf.mean, mf.std))
     with torch.no_grad():
         y = model(torch.from_numpy(x)).numpy()
     info = store.call("log pytorch model", mlflow.pytorch.log_model, model, name="pytorch",
@@ -186,22 +191,6 @@ def _known_packages() -> Iterator[None]:
     finally:
         ru._MODULES_TO_PACKAGES = None
         ru._PACKAGES_TO_MODULES = None
-
-
-def _input_example(mf: Any, dataset: Path | None) -> Any:
-    """Two test images of the target set, preprocessed as the model expects (zeros without)."""
-    import numpy as np
-
-    from stages.core.dataset import load_dataset, preprocess
-
-    spec = mf.spec
-    shape = (spec.image_size, spec.image_size, spec.in_channels)
-    with contextlib.suppress(Exception):
-        if dataset is not None:
-            images, _ = load_dataset(dataset).part("test")
-            if images.shape[1:] == shape and len(images):
-                return preprocess(images[:2], mf.mean, mf.std)
-    return np.zeros((2, spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
 
 
 def _versions(*names: str) -> dict[str, str]:

@@ -27,17 +27,15 @@ class Parity:
     top1_agreement: float  # lowest share of images with the same top-1 class
     atol: float  # the tolerance the gate allowed (export.parity_atol)
     images: int  # how many target images were compared
-    rtol: float | None = None  # the relative tolerance (export.parity_rtol); None: absolute only
+    rtol: float  # the relative tolerance (export.parity_rtol)
 
     def tags(self) -> dict[str, str]:
         """The verdict as model-version tags (the promotion gate reads parity_passed)."""
-        tags = {"parity_passed": str(self.passed).lower(),
+        return {"parity_passed": str(self.passed).lower(),
                 "parity_max_abs_diff": f"{self.max_abs_diff:.3g}",
                 "parity_top1_agreement": f"{self.top1_agreement:.6g}",
-                "parity_atol": f"{self.atol:g}", "parity_images": str(self.images)}
-        if self.rtol is not None:
-            tags["parity_rtol"] = f"{self.rtol:g}"
-        return tags
+                "parity_atol": f"{self.atol:g}", "parity_images": str(self.images),
+                "parity_rtol": f"{self.rtol:g}"}
 
 
 @dataclass(frozen=True)
@@ -45,12 +43,12 @@ class Registration:
     """One model version to register under `model_name` with alias challenger.
 
     onnx_path: the model served; torch_path: the PyTorch model it was exported from (logged
-    beside it, with a signature); dataset: the target data folder (two of its test images
-    become the PyTorch model's input example). Paths as the stage was given them: relative
-    ones are relative to the working directory the stage runs in (the project root under DVC).
-    input_example / output_example: what the ONNX model is logged with, so MLflow records its
-    signature and `mlflow models serve` documents a real request: two target images as the
-    model takes them (uint8 N x H x W x C) and the model's outputs for them
+    beside it, with a signature); dataset: the target data folder (named in the version's
+    description). Paths as the stage was given them: relative ones are relative to the working
+    directory the stage runs in (the project root under DVC).
+    input_example / output_example: what the models are logged with, so MLflow records their
+    signatures and `mlflow models serve` documents a real request: two target images as the
+    ONNX model takes them (uint8 N x H x W x C) and its outputs for them
     ({"probabilities": ..., "logits": ...}). None: logged without (as before).
     """
 

@@ -186,10 +186,7 @@ class Registry:
 
     @contextlib.contextmanager
     def _server_lock(self, name: str, deadline: float) -> Iterator[None]:
-        """Hold the registered model NAME.promotion-lock: creating a registered model is atomic
-        on the server (a unique name), so exactly one checkout holds it. Its heartbeat moves
-        while held; deleted on release if it is still ours. One whose heartbeat stood still
-        for STALE_LOCK_S (its holder killed or stopped) is broken."""
+        """Hold the registered model NAME.promotion-lock (the module doc says how)."""
         key = f"{name}.promotion-lock"
         me = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
         seen: tuple[str, str] | None = None

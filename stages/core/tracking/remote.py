@@ -83,8 +83,7 @@ def _spawn(key: str, env: dict[str, str] | None = None) -> subprocess.Popen[byte
     being killed does not kill it) and no inherited stdout/stderr (DVC and Prefect wait for
     those pipes to close). Its environment is the one its key names (this process's, or the
     stages' the flow will start: `env`)."""
-    folder = agents_dir()
-    with open(folder / f"{key}.log", "ab") as logfile:
+    with open(agents_dir() / f"{key}.log", "ab") as logfile:
         return subprocess.Popen(
             [sys.executable, "-m", "stages.core.tracking.agent", key, str(CODE)], cwd=CODE,
             stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True,
@@ -108,8 +107,8 @@ def connect_agent(wait: bool = True, env: dict[str, str] | None = None) -> Conne
         # moment) or exiting (it has removed its socket): wait until one or the other. A pid
         # that is no longer this key's agent (reused, another code's agent) is not waited on.
         recorded = int(spawned) if spawned.isdigit() else None
-        conn, _ = _await(path, lambda: recorded is not None
-                         and agent_state(recorded, key) in ("running", "starting"))
+        conn = _await(path, lambda: recorded is not None
+                      and agent_state(recorded, key) in ("running", "starting"))
         if conn is not None:
             return conn
         with contextlib.suppress(FileNotFoundError):
@@ -124,27 +123,23 @@ def connect_agent(wait: bool = True, env: dict[str, str] | None = None) -> Conne
         lock.flush()
         if not wait:
             return None
-        conn, waited = _await(path, lambda: proc.poll() is None)
+        conn = _await(path, lambda: proc.poll() is None)
     if conn is not None:
         return conn
-    where = f"its log: {agents_dir() / (key + '.log')}"
-    if proc.poll() is not None:
-        raise AgentUnavailable(f"the tracking agent (pid {proc.pid}) exited with code "
-                               f"{proc.returncode} after {waited:.1f} s without listening "
-                               f"({where})")
-    raise AgentUnavailable(f"the tracking agent (pid {proc.pid}) did not listen within "
-                           f"{SPAWN_WAIT_S:.0f} s ({where})")
+    what = (f"exited with code {proc.returncode}" if proc.poll() is not None
+            else f"did not listen within {SPAWN_WAIT_S:.0f} s")
+    raise AgentUnavailable(f"the tracking agent (pid {proc.pid}) {what} (its log: "
+                           f"{agents_dir() / (key + '.log')})")
 
 
-def _await(path: Path, alive: Callable[[], bool]) -> tuple[Connection | None, float]:
-    """(a connection to `path` once it answers, seconds waited); no connection as soon as
-    `alive()` says the agent that would bind it is gone, or after SPAWN_WAIT_S."""
-    began = time.monotonic()
+def _await(path: Path, alive: Callable[[], bool]) -> Connection | None:
+    """A connection to `path` once it answers; None as soon as `alive()` says the agent that
+    would bind it is gone, or after SPAWN_WAIT_S."""
+    deadline = time.monotonic() + SPAWN_WAIT_S
     while True:
         conn = dial(path)
-        waited = time.monotonic() - began
-        if conn is not None or not alive() or waited > SPAWN_WAIT_S:
-            return conn, waited
+        if conn is not None or not alive() or time.monotonic() > deadline:
+            return conn
         time.sleep(0.02)
 
 
@@ -171,15 +166,12 @@ def stop_agents(under: Path) -> int:
     for path in sorted(folder.glob("*.sock")):
         try:
             conn = dial(path)
+            if conn is None:
+                continue
+            with conn:
+                reply = request(conn, {"op": "stop", "under": str(under)}, START_WAIT_S) or {}
         except AgentUnavailable:
             continue
-        if conn is None:
-            continue
-        with conn:
-            try:
-                reply = request(conn, {"op": "stop", "under": str(under)}, START_WAIT_S) or {}
-            except AgentUnavailable:
-                continue
         stopped += bool(reply.get("stopping"))
     return stopped
 

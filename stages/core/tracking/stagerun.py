@@ -21,7 +21,7 @@ from typing import Any
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
 from stages.core.host import project_root, restore_env, workspace_root
-from stages.core.tracking.declared import StageDecl, stage_decl
+from stages.core.tracking.declared import DVC_PARAMS_FILE, StageDecl, stage_decl
 from stages.core.tracking.grouping import group_key, parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
 from stages.core.tracking.live import EpochTail
@@ -35,11 +35,22 @@ from stages.core.tracking.metrics import (
 )
 from stages.core.tracking.parentrun import parent_name, update_parent_metrics
 from stages.core.tracking.registration import Registration
-from stages.core.tracking.store import Store, TrackingDown, state_dir, tracking_enabled
+from stages.core.tracking.store import Store, state_dir, tracking_enabled
 
 log = logging.getLogger("imagepipe.tracking")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"  # exported while a stage body runs (export stamps it into ONNX)
+
+
+def _failure(err: Exception) -> tuple[int, str]:
+    """What a tracking error makes of a successful stage: exit 2 when the store refused the
+    credentials, else 75; a bug is logged with its traceback."""
+    if isinstance(err, BadInput):
+        return EXIT_BAD_INPUT, str(err)
+    if isinstance(err, Transient):
+        return EXIT_TRANSIENT, str(err)
+    log.exception("tracking failed unexpectedly")
+    return EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}"
 
 
 class StageRun:
@@ -58,6 +69,7 @@ class StageRun:
         # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
         self.stage_facts = stage_facts or {}
         self.decl = stage_decl(root, stage) or StageDecl()
+        self.params_file = root / DVC_PARAMS_FILE
         self.store: Store | None = None
         self.run_id: str | None = None
         self.parent_id: str | None = None
@@ -84,13 +96,8 @@ class StageRun:
         run = cls(stage, workspace, stage_facts, store_root=root)
         try:
             run._open() if reopen is None else run._reopen(reopen)
-        except BadInput as err:
-            run.failure = (EXIT_BAD_INPUT, str(err))
-        except Transient as err:
-            run.failure = (EXIT_TRANSIENT, str(err))
-        except Exception as err:  # a tracking bug must not stop the stage itself
-            log.exception("tracking failed unexpectedly")
-            run.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - the body runs all the same; finish says it
+            run.failure = _failure(err)
         except BaseException:
             run._end_quietly()  # SIGTERM while opening: no run left RUNNING
             raise
@@ -112,7 +119,7 @@ class StageRun:
         key, started_by = self.stage_facts.get("group") or group_key()
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
                                     {**self.tags, "imagepipe.started_by": started_by},
-                                    self.root / self.decl.params_file)
+                                    self.params_file)
         run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
@@ -155,7 +162,7 @@ class StageRun:
         from mlflow.entities import Param
 
         assert self.store is not None and self.run_id is not None
-        given = stage_params(self.root / self.decl.params_file, self.decl.params)
+        given = stage_params(self.params_file, self.decl.params)
         # MlflowClient.log_batch splits what it is given into batches of the server's limits.
         self.store.call("log params", self.store.client.log_batch, self.run_id,
                         params=[Param(metric_key(k), v) for k, v in given.items()])
@@ -178,14 +185,8 @@ class StageRun:
                 if registration is not None:
                     self._register(registration)
             self._end(code == EXIT_OK)
-        except (TrackingDown, BadInput) as err:
-            self.failure = (EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT,
-                            str(err))
-            self._end_quietly()
-            return self._report_failure(code, registration)
-        except Exception as err:  # say what broke, end the run, keep the contract
-            log.exception("tracking failed unexpectedly")
-            self.failure = (EXIT_TRANSIENT, f"unexpected {type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - say what broke, end the run, keep the contract
+            self.failure = _failure(err)
             self._end_quietly()
             return self._report_failure(code, registration)
         except BaseException:
