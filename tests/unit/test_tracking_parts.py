@@ -118,10 +118,10 @@ def test_default_store_is_sqlite_at_the_project_root(tmp_path: Path,
 
 def test_flow_run_id_names_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FLOW_RUN_ENV, "abc")
-    assert group_key()[0] == "pipeline:abc"
+    assert group_key() == "pipeline:abc"
     monkeypatch.delenv(FLOW_RUN_ENV)
     monkeypatch.setenv("IMAGEPIPE_PIPELINE_ID", "gone")  # the old variable groups nothing
-    assert group_key()[0].startswith("process:")  # pytest is not under dvc
+    assert group_key().startswith("process:")  # pytest is not under dvc
 
 
 def test_untracked_commands_never_import_mlflow(tmp_path: Path) -> None:

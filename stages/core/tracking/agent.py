@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import BadInput, Transient
+from stages.core.host import env_seconds
 from stages.core.tracking.agentcall import CALLABLE
 from stages.core.tracking.channel import accept, agents_dir, socket_path
-from stages.core.tracking.remote import idle_s
+from stages.core.tracking.remote import DEFAULT_IDLE_S, IDLE_ENV
 
 log = logging.getLogger("imagepipe.tracking.agent")
 
@@ -121,7 +122,8 @@ class Agent:
         elif not self.path.exists():
             log.info("socket removed: exiting once %d stage(s) are done", busy)
             self.draining.set()
-        return busy == 0 and (self.draining.is_set() or quiet > idle_s())
+        return busy == 0 and (self.draining.is_set()
+                              or quiet > env_seconds(IDLE_ENV, DEFAULT_IDLE_S))
 
     def _handle(self, sock: socket.socket) -> None:
         run: Any = None

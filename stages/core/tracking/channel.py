@@ -72,19 +72,14 @@ def agents_dir() -> Path:
     return folder
 
 
-def tracking_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if env is None else env)
-    return {k: v for k, v in sorted(env.items())
-            if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and k not in _PER_STAGE}
-
-
 def code_key(env: dict[str, str] | None = None) -> str:
     """Which agent serves this stage: the interpreter, the code folder, the size and mtime of
     every source file it may run (an edited stagerun.py must not be served by a stale agent)
-    and the tracking environment (tracking_env)."""
+    and the tracking environment (`env`, default this process's: _ENV_PREFIXES, _ENV_NAMES)."""
     h = hashlib.sha256(f"{sys.executable}\0{CODE}".encode())
-    for key, value in tracking_env(env).items():
-        h.update(f"{key}={value}\0".encode())
+    for key, value in sorted((os.environ if env is None else env).items()):
+        if (key.startswith(_ENV_PREFIXES) or key in _ENV_NAMES) and key not in _PER_STAGE:
+            h.update(f"{key}={value}\0".encode())
     files = [*(CODE / "stages").rglob("*.py"), *(CODE / "commands").glob("*.py")]
     for path in sorted(files):
         with contextlib.suppress(OSError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from stages.core.tracking.parentrun import log_parent_params, parent_tags
 from stages.core.tracking.store import Store
 
 
-def group_key() -> tuple[str, str]:
-    """(key, what started it) that groups the stages of one pipeline run.
+def group_key() -> str:
+    """The key that groups the stages of one pipeline run.
 
     - The Prefect flow sets FLOW_RUN_ENV to its flow-run id: every stage of the flow shares it.
     - Under `dvc repro`/`dvc exp run`, every stage is a child (via a shell) of the one dvc
@@ -29,23 +28,12 @@ def group_key() -> tuple[str, str]:
     """
     flow = os.environ.get(FLOW_RUN_ENV)
     if flow:
-        return f"pipeline:{flow}", f"pipeline {flow}"
+        return f"pipeline:{flow}"
     import psutil
 
-    host = platform.node()
     proc = _dvc_ancestor() or psutil.Process()
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(proc.create_time()))
     kind = "dvc" if proc.pid != os.getpid() else "process"
-    what = "dvc " + " ".join(_dvc_args(proc)) if kind == "dvc" else "stage run by hand"
-    return f"{kind}:{host}:{proc.pid}:{proc.create_time():.3f}", f"{what} ({started})"
-
-
-def _dvc_args(proc: Any) -> list[str]:
-    cmd = proc.cmdline()
-    for i, arg in enumerate(cmd):
-        if Path(arg).name == "dvc":
-            return cmd[i + 1:i + 3]
-    return cmd[-2:]
+    return f"{kind}:{platform.node()}:{proc.pid}:{proc.create_time():.3f}"
 
 
 def _dvc_ancestor() -> Any:

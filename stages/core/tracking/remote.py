@@ -72,10 +72,6 @@ def agent_enabled() -> bool:
     return os.environ.get(AGENT_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
-def idle_s() -> float:
-    return env_seconds(IDLE_ENV, DEFAULT_IDLE_S)
-
-
 # ------------------------------------------------------------------ reaching the agent
 
 def _spawn(key: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -210,15 +206,12 @@ class RemoteStageRun:
             reply = request(conn, {"op": "start", "stage": stage, "root": str(root),
                                    "cwd": os.getcwd(), "stage_facts": run.stage_facts},
                             START_WAIT_S)
+            if reply is None:  # had the agent opened the run, the journal ends it (journal.py)
+                raise AgentUnavailable("the tracking agent closed the connection before it "
+                                       "answered 'start' (it exited or was killed)")
         except AgentUnavailable:
             conn.close()  # the agent, if it wakes, sees the stage gone and ends the run FAILED
             raise
-        if reply is None:
-            # Nothing came back: track in-process. Had the agent opened the run before it
-            # died, its journal entry gets it ended FAILED by the next run (journal.py).
-            conn.close()
-            raise AgentUnavailable("the tracking agent closed the connection before it "
-                                   "answered 'start' (it exited or was killed)")
         relay(reply)
         run.conn, run.pid, run.opened = conn, peer_pid(conn), reply
         env = reply.get("env") or {}

@@ -116,9 +116,8 @@ class StageRun:
         self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
             self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
-        key, started_by = self.stage_facts.get("group") or group_key()
-        self.parent_id = parent_run(store, experiment, key, parent_name(self.tags),
-                                    {**self.tags, "imagepipe.started_by": started_by},
+        key = self.stage_facts.get("group") or group_key()
+        self.parent_id = parent_run(store, experiment, key, parent_name(self.tags), self.tags,
                                     self.params_file)
         run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
