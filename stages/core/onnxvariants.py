@@ -92,7 +92,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
 
 
 def to_fp16(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
-    """fp16 weights and activations, float32 input/output (callers need not change)."""
+    """fp16 weights and activations; the input and outputs keep their types (uint8 pixels in,
+    float32 out), so callers need not change."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
