@@ -99,8 +99,10 @@ class DataParams(_Section):
     target: DatasetRole
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     channels: Literal[1, 3] = 3
-    # Used only where a source ships no split of its own (sklearn:digits, a flat imagefolder).
-    # image_size, channels and both fractions are defaults: data.<role>.<key> overrides them.
+    # Carved from the images a source ships without a split: all of sklearn:digits and of a flat
+    # imagefolder; val only from the train images of torchvision sets and of folders with no
+    # val/ (or no test/: their val/ becomes test). image_size, channels and both fractions are
+    # defaults: data.<role>.<key> overrides them.
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     max_bad_fraction: Fraction = 0.01
