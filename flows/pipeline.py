@@ -50,7 +50,8 @@ STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates it
 
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
-    """Retry exit 75 and deaths by signal; never exit 2, a crash, or a timeout."""
+    """Retry a StageTransient only (exit 75, a death by signal, DVC's lock held); never exit
+    2, a bug (70), or a timeout."""
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, StageTransient)
 
