@@ -201,7 +201,6 @@ def _log_plan(plan: Plan) -> None:
 def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
                timeout_s: float, exported: bool) -> tuple[dict[str, Any] | None, str]:
     """Run the gate when the pipeline's last stage was part of this run; else say why not.
-    exported: REGISTERS ran in this run (else no challenger at all is nothing to promote).
 
     Always re-scored, never cached here: the registry can change without dvc.lock changing (a
     rollback, a challenger registered from another machine), and caching is DVC's job."""

@@ -293,7 +293,8 @@ class AuditParams(_Section):
     # Gate: the stage exits 2 when images with any issue exceed this fraction of the target
     # set; null: off (the audit reports, never blocks).
     max_issue_fraction: Fraction | None = None
-    # The backbone's one pass over every target image (features for the probe and duplicates).
+    # The backbone's one pass over every target image (features for the label probe; the
+    # near-duplicate check compares thumbnails, not features).
     batch_size: BatchSize = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -27,7 +27,6 @@ FP16_NAME = "model.fp16.onnx"
 
 
 def finish_model(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
-    """Attach metadata, run the full checker, return the bytes to write."""
     onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))  # replaces any there
     proto.doc_string = "imagepipe classifier: " + onnxio.METADATA_DOC
     try:
@@ -128,7 +127,6 @@ def variants(p: ExportParams, fp32: Path, folder: Path, ds: Dataset, meta: dict[
 
 def _score(tag: str, path: Path, providers: list[str], x: np.ndarray, y: np.ndarray,
            base: float | None, p: ExportParams) -> dict[str, Any]:
-    """Accuracy on the test split, its delta to fp32, and size."""
     session = onnxio.make_session(path, providers=providers, threads=p.threads or None)
     acc = accuracy(session, x, y) if len(y) else None
     return {f"{tag}_accuracy": acc,
