@@ -61,9 +61,9 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
 
     QOperator format with uint8 activations and per-channel int8 weights (U8S8): on the
     project's x86 CPU (AVX-512 VNNI), resnet_small width 32 at 1 thread ran 7,029 images/s
-    against 2,136 for fp32, where the QDQ format ran 1,548 (slower than fp32). The shape
-    inference of quant_pre_process is skipped: its symbolic pass fails on dynamo's Reshape,
-    and the exporter already wrote every shape. The in-graph preprocessing and the softmax
+    against 2,136 for fp32, where the QDQ format ran 1,548 (slower than fp32). The symbolic
+    shape inference of quant_pre_process is skipped (it fails on dynamo's Reshape; ONNX's own
+    still runs), and the exporter already wrote every shape. The in-graph preprocessing and the softmax
     stay float (float_nodes): the first QuantizeLinear sits where the float model's input was,
     and probabilities keep fp32 resolution instead of 1/256 steps.
     """
