@@ -52,7 +52,8 @@ class StageError(RuntimeError):
 
 
 class StageTransient(StageError):
-    """Exit 75 or a death by signal: a retry may cure it."""
+    """Exit 75, a death by signal, or DVC's repo lock held by another process: a retry may
+    cure it."""
 
 
 class StageBadInput(StageError):
@@ -213,7 +214,9 @@ def run_killable(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: 
                  on_line: Callable[[str], None], capture_stdout: bool = False) -> Finished:
     """Run `cmd` in its own process group, each output line to `on_line`; past `timeout_s`
     the whole group (DVC, the shell, the stage and its workers) is killed, not just DVC.
-    Returns the exit code (negative: killed by that signal); raises TimeoutError on timeout.
+    The code is 128 + N when signal N ended the command (as the guard, orphans.py, reports it;
+    negative only where there is no guard or the guard itself was killed); raises TimeoutError
+    on timeout.
     """
     start = time.perf_counter()
     # Captured stdout (a command's JSON answer) stays apart from its log lines on stderr.

@@ -50,7 +50,8 @@ STARTUP_TIMEOUT_S = 180  # the first start of Prefect's temporary API creates it
 
 
 def _retry_only_transient(task_: Any, run: TaskRun, state: State[Any]) -> bool:
-    """Retry exit 75 and deaths by signal; never exit 2, a crash, or a timeout."""
+    """Retry a StageTransient only (exit 75, a death by signal, DVC's lock held); never exit
+    2, a bug (70), or a timeout."""
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, StageTransient)
 
@@ -200,7 +201,6 @@ def _log_plan(plan: Plan) -> None:
 def _promotion(root: Path, plan: Plan, promote: bool, options: dict[str, Any],
                timeout_s: float, exported: bool) -> tuple[dict[str, Any] | None, str]:
     """Run the gate when the pipeline's last stage was part of this run; else say why not.
-    exported: REGISTERS ran in this run (else no challenger at all is nothing to promote).
 
     Always re-scored, never cached here: the registry can change without dvc.lock changing (a
     rollback, a challenger registered from another machine), and caching is DVC's job."""

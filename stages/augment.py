@@ -170,7 +170,8 @@ def _copy_rows(path: Path, mask: np.ndarray, dest: Path) -> tuple[Path, str, int
 
 
 def preview(params: Params, source: Path, path: Path, n_aug: int = 3) -> None:
-    """A grid per class: each original beside `n_aug` draws of the policy, scaled up."""
+    """One grid, a row per class (the first ten with training images): each original beside
+    `n_aug` draws of the policy, scaled up."""
     import matplotlib
 
     matplotlib.use("Agg")

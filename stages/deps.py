@@ -1,8 +1,8 @@
 """Each stage's code deps in dvc.yaml, generated from what its command imports.
 
 dvc.yaml -> the project files each stage's `python -m stages.NAME` runs (stages/core/codeid.py:
-imports followed through this project's modules, tracking and the door left out) compared with,
-or written into, the stage's `deps`. Its other deps (data, models) are kept as they are.
+imports followed through this project's modules, its NOT_RESULTS left out) compared with, or
+written into, the stage's `deps`. Its other deps (data, models) are kept as they are.
 
     python -m stages.deps --check   # exit 1 and the differences when dvc.yaml disagrees
     python -m stages.deps --write   # rewrite the code deps (comments and order kept)

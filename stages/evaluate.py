@@ -6,12 +6,8 @@ split with sklearn's metrics: accuracy, top-5 accuracy (6 classes or more), macr
 precision/recall/F1, a per-class table, expected calibration error, the confusion matrix.
 `transfer_gain` = accuracy - scratch_accuracy, whatever its sign.
 
-Error bars: 95% paired percentile-bootstrap intervals (seeded, BOOTSTRAP_RESAMPLES resamples of
-the test images) of accuracy, macro-F1, the scratch accuracy and the transfer gain
-(`<key>_ci_low`, `<key>_ci_high`); the majority-class accuracy (the floor a model must clear);
-McNemar's exact test of finetuned vs scratch on the same images (`mcnemar_p`). The log says in
-words whether transfer helped, hurt or cannot be told apart at this test size, and warns when
-an interval is wider than +/- 5 points.
+Error bars (`<key>_ci_low`, `<key>_ci_high`), the majority-class floor and McNemar's test
+(`mcnemar_p`) come from stages/core/stats.py; see README, "Training and transfer".
 
 Behaviour checks on the finetuned model: the share of test predictions unchanged when every
 image moves one pixel right, and (only where flips were part of its training policy, so the

@@ -6,24 +6,14 @@ The model exported is export.model's: the finetuned one, the from-scratch baseli
 the default) whichever did better on the validation split (stages/core/selection.py); the log,
 the metrics (`model`, both validation accuracies) and the registered version say which and why.
 
-The ONNX file takes raw pixels: input `image`, uint8 N x H x W x C; the graph itself casts,
-scales by 1/255, normalises by the model's mean/std and transposes to NCHW, and answers
-`probabilities` (softmax) and `logits`. So every ONNX consumer (ONNX Runtime, Triton,
-MLflow's model server) gets the right answer from pixels, and nobody can feed it pixels
-normalised the wrong way. It has a dynamic batch axis, a pinned opset and metadata_props that
-carry what a server needs (stages.core.onnxio). Its bytes are a function of the stage's inputs
-only (the checkpoint, the export code, params, the torch/onnx versions): no run id, git commit
-or machine path is written into it, so DVC caches one copy however often it reruns, and the
-registry (onnx.sha256 tag, the version's run) says which runs made it. It is moved into place
-only after the parity gate (stages/core/parity.py: ONNX Runtime's CPU provider against PyTorch
-on target images, within export.parity_atol + export.parity_rtol * |torch|, every top-1 class
-the same); otherwise the stage exits 2 with the figures and leaves no model.onnx (a previous
-one is removed: it no longer matches finetuned.pt).
-
-metrics/export.json holds what only changes when the model does (parity figures, sizes, the
-int8 accuracy delta): no timings, which differ on every run and would make `dvc metrics diff`
-show changes nobody made. Speed is benchmarks/bench_export.py's job. The stage's body returns
-the Registration that tracking registers (model version, alias challenger).
+The ONNX file takes raw uint8 N x H x W x C pixels and does the training preprocessing in its
+graph (stages/core/served.py); its bytes depend on the stage's inputs only (model_metadata). It
+is moved into place only after the parity gate (stages/core/parity.py); otherwise the stage
+exits 2 with the figures and leaves no model.onnx (a previous one is removed: it no longer
+matches finetuned.pt). See README, "Export and serving (ONNX)", for the input contract, the
+metadata, the gate's tolerance and the variants. metrics/export.json holds no timings
+(benchmarks/bench_export.py measures speed). The stage's body returns the Registration that
+tracking registers (model version, alias challenger).
 """
 
 from __future__ import annotations
@@ -195,7 +185,7 @@ def run(params: Params, model_path: Path, target: Path, out: Path, variants_dir:
     try:
         with atomic_path(out) as tmp:
             tmp.write_bytes(data)
-            # The gate runs on the CPU provider (see the module doc); CUDA only reports.
+            # The gate runs on the CPU provider (parity.cuda_parity says why); CUDA only reports.
             session = onnxio.make_session(tmp, providers=[onnxio.CPU], threads=threads)
             metrics["providers"] = session.get_providers()
             with torch_threads(threads):

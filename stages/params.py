@@ -99,8 +99,10 @@ class DataParams(_Section):
     target: DatasetRole
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
     channels: Literal[1, 3] = 3
-    # Used only where a source ships no split of its own (sklearn:digits, a flat imagefolder).
-    # image_size, channels and both fractions are defaults: data.<role>.<key> overrides them.
+    # Carved from the images a source ships without a split: all of sklearn:digits and of a flat
+    # imagefolder; val only from the train images of torchvision sets and of folders with no
+    # val/ (or no test/: their val/ becomes test). image_size, channels and both fractions are
+    # defaults: data.<role>.<key> overrides them.
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     max_bad_fraction: Fraction = 0.01
@@ -291,7 +293,8 @@ class AuditParams(_Section):
     # Gate: the stage exits 2 when images with any issue exceed this fraction of the target
     # set; null: off (the audit reports, never blocks).
     max_issue_fraction: Fraction | None = None
-    # The backbone's one pass over every target image (features for the probe and duplicates).
+    # The backbone's one pass over every target image (features for the label probe; the
+    # near-duplicate check compares thumbnails, not features).
     batch_size: BatchSize = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -40,6 +40,7 @@ SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
 @dataclass(frozen=True)
 class Dataset:
     # N x H x W x C uint8: a read-only memmap (one shard), else a ShardedArray over the shards'
+    # memmaps
     images: np.ndarray | ShardedArray
     labels: np.ndarray  # N int64
     split: np.ndarray  # N uint8
@@ -213,7 +214,8 @@ def iter_rows(path: Path, row_shape: tuple[int, ...], chunk: int
 
 
 def preprocess(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """uint8 N x H x W x C -> the model's float32 N x C x H x W input (see the module doc)."""
+    """uint8 N x H x W x C -> the model's float32 N x C x H x W input: x / 255, then
+    (x - mean) / std."""
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)

@@ -1,7 +1,7 @@
 """One decoded image to the canonical form every stage and the server use: uint8 size x size x
 channels, upright, opaque, centre-cropped; and the limits on a file read for it.
 
-Here rather than in stages/core/sources.py (which reads files for ingest and re-exports these)
+Here rather than in stages/core/sources.py (which reads files for ingest and uses these limits)
 so that the serving artifact ships it without ingest's readers (stages/core/tracking/serving.py).
 """
 

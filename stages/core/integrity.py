@@ -32,7 +32,8 @@ log = logging.getLogger("imagepipe")
 Verify = Literal["sha256", "size"]
 
 # Files hashed by this process and found intact, by (path, device, inode, size, mtime_ns): a
-# stage that opens the same set twice (export: the gate, then the serving example) reads it once.
+# process that opens the same set twice with "sha256" reads it once. No stage does now (export's
+# serving example and augment's preview open it with "size"); tests running stages do.
 _verified: set[tuple[str, int, int, int, int]] = set()
 
 

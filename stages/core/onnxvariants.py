@@ -27,7 +27,6 @@ FP16_NAME = "model.fp16.onnx"
 
 
 def finish_model(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
-    """Attach metadata, run the full checker, return the bytes to write."""
     onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))  # replaces any there
     proto.doc_string = "imagepipe classifier: " + onnxio.METADATA_DOC
     try:
@@ -62,9 +61,9 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
 
     QOperator format with uint8 activations and per-channel int8 weights (U8S8): on the
     project's x86 CPU (AVX-512 VNNI), resnet_small width 32 at 1 thread ran 7,029 images/s
-    against 2,136 for fp32, where the QDQ format ran 1,548 (slower than fp32). The shape
-    inference of quant_pre_process is skipped: its symbolic pass fails on dynamo's Reshape,
-    and the exporter already wrote every shape. The in-graph preprocessing and the softmax
+    against 2,136 for fp32, where the QDQ format ran 1,548 (slower than fp32). The symbolic
+    shape inference of quant_pre_process is skipped (it fails on dynamo's Reshape; ONNX's own
+    still runs), and the exporter already wrote every shape. The in-graph preprocessing and the softmax
     stay float (float_nodes): the first QuantizeLinear sits where the float model's input was,
     and probabilities keep fp32 resolution instead of 1/256 steps.
     """
@@ -92,7 +91,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, meta: dict[str
 
 
 def to_fp16(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
-    """fp16 weights and activations, float32 input/output (callers need not change)."""
+    """fp16 weights and activations; the input and outputs keep their types (uint8 pixels in,
+    float32 out), so callers need not change."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -127,7 +127,6 @@ def variants(p: ExportParams, fp32: Path, folder: Path, ds: Dataset, meta: dict[
 
 def _score(tag: str, path: Path, providers: list[str], x: np.ndarray, y: np.ndarray,
            base: float | None, p: ExportParams) -> dict[str, Any]:
-    """Accuracy on the test split, its delta to fp32, and size."""
     session = onnxio.make_session(path, providers=providers, threads=p.threads or None)
     acc = accuracy(session, x, y) if len(y) else None
     return {f"{tag}_accuracy": acc,

@@ -9,7 +9,8 @@ the next run sweeps away, never half a shard.
 
 The file format, its writer (RowWriter) and reader (ShardedArray) are in stages/core/dataset.py.
 `build_shards` turns a list of refs into staged shards on a data engine (stages/core/engine.py):
-one task per shard, or per piece of a shard where there are fewer shards than workers. The
+one task per shard, or per piece of a shard where there are fewer than eight shards per
+worker (_pieces). The
 staging folder (data/.ROLE.shards/) keeps finished shards named by refs and params, with
 their files' (size, mtime) in the meta: a killed or repeated ingest decodes only the shards
 that are missing or whose inputs changed. The pieces of a shard are joined by the driver in
@@ -208,8 +209,8 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
                  ray_address: str | None, staging: Path,
                  advance: Callable[[int], None] = lambda n: None) -> StagedShards:
     """Decode `refs` (class-ordered) into staged shards, reusing those already staged whose
-    files are unchanged (each staged shard's files are stat'ed; a cold run stats none here:
-    its workers' fstat stamps them)."""
+    files are unchanged (each staged shard's files are stat'ed; of the files to decode, only
+    as many as decode_work weighs: their workers' fstat stamps them)."""
     from stages.core.engine import workers
     from stages.core.io import sweep_stale_temps
 

@@ -1,10 +1,11 @@
 """Image sources behind the dataset URIs: sklearn:digits, imagefolder:PATH, torchvision:NAME.
 
 Each source lists its items (a reference, a class, the split it ships with or None) without
-decoding anything; `fetch(ref)` later reads one item as (content sha256, RGB/L PIL image)
-or raises BadFile. Listing first lets ingest filter classes and cap counts before paying
-for decoding; a class filter given to `open_source` keeps the walk out of the other classes'
-folders (a tenth of ImageNet's classes lists a tenth of its files).
+decoding anything; `fetch(ref)` later reads one item as (content sha256, PIL image in its own
+mode: imageform.canonical converts it) or raises BadFile. Listing first lets ingest filter
+classes and cap counts before paying for decoding; a class filter given to `open_source` keeps
+the walk out of the other classes' folders (a tenth of ImageNet's classes lists a tenth of its
+files).
 """
 
 from __future__ import annotations

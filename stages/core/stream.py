@@ -2,10 +2,9 @@
 
 Input: a dataset's uint8 N x H x W x C images (a memmap, or the ShardedArray over its shards,
 stages/core/dataset.py), labels and one split's indices. Output: the same per-epoch iterator of
-(normalised float images, int64 labels) on the device as `DeviceBatches`, which `StreamBatches`
-extends: same `epoch(epoch, start_step)`, `__len__`, `images_per_epoch`, `normalise`, crops and
-flips (on the device), rank partitioning. `batches()` picks: resident where the split fits on
-the device (stages/core/budget.py), streamed where it does not.
+(normalised float images, int64 labels) on the device as `DeviceBatches` (StreamBatches is a
+subclass). `batches()` picks: resident where the split fits on the device
+(stages/core/budget.py), streamed where it does not.
 
 Order: a block-shuffled permutation, a pure function of (seed, epoch). The split, in storage
 order, is cut into blocks of `block` images that never straddle a shard; the blocks are
