@@ -133,6 +133,15 @@ def test_preview_is_a_png(source: Path, tmp_path: Path) -> None:
 
 
 
+def test_the_preview_of_a_hashed_set_does_not_say_it_skipped_the_hash(
+        source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The preview reopened the set with verify "size", which logged "shard sha256 not checked"
+    # under the default verify_data: sha256, a false line in every augment log.
+    with caplog.at_level(logging.INFO, logger="imagepipe"):
+        augment.preview(_params(), source, tmp_path / "preview.png")
+    assert "not checked" not in caplog.text
+
+
 def test_a_process_pool_gives_the_same_bytes_as_inline(source: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Each copy of each shard is its own seeded task: where it runs changes no byte."""
