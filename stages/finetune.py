@@ -17,8 +17,8 @@ The from-scratch baseline that measures the transfer gain is its own stage (stag
 so a transfer-only setting (params.TRANSFER_ONLY: lr, backbone_lr_scale, l2sp) does not
 retrain it.
 
-With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
-(stages/core/distributed.py); the first process of node 0 writes every output.
+With `devices` > 1 the stage launches this machine's training processes itself
+(stages/core/distributed.py); the first process writes every output.
 """
 
 from __future__ import annotations

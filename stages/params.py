@@ -189,9 +189,6 @@ class TrainParams(_Section):
     # Training processes per machine (DistributedDataParallel when more than one): auto = every
     # visible GPU (1 on a CPU). batch_size stays the global batch: each process takes 1/N of it.
     devices: Annotated[int, Field(gt=0, le=1024)] | Literal["auto"] = 1
-    # Machines; above 1 the rendezvous is PET_RDZV_ENDPOINT (or rdzv_endpoint, host:port).
-    nodes: Annotated[int, Field(gt=0, le=100_000)] = 1
-    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$")
     # Minutes a collective (or joining the process group) may wait for the other processes
     # before the stage gives up with exit 75: a stopped or lost peer costs this, not NCCL's
     # 10 or gloo's 30 minutes.
@@ -215,12 +212,22 @@ class PretrainParams(TrainParams):
     # flipped when hflip, on the device (stages/core/crops.py); validation sees whole images.
     train_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     # Who runs the training processes: local = this stage (one process, or DDP launched from
-    # here over devices x nodes); ray = Ray Train workers (nodes x devices of them) on the Ray
-    # cluster ingest uses (RAY_ADDRESS / data.ray_address), for many machines.
+    # here over this machine's devices); ray = Ray Train workers (nodes x devices of them) on
+    # the Ray cluster ingest uses (RAY_ADDRESS / data.ray_address), the one way to train on
+    # several machines.
     engine: Literal["local", "ray"] = "local"
+    # Machines (engine ray only).
+    nodes: Annotated[int, Field(gt=0, le=100_000)] = 1
     # engine ray: times Ray Train restarts the workers from the last checkpoint after a worker
     # or node is lost, before the stage gives up with 75.
     restarts: Annotated[int, Field(ge=0, le=100)] = 2
+
+    @model_validator(mode="after")
+    def _machines_on_ray(self) -> PretrainParams:
+        if self.nodes > 1 and self.engine == "local":
+            raise ValueError("several machines train with pretrain.engine: ray (README, "
+                             "'A Ray cluster')")
+        return self
 
 
 class FinetuneParams(TrainParams):

@@ -7,9 +7,10 @@ does not fit on the device is streamed from its shards ahead of the step (core/s
 The normalisation (per-channel mean and std of the training split) is computed here and
 recorded in the model file: finetune, evaluate, export and serving all reuse these numbers.
 A run killed mid-way resumes from its last checkpoint when the params and data are unchanged.
-With `devices` > 1 or `nodes` > 1 the stage launches its training processes itself
-(stages/core/distributed.py); the first process of node 0 writes every output. With
-`engine: ray` they are Ray Train workers on a Ray cluster (stages/core/raytrain.py).
+With `devices` > 1 the stage launches this machine's training processes itself
+(stages/core/distributed.py); the first process writes every output. With `engine: ray` they
+are Ray Train workers on a Ray cluster, the way to train on several machines
+(stages/core/raytrain.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The door of a training stage (pretrain, finetune, scratch): `python -m stages.NAME` runs the
-stage's work in this process, or launches the processes its params section's `devices`/`nodes`
-ask for (stages/core/distributed.py) as `rank_main`, or hands them to another engine (pretrain's
+stage's work in this process, or launches the processes its params section's `devices` ask
+for (stages/core/distributed.py) as `rank_main`, or hands them to another engine (pretrain's
 Ray Train workers run `rank_body`). Each process runs the same work on the same argv, found by
-the stage's name (its module's `arguments` and `work`); the first process of node 0 writes the
+the stage's name (its module's `arguments` and `work`); the first process (rank 0) writes the
 metrics; tracking stays with the launching process.
 """
 
@@ -40,7 +40,7 @@ def training_main(stage: str, section: str, argv: list[str] | None, parse: Parse
         # torch is imported here, not at load: --help and a params file refused start without it.
         from stages.core import distributed, launchplan
 
-        plan = launchplan.plan(getattr(params, section), section)
+        plan = launchplan.plan(getattr(params, section))
         if plan is not None:  # the processes write everything; this one keeps the exit code
             code = distributed.launch(plan, "stages.trainingdoor:rank_main", [stage, *argv])
             distributed.raise_for(code, stage)

@@ -1,21 +1,16 @@
-"""Training over several processes and machines: the launch, and what a rank needs to talk to
-the others.
+"""Training over several processes of this machine: the launch, and what a rank needs to talk
+to the others (several machines train as Ray Train workers: raytrain.py, which adopts a Comm).
 
-Input: a launch plan (launchplan.py: from params.yaml's training section and torch elastic's
-PET_* environment, as a launcher sets it) and the rank function to run. Output: an exit code;
-a peer lost mid-collective, or one that stays away past the plan's timeout, is 75 (door.py,
-errors.peer_lost), never 70.
+Input: a launch plan (launchplan.py, from params.yaml's training section) and the rank function
+to run. Output: an exit code; a peer lost mid-collective, or one that stays away past the
+plan's timeout, is 75 (door.py, errors.peer_lost), never 70.
 
 Why elastic_launch from inside the stage rather than `torchrun` in dvc.yaml: torchrun reports
 any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, with restarts,
 reruns bad input. Here each rank runs the stage's body behind the stage door, writes the exit
 code it means to a small file, and exits with it; the parent combines the codes (`combine`).
 
-One device on one machine never comes here (launchplan.plan returns None): no process.
-
-Rank 0 (the writer) is the first process of node 0 whenever node ranks are given: the c10d
-rendezvous numbers machines by their address, then the agent's pid, not by node rank, so `join`
-renumbers the processes node-major before the process group starts (see `_node_major`).
+One process never comes here (launchplan.plan returns None).
 """
 
 from __future__ import annotations
@@ -26,6 +21,7 @@ import os
 import signal
 import sys
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,8 +58,7 @@ PRIORITY = (EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT, EXIT_INTERRUPTED, EXIT_TER
 
 @dataclass(frozen=True)
 class Comm:
-    """This process's place among the training processes; rank 0 writes (which process that
-    is: `join`)."""
+    """This process's place among the training processes; rank 0 writes."""
 
     rank: int = 0
     world: int = 1
@@ -120,49 +115,39 @@ def adopt(comm: Comm) -> None:
 
 def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any]:
     """A checkpoint fingerprint's part about the section and the processes: the world size and
-    per-rank batch, not how they were asked for (devices: auto or 2 alike, any endpoint)."""
+    per-rank batch, not how they were asked for (devices: auto or 2 alike)."""
     if p.batch_size % comm.world:
         raise BadInput(f"{section}.batch_size: {p.batch_size} is not divisible by the "
                        f"{comm.world} training processes (batch_size is the global batch)")
-    skip = {"checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "dist_timeout_min",
-            "engine", "restarts"}
+    skip = {"checkpoint_every_steps", "devices", "nodes", "dist_timeout_min", "engine",
+            "restarts"}
     return {section: p.model_dump(exclude=skip), "world_size": comm.world,
             "rank_batch": p.batch_size // comm.world}
 
 
 def launch(pl: Plan, target: str, argv: list[str]) -> int:
-    """Run `target` ("module:function(argv) -> exit code") on this machine's share of the
-    processes; return the stage's exit code, whichever rank failed."""
+    """Run `target` ("module:function(argv) -> exit code") on the plan's processes; return the
+    stage's exit code, whichever rank failed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    log.info("launching %d process(es) on this machine (node %d of %d, %s, rendezvous %s %s)",
-             pl.nproc_per_node, pl.node_rank, pl.nnodes, pl.backend, pl.rdzv_backend, pl.endpoint)
-    configs: dict[str, Any] = {}
-    if pl.rdzv_backend == "static":
-        configs["rank"] = pl.node_rank
-    elif pl.ranked:
-        # Node 0 hosts the c10d store, the others connect (on one host both would try); without
-        # a node rank torch decides by matching the endpoint's host name with this machine's.
-        configs["is_host"] = pl.node_rank == 0
-    config = LaunchConfig(min_nodes=pl.nnodes, max_nodes=pl.nnodes,
-                          nproc_per_node=pl.nproc_per_node, run_id=pl.run_id,
-                          rdzv_endpoint=pl.endpoint, rdzv_backend=pl.rdzv_backend,
-                          rdzv_configs=configs, max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn", local_addr=pl.local_addr)
+    log.info("launching %d process(es) on this machine (%s)", pl.nproc, pl.backend)
+    # torchrun --standalone's rendezvous: a free port on this machine, a run id of its own.
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=pl.nproc,
+                          run_id=uuid.uuid4().hex, rdzv_endpoint="localhost:0",
+                          rdzv_backend="c10d", max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
     with tempfile.TemporaryDirectory(prefix="imagepipe-ranks-") as codes:
         failures: dict[int, int] = {}
         try:
-            node = pl.node_rank if pl.ranked or pl.nnodes == 1 else None
-            elastic_launch(config, _rank_entry)(pl.backend, node, target, argv, codes,
-                                                pl.timeout_s)
+            elastic_launch(config, _rank_entry)(pl.backend, target, argv, codes, pl.timeout_s)
         except ChildFailedError as err:
             failures = {int(rank): int(f.exitcode) for rank, f in err.failures.items()}
         except SignalException as err:
             log.warning("the launch got %s: its processes were stopped", err.sigval.name)
             return EXIT_INTERRUPTED if err.sigval == signal.SIGINT else EXIT_TERMINATED
-        except Exception as err:  # noqa: BLE001 - rendezvous and agent errors: the network's
+        except Exception as err:  # noqa: BLE001 - rendezvous and agent errors
             log.error("the launch failed: %s: %s", type(err).__name__, err)
             return EXIT_TRANSIENT
         written = {int(f.name.removeprefix("rank")): int(f.read_text() or EXIT_BUG)
@@ -202,50 +187,21 @@ def raise_for(code: int, stage: str) -> None:
         raise kind.get(code, RankFailed)(f"{stage}: a training process failed (its message is above)")
 
 
-def join(backend: str, node_rank: int | None, timeout_s: float = 300.0) -> Comm:
+def join(backend: str, timeout_s: float) -> Comm:
     """Join the process group torch elastic set up in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); make this process's Comm the current one.
 
-    `node_rank`: this machine's, when known (None: torch's numbering is kept). Ranks are then
-    node-major, so rank 0 is node 0's first process: it writes, DDP copies its weights and
-    buffers (CPU BatchNorm statistics) to the others, and it reads the first share of each
-    batch, so the outputs do not depend on the order the machines joined in. `timeout_s`: how
-    long a collective waits for the others before it fails (exit 75 then, door.py)."""
+    `timeout_s`: how long a collective waits for the others before it fails (exit 75 then,
+    door.py)."""
     global _current
     local = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if backend == "nccl":
         torch.cuda.set_device(local)
-    given = int(os.environ["RANK"])
-    if node_rank is None or int(os.environ["WORLD_SIZE"]) == local_world:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    else:
-        from torch.distributed.rendezvous import rendezvous
-
-        store, _, world = next(rendezvous("env://"))  # the agent's store, as env:// opens it
-        rank = _node_major(store, given, world, node_rank, local)
-        dist.init_process_group(backend, store=dist.PrefixStore("imagepipe/pg", store),
-                                rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-    _current = Comm(dist.get_rank(), dist.get_world_size(), local, local_world, backend)
-    log.debug("rank %d of %d (node %s, local rank %d, torch's rank %d)", _current.rank,
-              _current.world, node_rank, local, given)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    _current = Comm(dist.get_rank(), dist.get_world_size(), local,
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend)
+    log.debug("rank %d of %d", _current.rank, _current.world)
     return _current
-
-
-def _node_major(store: dist.Store, given: int, world: int, node_rank: int, local: int) -> int:
-    """This process's rank when the processes are ordered by (node rank, local rank).
-
-    Through the agent's store, before the process group exists (once per launch, not per step):
-    each process posts its place under torch's rank and reads the others'."""
-    store.set(f"imagepipe/place/{given}", f"{node_rank} {local}")
-    places = [tuple(int(v) for v in store.get(f"imagepipe/place/{r}").decode().split())
-              for r in range(world)]
-    if len(set(places)) < world:
-        nodes = sorted(n for n, lr in places if lr == 0)
-        raise BadInput(f"two machines were given the same node rank (node ranks {nodes}): set "
-                       "PET_NODE_RANK to 0, 1, ... once per machine")
-    return sorted(places).index((node_rank, local))
 
 
 def run_rank(comm: Comm, target: str, argv: list[str]) -> Any:
@@ -267,11 +223,11 @@ def leave() -> None:
     _current = SINGLE
 
 
-def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str],
-                codes: str, timeout_s: float = 300.0) -> int:
+def _rank_entry(backend: str, target: str, argv: list[str], codes: str, timeout_s: float
+                ) -> int:
     """One rank: join, run the stage's rank function, write its exit code, exit with it.
 
-    The code file is named by torch's rank, as the agent reports failures."""
+    The code file is named by the rank, as the agent reports failures."""
     # SIGKILL when the launching process dies: a stage killed with -9 must not leave ranks
     # writing checkpoints behind it.
     arm = die_with_parent(signal.SIGKILL, os.getppid())
@@ -281,10 +237,7 @@ def _rank_entry(backend: str, node_rank: int | None, target: str, argv: list[str
     code = EXIT_BUG
     try:
         try:
-            comm = join(backend, node_rank, timeout_s)
-        except BadInput as err:
-            print(f"rank {rank}: {err}", file=sys.stderr)
-            code = EXIT_BAD_INPUT
+            comm = join(backend, timeout_s)
         except Exception as err:  # noqa: BLE001 - a peer or the store unreachable
             print(f"rank {rank}: could not join the others: {type(err).__name__}: {err}",
                   file=sys.stderr)

@@ -31,12 +31,12 @@ from typing import Any
 from stages.core import distributed, raycluster
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, BadInput, Transient, peer_lost
-from stages.params import TrainParams
+from stages.params import PretrainParams
 
 log = logging.getLogger("imagepipe.raytrain")
 
 
-def workers(p: TrainParams, cluster_gpus: float) -> tuple[int, bool]:
+def workers(p: PretrainParams, cluster_gpus: float) -> tuple[int, bool]:
     """(Ray Train workers, whether each takes a GPU): nodes x devices, one worker per GPU;
     `devices: auto` is the cluster's GPUs shared by the nodes (1 per node on CPUs)."""
     use_gpu = p.device == "cuda" or (p.device == "auto" and cluster_gpus > 0)
@@ -53,7 +53,7 @@ def workers(p: TrainParams, cluster_gpus: float) -> tuple[int, bool]:
     return n, use_gpu
 
 
-def fit(target: str, argv: list[str], p: TrainParams, address: str | None, *, stage: str,
+def fit(target: str, argv: list[str], p: PretrainParams, address: str | None, *, stage: str,
         storage: Path, restarts: int) -> None:
     """Run `target(argv)` on nodes x devices Ray Train workers; raise what their end means."""
     with raycluster.connected(address):

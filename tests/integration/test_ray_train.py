@@ -94,9 +94,9 @@ def fit_in_child(cluster: Cluster, target: str, argv: list[str], folder: Path, r
     """raytrain.fit(target, argv) on 2 CPU workers behind the stage door, in a driver process
     of its own (Ray reads the token when imported); returns it finished."""
     fit = ("import sys, json; from pathlib import Path; from stages.core import raytrain; "
-           "from stages.core.door import run_stage; from stages.params import TrainParams; "
+           "from stages.core.door import run_stage; from stages.params import PretrainParams; "
            "sys.exit(run_stage('tiny', lambda: raytrain.fit(sys.argv[1], json.loads(sys.argv[2]), "
-           "TrainParams(device='cpu', devices=1, nodes=2), None, stage='tiny', "
+           "PretrainParams(device='cpu', devices=1, nodes=2, engine='ray'), None, stage='tiny', "
            "storage=Path(sys.argv[3]) / '.ray-train', restarts=int(sys.argv[4])), track=False))")
     return subprocess.run([sys.executable, "-c", fit, target, json.dumps(argv), str(folder),
                            str(restarts)], cwd=REPO, env=driver(cluster), capture_output=True,

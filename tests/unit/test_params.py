@@ -54,6 +54,9 @@ BAD = [
     ("augment.crop_scale", [True, 1.0], "augment.crop_scale", "boolean is not a number"),
     ("pretrain.hflip", 1, "pretrain.hflip", "true or false"),
     ("data.follow_symlinks", "yes", "data.follow_symlinks", "true or false"),
+    # Several machines train with Ray Train (pretrain.engine: ray) only.
+    ("finetune.nodes", 2, "finetune.nodes", "unknown key"),
+    ("pretrain.rdzv_endpoint", "node0:29400", "pretrain.rdzv_endpoint", "unknown key"),
 ]
 
 
@@ -104,6 +107,21 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, module: 
     assert len(lines) == 1, proc.stderr
     assert "augment.copies" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_several_machines_without_ray_exit_2_naming_engine_ray(tmp_path: Path) -> None:
+    """nodes: 2 with the in-stage launch (engine local), which trains one machine's processes."""
+    raw = default_params()
+    raw["pretrain"]["nodes"] = 2
+    params, out = write_params(tmp_path / "params.yaml", raw), tmp_path / "out"
+    proc = run_stage("pretrain", "--params", params, "--data", tmp_path / "nothing",
+                     "--model", out / "m.pt", "--checkpoints", out / "ck",
+                     "--metrics", out / "m.json", "--plot", out / "p.csv")
+    assert proc.returncode == 2, proc.stderr
+    assert "several machines train with pretrain.engine: ray" in proc.stderr
+    assert not out.exists()
+    raw["pretrain"]["engine"] = "ray"
+    assert parse_params(raw).pretrain.nodes == 2
 
 
 def test_unreadable_yaml_is_exit_2(tmp_path: Path) -> None:

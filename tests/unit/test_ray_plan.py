@@ -11,7 +11,7 @@ import pytest
 
 from stages.core.errors import BadInput
 from stages.core.raytrain import workers
-from stages.params import PretrainParams, TrainParams, parse_params
+from stages.params import PretrainParams, parse_params
 from tests.helpers import REPO, default_params
 
 
@@ -22,14 +22,14 @@ from tests.helpers import REPO, default_params
     (dict(device="cuda", devices=4, nodes=2), 8, (8, True)),
 ])
 def test_workers_are_nodes_times_devices(params: dict, gpus: float, want: tuple[int, bool]) -> None:
-    assert workers(TrainParams(**params), gpus) == want
+    assert workers(PretrainParams(engine="ray", **params), gpus) == want
 
 
 def test_more_gpu_workers_than_the_cluster_has_is_bad_input() -> None:
     with pytest.raises(BadInput, match="nodes x devices = 16 GPU workers but the Ray cluster has 8"):
-        workers(TrainParams(device="cuda", devices=8, nodes=2), 8)
+        workers(PretrainParams(device="cuda", devices=8, nodes=2, engine="ray"), 8)
     with pytest.raises(BadInput, match="the Ray cluster has no GPU"):
-        workers(TrainParams(device="cuda", devices=1, nodes=2), 0)
+        workers(PretrainParams(device="cuda", devices=1, nodes=2, engine="ray"), 0)
 
 
 def test_engine_and_restarts_are_validated() -> None:

@@ -170,23 +170,14 @@ def test_ranks_share_each_global_batch_disjointly(images: np.ndarray) -> None:
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
 
 
-def test_one_device_on_one_machine_launches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_device_launches_nothing_and_two_launch_two_processes() -> None:
     from stages.core import launchplan
     from stages.params import TrainParams
 
-    for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    assert launchplan.plan(TrainParams(device="cpu", devices="auto"), "pretrain") is None
-    assert launchplan.plan(TrainParams(device="cpu", devices=1, nodes=1), "pretrain") is None
-    with pytest.raises(BadInput, match="pretrain.rdzv_endpoint"):
-        launchplan.plan(TrainParams(device="cpu", nodes=2), "pretrain")
-    monkeypatch.setenv("PET_NNODES", "2")
-    monkeypatch.setenv("PET_NODE_RANK", "1")
-    monkeypatch.setenv("PET_RDZV_ENDPOINT", "job-0.svc:29400")
-    monkeypatch.setenv("PET_RDZV_ID", "job")  # a job's name: shared, per run
-    pl = launchplan.plan(TrainParams(device="cpu"), "finetune")
-    assert pl is not None and (pl.nnodes, pl.node_rank, pl.nproc_per_node) == (2, 1, 1)
-    assert (pl.endpoint, pl.rdzv_backend, pl.backend) == ("job-0.svc:29400", "c10d", "gloo")
+    assert launchplan.plan(TrainParams(device="cpu", devices="auto")) is None
+    assert launchplan.plan(TrainParams(device="cpu", devices=1)) is None
+    pl = launchplan.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.5))
+    assert pl == launchplan.Plan(2, "gloo", 30.0)
 
 
 def test_precision_on_the_cpu() -> None:
