@@ -41,8 +41,7 @@ def prefect_cmd(*args: str) -> list[str]:
 
 def tool_env(api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the server, worker and CLI calls: this interpreter's tools first."""
-    return child_env({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                      "DO_NOT_TRACK": "1", **(extra or {})})
+    return child_env({"PREFECT_API_URL": api_url, **(extra or {})})
 
 
 def healthy(api_url: str) -> bool:
