@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 
@@ -96,17 +97,15 @@ def start_worker(env: dict[str, str], log: Path, cwd: Path,
 
 def project_store(project: Path, env: dict[str, str]) -> str:
     """The MLflow store the deployment's runs use: MLFLOW_TRACKING_URI of `env`, else the
-    project's own (made ready here: the experiment, with its artifacts beside mlflow.db, so
-    the first run from a temporary clone does not put them inside that clone)."""
-    if env.get("MLFLOW_TRACKING_URI"):
-        return env["MLFLOW_TRACKING_URI"]
-    from stages.core.tracking.store import tracking_enabled, tracking_uri
+    project's own (made ready here when `env` tracks: the experiment, with its artifacts beside
+    mlflow.db, so the first run from a temporary clone does not put them inside that clone)."""
+    from stages.core.tracking.store import Store, tracking_enabled, tracking_uri
 
-    uri = tracking_uri(project.resolve())
-    if tracking_enabled():  # tool_env's copy of this environment: the same switch
-        from stages.core.tracking import Store
-
-        Store.connect(project.resolve()).experiment_id()
+    # The store's functions read os.environ: for this call it is `env`, the runs' environment.
+    with mock.patch.dict(os.environ, env, clear=True):
+        uri = tracking_uri(project.resolve())
+        if tracking_enabled() and not env.get("MLFLOW_TRACKING_URI"):
+            Store.connect(project.resolve()).experiment_id()
     return uri
 
 

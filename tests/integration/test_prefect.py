@@ -9,6 +9,7 @@ in tmp_path."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sqlite3
@@ -56,6 +57,29 @@ def _project_copy(dest: Path, remote: Path) -> Path:
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
     return dest
+
+
+def test_the_deployments_store_is_the_one_its_env_names(tmp_path: Path, empty_mlflow_db: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """project_store decides from `env` (what the worker's runs get), not from this process's
+    environment, which here names another store and has tracking off."""
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "0")
+    project = (tmp_path / "project").resolve()
+    project.mkdir()
+    named = {"MLFLOW_TRACKING_URI": "http://tracking.example:5000"}
+    assert deploy.project_store(project, named) == named["MLFLOW_TRACKING_URI"]
+    own = f"sqlite:///{project / 'mlflow.db'}"
+    assert deploy.project_store(project, {"IMAGEPIPE_TRACKING": "0"}) == own
+    assert not (project / "mlflow.db").exists()  # tracking off: nothing made ready
+    shutil.copy(empty_mlflow_db, project / "mlflow.db")
+    assert deploy.project_store(project, {"IMAGEPIPE_TRACKING": "1"}) == own
+    with sqlite3.connect(project / "mlflow.db") as db:
+        location = db.execute("select artifact_location from experiments "
+                              "where name = 'imagepipe'").fetchone()
+    assert location == ((project / "mlartifacts").as_uri(),)
+    assert not elsewhere.exists() and os.environ["IMAGEPIPE_TRACKING"] == "0"
 
 
 @pytest.fixture
