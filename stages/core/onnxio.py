@@ -1,5 +1,5 @@
 """The ONNX Runtime side of imagepipe: which providers load, tuned sessions, the model's own
-metadata, and batched logits from uint8 images.
+metadata, and batched logits and probabilities from uint8 images.
 
 An exported model takes raw pixels (input `image`, uint8 N x H x W x C) and does its own
 preprocessing in the graph; its outputs are `probabilities` and `logits`. Models exported
@@ -207,9 +207,9 @@ def takes_pixels(session: ort.InferenceSession) -> bool:
 def predict_outputs(
     session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
 ) -> dict[str, np.ndarray]:
-    """uint8 N x H x W x C images -> {"logits", and "probabilities" where the model has that
-    output}, float32 N x classes each. Batched, so memory is one batch of floats whatever N
-    is. A format-1 model (float input) gets the metadata's preprocessing here instead."""
+    """uint8 N x H x W x C images -> {"logits", "probabilities"}, float32 N x classes each.
+    Batched, so memory is one batch of floats whatever N is. A format-1 model (float input,
+    logits out) gets the metadata's preprocessing and the softmax here instead."""
     meta = read_metadata(session)
     images = np.asarray(images_uint8_nhwc)
     expected = input_shape(meta)
@@ -230,6 +230,10 @@ def predict_outputs(
             out[n][lo:lo + len(x)] = got
     if "logits" not in out:
         out["logits"] = out.pop(wanted[0])
+    if "probabilities" not in out:
+        from scipy.special import softmax
+
+        out["probabilities"] = softmax(out["logits"], axis=1)
     return out
 
 

@@ -164,7 +164,8 @@ def test_raw_pixels_in_probabilities_out_match_torch(project: dict) -> None:
 
 def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) -> None:
     """A model exported before the preprocessing moved into the graph (float32 NCHW `input`,
-    one `logits` output, preprocessed outside): predict_logits still gives its logits."""
+    one `logits` output, preprocessed outside): predict_outputs still gives its logits, and
+    their softmax as the probabilities (what predict shows)."""
     model, mf = load_model_file(project["root"] / "finetuned.pt")
     old = tmp_path / "old.onnx"
     torch.onnx.export(model.eval(), (torch.zeros(1, 1, 16, 16),), str(old), dynamo=False,
@@ -179,7 +180,10 @@ def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) ->
     new = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)
     session = onnxio.make_session(old)
     assert not onnxio.takes_pixels(session)
-    assert np.abs(onnxio.predict_outputs(session, images, batch_size=4)["logits"] - new).max() <= 1e-4
+    out = onnxio.predict_outputs(session, images, batch_size=4)
+    assert np.abs(out["logits"] - new).max() <= 1e-4
+    ref = torch.softmax(torch.from_numpy(out["logits"]).double(), 1).numpy()
+    assert out["probabilities"].dtype == np.float32 and np.abs(out["probabilities"] - ref).max() < 1e-6
 
 
 def test_parity_at_several_batch_sizes(project: dict) -> None:
