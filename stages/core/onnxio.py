@@ -4,7 +4,7 @@ metadata, and batched logits and probabilities from uint8 images.
 An exported model takes raw pixels (input `image`, uint8 N x H x W x C) and does its own
 preprocessing in the graph; its outputs are `probabilities` and `logits`. Models exported
 before that (float32 NCHW input, one `logits` output) are still read and scored: for them the
-preprocessing runs here in numpy, from the same metadata.
+preprocessing (from the same metadata) and the softmax run here in numpy.
 
 Used by export (parity gate, variants), predict, promote's gate (re-scoring) and the served
 model (stages/core/tracking/serving.py). An exported model describes itself in
@@ -218,7 +218,7 @@ def predict_outputs(
                        f"model; got {images.dtype} {images.shape}")
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
-    wanted = [n for n in OUTPUTS if n in names] or names[:1]  # format 1: the one output
+    wanted = [n for n in OUTPUTS if n in names]  # format 1: `logits` alone (every export of it)
     pixels = takes_pixels(session)
     if not pixels:  # here, not at the top: the serving artifact ships no dataset module
         from stages.core.dataset import preprocess
@@ -228,8 +228,6 @@ def predict_outputs(
         x = batch if pixels else preprocess(batch, meta["mean"], meta["std"])
         for n, got in zip(wanted, session.run(wanted, {name: x}), strict=True):
             out[n][lo:lo + len(x)] = got
-    if "logits" not in out:
-        out["logits"] = out.pop(wanted[0])
     if "probabilities" not in out:
         from scipy.special import softmax
 
