@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 
@@ -99,6 +98,8 @@ def project_store(project: Path, env: dict[str, str]) -> str:
     """The MLflow store the deployment's runs use: MLFLOW_TRACKING_URI of `env`, else the
     project's own (made ready here when `env` tracks: the experiment, with its artifacts beside
     mlflow.db, so the first run from a temporary clone does not put them inside that clone)."""
+    from unittest import mock
+
     from stages.core.tracking.store import Store, tracking_enabled, tracking_uri
 
     # The store's functions read os.environ: for this call it is `env`, the runs' environment.
