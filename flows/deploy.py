@@ -39,11 +39,6 @@ def prefect_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
-def tool_env(api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of the server, worker and CLI calls: this interpreter's tools first."""
-    return child_env({"PREFECT_API_URL": api_url, **(extra or {})})
-
-
 def healthy(api_url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
@@ -160,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stop_recorded()
     project = Path.cwd()
     api_url = f"http://127.0.0.1:{args.port}/api"
-    env = tool_env(api_url, {"IMAGEPIPE_GIT_URL": os.environ.get("IMAGEPIPE_GIT_URL")
-                             or _git_url(project)})
+    env = child_env({"PREFECT_API_URL": api_url,  # for the server, worker and CLI calls
+                     "IMAGEPIPE_GIT_URL": os.environ.get("IMAGEPIPE_GIT_URL") or _git_url(project)})
     STATE_DIR.mkdir(exist_ok=True)
     if healthy(api_url):
         print(f"using the Prefect server already at {api_url}")

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from flows import deploy, pipeline
+from flows.dvcstage import child_env
 from flows.orphans import kill_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +91,8 @@ def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, A
     port = _free_port()
     (tmp_path / "tmp").mkdir()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = deploy.tool_env(api_url, {
+    env = child_env({
+        "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once (default 10 s)
         "IMAGEPIPE_GIT_URL": str(project),
