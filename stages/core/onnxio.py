@@ -4,7 +4,7 @@ metadata, and batched logits and probabilities from uint8 images.
 An exported model takes raw pixels (input `image`, uint8 N x H x W x C) and does its own
 preprocessing in the graph; its outputs are `probabilities` and `logits`. Models exported
 before that (float32 NCHW input, one `logits` output) are still read and scored: for them the
-preprocessing (from the same metadata) and the softmax run here in numpy.
+preprocessing (from the same metadata) and the softmax run here.
 
 Used by export (parity gate, variants), predict, promote's gate (re-scoring) and the served
 model (stages/core/tracking/serving.py). An exported model describes itself in
