@@ -28,9 +28,6 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for var, value in (("DVC_NO_ANALYTICS", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                       ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("ORT_DISABLE_TELEMETRY", "1")):
-        os.environ.setdefault(var, value)
     if argv and argv[0] == "--version":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -45,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"imagepipe: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from flows.dvcstage import TELEMETRY_OFF  # here: `--help` stays without flows' imports
+
+    os.environ.update({**TELEMETRY_OFF, **os.environ})
     module, func, _ = COMMANDS[argv[0]]
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 

@@ -32,11 +32,11 @@ def load_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def hits(onnx_path: Path, images: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per image, whether an exported model's top-1 class is right, comparing class *names* (a
     model that knows other classes than today's data simply gets those images wrong)."""
-    from stages.core.onnxio import make_session, predict_logits, read_metadata
+    from stages.core.onnxio import make_session, predict_outputs, read_metadata
 
     session = make_session(onnx_path)  # only providers that load here: no CUDA spam on a CPU
     classes = np.asarray(read_metadata(session)["classes"], dtype=object)
-    predicted = classes[predict_logits(session, images).argmax(axis=1)]
+    predicted = classes[predict_outputs(session, images)["logits"].argmax(axis=1)]
     return predicted == truth
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
 
 from stages.core import onnxio
 from stages.core.door import run_stage
@@ -90,8 +89,8 @@ def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcom
                 loaded[i] = load_image(path, size, channels)
             except BadInput as err:
                 errors[i] = str(err)
-        logits = onnxio.predict_logits(session, np.stack(list(loaded.values()))) if loaded else None
-        probs = iter(softmax(logits.astype(np.float64), axis=1) if logits is not None else [])
+        batch = np.stack(list(loaded.values())) if loaded else None
+        probs = iter(onnxio.predict_outputs(session, batch)["probabilities"] if loaded else [])
         for i, path in enumerate(paths[lo:lo + CHUNK]):
             if i in errors:
                 yield Outcome(path, error=errors[i])

@@ -39,12 +39,6 @@ def prefect_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
-def tool_env(api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of the server, worker and CLI calls: this interpreter's tools first."""
-    return child_env({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                      "DO_NOT_TRACK": "1", **(extra or {})})
-
-
 def healthy(api_url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
@@ -97,17 +91,17 @@ def start_worker(env: dict[str, str], log: Path, cwd: Path,
 
 def project_store(project: Path, env: dict[str, str]) -> str:
     """The MLflow store the deployment's runs use: MLFLOW_TRACKING_URI of `env`, else the
-    project's own (made ready here: the experiment, with its artifacts beside mlflow.db, so
-    the first run from a temporary clone does not put them inside that clone)."""
-    if env.get("MLFLOW_TRACKING_URI"):
-        return env["MLFLOW_TRACKING_URI"]
-    from stages.core.tracking.store import tracking_enabled, tracking_uri
+    project's own (made ready here when `env` tracks: the experiment, with its artifacts beside
+    mlflow.db, so the first run from a temporary clone does not put them inside that clone)."""
+    from unittest import mock
 
-    uri = tracking_uri(project.resolve())
-    if tracking_enabled():  # tool_env's copy of this environment: the same switch
-        from stages.core.tracking import Store
+    from stages.core.tracking.store import Store, tracking_enabled, tracking_uri
 
-        Store.connect(project.resolve()).experiment_id()
+    # The store's functions read os.environ: for this call it is `env`, the runs' environment.
+    with mock.patch.dict(os.environ, env, clear=True):
+        uri = tracking_uri(project.resolve())
+        if tracking_enabled() and not env.get("MLFLOW_TRACKING_URI"):
+            Store.connect(project.resolve()).experiment_id()
     return uri
 
 
@@ -161,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stop_recorded()
     project = Path.cwd()
     api_url = f"http://127.0.0.1:{args.port}/api"
-    env = tool_env(api_url, {"IMAGEPIPE_GIT_URL": os.environ.get("IMAGEPIPE_GIT_URL")
-                             or _git_url(project)})
+    env = child_env({"PREFECT_API_URL": api_url,  # for the server, worker and CLI calls
+                     "IMAGEPIPE_GIT_URL": os.environ.get("IMAGEPIPE_GIT_URL") or _git_url(project)})
     STATE_DIR.mkdir(exist_ok=True)
     if healthy(api_url):
         print(f"using the Prefect server already at {api_url}")

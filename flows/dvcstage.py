@@ -37,6 +37,10 @@ KILL_GRACE_S = 10.0
 # often needs a minute back.
 RETRIES = 3
 RETRY_DELAY_S = 10.0
+# The tools' telemetry, off unless the user set these: `imagepipe`, stages, Prefect's processes.
+TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ORT_DISABLE_TELEMETRY": "1",
+                 "DO_NOT_TRACK": "1"}
 # DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
 _DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
 # What stages.core.door.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".
@@ -190,14 +194,13 @@ def apply_overrides(root: Path, overrides: Sequence[str]) -> list[str]:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, with this interpreter's folder first on PATH: dvc.yaml says `python`,
-    and that must be the interpreter that has the project installed even when nobody activated
-    the virtualenv (`.venv/bin/imagepipe run`, a Prefect worker)."""
-    env = dict(os.environ)
+    """This environment (TELEMETRY_OFF where unset), this interpreter's folder first on PATH:
+    dvc.yaml says `python`, and that must be the interpreter that has the project installed
+    even when nobody activated the virtualenv (`.venv/bin/imagepipe run`, a Prefect worker)."""
+    env = {**TELEMETRY_OFF, **os.environ}
     bindir = str(Path(sys.executable).parent)
     if env.get("PATH", "").split(os.pathsep)[0] != bindir:
         env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
-    env.setdefault("DVC_NO_ANALYTICS", "1")
     env.update(extra or {})
     return env
 

@@ -1,10 +1,10 @@
 """The ONNX Runtime side of imagepipe: which providers load, tuned sessions, the model's own
-metadata, and batched logits from uint8 images.
+metadata, and batched logits and probabilities from uint8 images.
 
 An exported model takes raw pixels (input `image`, uint8 N x H x W x C) and does its own
 preprocessing in the graph; its outputs are `probabilities` and `logits`. Models exported
 before that (float32 NCHW input, one `logits` output) are still read and scored: for them the
-preprocessing runs here in numpy, from the same metadata.
+preprocessing (from the same metadata) and the softmax run here.
 
 Used by export (parity gate, variants), predict, promote's gate (re-scoring) and the served
 model (stages/core/tracking/serving.py). An exported model describes itself in
@@ -207,9 +207,9 @@ def takes_pixels(session: ort.InferenceSession) -> bool:
 def predict_outputs(
     session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
 ) -> dict[str, np.ndarray]:
-    """uint8 N x H x W x C images -> {"logits", and "probabilities" where the model has that
-    output}, float32 N x classes each. Batched, so memory is one batch of floats whatever N
-    is. A format-1 model (float input) gets the metadata's preprocessing here instead."""
+    """uint8 N x H x W x C images -> {"logits", "probabilities"}, float32 N x classes each.
+    Batched, so memory is one batch of floats whatever N is. A format-1 model (float input,
+    logits out) gets the metadata's preprocessing and the softmax here instead."""
     meta = read_metadata(session)
     images = np.asarray(images_uint8_nhwc)
     expected = input_shape(meta)
@@ -218,7 +218,7 @@ def predict_outputs(
                        f"model; got {images.dtype} {images.shape}")
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
-    wanted = [n for n in OUTPUTS if n in names] or names[:1]  # format 1: the one output
+    wanted = [n for n in OUTPUTS if n in names]  # format 1: `logits` alone (every export of it)
     pixels = takes_pixels(session)
     if not pixels:  # here, not at the top: the serving artifact ships no dataset module
         from stages.core.dataset import preprocess
@@ -228,8 +228,10 @@ def predict_outputs(
         x = batch if pixels else preprocess(batch, meta["mean"], meta["std"])
         for n, got in zip(wanted, session.run(wanted, {name: x}), strict=True):
             out[n][lo:lo + len(x)] = got
-    if "logits" not in out:
-        out["logits"] = out.pop(wanted[0])
+    if "probabilities" not in out:
+        from scipy.special import softmax
+
+        out["probabilities"] = softmax(out["logits"], axis=1)
     return out
 
 

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flows import deploy
+from flows.dvcstage import child_env
 from flows.orphans import kill_group
 from tests.containers.kit import IMAGE, REPO, docker, step
 from tests.helpers import git, project_copy
@@ -116,7 +117,8 @@ def stack(network: tuple[str, str], image: str, tmp_path: Path) -> Iterator[dict
             procs.append(mlflow_proc)
         port = free_port(gateway)
         api_url = f"http://{gateway}:{port}/api"
-        env = deploy.tool_env(api_url, {
+        env = child_env({
+            "PREFECT_API_URL": api_url,
             "PREFECT_HOME": str(tmp_path / "prefect-home"),
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "IMAGEPIPE_IMAGE": image,

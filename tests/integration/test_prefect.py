@@ -9,6 +9,7 @@ in tmp_path."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from flows import deploy, pipeline
+from flows.dvcstage import child_env
 from flows.orphans import kill_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +60,29 @@ def _project_copy(dest: Path, remote: Path) -> Path:
     return dest
 
 
+def test_the_deployments_store_is_the_one_its_env_names(tmp_path: Path, empty_mlflow_db: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """project_store decides from `env` (what the worker's runs get), not from this process's
+    environment, which here names another store and has tracking off."""
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    monkeypatch.setenv("IMAGEPIPE_TRACKING", "0")
+    project = (tmp_path / "project").resolve()
+    project.mkdir()
+    named = {"MLFLOW_TRACKING_URI": "http://tracking.example:5000"}
+    assert deploy.project_store(project, named) == named["MLFLOW_TRACKING_URI"]
+    own = f"sqlite:///{project / 'mlflow.db'}"
+    assert deploy.project_store(project, {"IMAGEPIPE_TRACKING": "0"}) == own
+    assert not (project / "mlflow.db").exists()  # tracking off: nothing made ready
+    shutil.copy(empty_mlflow_db, project / "mlflow.db")
+    assert deploy.project_store(project, {"IMAGEPIPE_TRACKING": "1"}) == own
+    with sqlite3.connect(project / "mlflow.db") as db:
+        location = db.execute("select artifact_location from experiments "
+                              "where name = 'imagepipe'").fetchone()
+    assert location == ((project / "mlartifacts").as_uri(),)
+    assert not elsewhere.exists() and os.environ["IMAGEPIPE_TRACKING"] == "0"
+
+
 @pytest.fixture
 def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, Any]]:
     remote = tmp_path / "dvc-remote"
@@ -66,7 +91,8 @@ def prefect_stack(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[dict[str, A
     port = _free_port()
     (tmp_path / "tmp").mkdir()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = deploy.tool_env(api_url, {
+    env = child_env({
+        "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once (default 10 s)
         "IMAGEPIPE_GIT_URL": str(project),

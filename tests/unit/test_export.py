@@ -107,7 +107,8 @@ def test_gate_passes_and_metrics_hold_the_figures(project: dict) -> None:
     from stages.core.dataset import load_dataset
 
     x, y = load_dataset(project["root"] / "target").part("test")
-    acc = {name: float(np.mean(onnxio.predict_logits(onnxio.make_session(path), x).argmax(1) == y))
+    acc = {name: float(np.mean(onnxio.predict_outputs(onnxio.make_session(path), x)["logits"]
+                               .argmax(1) == y))
            for name, path in (("fp32", project["onnx"]),
                               ("int8", project["root"] / "variants" / onnxvariants.INT8_NAME))}
     assert m["test_accuracy_fp32"] == pytest.approx(acc["fp32"])
@@ -164,7 +165,8 @@ def test_raw_pixels_in_probabilities_out_match_torch(project: dict) -> None:
 
 def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) -> None:
     """A model exported before the preprocessing moved into the graph (float32 NCHW `input`,
-    one `logits` output, preprocessed outside): predict_logits still gives its logits."""
+    one `logits` output, preprocessed outside): predict_outputs still gives its logits, and
+    their softmax as the probabilities (what predict shows)."""
     model, mf = load_model_file(project["root"] / "finetuned.pt")
     old = tmp_path / "old.onnx"
     torch.onnx.export(model.eval(), (torch.zeros(1, 1, 16, 16),), str(old), dynamo=False,
@@ -176,10 +178,13 @@ def test_format1_float_models_are_still_scored(project: dict, tmp_path: Path) ->
     onnx.helper.set_model_props(proto, onnxio.metadata_props(meta))
     onnx.save(proto, old)
     images, _ = _images(9, 16, 1, np.random.default_rng(7))
-    new = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)
+    new = onnxio.predict_outputs(onnxio.make_session(project["onnx"]), images)["logits"]
     session = onnxio.make_session(old)
     assert not onnxio.takes_pixels(session)
-    assert np.abs(onnxio.predict_outputs(session, images, batch_size=4)["logits"] - new).max() <= 1e-4
+    out = onnxio.predict_outputs(session, images, batch_size=4)
+    assert np.abs(out["logits"] - new).max() <= 1e-4
+    ref = torch.softmax(torch.from_numpy(out["logits"]).double(), 1).numpy()
+    assert out["probabilities"].dtype == np.float32 and np.abs(out["probabilities"] - ref).max() < 1e-6
 
 
 def test_parity_at_several_batch_sizes(project: dict) -> None:
@@ -307,9 +312,9 @@ def test_fp16_variant_converts(project: dict, tmp_path: Path) -> None:
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
     assert onnxio.read_metadata(half)["variant"] == "fp16"
     images, _ = _images(20, 16, 1, np.random.default_rng(5))
-    fp32 = onnxio.predict_logits(onnxio.make_session(project["onnx"]), images)
+    fp32 = onnxio.predict_outputs(onnxio.make_session(project["onnx"]), images)["logits"]
     (tmp_path / "half.onnx").write_bytes(data)
-    fp16 = onnxio.predict_logits(onnxio.make_session(tmp_path / "half.onnx"), images)
+    fp16 = onnxio.predict_outputs(onnxio.make_session(tmp_path / "half.onnx"), images)["logits"]
     assert np.abs(fp16 - fp32).max() < 2e-2 * max(1.0, np.abs(fp32).max())
 
 

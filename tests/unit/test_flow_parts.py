@@ -137,6 +137,22 @@ def test_child_env_puts_this_python_first(monkeypatch: pytest.MonkeyPatch) -> No
     assert env["IMAGEPIPE_FLOW_RUN_ID"] == "x"
 
 
+def test_telemetry_is_off_wherever_the_user_left_it_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One definition for the CLI's own process, the stages' and Prefect's environments; a value
+    the user set is kept."""
+    from commands import cli
+
+    for var in dvcstage.TELEMETRY_OFF:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    want = {**dvcstage.TELEMETRY_OFF, "DO_NOT_TRACK": "0"}
+    env = dvcstage.child_env()  # stages' and (flows/deploy.py) Prefect's server and worker
+    assert {var: env[var] for var in want} == want
+    with pytest.raises(SystemExit):
+        cli.main(["lineage", "--help"])
+    assert {var: os.environ[var] for var in want} == want
+
+
 def test_a_stage_gets_all_the_slots_it_asks_for_or_waits(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # Three GPUs; the first stage holds two, so a second asking for two must wait (holding

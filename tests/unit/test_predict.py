@@ -125,7 +125,7 @@ def test_model_input_shape_comes_from_metadata(served: dict) -> None:
     assert onnxio.input_shape(meta) == (SIZE, SIZE, 3) and meta["mean"] == MEAN
     session = onnxio.make_session(served["onnx"])
     with pytest.raises(onnxio.BadInput, match="uint8 N x 16 x 16 x 3"):
-        onnxio.predict_logits(session, np.zeros((1, 8, 8, 3), np.uint8))
+        onnxio.predict_outputs(session, np.zeros((1, 8, 8, 3), np.uint8))
 
 
 def test_a_folder_is_every_image_under_it_sorted(served: dict, tmp_path: Path,
