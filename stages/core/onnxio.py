@@ -233,8 +233,3 @@ def predict_outputs(
 
         out["probabilities"] = softmax(out["logits"], axis=1)
     return out
-
-
-def predict_logits(session: ort.InferenceSession, images_uint8_nhwc: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x C images -> float32 N x classes logits (see predict_outputs)."""
-    return predict_outputs(session, images_uint8_nhwc)["logits"]

@@ -37,7 +37,7 @@ def finish_model(proto: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
 
 
 def accuracy(session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(onnxio.predict_logits(session, images).argmax(1) == labels))
+    return float(np.mean(onnxio.predict_outputs(session, images)["logits"].argmax(1) == labels))
 
 
 # The ops Served's preprocessing exports to (dynamo: Transpose, Cast, Div, Sub, Div).

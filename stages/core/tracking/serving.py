@@ -181,7 +181,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         pixels = as_pixels(model_input, self._size, self._channels, self._order, self._max_images)
         if not len(pixels):
             return []
-        # Registered only around an export of this code: its outputs include probabilities.
         probs = onnxio.predict_outputs(self._session, pixels)["probabilities"]
         best = probs.argmax(1)
         return [{"class": self._classes[k], "probability": float(p[k]),
