@@ -258,16 +258,12 @@ DETAILS = ("by_batch_size", "cuda_parity", "parity_images_by_split", "parity_not
 COMPARED_WORDS = ("model", "model_rule")
 
 
-def split_details(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the figures compared across runs, the details) of run()'s metrics."""
+def _write(metrics: dict[str, Any], metrics_path: Path, details_path: Path) -> None:
+    """run()'s metrics: the figures compared across runs to `metrics_path`, the details to
+    `details_path`."""
     details = {k: v for k, v in metrics.items() if k not in COMPARED_WORDS and (
         k in DETAILS or isinstance(v, dict | list | str))}
-    return {k: v for k, v in metrics.items() if k not in details}, details
-
-
-def _write(metrics: dict[str, Any], metrics_path: Path, details_path: Path) -> None:
-    compared, details = split_details(metrics)
-    write_json(metrics_path, compared)
+    write_json(metrics_path, {k: v for k, v in metrics.items() if k not in details})
     write_json(details_path, details)
 
 

@@ -62,6 +62,11 @@ class Selection:
     capped: dict[str, int] = field(default_factory=dict)  # class -> train images before the cap
     shipped: bool = False  # every split came from the source (folders), none carved here
 
+    def take(self, idx: np.ndarray) -> Selection:
+        """The items at `idx`, in that order."""
+        return replace(self, refs=[self.refs[i] for i in idx], labels=self.labels[idx],
+                       splits=self.splits[idx])
+
 
 def select(listing: Listing, role: DatasetRole, seed: list[int], role_name: str) -> Selection:
     """Filter classes, assign splits where none shipped, cap training images per class, for a
@@ -95,9 +100,8 @@ def select(listing: Listing, role: DatasetRole, seed: list[int], role_name: str)
         mask, before = _cap_train(labels, splits, keep, role.train_per_class, rng)
         keep &= mask
         capped = {classes[c]: n for c, n in before.items()}
-    idx = np.flatnonzero(keep)
-    return Selection(classes, [listing.refs[i] for i in idx], labels[idx],
-                     splits[idx].astype(np.uint8), notes, capped, shipped)
+    return Selection(classes, listing.refs, labels, splits.astype(np.uint8), notes, capped,
+                     shipped).take(np.flatnonzero(keep))
 
 
 def _shipped_val_as_test(splits: np.ndarray, keep: np.ndarray, role: DatasetRole) -> str | None:
@@ -173,7 +177,8 @@ def ingest_role(role_name: str, role: DatasetRole, params: Params, out: Path, *,
     listing = open_source(role.uri, root=role.root, download=role.download,
                           key=f"data.{role_name}.uri", follow_symlinks=data.follow_symlinks,
                           max_file_bytes=int(data.max_file_mb * 2**20), classes=role.classes)
-    sel = by_class(select(listing, role, [params.seed, ROLES.index(role_name)], role_name))
+    sel = select(listing, role, [params.seed, ROLES.index(role_name)], role_name)
+    sel = sel.take(np.argsort(sel.labels, kind="stable"))  # class order: shards are class-local
     for note in sel.notes:
         log.info("ingest %s: %s", role_name, note)
     _require_training_images(sel, sel.labels, sel.splits, role.uri)
@@ -218,16 +223,7 @@ def _drop_unread(role_name: str, sel: Selection) -> Selection:
     said = ", ".join(f"{int(n)} {SPLITS[k]}" for k, n in enumerate(left) if n)
     log.info("ingest %s: %s images not decoded: no stage reads the %s's %s split", role_name,
              said, role_name, " or ".join(SPLITS[k] for k, n in enumerate(left) if n))
-    idx = np.flatnonzero(wanted)
-    return replace(sel, refs=[sel.refs[i] for i in idx], labels=sel.labels[idx],
-                   splits=sel.splits[idx])
-
-
-def by_class(sel: Selection) -> Selection:
-    """The selection in class order (stable within a class): shards are class-local."""
-    order = np.argsort(sel.labels, kind="stable")
-    return replace(sel, refs=[sel.refs[i] for i in order], labels=sel.labels[order],
-                   splits=sel.splits[order])
+    return sel.take(np.flatnonzero(wanted))
 
 
 def _decode(role_name: str, listing: Listing, sel: Selection, role: DatasetRole,

@@ -56,20 +56,14 @@ def host_free_bytes(cgroups: Path = Path("/proc/self/cgroup"),
     return available if room is None else min(available, room)
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where a resident set would go: the GPU's, or this machine's."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    return host_free_bytes()
-
-
 class Budget:
     """Bytes this process may still make resident, measured once and shared by a stage's
     splits. `ranks`: the training processes on this machine sharing host memory (CPU)."""
 
     def __init__(self, device: torch.device, ranks: int = 1, free: int | None = None) -> None:
-        free = free_memory_bytes(device) if free is None else free
+        if free is None:  # where a resident set would go: the GPU's, or this machine's
+            free = (int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda"
+                    else host_free_bytes())
         shared = ranks if device.type != "cuda" else 1
         self.left = int(RESIDENT_SHARE * free) // max(shared, 1)
 

@@ -79,11 +79,7 @@ def read_cifar(name: str, root: Path, download: bool) -> tuple[np.ndarray, np.nd
     needed = [base / f for f in [*train_files, *test_files, meta_file]]
     if not all(p.is_file() for p in needed):
         _download_cifar(name, root, download)
-    images, labels = [], []
-    for path in needed[:-1]:
-        data, targets = _cifar_batch(path, label_key)
-        images.append(data)
-        labels.append(targets)
+    images, labels = zip(*(_cifar_batch(path, label_key) for path in needed[:-1]), strict=True)
     meta = load_pickle_safely(needed[-1])
     classes = meta.get(names_key) if isinstance(meta, dict) else None
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):

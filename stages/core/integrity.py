@@ -68,16 +68,11 @@ def _short(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def array_files(folder: Path, manifest: dict[str, Any]) -> list[tuple[Path, str | None]]:
-    """(file, its sha256 in the manifest or None) of every array the set consists of."""
-    sums = manifest["sha256"]
-    images = [(folder / s["file"], s.get("sha256")) for s in manifest["shards"]]
-    return [*images, *((folder / name, sums.get(name)) for name in ("labels.npy", "split.npy"))]
-
-
 def verify(folder: Path, manifest: dict[str, Any], how: Verify = "sha256") -> None:
     """BadInput naming the first file that is missing, incomplete or (with sha256) changed."""
-    files = array_files(folder, manifest)
+    # (file, its sha256 in the manifest or None) of every array the set consists of
+    files = [*((folder / s["file"], s.get("sha256")) for s in manifest["shards"]),
+             *((folder / name, manifest["sha256"].get(name)) for name in ("labels.npy", "split.npy"))]
     for path, _ in files:
         if not path.is_file():
             raise BadInput(f"{path}: missing (manifest.json lists it); {remedy(folder, manifest)}")

@@ -206,7 +206,10 @@ def sweep_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]
             continue
         with contextlib.suppress(OSError):
             if _writer_gone(int(match["pid"]), entry.stat(follow_symlinks=False).st_mtime):
-                _remove(Path(entry.path))
+                if entry.is_dir(follow_symlinks=False):  # atomic_dir's
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
     if name is not None and (folder / name).exists() and (folder / f".{name}.old").is_dir():
         shutil.rmtree(folder / f".{name}.old", ignore_errors=True)
@@ -225,10 +228,3 @@ def _writer_gone(pid: int, mtime: float) -> bool:
         return False
     # A live writer created its temporary after it started; 2 s covers btime's 1 s resolution.
     return started > mtime + 2.0
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

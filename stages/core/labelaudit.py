@@ -33,46 +33,37 @@ class LabelIssues:
     folds: int  # K actually used (fewer than asked when a class has fewer images)
 
 
-def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, *, k: int, c: float,
-                        seed: int) -> np.ndarray:
-    """N x classes probabilities, each row from the probe of the fold that left it out."""
+def audit_labels(features: np.ndarray, labels: np.ndarray, *, folds: int, c: float, seed: int
+                 ) -> LabelIssues | None:
+    """Features and given labels of the audited images -> cleanlab's ranking of those whose
+    given label their out-of-sample probabilities (each row from the probe of the fold that
+    left it out) contradict; None when some class has fewer than 2 of them: no probe can be
+    fitted without it and scored on it. Stratified folds: K is at most the smallest class's
+    count."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
+    smallest = int(np.bincount(labels).min()) if len(labels) else 0
+    if smallest < 2:
+        return None
+    k = min(folds, smallest)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     # One BLAS thread: these fits are small, and BLAS's thread pool made them slower, not
     # faster (5 folds, 192 x 64 features: 4.7 s against 1.3 s on one thread, 2 busy cores).
     with threadpool_limits(limits=1):
-        return cross_val_predict(probe, features, labels, cv=cv, method="predict_proba")
-
-
-def find_issues(labels: np.ndarray, probs: np.ndarray, k: int) -> LabelIssues:
-    """cleanlab's ranking of the rows whose given label the probabilities contradict."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
-
+        probs = cross_val_predict(probe, features, labels, cv=cv, method="predict_proba")
     # n_jobs=1: cleanlab's default starts a process pool per class, slower than serial at the
     # sizes a stage audits and a poor neighbour on a shared machine.
     ranked = find_label_issues(labels, probs, filter_by=FILTER_BY,
                                return_indices_ranked_by=RANKED_BY, n_jobs=1)
-    quality = get_label_quality_scores(labels, probs, method=RANKED_BY)
     suggested = probs.argmax(axis=1)
-    return LabelIssues(ranked=np.asarray(ranked, dtype=np.int64), quality=quality,
+    return LabelIssues(ranked=np.asarray(ranked, dtype=np.int64),
+                       quality=get_label_quality_scores(labels, probs, method=RANKED_BY),
                        suggested=suggested, oos_accuracy=float(np.mean(suggested == labels)),
                        folds=k)
-
-
-def audit_labels(features: np.ndarray, labels: np.ndarray, *, folds: int, c: float, seed: int
-                 ) -> LabelIssues | None:
-    """Features and given labels of the audited images -> their ranked label issues; None
-    when some class has fewer than 2 of them: no probe can be fitted without it and scored on
-    it. Stratified folds: K is at most the smallest class's count."""
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
-    if smallest < 2:
-        return None
-    k = min(folds, smallest)
-    return find_issues(labels, out_of_sample_probs(features, labels, k=k, c=c, seed=seed), k)

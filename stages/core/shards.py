@@ -127,8 +127,9 @@ def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp:
     skipped: list[dict[str, str]] = []
     k = 0
     for i, ref in enumerate(piece.refs):
+        path = os.path.join(piece.root, ref) if piece.root else ref
         try:
-            digest, img = fetch(os.path.join(piece.root, ref) if piece.root else ref)
+            digest, img = fetch(path)
             buf[k] = canonical(img, piece.size, piece.channels)
         except TooLarge as err:  # refused unread, as the listing refuses: not a bad image
             digests.append(None)
@@ -144,7 +145,7 @@ def _decode_into(piece: ShardPart, fetch: Callable[[str], tuple[str, Any]], tmp:
             continue
         finally:
             if stamps is not None and len(stamps) == i:  # not opened: no fstat
-                stamps.append(_stamp(os.path.join(piece.root, ref) if piece.root else ref))
+                stamps.append(_stamp(path))
         digests.append(digest)
         k += 1
         if k == piece.batch:

@@ -151,7 +151,7 @@ def _imagefolder(root: Path, where: str, follow_symlinks: bool, max_bytes: int,
         split_roots = [(root, -1)]
     walk = Walk(root.resolve(), follow_symlinks)
     class_dirs = [(d, code) for sr, code in split_roots for d in sorted(sr.iterdir())
-                  if _visible_dir(d) and walk.admits(d)]
+                  if d.is_dir() and not d.name.startswith(".") and walk.admits(d)]
     classes = sorted({d.name for d, _ in class_dirs})
     if len(classes) < 2:
         raise BadInput(f"{where}imagefolder:{root}: {len(classes)} class folder(s) {classes}; a "
@@ -171,10 +171,6 @@ def _imagefolder(root: Path, where: str, follow_symlinks: bool, max_bytes: int,
         classes, refs, np.concatenate(labels), np.concatenate(splits),
         functools.partial(read_image_file, max_bytes=max_bytes), walk.ignored, walk.skipped,
     )
-
-
-def _visible_dir(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".")
 
 
 def read_image_file(ref: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES,

@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from stages.core.dataset import HEADER, RowWriter
+from stages.core.dataset import RowWriter, iter_rows
 from stages.core.io import umask
 
 
@@ -34,8 +32,6 @@ class ShardAssembler:
         self.staging, self.shard = staging, shard
         self.writer = RowWriter(staging / f".{shard}.{os.getpid()}.concat00.tmp", row_shape,
                                 capacity=rows, hashed=True)
-        # One 8 MB buffer the pieces are read into: no allocation per read.
-        self._buf = np.empty((max(1, 2**23 // self.writer.row), *row_shape), dtype=np.uint8)
         self.results: dict[int, dict[str, Any]] = {}
         self.next = 0
 
@@ -43,10 +39,9 @@ class ShardAssembler:
         self.results[part] = result
         while self.next in self.results:
             path = Path(self.results[self.next]["path"])
-            with open(path, "rb", buffering=0) as f:
-                f.seek(HEADER)
-                while n := f.readinto(self._buf):
-                    self.writer.write(self._buf[:n // self.writer.row])
+            # 8 MB reads into one buffer
+            for _, rows in iter_rows(path, self.writer.row_shape, max(1, 2**23 // self.writer.row)):
+                self.writer.write(rows)
             path.unlink()
             self.next += 1
 

@@ -69,30 +69,6 @@ def block_order(n: int, starts: np.ndarray, rng: np.random.Generator, block: int
     return seq[np.lexsort((keys, np.arange(n) // max(window, 1)))]
 
 
-def shard_starts(images: Any, indices: np.ndarray) -> np.ndarray:
-    """Positions in the split (ascending, as every split is: Dataset.indices) where a new
-    shard begins."""
-    if isinstance(images, ShardedArray):
-        return np.searchsorted(indices, images.offsets[1:-1])
-    return np.zeros(0, np.int64)
-
-
-def read_rows(source: Any, idx: np.ndarray, out: np.ndarray) -> None:
-    """Rows `idx` of `source` into `out`, shard by shard (a run of rows of one shard at a
-    time: sequential where `idx` ascends, as each batch does), without a temporary."""
-    if isinstance(source, ShardedArray):
-        which = np.searchsorted(source.offsets, idx, side="right") - 1
-        cuts = [0, *(np.flatnonzero(np.diff(which)) + 1), len(idx)]
-        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-            if hi > lo:
-                k = int(which[lo])
-                # mode="clip": numpy buffers `out` under the default "raise" (bounds are known).
-                np.take(source.parts[k], idx[lo:hi] - source.offsets[k], axis=0,
-                        out=out[lo:hi], mode="clip")
-    else:
-        np.take(source, idx, axis=0, out=out, mode="clip")
-
-
 def prefetch(tasks: Iterable[Any], read: Callable[[Any], T], ahead: int) -> Iterator[T]:
     """`read(task)` for each task on one background thread, handed over in order, at most
     `ahead` of them read or being read and not yet taken. Stopping early cancels the queued
@@ -120,7 +96,9 @@ class StreamBatches(DeviceBatches):
         super().__init__(images, labels, indices, **kw)
         self.block, self.window, self.ahead = block, window, ahead
         self.pin = self.device.type == "cuda"
-        self._starts = shard_starts(images, self.indices)
+        # Positions in the split (ascending, as every split is) where a new shard begins.
+        self._starts = (np.searchsorted(self.indices, images.offsets[1:-1])
+                        if isinstance(images, ShardedArray) else np.zeros(0, np.int64))
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.train:
@@ -147,7 +125,10 @@ class StreamBatches(DeviceBatches):
         """uint8 images `idx` in a (pinned, on CUDA) host tensor, in the order of `idx`."""
         host = torch.empty((len(idx), *self._source.shape[1:]), dtype=torch.uint8,
                            pin_memory=self.pin)
-        read_rows(self._source, idx, host.numpy())
+        if isinstance(self._source, ShardedArray):
+            self._source.read_into(idx, host.numpy())
+        else:  # mode="clip": numpy buffers `out` under the default "raise" (bounds are known)
+            np.take(self._source, idx, axis=0, out=host.numpy(), mode="clip")
         return host
 
 

@@ -67,7 +67,7 @@ class Walk:
                 return []
             self._seen_dirs.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
-                entries = sorted(it, key=_NAME)
+                entries = sorted(it, key=operator.attrgetter("name"))
         except OSError as err:  # no permission (a followed link to / reaches /proc), vanished
             self._skip(folder, f"unreadable folder: {err.strerror or err}")
             return []
@@ -100,9 +100,6 @@ class Walk:
             except OSError as err:  # its stat failed: vanished since listed, no permission
                 self._skip(Path(entry.path), f"unreadable: {err.strerror or err}")
         return out
-
-
-_NAME = operator.attrgetter("name")
 
 
 def _is_image(name: str) -> bool:
