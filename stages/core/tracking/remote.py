@@ -249,19 +249,14 @@ class RemoteStageRun:
             print(f"{self.stage}: the tracking agent (pid {self.pid}) died before it closed "
                   f"the run; finishing run {self.opened.get('run_id')} in this process",
                   file=sys.stderr, flush=True)
-            return self._in_process(code, outcome)
+            from stages.core.tracking.stagerun import StageRun
+
+            # The run the agent opened (same run id, parent and tags), else a new one.
+            run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
+                                 reopen=self.opened if self.opened.get("run_id") else None)
+            return code if run is None else run.finish(code, outcome)  # None: not a stage now
         relay(reply)
         return int(reply["code"])
-
-    def _in_process(self, code: int, outcome: object) -> int:
-        """This stage's run finished in this process: the one the agent opened (same run id,
-        parent and tags) or, when it never opened one, a new one."""
-        from stages.core.tracking.stagerun import StageRun
-
-        reopen = self.opened if self.opened.get("run_id") else None
-        run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
-                             reopen=reopen)
-        return code if run is None else run.finish(code, outcome)  # None: no longer a stage
 
 
 def relay(reply: dict[str, Any]) -> None:
