@@ -67,7 +67,7 @@ class _Streams(io.TextIOBase):
 
 class Agent:
     def __init__(self, key: str, code: Path, streams: _Streams) -> None:
-        self.key, self.code = key, code
+        self.code = code
         self.path = socket_path(key)
         self.streams = streams
         self.counts = threading.Lock()  # `connected` and `last_seen`

@@ -118,17 +118,6 @@ def _kernel_timeouts(conn: Connection | socket.socket, receive_s: float, send_s:
                          struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
 
-def _handshake(conn: Connection, seconds: float, *, answer_first: bool) -> None:
-    """The HMAC challenge both ways, each read and write bounded by `seconds`: the stage
-    answers first (as multiprocessing.connection.Client does), the agent challenges first."""
-    _kernel_timeouts(conn, seconds, seconds)
-    key = auth_key()
-    steps = (answer_challenge, deliver_challenge) if answer_first else (deliver_challenge,
-                                                                          answer_challenge)
-    for step in steps:
-        step(conn, key)
-
-
 def dial(path: Path) -> Connection | None:
     """An authenticated connection to the agent at `path`; None when none listens there (no
     socket, a stale one, or an agent closing as we came). AgentUnavailable when one listens but
@@ -146,8 +135,10 @@ def dial(path: Path) -> Connection | None:
         return None
     sock.settimeout(None)  # blocking again; the kernel's timeouts bound each read and write
     conn = Connection(sock.detach())
-    try:
-        _handshake(conn, HANDSHAKE_S, answer_first=True)
+    try:  # the HMAC challenge both ways, as multiprocessing.connection.Client: answer first
+        _kernel_timeouts(conn, HANDSHAKE_S, HANDSHAKE_S)
+        answer_challenge(conn, auth_key())
+        deliver_challenge(conn, auth_key())
     except (EOFError, ConnectionError):
         conn.close()
         return None
@@ -168,8 +159,10 @@ def accept(sock: socket.socket) -> Connection | None:
     complete the handshake within HANDSHAKE_S (a stopped stage costs only its own thread)."""
     sock.settimeout(None)
     conn = Connection(sock.detach())
-    try:
-        _handshake(conn, HANDSHAKE_S, answer_first=False)
+    try:  # as multiprocessing.connection.Listener: challenge first
+        _kernel_timeouts(conn, HANDSHAKE_S, HANDSHAKE_S)
+        deliver_challenge(conn, auth_key())
+        answer_challenge(conn, auth_key())
         _kernel_timeouts(conn, 0, SEND_S)  # a stage holds its connection for its whole body
     except Exception:  # noqa: BLE001 - any handshake failure: drop this connection only
         conn.close()

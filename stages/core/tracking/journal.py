@@ -76,15 +76,11 @@ def close_orphans(store: Store) -> list[str]:
 
 def _end_if_running(store: Store, run_id: str) -> bool:
     """End the run FAILED if it is still RUNNING; False if it is not (or no longer exists)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         run = store.client.get_run(run_id)
-    except MlflowException as err:
+    except store_errors() as err:
         if error_code(err) == "RESOURCE_DOES_NOT_EXIST":
             return False  # deleted since: nothing to close
-        return store.call("get run", reraise, err)
-    except store_errors() as err:
         return store.call("get run", reraise, err)
     if run.info.status != "RUNNING":
         return False

@@ -187,24 +187,27 @@ def _stage_facts() -> dict[str, Any]:
 class RemoteStageRun:
     """The stage door's handle on a run kept by the agent (StageRun's interface)."""
 
-    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any]) -> None:
+    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any], conn: Connection,
+                 opened: dict[str, Any]) -> None:
         self.stage, self.root, self.stage_facts = stage, root, stage_facts
-        self.conn: Connection | None = None
+        self.conn, self.pid = conn, peer_pid(conn)
+        self.opened = opened  # the agent's reply to "start": what reopening the run needs
         self.finished = False
-        self.pid: int | None = None
-        self.opened: dict[str, Any] = {}  # the agent's reply to "start": what reopening needs
-        self._saved_env: dict[str, str | None] = {}
         self._closing = threading.Event()
+        env = opened.get("env") or {}
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        threading.Thread(target=self._watch, name="tracking-agent-watch", daemon=True).start()
 
     @classmethod
     def start(cls, stage: str, root: Path) -> RemoteStageRun:
-        run = cls(stage, root, _stage_facts())
+        stage_facts = _stage_facts()
         conn = connect_agent()
         assert conn is not None
         try:
             # cwd: the workspace the run describes (a queued experiment's own clone).
             reply = request(conn, {"op": "start", "stage": stage, "root": str(root),
-                                   "cwd": os.getcwd(), "stage_facts": run.stage_facts},
+                                   "cwd": os.getcwd(), "stage_facts": stage_facts},
                             START_WAIT_S)
             if reply is None:  # had the agent opened the run, the journal ends it (journal.py)
                 raise AgentUnavailable("the tracking agent closed the connection before it "
@@ -213,17 +216,11 @@ class RemoteStageRun:
             conn.close()  # the agent, if it wakes, sees the stage gone and ends the run FAILED
             raise
         relay(reply)
-        run.conn, run.pid, run.opened = conn, peer_pid(conn), reply
-        env = reply.get("env") or {}
-        run._saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        threading.Thread(target=run._watch, name="tracking-agent-watch", daemon=True).start()
-        return run
+        return cls(stage, root, stage_facts, conn, reply)
 
     def _watch(self) -> None:
         """The agent sends nothing while the body runs: anything readable before "finish" is
         the connection closing, i.e. the agent died. Say so now, not only at the end."""
-        assert self.conn is not None
         with contextlib.suppress(OSError, ValueError):
             self.conn.poll(None)
         if not self._closing.is_set():
@@ -235,7 +232,6 @@ class RemoteStageRun:
         self.finished = True
         self._closing.set()
         restore_env(self._saved_env)
-        assert self.conn is not None
         try:
             reply = request(self.conn, {"op": "finish", "code": code,
                                         "outcome": _absolute_paths(outcome)},
@@ -253,19 +249,14 @@ class RemoteStageRun:
             print(f"{self.stage}: the tracking agent (pid {self.pid}) died before it closed "
                   f"the run; finishing run {self.opened.get('run_id')} in this process",
                   file=sys.stderr, flush=True)
-            return self._in_process(code, outcome)
+            from stages.core.tracking.stagerun import StageRun
+
+            # The run the agent opened (same run id, parent and tags), else a new one.
+            run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
+                                 reopen=self.opened if self.opened.get("run_id") else None)
+            return code if run is None else run.finish(code, outcome)  # None: not a stage now
         relay(reply)
         return int(reply["code"])
-
-    def _in_process(self, code: int, outcome: object) -> int:
-        """This stage's run finished in this process: the one the agent opened (same run id,
-        parent and tags) or, when it never opened one, a new one."""
-        from stages.core.tracking.stagerun import StageRun
-
-        reopen = self.opened if self.opened.get("run_id") else None
-        run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
-                             reopen=reopen)
-        return code if run is None else run.finish(code, outcome)  # None: no longer a stage
 
 
 def relay(reply: dict[str, Any]) -> None:
