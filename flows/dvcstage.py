@@ -81,13 +81,22 @@ class Plan:
 
 def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
     """Ask DVC once, in process, what is stale; everything downstream of that may change too."""
+    import networkx as nx  # DVC's own dependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo  # lazy: ~0.5 s, and only this function needs it
 
+    top = (root / "dvc.yaml").resolve()
     try:
         with Repo(str(root)) as repo:
-            names = _pipeline_stages(repo, root)
-            order = _topological(repo, names)
+            # The top-level dvc.yaml's stages, named by stage and file: DVC's `addressing` is
+            # relative to the process's working directory.
+            names = {stage: stage.name for stage in repo.index.stages
+                     if getattr(stage, "name", None) and Path(stage.dvcfile.path).resolve() == top}
+            needs = nx.relabel_nodes(repo.index.graph, names)  # edges: stage -> its deps
+            position = {names.get(s, s): i for i, s in enumerate(repo.index.stages)}
+            # Dependencies first; file order among stages that do not depend on each other.
+            order = [s for s in nx.lexicographical_topological_sort(
+                needs.reverse(copy=False), key=lambda s: position.get(s, 0)) if s in names.values()]
             unknown = sorted(set(selected or ()) - set(order))
             if unknown:
                 raise StageBadInput("flow", EXIT_BAD_INPUT,
@@ -97,8 +106,8 @@ def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
             stale = {by_address[addr]: _why(changes) for addr, changes in repo.status().items()
                      if addr in by_address}
             chosen = [s for s in order if selected is None or s in selected]
-            downstream = _related(repo, names, set(stale), nx_fn="ancestors")  # stage -> dep
-            upstream = _related(repo, names, set(chosen), nx_fn="descendants")
+            downstream = set().union(*(nx.ancestors(needs, s) for s in stale))
+            upstream = set().union(*(nx.descendants(needs, s) for s in chosen))
             remote = repo.config["core"].get("remote")
     except DvcException as err:  # dvc.yaml or params.yaml invalid, not a DVC repo, ...
         detail = f": {err.__cause__}" if err.__cause__ else ""
@@ -107,36 +116,6 @@ def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
     skipped = [s for s in order if s in stale and s not in chosen and s in upstream]
     return Plan(order=chosen, all_stages=order, stale=stale, to_run=to_run,
                 skipped_upstream=skipped, remote=remote)
-
-
-def _pipeline_stages(repo: Any, root: Path) -> dict[Any, str]:
-    """The stages of the top-level dvc.yaml -> their names. (DVC's `addressing` is relative to
-    the process's working directory, so names come from the stage and its file instead.)"""
-    top = (root / "dvc.yaml").resolve()
-    return {stage: stage.name for stage in repo.index.stages
-            if getattr(stage, "name", None) and Path(stage.dvcfile.path).resolve() == top}
-
-
-def _topological(repo: Any, names: dict[Any, str]) -> list[str]:
-    """Stage names, dependencies first (file order among stages that do not depend on each
-    other)."""
-    import networkx as nx  # DVC's own dependency
-
-    graph = repo.index.graph.reverse(copy=True)  # DVC's edges point from a stage to its deps
-    position = {stage: i for i, stage in enumerate(repo.index.stages)}
-    ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position.get(s, 0))
-    return [names[s] for s in ordered if s in names]
-
-
-def _related(repo: Any, names: dict[Any, str], of: set[str], nx_fn: str) -> set[str]:
-    """Stages that depend on `of` (nx_fn="ancestors") or that `of` depends on ("descendants")."""
-    import networkx as nx
-
-    found: set[str] = set()
-    for stage, name in names.items():
-        if name in of:
-            found |= {names[s] for s in getattr(nx, nx_fn)(repo.index.graph, stage) if s in names}
-    return found
 
 
 def _why(changes: Iterable[Any]) -> str:

@@ -14,10 +14,9 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +242,7 @@ def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[st
 # and the flow run's creation); valid while dvc.yaml, dvc.lock and params.yaml keep their
 # modification times (a second later, in practice).
 _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
+_PLANNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-plan")
 
 
 # -- GPU slots ----------------------------------------------------------------------------
@@ -355,16 +355,7 @@ def api() -> Iterator[None]:
 
 def plan_ahead(root: Path, stages: list[str] | None) -> None:
     """Start DVC's status check in a thread; the flow takes its result if nothing moved."""
-    future: Future[Plan] = Future()
-
-    def plan() -> None:
-        try:
-            future.set_result(dvcstage.plan_stages(root, stages))
-        except BaseException as err:  # noqa: BLE001 - the flow asks again and reports the error itself
-            future.set_exception(err)
-
-    _PLANS[_plan_key(root, stages)] = future
-    threading.Thread(target=plan, name="dvc-plan", daemon=True).start()
+    _PLANS[_plan_key(root, stages)] = _PLANNER.submit(dvcstage.plan_stages, root, stages)
 
 
 def _planned(root: Path, stages: list[str] | None) -> Plan:

@@ -49,31 +49,24 @@ def local_gpu_slots(slots: int, want: int, on_wait: Callable[[str], None]) -> It
     """Hold `want` of the `slots` lock files at once; yield their indices. All or none: a stage
     that holds some while it waits for more could deadlock with another doing the same. Waits
     (polling) while fewer than `want` are free."""
-    want = max(1, min(want, slots))
     folder = lock_dir()
     waited = False
     while True:
-        held: list[tuple[int, int]] = []
-        for index in range(slots):
-            # Read-only is enough for flock, and works on a file another user created.
-            fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            held.append((index, fd))
-            if len(held) == want:
-                break
-        if len(held) == want:
-            try:
-                yield [index for index, _ in held]
-            finally:
-                for _, fd in held:
-                    os.close(fd)  # closing releases the lock
-            return
-        for _, fd in held:
-            os.close(fd)
+        with contextlib.ExitStack() as held:  # closing a lock file releases its lock
+            indices: list[int] = []
+            for index in range(slots):
+                # Read-only is enough for flock, and works on a file another user created.
+                fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                held.callback(os.close, fd)
+                indices.append(index)
+                if len(indices) == want:
+                    yield indices
+                    return
         if not waited:
             on_wait(f"{want} of the {slots} GPU slot(s) of this machine are not free ({folder}); "
                     "waiting")
