@@ -68,14 +68,14 @@ _TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retr
 
 
 @task(name="stage", task_run_name="{stage}", **_TASK, **_TRANSIENT)
-def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
-               gpus: int) -> dict[str, Any]:
-    """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
+def stage_task(stage: str, project_dir: str, needed: bool,
+               timeout_s: float | None) -> dict[str, Any]:
+    """One dvc.yaml stage through DVC, holding the GPU slots it trains on; `needed=False` (DVC
     said up to date) spawns nothing."""
     if not needed:
         return {"outcome": "up to date", "seconds": 0.0, "attempts": 0}
     logger = get_run_logger()
-    with gpu_slot(gpus) as device_env:
+    with gpu_slot(_gpus_wanted(Path(project_dir), stage)) as device_env:
         done = dvcstage.run_dvc_stage(Path(project_dir), stage,
                                       dvcstage.child_env({**_lineage_env(), **device_env}),
                                       timeout_s, logger.info)
@@ -138,7 +138,6 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     _log_plan(plan)
     if plan.to_run or promote:
         _prewarm_tracking(root)
-    wanted = _gpus_wanted(root)
     limits = {**TIMEOUTS_S, **(timeouts_s or {})}
     results: dict[str, dict[str, Any]] = {s: {"outcome": "not reached"} for s in plan.order}
     decision: dict[str, Any] | None = None
@@ -150,8 +149,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             results[name] = {"outcome": "failed"}
             try:
                 results[name] = stage_task.with_options(**options)(
-                    name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S),
-                    wanted.get(name, 1) if name in GPU_STAGES else 0)
+                    name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S))
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise
@@ -259,21 +257,21 @@ def uses_server_limit() -> bool:
     return bool(url) and url != _TEMPORARY_API_URL
 
 
-def _gpus_wanted(root: Path) -> dict[str, int]:
-    """GPU slots per training stage: its `devices` param (`auto`: every slot of this machine).
-    A params.yaml that does not load (the stage itself reports it) asks for one."""
+def _gpus_wanted(root: Path, stage: str) -> int:
+    """GPU slots `stage` holds: a training stage's `devices` param (`auto`: every slot of this
+    machine), none for the others. A params.yaml that does not load (the stage itself reports
+    it) asks for one."""
+    if stage not in GPU_STAGES:
+        return 0
     from stages.params import load_params
 
     try:
         params = load_params(root / "params.yaml")
     except Exception:  # noqa: BLE001 - the stage says what is wrong, with its exit code
-        return {}
-    wanted = {}
-    for name in GPU_STAGES:
-        section = "finetune" if name == "scratch" else name  # the baseline trains as finetune
-        devices = getattr(params, section).devices
-        wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
-    return wanted
+        return 1
+    section = "finetune" if stage == "scratch" else stage  # the baseline trains as finetune
+    devices = getattr(params, section).devices
+    return slots.gpu_slots() if devices == "auto" else int(devices)
 
 
 @contextlib.contextmanager
@@ -290,7 +288,7 @@ def gpu_slot(gpus: int) -> Iterator[dict[str, str]]:
         logger.warning("the stage asks for %d GPUs; this machine has %d slot(s): it gets %d",
                        gpus, count, want)
     with slots.local_gpu_slots(count, want, on_wait=logger.info) as indices:
-        env = {**slots.visible_devices(indices, count), **slots.granted_env(len(indices))}
+        env = slots.device_env(indices, count)
         if not uses_server_limit():
             yield env
             return
