@@ -268,12 +268,8 @@ def run_dvc_stage(root: Path, stage: str, env: dict[str, str], timeout_s: float 
 def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
     """Map DVC's exit and output to an error type: the stage's own exit code when DVC reports
     one ("exited with N"), else DVC's."""
-    code, dvc_line = dvc_code, None
-    for i in range(len(tail) - 1, -1, -1):
-        match = _DVC_EXIT.search(tail[i])
-        if match:
-            code, dvc_line = int(match.group(1)), i
-            break
+    reports = [(i, int(m.group(1))) for i, line in enumerate(tail) if (m := _DVC_EXIT.search(line))]
+    dvc_line, code = reports[-1] if reports else (None, dvc_code)
     reason = _reason(tail, dvc_line)
     if code == EXIT_TRANSIENT:
         return StageTransient(stage, code, reason)
