@@ -286,16 +286,16 @@ def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
 
 
 def _reason(tail: list[str], dvc_line: int | None) -> str:
-    """The stage's own one-line reason, else the last line before DVC's error, else DVC's."""
-    upto = tail[:dvc_line] if dvc_line is not None else tail
-    for line in reversed(upto):
-        if _STAGE_REASON.match(line.strip()):
-            return line.strip()
-    lines = [line.strip() for line in upto if line.strip()]
-    if dvc_line is not None:
-        lines = [line for line in lines if not line.startswith("ERROR:")] or lines
-        return lines[-1] if lines else tail[dvc_line].strip()
-    return lines[-1] if lines else "no output"
+    """The stage's own one-line reason, else the last line before DVC's error that is not one of
+    DVC's own, else DVC's; with no DVC error line, the last line."""
+    lines = [line.strip() for line in tail[:dvc_line] if line.strip()]
+    own = [line for line in lines if _STAGE_REASON.match(line)]
+    if own:
+        return own[-1]
+    if dvc_line is None:
+        return lines[-1] if lines else "no output"
+    before = [line for line in lines if not line.startswith("ERROR:")] or lines
+    return before[-1] if before else tail[dvc_line].strip()
 
 
 def _signame(sig: int) -> str:
