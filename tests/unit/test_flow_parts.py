@@ -241,9 +241,10 @@ def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> 
 
 def test_a_temporary_api_that_exits_is_unavailable_and_says_how_it_ended() -> None:
     from flows import localapi
+    from stages.core.errors import Transient
 
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], process_group=0)
-    with pytest.raises(localapi.APIUnavailable, match="exited with 3"):
+    with pytest.raises(Transient, match="exited with 3"):
         localapi.ready(proc, "http://127.0.0.1:9/api", 30)
 
 
