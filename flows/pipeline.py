@@ -287,15 +287,13 @@ def gpu_slot(gpus: int) -> Iterator[dict[str, str]]:
     if want < gpus:
         logger.warning("the stage asks for %d GPUs; this machine has %d slot(s): it gets %d",
                        gpus, count, want)
-    with slots.local_gpu_slots(count, want, on_wait=logger.info) as indices:
-        env = slots.device_env(indices, count)
-        if not uses_server_limit():
-            yield env
-            return
-        ensure_concurrency_limit(GPU_LIMIT, count)
-        with concurrency(GPU_LIMIT, occupy=want, strict=True,
-                         raise_on_lease_renewal_failure=False):
-            yield env
+    with contextlib.ExitStack() as held:
+        indices = held.enter_context(slots.local_gpu_slots(count, want, on_wait=logger.info))
+        if uses_server_limit():
+            ensure_concurrency_limit(GPU_LIMIT, count)
+            held.enter_context(concurrency(GPU_LIMIT, occupy=want, strict=True,
+                                           raise_on_lease_renewal_failure=False))
+        yield slots.device_env(indices, count)
 
 
 def ensure_concurrency_limit(name: str, limit: int) -> None:
