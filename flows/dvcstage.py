@@ -85,13 +85,22 @@ class Plan:
 
 def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
     """Ask DVC once, in process, what is stale; everything downstream of that may change too."""
+    import networkx as nx  # DVC's own dependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo  # lazy: ~0.5 s, and only this function needs it
 
+    top = (root / "dvc.yaml").resolve()
     try:
         with Repo(str(root)) as repo:
-            names = _pipeline_stages(repo, root)
-            order = _topological(repo, names)
+            # The top-level dvc.yaml's stages, named by stage and file: DVC's `addressing` is
+            # relative to the process's working directory.
+            names = {stage: stage.name for stage in repo.index.stages
+                     if getattr(stage, "name", None) and Path(stage.dvcfile.path).resolve() == top}
+            needs = nx.relabel_nodes(repo.index.graph, names)  # edges: stage -> its deps
+            position = {names.get(s, s): i for i, s in enumerate(repo.index.stages)}
+            # Dependencies first; file order among stages that do not depend on each other.
+            order = [s for s in nx.lexicographical_topological_sort(
+                needs.reverse(copy=False), key=lambda s: position.get(s, 0)) if s in names.values()]
             unknown = sorted(set(selected or ()) - set(order))
             if unknown:
                 raise StageBadInput("flow", EXIT_BAD_INPUT,
@@ -101,8 +110,8 @@ def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
             stale = {by_address[addr]: _why(changes) for addr, changes in repo.status().items()
                      if addr in by_address}
             chosen = [s for s in order if selected is None or s in selected]
-            downstream = _related(repo, names, set(stale), nx_fn="ancestors")  # stage -> dep
-            upstream = _related(repo, names, set(chosen), nx_fn="descendants")
+            downstream = set().union(*(nx.ancestors(needs, s) for s in stale))
+            upstream = set().union(*(nx.descendants(needs, s) for s in chosen))
             remote = repo.config["core"].get("remote")
     except DvcException as err:  # dvc.yaml or params.yaml invalid, not a DVC repo, ...
         detail = f": {err.__cause__}" if err.__cause__ else ""
@@ -111,36 +120,6 @@ def plan_stages(root: Path, selected: Sequence[str] | None = None) -> Plan:
     skipped = [s for s in order if s in stale and s not in chosen and s in upstream]
     return Plan(order=chosen, all_stages=order, stale=stale, to_run=to_run,
                 skipped_upstream=skipped, remote=remote)
-
-
-def _pipeline_stages(repo: Any, root: Path) -> dict[Any, str]:
-    """The stages of the top-level dvc.yaml -> their names. (DVC's `addressing` is relative to
-    the process's working directory, so names come from the stage and its file instead.)"""
-    top = (root / "dvc.yaml").resolve()
-    return {stage: stage.name for stage in repo.index.stages
-            if getattr(stage, "name", None) and Path(stage.dvcfile.path).resolve() == top}
-
-
-def _topological(repo: Any, names: dict[Any, str]) -> list[str]:
-    """Stage names, dependencies first (file order among stages that do not depend on each
-    other)."""
-    import networkx as nx  # DVC's own dependency
-
-    graph = repo.index.graph.reverse(copy=True)  # DVC's edges point from a stage to its deps
-    position = {stage: i for i, stage in enumerate(repo.index.stages)}
-    ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position.get(s, 0))
-    return [names[s] for s in ordered if s in names]
-
-
-def _related(repo: Any, names: dict[Any, str], of: set[str], nx_fn: str) -> set[str]:
-    """Stages that depend on `of` (nx_fn="ancestors") or that `of` depends on ("descendants")."""
-    import networkx as nx
-
-    found: set[str] = set()
-    for stage, name in names.items():
-        if name in of:
-            found |= {names[s] for s in getattr(nx, nx_fn)(repo.index.graph, stage) if s in names}
-    return found
 
 
 def _why(changes: Iterable[Any]) -> str:
@@ -292,12 +271,8 @@ def run_dvc_stage(root: Path, stage: str, env: dict[str, str], timeout_s: float 
 def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
     """Map DVC's exit and output to an error type: the stage's own exit code when DVC reports
     one ("exited with N"), else DVC's."""
-    code, dvc_line = dvc_code, None
-    for i in range(len(tail) - 1, -1, -1):
-        match = _DVC_EXIT.search(tail[i])
-        if match:
-            code, dvc_line = int(match.group(1)), i
-            break
+    reports = [(i, int(m.group(1))) for i, line in enumerate(tail) if (m := _DVC_EXIT.search(line))]
+    dvc_line, code = reports[-1] if reports else (None, dvc_code)
     reason = _reason(tail, dvc_line)
     if code == EXIT_TRANSIENT:
         return StageTransient(stage, code, reason)
@@ -314,16 +289,16 @@ def classify(stage: str, dvc_code: int, tail: list[str]) -> StageError:
 
 
 def _reason(tail: list[str], dvc_line: int | None) -> str:
-    """The stage's own one-line reason, else the last line before DVC's error, else DVC's."""
-    upto = tail[:dvc_line] if dvc_line is not None else tail
-    for line in reversed(upto):
-        if _STAGE_REASON.match(line.strip()):
-            return line.strip()
-    lines = [line.strip() for line in upto if line.strip()]
-    if dvc_line is not None:
-        lines = [line for line in lines if not line.startswith("ERROR:")] or lines
-        return lines[-1] if lines else tail[dvc_line].strip()
-    return lines[-1] if lines else "no output"
+    """The stage's own one-line reason, else the last line before DVC's error that is not one of
+    DVC's own, else DVC's; with no DVC error line, the last line."""
+    lines = [line.strip() for line in tail[:dvc_line] if line.strip()]
+    own = [line for line in lines if _STAGE_REASON.match(line)]
+    if own:
+        return own[-1]
+    if dvc_line is None:
+        return lines[-1] if lines else "no output"
+    before = [line for line in lines if not line.startswith("ERROR:")] or lines
+    return before[-1] if before else tail[dvc_line].strip()
 
 
 def _signame(sig: int) -> str:

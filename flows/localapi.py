@@ -31,10 +31,6 @@ from stages.core.errors import Transient
 from stages.core.host import die_with_parent
 
 
-class APIUnavailable(Transient):
-    """The temporary API did not come up: exit 75 (try again later), one line."""
-
-
 def start() -> tuple[subprocess.Popen[bytes], str]:
     """uvicorn serving the Prefect API on a free port of 127.0.0.1, in a process group of its
     own (orphans.kill_group stops it); returns the process and the API's URL."""
@@ -59,14 +55,15 @@ def start() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> str:
-    """`url` once /health answers; else the server is stopped and APIUnavailable says why."""
+    """`url` once /health answers; else the server is stopped and Transient (exit 75: try again
+    later) says why in one line."""
     try:
         wait_healthy(url, proc, timeout_s)
     except RuntimeError:
         code = proc.poll()
         kill_group(proc, grace_s=10.0)
         state = "still starting" if code is None else f"exited with {code}"
-        raise APIUnavailable(
+        raise Transient(
             f"Prefect's temporary API did not answer within {timeout_s:g} s ({state}; a first "
             "start creates its database: raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
         ) from None

@@ -3,10 +3,7 @@ API server, `dvc repro` or a stage running.
 
 Linux's PR_SET_PDEATHSIG sends a signal to a child when its parent dies, but only to that child
 (not to DVC's own children): stages/core/host.die_with_parent for a direct child (the temporary
-API server, the training ranks), and here:
-guarded: a command wrapped in a tiny group leader that ends its whole process group (DVC, the
-shell, the stage and its workers) when the flow process dies.
-kill_group: how this side ends a process group it started (a stage's, a server's, a worker's).
+API server, the training ranks); `guarded` here for a whole process group.
 """
 
 from __future__ import annotations

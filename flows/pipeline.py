@@ -14,10 +14,9 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +68,14 @@ _TRANSIENT: dict[str, Any] = {"retry_condition_fn": _retry_only_transient, "retr
 
 
 @task(name="stage", task_run_name="{stage}", **_TASK, **_TRANSIENT)
-def stage_task(stage: str, project_dir: str, needed: bool, timeout_s: float | None,
-               gpus: int) -> dict[str, Any]:
-    """One dvc.yaml stage through DVC, holding `gpus` GPU slots (0: none); `needed=False` (DVC
+def stage_task(stage: str, project_dir: str, needed: bool,
+               timeout_s: float | None) -> dict[str, Any]:
+    """One dvc.yaml stage through DVC, holding the GPU slots it trains on; `needed=False` (DVC
     said up to date) spawns nothing."""
     if not needed:
         return {"outcome": "up to date", "seconds": 0.0, "attempts": 0}
     logger = get_run_logger()
-    with gpu_slot(gpus) as device_env:
+    with gpu_slot(_gpus_wanted(Path(project_dir), stage)) as device_env:
         done = dvcstage.run_dvc_stage(Path(project_dir), stage,
                                       dvcstage.child_env({**_lineage_env(), **device_env}),
                                       timeout_s, logger.info)
@@ -139,7 +138,6 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
     _log_plan(plan)
     if plan.to_run or promote:
         _prewarm_tracking(root)
-    wanted = _gpus_wanted(root)
     limits = {**TIMEOUTS_S, **(timeouts_s or {})}
     results: dict[str, dict[str, Any]] = {s: {"outcome": "not reached"} for s in plan.order}
     decision: dict[str, Any] | None = None
@@ -151,8 +149,7 @@ def pipeline(stages: list[str] | None = None, set_params: list[str] | None = Non
             results[name] = {"outcome": "failed"}
             try:
                 results[name] = stage_task.with_options(**options)(
-                    name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S),
-                    wanted.get(name, 1) if name in GPU_STAGES else 0)
+                    name, str(root), name in plan.to_run, limits.get(name, DEFAULT_TIMEOUT_S))
             except StageError as err:
                 results[name] = {"outcome": f"failed: {err}"}
                 raise
@@ -243,6 +240,7 @@ def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[st
 # and the flow run's creation); valid while dvc.yaml, dvc.lock and params.yaml keep their
 # modification times (a second later, in practice).
 _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
+_PLANNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-plan")
 
 
 # -- GPU slots ----------------------------------------------------------------------------
@@ -259,21 +257,21 @@ def uses_server_limit() -> bool:
     return bool(url) and url != _TEMPORARY_API_URL
 
 
-def _gpus_wanted(root: Path) -> dict[str, int]:
-    """GPU slots per training stage: its `devices` param (`auto`: every slot of this machine).
-    A params.yaml that does not load (the stage itself reports it) asks for one."""
+def _gpus_wanted(root: Path, stage: str) -> int:
+    """GPU slots `stage` holds: a training stage's `devices` param (`auto`: every slot of this
+    machine), none for the others. A params.yaml that does not load (the stage itself reports
+    it) asks for one."""
+    if stage not in GPU_STAGES:
+        return 0
     from stages.params import load_params
 
     try:
         params = load_params(root / "params.yaml")
     except Exception:  # noqa: BLE001 - the stage says what is wrong, with its exit code
-        return {}
-    wanted = {}
-    for name in GPU_STAGES:
-        section = "finetune" if name == "scratch" else name  # the baseline trains as finetune
-        devices = getattr(params, section).devices
-        wanted[name] = slots.gpu_slots() if devices == "auto" else int(devices)
-    return wanted
+        return 1
+    section = "finetune" if stage == "scratch" else stage  # the baseline trains as finetune
+    devices = getattr(params, section).devices
+    return slots.gpu_slots() if devices == "auto" else int(devices)
 
 
 @contextlib.contextmanager
@@ -289,15 +287,13 @@ def gpu_slot(gpus: int) -> Iterator[dict[str, str]]:
     if want < gpus:
         logger.warning("the stage asks for %d GPUs; this machine has %d slot(s): it gets %d",
                        gpus, count, want)
-    with slots.local_gpu_slots(count, want, on_wait=logger.info) as indices:
-        env = {**slots.visible_devices(indices, count), **slots.granted_env(len(indices))}
-        if not uses_server_limit():
-            yield env
-            return
-        ensure_concurrency_limit(GPU_LIMIT, count)
-        with concurrency(GPU_LIMIT, occupy=want, strict=True,
-                         raise_on_lease_renewal_failure=False):
-            yield env
+    with contextlib.ExitStack() as held:
+        indices = held.enter_context(slots.local_gpu_slots(count, want, on_wait=logger.info))
+        if uses_server_limit():
+            ensure_concurrency_limit(GPU_LIMIT, count)
+            held.enter_context(concurrency(GPU_LIMIT, occupy=want, strict=True,
+                                           raise_on_lease_renewal_failure=False))
+        yield slots.device_env(indices, count)
 
 
 def ensure_concurrency_limit(name: str, limit: int) -> None:
@@ -355,16 +351,7 @@ def api() -> Iterator[None]:
 
 def plan_ahead(root: Path, stages: list[str] | None) -> None:
     """Start DVC's status check in a thread; the flow takes its result if nothing moved."""
-    future: Future[Plan] = Future()
-
-    def plan() -> None:
-        try:
-            future.set_result(dvcstage.plan_stages(root, stages))
-        except BaseException as err:  # noqa: BLE001 - the flow asks again and reports the error itself
-            future.set_exception(err)
-
-    _PLANS[_plan_key(root, stages)] = future
-    threading.Thread(target=plan, name="dvc-plan", daemon=True).start()
+    _PLANS[_plan_key(root, stages)] = _PLANNER.submit(dvcstage.plan_stages, root, stages)
 
 
 def _planned(root: Path, stages: list[str] | None) -> Plan:

@@ -133,7 +133,5 @@ def _decision_text(decision: Mapping[str, Any] | None, note: str) -> str:
                if champion else "no champion")
     text = (f"{verdict}: challenger v{decision.get('challenger_version')} "
             f"(accuracy {_fmt(decision.get('challenger_accuracy'))}) vs {against}. "
-            f"Reason: {decision.get('reason', '-')}.")
-    if "current_champion_version" in decision:
-        text += champion_now
+            f"Reason: {decision.get('reason', '-')}.{champion_now}")
     return f"{text}\n\n{note}" if note else text

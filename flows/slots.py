@@ -49,31 +49,24 @@ def local_gpu_slots(slots: int, want: int, on_wait: Callable[[str], None]) -> It
     """Hold `want` of the `slots` lock files at once; yield their indices. All or none: a stage
     that holds some while it waits for more could deadlock with another doing the same. Waits
     (polling) while fewer than `want` are free."""
-    want = max(1, min(want, slots))
     folder = lock_dir()
     waited = False
     while True:
-        held: list[tuple[int, int]] = []
-        for index in range(slots):
-            # Read-only is enough for flock, and works on a file another user created.
-            fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            held.append((index, fd))
-            if len(held) == want:
-                break
-        if len(held) == want:
-            try:
-                yield [index for index, _ in held]
-            finally:
-                for _, fd in held:
-                    os.close(fd)  # closing releases the lock
-            return
-        for _, fd in held:
-            os.close(fd)
+        with contextlib.ExitStack() as held:  # closing a lock file releases its lock
+            indices: list[int] = []
+            for index in range(slots):
+                # Read-only is enough for flock, and works on a file another user created.
+                fd = os.open(folder / f"slot-{index}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                held.callback(os.close, fd)
+                indices.append(index)
+                if len(indices) == want:
+                    yield indices
+                    return
         if not waited:
             on_wait(f"{want} of the {slots} GPU slot(s) of this machine are not free ({folder}); "
                     "waiting")
@@ -81,17 +74,14 @@ def local_gpu_slots(slots: int, want: int, on_wait: Callable[[str], None]) -> It
         time.sleep(POLL_S)
 
 
-def visible_devices(indices: list[int], slots: int) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for the slots held, on a machine with several GPUs; nothing with one
-    (or none), so a single-GPU or CPU setup is left exactly as the user configured it."""
-    if slots < 2:
-        return {}
-    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return {"CUDA_VISIBLE_DEVICES": ",".join(listed[i] if i < len(listed) else str(i)
-                                             for i in indices)}
-
-
-def granted_env(n: int) -> dict[str, str]:
-    """Tells the stage it was granted n GPUs, where this machine has any: a stage that then
-    finds CUDA not loading fails (exit 2) instead of training on the CPU for hours."""
-    return {GPUS_GRANTED_ENV: str(n)} if visible_gpus() > 0 else {}
+def device_env(indices: list[int], slots: int) -> dict[str, str]:
+    """The env that points a stage at the slots it holds. CUDA_VISIBLE_DEVICES only on a machine
+    with several GPUs, so a single-GPU or CPU setup is left exactly as the user configured it;
+    where this machine has any GPU, the count granted: a stage that then finds CUDA not loading
+    fails (exit 2) instead of training on the CPU for hours."""
+    env = {GPUS_GRANTED_ENV: str(len(indices))} if visible_gpus() > 0 else {}
+    if slots >= 2:
+        listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(listed[i] if i < len(listed) else str(i)
+                                               for i in indices)
+    return env

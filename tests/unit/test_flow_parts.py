@@ -48,8 +48,9 @@ def test_local_gpu_slots_exclude_each_other(count: int, tmp_path: Path,
         release_a.set()
     a.join()
     b.join()
-    assert slots.visible_devices([1], 2) == {"CUDA_VISIBLE_DEVICES": "1"}
-    assert slots.visible_devices([0], 1) == {}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert slots.device_env([1], 2).get("CUDA_VISIBLE_DEVICES") == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in slots.device_env([0], 1)
 
 
 @pytest.mark.parametrize(("code", "kind"), [
@@ -188,12 +189,12 @@ def test_a_stage_gets_all_the_slots_it_asks_for_or_waits(tmp_path: Path,
 
 def test_granted_slots_map_to_the_devices_the_process_sees(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
-    assert slots.visible_devices([0, 2], 3) == {"CUDA_VISIBLE_DEVICES": "4,6"}
-    assert slots.visible_devices([0], 1) == {}  # one GPU: left as the user set it
+    assert slots.device_env([0, 2], 3) == {"CUDA_VISIBLE_DEVICES": "4,6",
+                                           "IMAGEPIPE_GPUS_GRANTED": "2"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: left as the user set it
+    assert slots.device_env([0], 1) == {"IMAGEPIPE_GPUS_GRANTED": "1"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: no grant to announce
-    assert slots.granted_env(2) == {}
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert slots.granted_env(1) == {"IMAGEPIPE_GPUS_GRANTED": "1"}
+    assert slots.device_env([0], 1) == {}
 
 
 def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
@@ -204,8 +205,10 @@ def test_training_stages_ask_for_their_devices(tmp_path: Path) -> None:
     raw["pretrain"]["devices"] = 2
     raw["finetune"]["devices"] = 3  # the scratch stage trains with finetune's settings
     write_params(tmp_path / "params.yaml", raw)
-    assert pipeline._gpus_wanted(tmp_path) == {"pretrain": 2, "finetune": 3, "scratch": 3}
-    assert pipeline._gpus_wanted(REPO / "flows") == {}  # no params.yaml there
+    asked = {s: pipeline._gpus_wanted(tmp_path, s) for s in ("pretrain", "finetune", "scratch",
+                                                              "evaluate")}
+    assert asked == {"pretrain": 2, "finetune": 3, "scratch": 3, "evaluate": 0}
+    assert pipeline._gpus_wanted(REPO / "flows", "pretrain") == 1  # no params.yaml there
 
 
 def test_the_flow_logs_the_promotion_in_words() -> None:
@@ -254,9 +257,10 @@ def test_a_bad_override_is_refused_on_a_copy_and_params_stay(tmp_path: Path) -> 
 
 def test_a_temporary_api_that_exits_is_unavailable_and_says_how_it_ended() -> None:
     from flows import localapi
+    from stages.core.errors import Transient
 
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], process_group=0)
-    with pytest.raises(localapi.APIUnavailable, match="exited with 3"):
+    with pytest.raises(Transient, match="exited with 3"):
         localapi.ready(proc, "http://127.0.0.1:9/api", 30)
 
 
