@@ -198,12 +198,6 @@ def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     return size, size, int(meta["channels"])
 
 
-def takes_pixels(session: ort.InferenceSession) -> bool:
-    """Whether the model preprocesses in its graph (uint8 NHWC input, format 2) rather than
-    taking float32 NCHW input preprocessed outside (format 1)."""
-    return session.get_inputs()[0].type == "tensor(uint8)"
-
-
 def predict_outputs(
     session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
 ) -> dict[str, np.ndarray]:
@@ -216,17 +210,17 @@ def predict_outputs(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
         raise BadInput(f"images must be uint8 N x {' x '.join(map(str, expected))} for this "
                        f"model; got {images.dtype} {images.shape}")
-    name = session.get_inputs()[0].name
+    inp = session.get_inputs()[0]
+    pixels = inp.type == "tensor(uint8)"  # format 2 preprocesses in its graph
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in OUTPUTS if n in names]  # format 1: `logits` alone (every export of it)
-    pixels = takes_pixels(session)
     if not pixels:  # here, not at the top: the serving artifact ships no dataset module
         from stages.core.dataset import preprocess
     out = {n: np.empty((len(images), len(meta["classes"])), dtype=np.float32) for n in wanted}
     for lo in range(0, len(images), batch_size):
         batch = images[lo:lo + batch_size]
         x = batch if pixels else preprocess(batch, meta["mean"], meta["std"])
-        for n, got in zip(wanted, session.run(wanted, {name: x}), strict=True):
+        for n, got in zip(wanted, session.run(wanted, {inp.name: x}), strict=True):
             out[n][lo:lo + len(x)] = got
     if "probabilities" not in out:
         from scipy.special import softmax
