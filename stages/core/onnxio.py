@@ -176,9 +176,7 @@ def read_metadata(model: onnx.ModelProto | ort.InferenceSession) -> dict[str, An
         raw = dict(model.get_modelmeta().custom_metadata_map)
     else:
         raw = {p.key: p.value for p in model.metadata_props}
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        meta[key] = json.loads(value) if key in _JSON_KEYS else value
+    meta = {key: json.loads(value) if key in _JSON_KEYS else value for key, value in raw.items()}
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise BadInput(f"not an imagepipe model: metadata_props lack {missing} "
