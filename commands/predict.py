@@ -117,10 +117,10 @@ def open_model(model: str, scratch: Path) -> Any:
     return onnxio.make_session(path)
 
 
-def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> None:
+def run(model: str, images: list[str], top_k: int, as_json: bool) -> None:
     """Print one line per image; BadInput at the end when any image could not be read."""
     with tempfile.TemporaryDirectory(prefix="imagepipe-predict-") as scratch:
-        session = open_model(str(model), Path(scratch))
+        session = open_model(model, Path(scratch))
     images = expand(images)
     failed = 0
     for path, top in predict_files(session, images, top_k):

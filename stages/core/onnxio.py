@@ -131,7 +131,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    so.intra_op_num_threads = threads if threads and threads > 0 else usable_cores()
+    so.intra_op_num_threads = threads or usable_cores()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
