@@ -23,7 +23,6 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +38,6 @@ from stages.core.walk import IMAGE_SUFFIXES
 # Images decoded and run per batch: bounds memory whatever the number of files given.
 CHUNK = 64
 REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(@(?P<alias>[^/@]+)|/(?P<version>\d+))")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    image: str
-    top: list[tuple[str, float]] | None = None
-    error: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"image": self.image, "error": self.error}
-        return {"image": self.image,
-                "top_k": [{"class": c, "probability": round(p, 6)} for c, p in self.top or []]}
-
-    def as_text(self) -> str:
-        shown = "  ".join(f"{c} {p:.1%}" for c, p in self.top or [])
-        return f"{self.image}: {shown}"
 
 
 def load_image(path: str, size: int, channels: int) -> np.ndarray:
@@ -75,29 +57,30 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
     return canonical(img, size, channels)
 
 
-def predict_files(session: Any, paths: list[str], top_k: int) -> Iterator[Outcome]:
-    """Outcomes in the order of `paths`, CHUNK images decoded and run at a time."""
+def predict_files(session: Any, paths: list[str], top_k: int
+                  ) -> Iterator[tuple[str, list[tuple[str, float]] | str]]:
+    """(path, its top classes and their probabilities, or why it could not be read) in the
+    order of `paths`, CHUNK images decoded and run at a time."""
     meta = onnxio.read_metadata(session)
     size, _, channels = onnxio.input_shape(meta)
     classes = list(meta["classes"])
-    k = min(top_k, len(classes))
     for lo in range(0, len(paths), CHUNK):
-        loaded: dict[int, np.ndarray] = {}
-        errors: dict[int, str] = {}
-        for i, path in enumerate(paths[lo:lo + CHUNK]):
+        chunk = paths[lo:lo + CHUNK]
+        read: list[np.ndarray | str] = []
+        for path in chunk:
             try:
-                loaded[i] = load_image(path, size, channels)
+                read.append(load_image(path, size, channels))
             except BadInput as err:
-                errors[i] = str(err)
-        batch = np.stack(list(loaded.values())) if loaded else None
-        probs = iter(onnxio.predict_outputs(session, batch)["probabilities"] if loaded else [])
-        for i, path in enumerate(paths[lo:lo + CHUNK]):
-            if i in errors:
-                yield Outcome(path, error=errors[i])
+                read.append(str(err))
+        loaded = [x for x in read if not isinstance(x, str)]
+        probs = iter(onnxio.predict_outputs(session, np.stack(loaded))["probabilities"]
+                     if loaded else [])
+        for path, x in zip(chunk, read, strict=True):
+            if isinstance(x, str):
+                yield path, x
                 continue
             p = next(probs)
-            best = np.argsort(-p, kind="stable")[:k]
-            yield Outcome(path, top=[(classes[j], float(p[j])) for j in best])
+            yield path, [(classes[j], float(p[j])) for j in np.argsort(-p, kind="stable")[:top_k]]
 
 
 def expand(args: list[str]) -> list[str]:
@@ -134,20 +117,23 @@ def open_model(model: str, scratch: Path) -> Any:
     return onnxio.make_session(path)
 
 
-def run(model: str | Path, images: list[str], top_k: int, as_json: bool) -> None:
+def run(model: str, images: list[str], top_k: int, as_json: bool) -> None:
     """Print one line per image; BadInput at the end when any image could not be read."""
     with tempfile.TemporaryDirectory(prefix="imagepipe-predict-") as scratch:
-        session = open_model(str(model), Path(scratch))
+        session = open_model(model, Path(scratch))
     images = expand(images)
     failed = 0
-    for outcome in predict_files(session, images, top_k):
-        if outcome.error is not None:
+    for path, top in predict_files(session, images, top_k):
+        if isinstance(top, str):
             failed += 1
-            print(f"predict: error: {outcome.image}: {outcome.error}", file=sys.stderr)
-        if as_json:
-            print(json.dumps(outcome.as_json()), flush=True)
-        elif outcome.error is None:
-            print(outcome.as_text(), flush=True)
+            print(f"predict: error: {path}: {top}", file=sys.stderr)
+            if as_json:
+                print(json.dumps({"image": path, "error": top}), flush=True)
+        elif as_json:
+            print(json.dumps({"image": path, "top_k": [{"class": c, "probability": round(p, 6)}
+                                                        for c, p in top]}), flush=True)
+        else:
+            print(f"{path}: " + "  ".join(f"{c} {p:.1%}" for c, p in top), flush=True)
     if failed:
         raise BadInput(f"{failed} of {len(images)} images could not be read")
 

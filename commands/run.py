@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_overrides(root, args.set_param)
         lock_project(root, args.wait)
         return _run_flow(root, args, stages, dict(args.timeout))
-    except (BadInput, Transient) as err:  # Transient: the project is busy, or Prefect's API
+    except (BadInput, Transient) as err:  # also a busy project, Prefect's API, a stage's failure
         print(f"imagepipe run: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BadInput) else EXIT_TRANSIENT
     except KeyboardInterrupt:
@@ -181,15 +181,10 @@ def _run_flow(root: Path, args: argparse.Namespace, stages: list[str] | None,
         print(f"imagepipe run: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         return 0
     exc = state.result(raise_on_failure=False)
-    print(f"imagepipe run: {state.type.value.lower()}: {exc}", file=sys.stderr)
-    return _exit_code(exc if isinstance(exc, BaseException) else None)
-
-
-def _exit_code(exc: BaseException | None) -> int:
-    from flows.dvcstage import StageBadInput, StageTransient
-
-    if isinstance(exc, StageBadInput):
-        return EXIT_BAD_INPUT
-    if isinstance(exc, StageTransient):
-        return EXIT_TRANSIENT
+    why = f"{state.type.value.lower()}: {exc}"
+    if isinstance(exc, dvcstage.StageBadInput):
+        raise BadInput(why)
+    if isinstance(exc, dvcstage.StageTransient):
+        raise Transient(why)
+    print(f"imagepipe run: {why}", file=sys.stderr)  # a bug, a crash, a timeout
     return EXIT_BUG

@@ -131,7 +131,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    so.intra_op_num_threads = threads if threads and threads > 0 else usable_cores()
+    so.intra_op_num_threads = threads or usable_cores()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
@@ -176,9 +176,7 @@ def read_metadata(model: onnx.ModelProto | ort.InferenceSession) -> dict[str, An
         raw = dict(model.get_modelmeta().custom_metadata_map)
     else:
         raw = {p.key: p.value for p in model.metadata_props}
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        meta[key] = json.loads(value) if key in _JSON_KEYS else value
+    meta = {key: json.loads(value) if key in _JSON_KEYS else value for key, value in raw.items()}
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise BadInput(f"not an imagepipe model: metadata_props lack {missing} "
@@ -198,12 +196,6 @@ def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     return size, size, int(meta["channels"])
 
 
-def takes_pixels(session: ort.InferenceSession) -> bool:
-    """Whether the model preprocesses in its graph (uint8 NHWC input, format 2) rather than
-    taking float32 NCHW input preprocessed outside (format 1)."""
-    return session.get_inputs()[0].type == "tensor(uint8)"
-
-
 def predict_outputs(
     session: ort.InferenceSession, images_uint8_nhwc: np.ndarray, batch_size: int = 256
 ) -> dict[str, np.ndarray]:
@@ -216,17 +208,17 @@ def predict_outputs(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
         raise BadInput(f"images must be uint8 N x {' x '.join(map(str, expected))} for this "
                        f"model; got {images.dtype} {images.shape}")
-    name = session.get_inputs()[0].name
+    inp = session.get_inputs()[0]
+    pixels = inp.type == "tensor(uint8)"  # format 2 preprocesses in its graph
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in OUTPUTS if n in names]  # format 1: `logits` alone (every export of it)
-    pixels = takes_pixels(session)
     if not pixels:  # here, not at the top: the serving artifact ships no dataset module
         from stages.core.dataset import preprocess
     out = {n: np.empty((len(images), len(meta["classes"])), dtype=np.float32) for n in wanted}
     for lo in range(0, len(images), batch_size):
         batch = images[lo:lo + batch_size]
         x = batch if pixels else preprocess(batch, meta["mean"], meta["std"])
-        for n, got in zip(wanted, session.run(wanted, {name: x}), strict=True):
+        for n, got in zip(wanted, session.run(wanted, {inp.name: x}), strict=True):
             out[n][lo:lo + len(x)] = got
     if "probabilities" not in out:
         from scipy.special import softmax
