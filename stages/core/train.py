@@ -186,20 +186,32 @@ def _step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     Several processes cannot redo a step together: SyncBatchNorm (every model here, on CUDA)
     runs collectives inside the forward, so a rank out of memory there leaves the others
     waiting in a collective it will never join, and nothing can be voted on. So under DDP an
-    out-of-memory step is exit 2 with the hint; one process doubles its micro-batches."""
+    out-of-memory step is exit 2 with the hint; one process doubles its micro-batches (BadInput
+    at one image each)."""
     while True:
         tr.opt.zero_grad(set_to_none=True)
         try:
             logits, loss = _accumulate(tr, x, y)
             break
         except torch.OutOfMemoryError as err:
+            micro = -(-len(y) // tr.parts)
             if tr.rt.comm.world > 1:
                 raise BadInput(
                     f"out of device memory in a step of {tr.rt.comm.world} training processes "
-                    f"at {-(-len(y) // tr.parts)} images per pass ({err}); lower batch_size or "
-                    f"raise micro_batches (now {tr.parts}: try {2 * tr.parts}), which keeps the "
-                    "same effective batch") from None
-            _halve(tr, len(y), err)
+                    f"at {micro} images per pass ({err}); lower batch_size or raise micro_batches "
+                    f"(now {tr.parts}: try {2 * tr.parts}), which keeps the same effective batch"
+                ) from None
+            if micro <= 1:
+                raise BadInput(f"out of device memory even one image at a time ({err}); use a "
+                               "smaller model or width, a lower image_size, or a GPU with more "
+                               "memory") from None
+            tr.opt.zero_grad(set_to_none=True)  # the gradients' memory first, then the cache
+            if tr.rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+            tr.parts *= 2
+            log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of "
+                        "about %d (the same effective batch of %d; set micro_batches: %d to start "
+                        "there)", micro, tr.parts, -(-len(y) // tr.parts), len(y), tr.parts)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.sched.step()
@@ -225,21 +237,6 @@ def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
         outs.append(logits.detach())
         total = total + loss.detach()
     return (outs[0] if parts == 1 else torch.cat(outs)), total
-
-
-def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:
-    """After an out-of-memory step: twice the micro-batches, or BadInput at one image each."""
-    tr.opt.zero_grad(set_to_none=True)
-    if tr.rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    micro = -(-batch // tr.parts)
-    if micro <= 1:
-        raise BadInput(f"out of device memory even one image at a time ({err}); use a smaller "
-                       f"model or width, a lower image_size, or a GPU with more memory") from None
-    tr.parts *= 2
-    log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of about %d "
-                "(the same effective batch of %d; set micro_batches: %d to start there)", micro,
-                tr.parts, -(-batch // tr.parts), batch, tr.parts)
 
 
 def _forward(net: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
