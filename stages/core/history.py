@@ -52,11 +52,9 @@ def throughput(history: list[dict[str, Any]]) -> str:
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV (columns in first-seen order), written atomically."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    """Rows with the same keys (a history's, evaluate's confusion pairs) as CSV, the first row's
+    key order the columns, written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
