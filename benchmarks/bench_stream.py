@@ -76,7 +76,7 @@ class Contender:
         spec = ModelSpec(p.model, CLASSES, 3, SIZE, p.width, p.dropout)
         torch.manual_seed(0)
         model = build_model(spec)
-        self.trainer = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt,
+        self.trainer = make_trainer(model, param_groups(model, p.lr, p.weight_decay), p, rt,
                                     100, len(source))
 
     def train(self) -> tuple[float, float]:

@@ -140,7 +140,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
     from stages.core.checkpoint import CheckpointStore
     from stages.core.history import write_csv
     from stages.core.models import save_model_file
-    from stages.core.regularize import L2SP, l2sp_groups
+    from stages.core.regularize import l2sp, l2sp_groups
     from stages.core.train import fit, make_trainer, param_groups
 
     steps, rows = len(t.train), []
@@ -151,7 +151,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
             write_csv(out.plot, rows + history)
 
     model.backbone.requires_grad_(False)
-    tr = make_trainer(model, param_groups([(model.head, p.lr)], p.weight_decay), p, rt,
+    tr = make_trainer(model, param_groups(model.head, p.lr, p.weight_decay), p, rt,
                       p.head_epochs, steps, frozen=model.backbone)
     head = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "head.pt",
                                                    {**fp, "phase": "head"}, rt.comm),
@@ -168,7 +168,7 @@ def transfer(model: Classifier, t: Target, p: FinetuneParams, rt: Runtime, out: 
                          p.weight_decay, p.l2sp)
     tr = make_trainer(model, groups, p, rt, p.full_epochs, steps)
     if p.l2sp > 0:  # anchored at the backbone as phase 2 starts: the pretrained weights
-        tr.penalty = L2SP(model.backbone, p.l2sp)
+        tr.penalty = l2sp(model.backbone, p.l2sp)
     full = fit(tr, t.train, t.val, CheckpointStore(out.checkpoints / "full.pt",
                                                    {**fp, "phase": "full"}, rt.comm),
                phase="full", epochs=p.full_epochs, epoch_offset=p.head_epochs,
@@ -192,7 +192,6 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     ds = load_dataset(data, verify=params.verify_data)
     model, mf = adapt_to_target(*load_model_file(pretrained), ds)
     t = load_target(ds, mf, p, rt, params.seed)
-    out.checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     # The new head's initial weights depend on the seed only, not on what ran before.
     torch.manual_seed(params.seed)
     model.replace_head(len(t.classes))
@@ -207,21 +206,8 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     if head + full:
         log.info("finetune: transfer %s", throughput(head + full))
     log.info("finetune: stage %.1f s", time.perf_counter() - start)
-    return {**run_metrics(head + full, row), "probe_val_accuracy": summary(head).get("val_accuracy"),
+    return {**summary(head + full, row), "probe_val_accuracy": summary(head).get("val_accuracy"),
             "n_train": t.train.n, "n_val": t.val.n, "world_size": rt.comm.world}
-
-
-def run_metrics(history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
-    """A run's summary where val_loss/val_accuracy are those of the model file (the epoch
-    `row`, `selected_epoch`: what `imagepipe tune` and export compare), with the last epoch's
-    beside them. Shared with stages/scratch.py."""
-    from stages.core.history import summary
-
-    out = summary(history)
-    if row:
-        out.update(val_loss=row["val_loss"], val_accuracy=row["val_acc"],
-                   selected_epoch=row["epoch"], last_val_accuracy=history[-1]["val_acc"])
-    return out
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -63,9 +63,8 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     log.info("pretrain: %s on %s, %d train / %d val images (%s), %d steps per epoch",
              p.model, rt.device, train.n, val.n,
              "resident on the device" if train.resident else "streamed", len(train))
-    tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, p.epochs,
+    tr = make_trainer(model, param_groups(model, p.lr, p.weight_decay), p, rt, p.epochs,
                       len(train))
-    checkpoints.mkdir(parents=True, exist_ok=True)  # not a DVC out (see dvc.yaml): resume only
     store = CheckpointStore(checkpoints / "pretrain.pt", {
         "stage": "pretrain", "seed": params.seed, "data": ds.manifest["sha256"], **world,
         "code": code_fingerprint("stages.pretrain")}, rt.comm)

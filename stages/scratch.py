@@ -30,7 +30,7 @@ from typing import Any
 from stages.core import door
 from stages.core.codeid import code_fingerprint
 from stages.core.dataset import load_dataset
-from stages.finetune import adapt_to_target, load_target, run_metrics
+from stages.finetune import adapt_to_target, load_target
 from stages.params import Params
 from stages.trainingdoor import training_main
 
@@ -52,7 +52,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     from stages.core.best import BestEpoch, chosen
     from stages.core.checkpoint import CheckpointStore
     from stages.core.device import make_runtime
-    from stages.core.history import throughput, write_csv
+    from stages.core.history import summary, throughput, write_csv
     from stages.core.models import build_model, load_model_file, save_model_file
     from stages.core.train import fit, make_trainer, param_groups
 
@@ -62,14 +62,13 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
     ds = load_dataset(data, verify=params.verify_data)
     _, mf = adapt_to_target(*load_model_file(pretrained), ds)  # the spec and normalisation
     t = load_target(ds, mf, p, rt, params.seed)
-    out.checkpoints.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)
     model = build_model(replace(mf.spec, num_classes=len(t.classes)))
     best = BestEpoch(model) if p.keep_best else None
     history: list[dict[str, Any]] = []
     if p.baseline:
         epochs = p.head_epochs + p.full_epochs
-        tr = make_trainer(model, param_groups([(model, p.scratch_lr)], p.weight_decay), p, rt,
+        tr = make_trainer(model, param_groups(model, p.scratch_lr, p.weight_decay), p, rt,
                           epochs, len(t.train))
         store = CheckpointStore(out.checkpoints / "scratch.pt",
                                 {**t.fingerprint, "phase": "scratch",
@@ -88,7 +87,7 @@ def run(params: Params, data: Path, pretrained: Path, out: Outputs) -> dict[str,
             "scratch", row, baseline=p.baseline, hflip_policy=bool(p.hflip),
             keep_best=p.keep_best))
     log.info("scratch: stage %.1f s", time.perf_counter() - start)
-    return {**run_metrics(history, row), "n_train": t.train.n, "n_val": t.val.n,
+    return {**summary(history, row), "n_train": t.train.n, "n_val": t.val.n,
             "world_size": rt.comm.world}
 
 

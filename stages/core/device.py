@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +40,8 @@ class Runtime:
     comm: Comm = SINGLE
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.bf16 or self.fp16:
-            dtype = torch.bfloat16 if self.bf16 else torch.float16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
-        return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.bf16 else torch.float16,
+                              enabled=self.bf16 or self.fp16)
 
     def backend(self) -> str:
         return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"

@@ -47,10 +47,6 @@ class OnlineAugment:
     crop_padding: int = 0
     hflip: bool = False
 
-    @property
-    def active(self) -> bool:
-        return self.crop_padding > 0 or self.hflip
-
 
 def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
     """Indices in [-(n-1), 2(n-1)] mirrored into [0, n-1] (numpy's 'reflect' padding).
@@ -162,25 +158,18 @@ class DeviceBatches:
 
     def augmented(self, src: torch.Tensor, which: torch.Tensor, offsets: np.ndarray,
                   flips: np.ndarray) -> torch.Tensor:
-        """Images `which` of uint8 `src` on the device, cropped, flipped and normalised."""
-        if self.train_size is not None:
-            x = src[which].permute(0, 3, 1, 2).float().div_(255.0)
-            return self._finish(resized_crop(x, offsets, flips, self.train_size))
-        if self.augment.active:
-            rows, cols = crop_flip_grid(offsets, flips, self.size, self.augment.crop_padding,
-                                        self.device)
+        """Images `which` of uint8 `src` on the device, cropped, flipped and normalised (the
+        same arithmetic as dataset.preprocess): float B x C x H x W in the model's memory format."""
+        pad, flip = self.augment.crop_padding, self.augment.hflip
+        if self.train_size is None and (pad or flip):
+            rows, cols = crop_flip_grid(offsets, flips, self.size, pad, self.device)
             # One gather does the batch selection, the crop and the flip: B x H x W x C.
-            x = src[which[:, None, None], rows[:, :, None], cols[:, None, :]]
+            src = src[which[:, None, None], rows[:, :, None], cols[:, None, :]]
         else:
-            x = src[which]
-        return self.normalise(x)
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 B x H x W x C -> float B x C x H x W, the same arithmetic as dataset.preprocess."""
-        return self._finish(x.permute(0, 3, 1, 2).float().div_(255.0))
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Float B x C x H x W on the [0, 1] scale -> normalised, in the model's memory format."""
+            src = src[which]
+        x = src.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.train_size is not None:
+            x = resized_crop(x, offsets, flips, self.train_size)
         x = x.sub_(self._mean).div_(self._std)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)

@@ -5,7 +5,6 @@ reports: the metrics summary, the images/s log line, the per-epoch CSV (plots/*.
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,10 @@ from stages.core.best import validation_key
 from stages.core.io import atomic_path
 
 
-def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final and best figures of a run's history, for the metrics file (numbers only).
+def summary(history: list[dict[str, Any]], row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final and best figures of a run's history, for the metrics file (numbers only). With
+    `row`, the epoch the model file holds (keep_best's choice, `selected_epoch`: what `imagepipe
+    tune` and export compare), val_loss/val_accuracy are that epoch's, the last's beside them.
 
     No timings: the metrics file is what `dvc metrics diff` and `dvc exp show` compare, and a
     rerun of the same params would show a changed images/s nobody made. Timings live in the
@@ -25,12 +26,16 @@ def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in history if r["val_acc"] is not None]
     # The epoch keep_best ships (core/best.py); max keeps the first of equal ones.
     best = max(scored, key=validation_key) if scored else None
-    return {
+    out = {
         "epochs": len(history), "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
         "val_loss": last["val_loss"], "val_accuracy": last["val_acc"],
         "best_val_accuracy": best["val_acc"] if best else None,
         "best_epoch": best["epoch"] if best else None,
     }
+    if row:
+        out.update(val_loss=row["val_loss"], val_accuracy=row["val_acc"],
+                   selected_epoch=row["epoch"], last_val_accuracy=last["val_acc"])
+    return out
 
 
 def speed(history: list[dict[str, Any]]) -> tuple[float, float]:
@@ -47,13 +52,9 @@ def throughput(history: list[dict[str, Any]]) -> str:
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV (columns in first-seen order), written atomically."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    """Rows with the same keys (a history's, evaluate's confusion pairs) as CSV, the first row's
+    key order the columns, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -145,25 +145,18 @@ def _adapt_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 def convert_in_channels(state: dict[str, torch.Tensor], want: dict[str, torch.Size]
                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A state dict for a network that differs only in its input channels (1 <-> 3): the
-    weights whose shapes differ only there are converted; any other difference is BadInput.
+    """A state dict for the same network with other input channels (1 <-> 3: finetune's adapted
+    spec changes nothing else): the weights whose shapes differ, the first conv's, are converted.
 
     Grey -> colour repeats the grey kernel over R, G and B divided by 3, so an image with
     R = G = B gives the pretrained response; colour -> grey sums the three kernels (as
-    `_adapt_in_channels`). Returns the state dict and the converted keys (the first conv)."""
+    `_adapt_in_channels`). Returns the state dict and the converted keys."""
     out, converted = dict(state), []
     for key, shape in want.items():
-        have = state.get(key)
-        if have is None or have.shape == shape:
-            continue
-        if (have.dim() == 4 and len(shape) == 4 and have.shape[0] == shape[0]
-                and have.shape[2:] == shape[2:] and {have.shape[1], shape[1]} == {1, 3}):
-            out[key] = (have.repeat(1, 3, 1, 1) / 3.0 if shape[1] == 3
-                        else have.sum(dim=1, keepdim=True))
+        have = state[key]
+        if have.shape != shape:
+            out[key] = have.repeat(1, 3, 1, 1) / 3.0 if shape[1] == 3 else have.sum(dim=1, keepdim=True)
             converted.append(key)
-        else:
-            raise BadInput(f"pretrained weight {key} is {tuple(have.shape)} but the target "
-                           f"network needs {tuple(shape)}: only the input channels may differ")
     return out, converted
 
 

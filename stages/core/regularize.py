@@ -3,29 +3,29 @@ toward zero. module + alpha -> a callable returning alpha/2 * ||w - w_pretrained
 
 Why: with 50 labels a class, weight decay toward zero pulls the backbone away from the features
 that make transfer worth doing; anchoring it at its starting point keeps them unless the target
-data pays for the change. The anchor is the weights at the time `L2SP` is made (finetune makes
-it at the start of phase 2, when the backbone is still the pretrained one).
+data pays for the change. The anchor is the weights when `l2sp` is called (finetune calls it
+at the start of phase 2, when the backbone is still the pretrained one).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 
-class L2SP:
-    """alpha/2 * sum ||w - w0||^2 over `module`'s weights of two or more dimensions: those that
-    weight decay would touch (biases and norm scales are not decayed either way)."""
+def l2sp(module: nn.Module, alpha: float) -> Callable[[], torch.Tensor]:
+    """The penalty alpha/2 * sum ||w - w0||^2 over `module`'s weights of two or more dimensions:
+    those that weight decay would touch (biases and norm scales are not decayed either way)."""
+    weights = [p for p in module.parameters() if p.ndim > 1]
+    anchors = [p.detach().clone() for p in weights]
 
-    def __init__(self, module: nn.Module, alpha: float) -> None:
-        self.alpha = alpha
-        self.weights = [p for p in module.parameters() if p.ndim > 1]
-        self.anchors = [p.detach().clone() for p in self.weights]
+    def penalty() -> torch.Tensor:
+        total = sum((w.float() - a.float()).pow(2).sum() for w, a in zip(weights, anchors, strict=True))
+        return 0.5 * alpha * total  # type: ignore[return-value]
 
-    def __call__(self) -> torch.Tensor:
-        total = sum((w.float() - a.float()).pow(2).sum()
-                    for w, a in zip(self.weights, self.anchors, strict=True))
-        return 0.5 * self.alpha * total  # type: ignore[return-value]
+    return penalty
 
 
 def l2sp_groups(backbone: nn.Module, head: nn.Module, backbone_lr: float, head_lr: float,
@@ -35,5 +35,5 @@ def l2sp_groups(backbone: nn.Module, head: nn.Module, backbone_lr: float, head_l
     from stages.core.train import param_groups
 
     backbone_decay = 0.0 if alpha > 0 else weight_decay
-    return (param_groups([(backbone, backbone_lr)], backbone_decay)
-            + param_groups([(head, head_lr)], weight_decay))
+    return (param_groups(backbone, backbone_lr, backbone_decay)
+            + param_groups(head, head_lr, weight_decay))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -88,23 +88,13 @@ def compiled(model: nn.Module, backend: str | Callable[..., Any]) -> nn.Module:
     return cached
 
 
-def param_groups(parts: list[tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
-    """One group per (module, lr), split so that biases and norm weights get no weight decay
-    (decaying BatchNorm scales only fights the normalisation)."""
-    groups: list[dict[str, Any]] = []
-    for module, lr in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        plain = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-                   {"params": plain, "lr": lr, "weight_decay": 0.0}]
+def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """`module`'s trainable parameters at `lr`, split so that biases and norm weights get no
+    weight decay (decaying BatchNorm scales only fights the normalisation)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def build_optimizer(groups: list[dict[str, Any]], p: TrainParams) -> torch.optim.Optimizer:
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
-    return torch.optim.AdamW(groups, lr=p.lr)
 
 
 def schedule_factor(kind: str, total: int, warmup: int) -> Callable[[int], float]:
@@ -125,13 +115,6 @@ def schedule_factor(kind: str, total: int, warmup: int) -> Callable[[int], float
     return factor
 
 
-def build_scheduler(opt: torch.optim.Optimizer, p: TrainParams, epochs: int, steps: int
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(epochs * steps, 1)
-    factor = schedule_factor(p.schedule, total, int(round(p.warmup_epochs * steps)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 @dataclass
 class Trainer:
     """What one training run holds: `model` is saved, `net` (maybe compiled) is called."""
@@ -149,10 +132,6 @@ class Trainer:
     parts: int = 1
     penalty: Callable[[], torch.Tensor] | None = None  # added to the loss: L2-SP (regularize.py)
 
-    def states(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
-                "scaler": self.scaler}
-
 
 def make_trainer(model: nn.Module, groups: list[dict[str, Any]], p: TrainParams, rt: Runtime,
                  epochs: int, steps: int, frozen: nn.Module | None = None) -> Trainer:
@@ -160,12 +139,17 @@ def make_trainer(model: nn.Module, groups: list[dict[str, Any]], p: TrainParams,
     if rt.comm.world > 1:
         # DDP made the weights rank 0's; dropout should differ between ranks' shares.
         torch.manual_seed(torch.initial_seed() + rt.comm.rank)
-    opt = build_optimizer(groups, p)
+    if p.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum,
+                                                     nesterov=p.momentum > 0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=p.lr)
+    factor = schedule_factor(p.schedule, max(epochs * steps, 1), int(round(p.warmup_epochs * steps)))
     # bf16 needs no loss scaling (fp16 does): the scaler is checkpointed either way.
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    return Trainer(model, net, opt, build_scheduler(opt, p, epochs, steps), scaler, rt, loss_fn,
-                   frozen, parts=p.micro_batches)
+    return Trainer(model, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), scaler, rt,
+                   loss_fn, frozen, parts=p.micro_batches)
 
 
 def train_one_epoch(tr: Trainer, batches: DeviceBatches, epoch: int, pos: Position,
@@ -202,20 +186,32 @@ def _step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     Several processes cannot redo a step together: SyncBatchNorm (every model here, on CUDA)
     runs collectives inside the forward, so a rank out of memory there leaves the others
     waiting in a collective it will never join, and nothing can be voted on. So under DDP an
-    out-of-memory step is exit 2 with the hint; one process doubles its micro-batches."""
+    out-of-memory step is exit 2 with the hint; one process doubles its micro-batches (BadInput
+    at one image each)."""
     while True:
         tr.opt.zero_grad(set_to_none=True)
         try:
             logits, loss = _accumulate(tr, x, y)
             break
         except torch.OutOfMemoryError as err:
+            micro = -(-len(y) // tr.parts)
             if tr.rt.comm.world > 1:
                 raise BadInput(
                     f"out of device memory in a step of {tr.rt.comm.world} training processes "
-                    f"at {-(-len(y) // tr.parts)} images per pass ({err}); lower batch_size or "
-                    f"raise micro_batches (now {tr.parts}: try {2 * tr.parts}), which keeps the "
-                    "same effective batch") from None
-            _halve(tr, len(y), err)
+                    f"at {micro} images per pass ({err}); lower batch_size or raise micro_batches "
+                    f"(now {tr.parts}: try {2 * tr.parts}), which keeps the same effective batch"
+                ) from None
+            if micro <= 1:
+                raise BadInput(f"out of device memory even one image at a time ({err}); use a "
+                               "smaller model or width, a lower image_size, or a GPU with more "
+                               "memory") from None
+            tr.opt.zero_grad(set_to_none=True)  # the gradients' memory first, then the cache
+            if tr.rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+            tr.parts *= 2
+            log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of "
+                        "about %d (the same effective batch of %d; set micro_batches: %d to start "
+                        "there)", micro, tr.parts, -(-len(y) // tr.parts), len(y), tr.parts)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.sched.step()
@@ -243,25 +239,10 @@ def _accumulate(tr: Trainer, x: torch.Tensor, y: torch.Tensor
     return (outs[0] if parts == 1 else torch.cat(outs)), total
 
 
-def _halve(tr: Trainer, batch: int, err: torch.OutOfMemoryError) -> None:
-    """After an out-of-memory step: twice the micro-batches, or BadInput at one image each."""
-    tr.opt.zero_grad(set_to_none=True)
-    if tr.rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    micro = -(-batch // tr.parts)
-    if micro <= 1:
-        raise BadInput(f"out of device memory even one image at a time ({err}); use a smaller "
-                       f"model or width, a lower image_size, or a GPU with more memory") from None
-    tr.parts *= 2
-    log.warning("out of device memory at a micro-batch of %d: now %d micro-batches of about %d "
-                "(the same effective batch of %d; set micro_batches: %d to start there)", micro,
-                tr.parts, -(-batch // tr.parts), batch, tr.parts)
-
-
 def _forward(net: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """`net(x)` in fp32 (evaluation never autocasts); out of device memory, the batch in two
     halves, recursively: an evaluation batch is a speed choice, never a reason to fail. No
-    collective is involved (`_plain` unwraps DDP), so one rank may halve alone."""
+    collective is involved (`_scored` unwraps DDP), so one rank may halve alone."""
     try:
         return net(x).float()
     except torch.OutOfMemoryError as err:
@@ -275,36 +256,35 @@ def _forward(net: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
         return torch.cat([_forward(net, h, rt) for h in x.tensor_split(2)])
 
 
-def _plain(net: nn.Module) -> nn.Module:
-    """What DDP wraps: evaluation needs none of its collectives (the ranks' weights are equal)."""
-    return net.module if isinstance(net, DistributedDataParallel) else net
+def _scored(net: nn.Module, batches: DeviceBatches, rt: Runtime
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) of each batch in order, by `net` in eval mode without its DDP
+    wrapper: evaluation needs none of its collectives (the ranks' weights are equal)."""
+    net = net.module if isinstance(net, DistributedDataParallel) else net
+    net.eval()
+    for x, y in batches.epoch(0):
+        yield _forward(net, x, rt), y
 
 
 @torch.inference_mode()
 def predict(net: nn.Module, batches: DeviceBatches, rt: Runtime) -> np.ndarray:
     """Logits (float32 N x K, numpy) of every image, in order."""
-    net = _plain(net)
-    net.eval()
-    out = [_forward(net, x, rt).cpu() for x, _ in batches.epoch(0)]
-    return torch.cat(out).numpy()
+    return torch.cat([logits.cpu() for logits, _ in _scored(net, batches, rt)]).numpy()
 
 
 @torch.inference_mode()
 def evaluate(net: nn.Module, batches: DeviceBatches, rt: Runtime, loss_fn: nn.Module
              ) -> tuple[float, float]:
     """(mean loss, accuracy) over a split."""
-    net = _plain(net)
-    net.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in batches.epoch(0):
-        logits = _forward(net, x, rt)
+    for logits, y in _scored(net, batches, rt):
         loss_sum += float(loss_fn(logits, y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
-def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: CheckpointStore, *,
+def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches, store: CheckpointStore, *,
         phase: str, epochs: int, epoch_offset: int = 0, every: int = 0,
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
         best: BestEpoch | None = None) -> list[dict[str, Any]]:
@@ -316,10 +296,10 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
     `best` sees each epoch before its checkpoint is written, and is saved and resumed with it.
     """
 
-    def states() -> dict[str, Any]:
-        return tr.states() if best is None else {**tr.states(), "best": best}
-
-    resumed = store.resume(states())
+    # What the checkpoint holds (their state_dict() when it is written).
+    states = {"model": tr.model, "optimizer": tr.opt, "scheduler": tr.sched, "scaler": tr.scaler,
+              **({} if best is None else {"best": best})}
+    resumed = store.resume(states)
     pos, history = resumed or (Position(), [])
     if resumed and pos.epoch >= epochs:
         log.info("%s: its checkpoint is complete (%d epochs): nothing to train", phase, epochs)
@@ -330,7 +310,7 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
         for epoch in range(pos.epoch, epochs):
             # The data epoch counts across phases, so phase 2 does not replay phase 1's draws.
             pos = train_one_epoch(tr, train, epoch_offset + epoch, pos, advance,
-                                  save=lambda p: store.save(states(), p, history), every=every)
+                                  save=lambda p: store.save(states, p, history), every=every)
             row = _row(tr, phase, epoch_offset + epoch + 1, pos, val)
             history.append(row)
             if best is not None:
@@ -340,17 +320,16 @@ def fit(tr: Trainer, train: DeviceBatches, val: DeviceBatches | None, store: Che
                      "images/s", phase, epoch + 1, epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], row["images_per_s"])
             pos = Position(epoch=epoch + 1)
-            store.save(states(), pos, history)
+            store.save(states, pos, history)
             if on_epoch is not None and tr.rt.comm.is_main:
                 on_epoch(history)
     return history
 
 
-def _row(tr: Trainer, phase: str, epoch: int, pos: Position, val: DeviceBatches | None
+def _row(tr: Trainer, phase: str, epoch: int, pos: Position, val: DeviceBatches
          ) -> dict[str, Any]:
     loss_sum, correct, seen = tr.rt.comm.all_sum([pos.loss_sum, pos.correct, pos.seen])
-    val_loss, val_acc = (evaluate(tr.net, val, tr.rt, tr.loss_fn) if val is not None and val.n
-                         else (None, None))
+    val_loss, val_acc = evaluate(tr.net, val, tr.rt, tr.loss_fn) if val.n else (None, None)
     return {
         "phase": phase, "epoch": epoch,
         "train_loss": round(loss_sum / max(seen, 1), 6),

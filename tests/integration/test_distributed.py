@@ -77,7 +77,7 @@ def _train_tiny(argv: list[str]) -> int:
     model = OutOfMemoryOnRank1(inner) if argv[2:3] == ["oom"] else inner
     rt = Runtime(CPU, bf16=False, channels_last=False, compile=False, comm=comm)
     p = TrainParams(lr=0.05, device="cpu", micro_batches=int((argv[3:] or ["1"])[0]))
-    tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, rt, 1, len(batches))
+    tr = make_trainer(model, param_groups(model, p.lr, p.weight_decay), p, rt, 1, len(batches))
     train_one_epoch(tr, batches, 0, Position())
     torch.save(inner.state_dict(), out / f"rank{comm.rank}.pt")
     (out / f"parts{comm.rank}").write_text(str(tr.parts))
@@ -409,7 +409,7 @@ def test_gpu_bf16_channels_last_step_learns() -> None:
     assert rt.channels_last and (rt.bf16 or rt.fp16)
     assert rt.bf16 == torch.cuda.is_bf16_supported()
     model = tiny_net(True)
-    tr = make_trainer(model, param_groups([(model, 0.05)], 0.0), TrainParams(), rt, 1, 20)
+    tr = make_trainer(model, param_groups(model, 0.05, 0.0), TrainParams(), rt, 1, 20)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert tr.scaler.is_enabled() == rt.fp16  # loss scaling for fp16 only
     x = torch.randn(32, 1, 8, 8, device=rt.device).contiguous(memory_format=torch.channels_last)
@@ -432,7 +432,7 @@ def test_gpu_compile_deterministic_and_oom_fallback() -> None:
     try:
         assert torch.are_deterministic_algorithms_enabled()
         model = tiny_net(False)
-        tr = make_trainer(model, param_groups([(model, 0.05)], 0.0), TrainParams(), rt, 1, 4)
+        tr = make_trainer(model, param_groups(model, 0.05, 0.0), TrainParams(), rt, 1, 4)
         x = torch.randn(64, 1, 8, 8, device=rt.device)
         y = torch.randint(0, 3, (64,), device=rt.device)
         _step(tr, x, y)

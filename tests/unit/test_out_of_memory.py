@@ -51,7 +51,7 @@ def trained(micro_batches: int, limit: int = 10**9) -> tuple[nn.Module, int]:
     model = Limited(limit)
     p = TrainParams(device="cpu", lr=0.05, micro_batches=micro_batches)
     b = feed(True, 16)
-    tr = make_trainer(model, param_groups([(model, p.lr)], p.weight_decay), p, RT, 1, len(b))
+    tr = make_trainer(model, param_groups(model, p.lr, p.weight_decay), p, RT, 1, len(b))
     train_one_epoch(tr, b, 0, Position())
     return model, tr.parts
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stages.core.regularize import L2SP, l2sp_groups
+from stages.core.regularize import l2sp, l2sp_groups
 
 
 def test_penalty_is_zero_at_the_pretrained_weights() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    assert L2SP(net, alpha=0.5)().item() == 0.0
+    assert l2sp(net, alpha=0.5)().item() == 0.0
 
 
 def test_penalty_is_half_alpha_times_the_squared_distance() -> None:
     conv = nn.Conv2d(3, 4, 3, bias=True)
-    penalty = L2SP(conv, alpha=0.2)
+    penalty = l2sp(conv, alpha=0.2)
     with torch.no_grad():
         conv.weight.add_(0.5)   # 4*3*3*3 = 108 entries moved by 0.5
         conv.bias.add_(10.0)    # a bias is not anchored (nor decayed by weight decay)
@@ -26,7 +26,7 @@ def test_penalty_is_half_alpha_times_the_squared_distance() -> None:
 def test_gradient_steps_on_the_penalty_pull_back_toward_the_pretrained_weights() -> None:
     conv = nn.Conv2d(3, 4, 3)
     start = conv.weight.detach().clone()
-    penalty = L2SP(conv, alpha=1.0)
+    penalty = l2sp(conv, alpha=1.0)
     with torch.no_grad():
         conv.weight.add_(torch.randn_like(conv.weight))
     opt = torch.optim.SGD([conv.weight], lr=0.1)

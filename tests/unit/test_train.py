@@ -193,7 +193,7 @@ def tiny_trainer(model: torch.nn.Module, steps: int) -> Any:
     from stages.params import TrainParams
 
     rt = Runtime(CPU, bf16=False, channels_last=False, compile=False)
-    return make_trainer(model, param_groups([(model, 0.05)], 5e-4), TrainParams(device="cpu"),
+    return make_trainer(model, param_groups(model, 0.05, 5e-4), TrainParams(device="cpu"),
                         rt, 1, steps)
 
 
@@ -264,7 +264,7 @@ def finetune_phases(images: np.ndarray, folder: Path, backend: Any
             q.requires_grad_(not frozen)
         part = model.head if frozen else model
         with counted:
-            tr = make_trainer(model, param_groups([(part, 0.05)], 5e-4), p, rt, 2, len(train),
+            tr = make_trainer(model, param_groups(part, 0.05, 5e-4), p, rt, 2, len(train),
                               frozen=model.backbone if frozen else None)
         fit(tr, train, val, CheckpointStore(folder / f"{phase}.pt", {"phase": phase}),
             phase=phase, epochs=2, epoch_offset=0 if frozen else 2,
