@@ -144,17 +144,16 @@ class Registry:
             raise BadInput(f"{name} v{version} holds no .onnx file")
         return version, onnx_files[0]
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
+    def set_alias(self, name: str, alias: str, version: str | None) -> None:
+        """`alias` to `version`; None deletes it."""
         if self.held is not None:  # LockLost unless the server lock (if any) is still ours
             self.held.verify()
-        self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
-                        name, alias, version)
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        if self.held is not None:
-            self.held.verify()
-        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
-                        name, alias)
+        if version is None:
+            self.store.call(f"delete alias {alias}",
+                            self.store.client.delete_registered_model_alias, name, alias)
+        else:
+            self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
+                            name, alias, version)
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
