@@ -14,6 +14,7 @@ import pytest
 from commands.promote import decide
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from stages.core.host import FLOW_RUN_ENV, project_root
+from stages.core.lineage import path_hashes
 from stages.core.tracking import Parity, Registration, StageRun
 from stages.core.tracking.declared import stage_decl
 from stages.core.tracking.grouping import group_key
@@ -222,3 +223,18 @@ def test_an_agent_log_is_kept_only_when_it_holds_a_warning_or_a_traceback(tmp_pa
         _drop_log_if_quiet(path)
     assert {name: path.exists() for name, path in logs.items()} == {
         "quiet": False, "warned": True, "crashed": True}
+
+
+def test_dvc_hashes_of_a_relative_root_are_those_of_its_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC's ignore filter takes absolute paths only: under a .dvcignore, a relative root once
+    gave no hashes at all."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("a\n")
+    (tmp_path / "f").write_text("b\n")
+    (tmp_path / ".dvcignore").write_text("*.tmp\n")
+    monkeypatch.chdir(tmp_path)
+    absolute = path_hashes(tmp_path, ["d", "f", "missing"])
+    assert set(absolute) == {"d", "f"} and absolute["d"].endswith(".dir")
+    (tmp_path / "d" / "scratch.tmp").write_text("ignored\n")
+    assert path_hashes(Path("."), ["d", "f"]) == absolute
