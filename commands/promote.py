@@ -25,6 +25,7 @@ challenger at all), 2 bad input, 75 tracking unreachable.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -97,7 +98,7 @@ class Decision:
 
 def refusal(challenger: VersionInfo, onnx_path: Path) -> str | None:
     """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.tracking.registration import not_kept
 
     v, tags = challenger.version, challenger.tags
@@ -209,14 +210,12 @@ def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, forc
                                "runs)")
     images, truth = load_test_split(data)
     before = _version(reg, name, CHAMPION)
-    scores: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imagepipe-promote-") as tmp:
 
-        def hits_of(version: str) -> np.ndarray:  # a version is scored once, whatever the rounds
-            if version not in scores:
-                _, onnx_path = reg.download(name, version, Path(tmp) / version, by_version=True)
-                scores[version] = hits(onnx_path, images, truth)
-            return scores[version]
+        @functools.cache  # a version is scored once, whatever the rounds
+        def hits_of(version: str) -> np.ndarray:
+            _, onnx_path = reg.download(name, version, Path(tmp) / version, by_version=True)
+            return hits(onnx_path, images, truth)
 
         for _ in range(_ROUNDS):
             decision = _decide(reg, params, truth, hits_of, model=model, force=force,

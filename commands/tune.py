@@ -228,7 +228,7 @@ def challenger_to(root: Path, experiment: str) -> str:
     """After `dvc exp apply`: the version registered in `experiment` becomes `challenger` when
     it is the workspace's models/model.onnx now (a queued experiment never moved the alias
     itself: stages/core/tracking/register.py). One line saying what happened."""
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.tracking import CHALLENGER, Registry, tracking_enabled
     from stages.core.tracking.register import EXP_TAG
     from stages.params import load_params

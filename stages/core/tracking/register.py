@@ -62,7 +62,7 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
     import mlflow
     import onnx
 
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.onnxio import read_metadata
     from stages.core.tracking.serving import log_serving_model
 
