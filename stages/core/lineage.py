@@ -73,11 +73,8 @@ def dvc_lock_outs(root: Path, stage: str) -> dict[str, str]:
     except (OSError, yaml.YAMLError):
         return {}
     entry = (lock.get("stages") or {}).get(stage) or {}
-    out: dict[str, str] = {}
-    for dep in entry.get("outs") or []:
-        if isinstance(dep, dict) and "path" in dep and dep.get("md5"):
-            out[str(dep["path"])] = str(dep["md5"])
-    return out
+    return {str(out["path"]): str(out["md5"]) for out in entry.get("outs") or []
+            if isinstance(out, dict) and out.get("path") and out.get("md5")}
 
 
 def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
