@@ -25,6 +25,7 @@ challenger at all), 2 bad input, 75 tracking unreachable.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -97,7 +98,7 @@ class Decision:
 
 def refusal(challenger: VersionInfo, onnx_path: Path) -> str | None:
     """Why `challenger` must not be promoted from this workspace unless forced; None if fine."""
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.tracking.registration import not_kept
 
     v, tags = challenger.version, challenger.tags
@@ -124,20 +125,6 @@ def refusal(challenger: VersionInfo, onnx_path: Path) -> str | None:
 def _version(reg: Registry, name: str, alias: str) -> str | None:
     info = reg.alias(name, alias)
     return info.version if info else None
-
-
-def nothing_to_promote(reg: Registry, params: RegistryParams) -> Decision:
-    """The decision when there is no challenger at all (a fresh clone's empty store, or a run
-    that exported nothing): nothing to promote, said as such."""
-    name = params.model_name
-    now = _version(reg, name, CHAMPION)
-    return Decision(promoted=False, model_name=name, challenger_version=None,
-                    champion_version=now, min_improvement=params.min_improvement,
-                    parity_passed="n/a",
-                    reason=f"nothing to promote: registered model {name!r} has no "
-                           f"{CHALLENGER!r} version (the export stage registers one when it "
-                           "runs)", test_images=0,
-                    current_champion_version=now)
 
 
 def _decide(reg: Registry, params: RegistryParams, truth: np.ndarray,
@@ -195,7 +182,7 @@ def _apply(reg: Registry, d: Decision) -> Decision:
             reg.tag(name, d.challenger_version, {"rolled_back": "false"})
     d.current_champion_version = _version(reg, name, CHAMPION)
     if d.promoted and d.current_champion_version != d.challenger_version:
-        # Another machine moved it between our re-read and our move (no shared lock there).
+        # Moved by another holder after our server lock was broken as stale (Registry.lock).
         d.promoted = False
         d.reason = f"lost a race: champion is now {d.current_champion_version}; run promote again"
     if d.challenger_accuracy is not None:  # scored: "already champion", refusals keep theirs
@@ -213,18 +200,22 @@ def promote(params: RegistryParams, data: Path, root: Path, *, model: Path, forc
     compare-and-set and the alias moves."""
     name = params.model_name
     reg = Registry.connect(root)
-    if missing_ok and reg.alias(name, CHALLENGER) is None:
-        return nothing_to_promote(reg, params)
+    if missing_ok and reg.alias(name, CHALLENGER) is None:  # a fresh clone, or nothing exported
+        now = _version(reg, name, CHAMPION)
+        return Decision(promoted=False, model_name=name, challenger_version=None,
+                        champion_version=now, min_improvement=params.min_improvement,
+                        parity_passed="n/a", test_images=0, current_champion_version=now,
+                        reason=f"nothing to promote: registered model {name!r} has no "
+                               f"{CHALLENGER!r} version (the export stage registers one when it "
+                               "runs)")
     images, truth = load_test_split(data)
     before = _version(reg, name, CHAMPION)
-    scores: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imagepipe-promote-") as tmp:
 
-        def hits_of(version: str) -> np.ndarray:  # a version is scored once, whatever the rounds
-            if version not in scores:
-                _, onnx_path = reg.download(name, version, Path(tmp) / version, by_version=True)
-                scores[version] = hits(onnx_path, images, truth)
-            return scores[version]
+        @functools.cache  # a version is scored once, whatever the rounds
+        def hits_of(version: str) -> np.ndarray:
+            _, onnx_path = reg.download(name, version, Path(tmp) / version, by_version=True)
+            return hits(onnx_path, images, truth)
 
         for _ in range(_ROUNDS):
             decision = _decide(reg, params, truth, hits_of, model=model, force=force,

@@ -31,10 +31,8 @@ def rollback(params: RegistryParams) -> dict[str, Any]:
                            "back to")
         reg.set_alias(name, CHAMPION, previous.version)
         older = previous.tags.get("promotion.previous_champion")
-        if older and older != previous.version:
-            reg.set_alias(name, PREVIOUS, older)
-        else:
-            reg.delete_alias(name, PREVIOUS)
+        older = older if older and older != previous.version else None
+        reg.set_alias(name, PREVIOUS, older)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if champion is not None:  # barred from promote until --force (see promote)
             reg.tag(name, champion.version, {"rollback.replaced_by": previous.version,
@@ -48,7 +46,7 @@ def rollback(params: RegistryParams) -> dict[str, Any]:
     return {"rolled_back": True, "model_name": name,
             "from_version": champion.version if champion else None,
             "champion_version": previous.version,
-            "previous_champion_version": older if older and older != previous.version else None}
+            "previous_champion_version": older}
 
 
 def rollback_main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,7 @@ def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True)
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="imagepipe tune",
         description="Pick the best experiment of HEAD's DVC experiments by validation accuracy "
@@ -193,11 +193,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"picks {SCRATCH_PARAM} when the sweep varies it "
                              f"(default {SCRATCH_METRIC}; 'none' to pick by --metric alone)")
     parser.add_argument("--apply", action="store_true", help="dvc exp apply the pick")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parser.parse_args(argv)
     # Not a pipeline stage: no MLflow run for a pick.
     return run_stage("tune", lambda: _pick_and_apply(args), track=False)
 
@@ -232,7 +228,7 @@ def challenger_to(root: Path, experiment: str) -> str:
     """After `dvc exp apply`: the version registered in `experiment` becomes `challenger` when
     it is the workspace's models/model.onnx now (a queued experiment never moved the alias
     itself: stages/core/tracking/register.py). One line saying what happened."""
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.tracking import CHALLENGER, Registry, tracking_enabled
     from stages.core.tracking.register import EXP_TAG
     from stages.params import load_params

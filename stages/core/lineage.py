@@ -2,7 +2,7 @@
 hashes of a stage's inputs (as dvc.lock will record them), the content hashes of the datasets,
 the Prefect flow run and the device.
 
-`lineage_tags(root, stage)` gathers all of it as flat string tags (what tracking puts on every
+`lineage_tags(root, deps)` gathers all of it as flat string tags (what tracking puts on every
 MLflow run and on every registered model version). Reads files and asks git; imports nothing
 heavy unless torch is already loaded.
 """
@@ -73,11 +73,8 @@ def dvc_lock_outs(root: Path, stage: str) -> dict[str, str]:
     except (OSError, yaml.YAMLError):
         return {}
     entry = (lock.get("stages") or {}).get(stage) or {}
-    out: dict[str, str] = {}
-    for dep in entry.get("outs") or []:
-        if isinstance(dep, dict) and "path" in dep and dep.get("md5"):
-            out[str(dep["path"])] = str(dep["md5"])
-    return out
+    return {str(out["path"]): str(out["md5"]) for out in entry.get("outs") or []
+            if isinstance(out, dict) and out.get("path") and out.get("md5")}
 
 
 def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
@@ -87,16 +84,6 @@ def path_hashes(root: Path, paths: list[str]) -> dict[str, str]:
     Tagging a stage's outputs this way and its inputs likewise links runs into a graph: the
     run whose output hash equals another run's input hash made that input.
     """
-    out: dict[str, str] = {}
-    for rel in paths:
-        try:
-            out[rel] = _dvc_md5(root, rel)
-        except Exception:  # noqa: BLE001 - a missing or unreadable file: no tag
-            continue
-    return out
-
-
-def _dvc_md5(root: Path, dep: str) -> str:
     # dvc_data is what DVC itself hashes with; verified equal to dvc.lock by
     # tests/integration/test_tracking.py::test_dvc_repro_groups_its_stages_and_tags_the_hashes_dvc_locks.
     # dvc_data's public build(); dry_run: hashed, nothing written (the in-memory object store
@@ -108,9 +95,16 @@ def _dvc_md5(root: Path, dep: str) -> str:
     from dvc_objects.fs.memory import MemoryFileSystem
 
     fs = LocalFileSystem()
-    _, _, obj = build(HashFileDB(MemoryFileSystem(), "/"), str(root / dep), fs, "md5",
-                      dry_run=True, ignore=DvcIgnoreFilter(fs, str(root)))
-    return str(obj.hash_info.value)
+    root = root.resolve()  # DVC's ignore filter takes absolute paths only
+    db, ignore = HashFileDB(MemoryFileSystem(), "/"), DvcIgnoreFilter(fs, str(root))
+    out: dict[str, str] = {}
+    for rel in paths:
+        try:
+            _, _, obj = build(db, str(root / rel), fs, "md5", dry_run=True, ignore=ignore)
+        except Exception:  # noqa: BLE001 - a missing or unreadable file: no tag
+            continue
+        out[rel] = str(obj.hash_info.value)
+    return out
 
 
 def data_hashes(root: Path) -> dict[str, str]:
@@ -141,8 +135,8 @@ def device_name() -> str:
     return "cpu"
 
 
-def lineage_tags(root: Path, stage: str, deps: list[str]) -> dict[str, str]:
-    """Flat string tags naming the code, data, `stage`'s inputs `deps`, orchestrator run and
+def lineage_tags(root: Path, deps: list[str]) -> dict[str, str]:
+    """Flat string tags naming the code, data, a stage's inputs `deps`, orchestrator run and
     device."""
     tags: dict[str, str] = {"device": device_name(), "host": platform.node()}
     commit = git_commit(root)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from commands.promote import decide
-from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput
 from stages.core.host import FLOW_RUN_ENV, project_root
+from stages.core.lineage import path_hashes
 from stages.core.tracking import Parity, Registration, StageRun
 from stages.core.tracking.declared import stage_decl
 from stages.core.tracking.grouping import group_key
 from stages.core.tracking.metrics import flat_numbers, per_epoch_metrics
-from stages.core.tracking.store import redact, tracking_uri
+from stages.core.tracking.store import Store, redact, tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -222,3 +223,48 @@ def test_an_agent_log_is_kept_only_when_it_holds_a_warning_or_a_traceback(tmp_pa
         _drop_log_if_quiet(path)
     assert {name: path.exists() for name, path in logs.items()} == {
         "quiet": False, "warned": True, "crashed": True}
+
+
+def test_dvc_hashes_of_a_relative_root_are_those_of_its_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC's ignore filter takes absolute paths only: under a .dvcignore, a relative root once
+    gave no hashes at all."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("a\n")
+    (tmp_path / "f").write_text("b\n")
+    (tmp_path / ".dvcignore").write_text("*.tmp\n")
+    monkeypatch.chdir(tmp_path)
+    absolute = path_hashes(tmp_path, ["d", "f", "missing"])
+    assert set(absolute) == {"d", "f"} and absolute["d"].endswith(".dir")
+    (tmp_path / "d" / "scratch.tmp").write_text("ignored\n")
+    assert path_hashes(Path("."), ["d", "f"]) == absolute
+
+
+def test_refused_credentials_are_bad_input_at_once_with_the_servers_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 401 when connecting: exit 2 naming the credentials and what the server said (one
+    translation of store failures, Store.call's), not the retries of an outage."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"bad token for alice"
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+    try:
+        with pytest.raises(BadInput, match="refused the credentials .*bad token for alice"):
+            Store.connect(tmp_path)
+    finally:
+        server.shutdown()

@@ -59,24 +59,18 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
     whose alias or description could not be set is deleted again, so a failure never leaves a
     half-registered version. `workspace`: where the stage ran (its metrics describe the
     version; a queued experiment's own, not the project's)."""
-    missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
-    if missing:
-        raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
-    with store.fluent():
-        return _register(store, run_id, reg, workspace, tags)
-
-
-def _register(store: Store, run_id: str, reg: Registration, workspace: Path,
-              tags: dict[str, str]) -> str:
     import mlflow
     import onnx
 
-    from stages.core.dataset import file_sha256
+    from stages.core.integrity import file_sha256
     from stages.core.onnxio import read_metadata
     from stages.core.tracking.serving import log_serving_model
 
+    missing = [str(p) for p in (reg.onnx_path, reg.torch_path) if not Path(p).is_file()]
+    if missing:
+        raise BadInput(f"the registration names {' and '.join(missing)}, which do not exist")
     # stdout to stderr: ending the fluent run prints "View run ..." (see Store.terminate).
-    with contextlib.redirect_stdout(sys.stderr), _known_packages(), \
+    with store.fluent(), contextlib.redirect_stdout(sys.stderr), _known_packages(), \
             store.call("open run for models", mlflow.start_run, run_id=run_id):
         torch_uri = _log_torch(store, Path(reg.torch_path), reg.input_example)
         proto = onnx.load(reg.onnx_path)
@@ -89,10 +83,13 @@ def _register(store: Store, run_id: str, reg: Registration, workspace: Path,
                                mlflow.models.infer_signature(reg.input_example,
                                                              reg.output_example),
                                input_example=reg.input_example)
-        # The same file again, byte for byte, inside the wrapper that serving runs.
+        # The same file again, byte for byte, inside the wrapper that serving runs: it runs the
+        # ONNX file, decodes posted image files (pillow), is unpickled by cloudpickle; MLflow
+        # adds itself.
+        extra = [f"{n}=={v}" for n, v in _versions("pillow", "cloudpickle").items()]
         serving_info = store.call("log serving model", log_serving_model, Path(reg.onnx_path),
                                   reg.input_example, read_metadata(proto),
-                                  _serving_requirements(), reg.serving_max_images)
+                                  _onnx_requirements() + extra, reg.serving_max_images)
     experiment, temporary = experiment_run(workspace)
     kept = _dvc_tags(reg, workspace)
     version_tags = {**{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
@@ -100,8 +97,9 @@ def _register(store: Store, run_id: str, reg: Registration, workspace: Path,
                     "onnx.sha256": file_sha256(Path(reg.onnx_path)),
                     "pytorch_model_uri": torch_uri, "onnx_model_uri": str(onnx_info.model_uri),
                     **({EXP_TAG: experiment} if experiment else {}), **kept}
-    mv = store.call("register model", mlflow.register_model, serving_info.model_uri,
-                    reg.model_name, tags=version_tags)
+    with store.fluent():
+        mv = store.call("register model", mlflow.register_model, serving_info.model_uri,
+                        reg.model_name, tags=version_tags)
     try:
         # A paragraph on the registry page: what the many tags say, in words.
         store.call("describe version", store.client.update_model_version, reg.model_name,
@@ -156,7 +154,10 @@ def _log_torch(store: Store, path: Path, pixels: Any) -> str:
         y = model(torch.from_numpy(x)).numpy()
     info = store.call("log pytorch model", mlflow.pytorch.log_model, model, name="pytorch",
                       signature=infer_signature(x, y), input_example=x,
-                      pip_requirements=_torch_requirements(),
+                      # Explicit: inferring them costs ~15 s per log_model (MLflow imports
+                      # the model in a subprocess to see what it touches).
+                      pip_requirements=[f"{n}=={v}" for n, v in
+                                        _versions("torch", "torchvision", "numpy").items()],
                       # Pickle, as the model file itself: MLflow 3's default (pt2) runs
                       # torch.export on every registration, 2.6 s of the 4.3 s this call took
                       # (cProfile of a tiny resnet_small's registration; the export case of
@@ -205,22 +206,9 @@ def _versions(*names: str) -> dict[str, str]:
     return out
 
 
-def _torch_requirements() -> list[str]:
-    # Explicit: inferring them costs ~15 s per log_model (MLflow imports the model in a
-    # subprocess to see what it touches).
-    return [f"{n}=={v}" for n, v in _versions("torch", "torchvision", "numpy").items()]
-
-
 def _onnx_requirements() -> list[str]:
     found = _versions("onnx", "numpy", "onnxruntime", "onnxruntime-gpu")
     ort = found.get("onnxruntime") or found.get("onnxruntime-gpu")
     # The CPU wheel: it runs anywhere, and the version that passed parity here is the floor.
     return [f"{n}=={found[n]}" for n in ("onnx", "numpy") if n in found] + [
         f"onnxruntime>={ort}" if ort else "onnxruntime"]
-
-
-def _serving_requirements() -> list[str]:
-    # The wrapper runs the ONNX file (onnxruntime), decodes posted image files (pillow) and is
-    # unpickled by cloudpickle; MLflow adds itself.
-    extra = _versions("pillow", "cloudpickle")
-    return _onnx_requirements() + [f"{n}=={v}" for n, v in extra.items()]

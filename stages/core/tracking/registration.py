@@ -49,7 +49,7 @@ class Registration:
     input_example / output_example: what the models are logged with, so MLflow records their
     signatures and `mlflow models serve` documents a real request: two target images as the
     ONNX model takes them (uint8 N x H x W x C) and its outputs for them
-    ({"probabilities": ..., "logits": ...}). None: logged without (as before).
+    ({"probabilities": ..., "logits": ...}). None: logged without (export always gives them).
     """
 
     onnx_path: Path
@@ -58,7 +58,7 @@ class Registration:
     model_name: str  # params.registry.model_name
     dataset: Path | None = None
     # Which trained model was exported (finetuned or scratch) and why (export.model), one
-    # sentence for the version's description; None: said nowhere (as before).
+    # sentence for the version's description; selection None: the why is said nowhere.
     shipped: str = "finetuned"
     selection: str | None = None
     # The DVC stage that runs this export (DVC sets DVC_STAGE for every command; None: not

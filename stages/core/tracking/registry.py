@@ -30,10 +30,10 @@ from stages.core.errors import BadInput, Transient
 from stages.core.tracking.journal import close_orphans
 from stages.core.tracking.store import (
     Store,
+    TrackingDown,
     error_code,
     is_local_store,
     redact,
-    reraise,
     state_dir,
     store_errors,
 )
@@ -144,17 +144,16 @@ class Registry:
             raise BadInput(f"{name} v{version} holds no .onnx file")
         return version, onnx_files[0]
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
+    def set_alias(self, name: str, alias: str, version: str | None) -> None:
+        """`alias` to `version`; None deletes it."""
         if self.held is not None:  # LockLost unless the server lock (if any) is still ours
             self.held.verify()
-        self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
-                        name, alias, version)
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        if self.held is not None:
-            self.held.verify()
-        self.store.call(f"delete alias {alias}", self.store.client.delete_registered_model_alias,
-                        name, alias)
+        if version is None:
+            self.store.call(f"delete alias {alias}",
+                            self.store.client.delete_registered_model_alias, name, alias)
+        else:
+            self.store.call(f"set alias {alias}", self.store.client.set_registered_model_alias,
+                            name, alias, version)
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -243,23 +242,19 @@ class Registry:
                         "%s holds it: left alone", key, state[0])
 
     def _try_lock(self, key: str, me: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
         try:
-            self.store.client.create_registered_model(
-                key, tags={HOLDER_TAG: me, BEAT_TAG: "0"},
-                description="held by imagepipe promote/rollback while it moves aliases; "
-                            "delete it only if no promotion is running")
+            self.store.call("take the promotion lock", self.store.client.create_registered_model,
+                            key, tags={HOLDER_TAG: me, BEAT_TAG: "0"},
+                            description="held by imagepipe promote/rollback while it moves "
+                                        "aliases; delete it only if no promotion is running")
             return True
-        except MlflowException as err:
+        except TrackingDown as err:
             # DOES_NOT_EXIST: the server found the name taken, then could not read it back: the
             # holder released it in between. Not ours; the caller's loop tries again.
-            if error_code(err) == "RESOURCE_DOES_NOT_EXIST":
+            if error_code(err.__cause__) == "RESOURCE_DOES_NOT_EXIST":
                 return False
-            if error_code(err) != "RESOURCE_ALREADY_EXISTS":
-                return self.store.call("take the promotion lock", reraise, err)
-        except store_errors() as err:
-            return self.store.call("take the promotion lock", reraise, err)
+            if error_code(err.__cause__) != "RESOURCE_ALREADY_EXISTS":
+                raise
         # A create retried after a lost response finds our own lock.
         state = self._lock_state(key)
         return state is not None and state[0] == me

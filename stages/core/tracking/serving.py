@@ -188,17 +188,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 for k, p in zip(best, probs, strict=True)]
 
 
-def signature() -> Any:
-    """Outputs only: an input schema would make the scoring server cast the request to its dtype
-    before predict sees it (the module doc)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, DataType, Map, Schema
-
-    return ModelSignature(inputs=None, outputs=Schema([
-        ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
-        ColSpec(Map(DataType.double), "probabilities")]))
-
-
 def shipped_tree(dest: Path) -> Path:
     """SHIPPED copied under `dest`, with an empty __init__.py in each package folder; return
     dest/stages, the folder the model's code_paths names."""
@@ -218,11 +207,18 @@ def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
     """Log the wrapper (name "serving") into the active run, the ONNX file as its artifact and
     the serving package (SHIPPED) as its code; return MLflow's ModelInfo. `meta`: the ONNX
     metadata; `max_images`: the most images a request may carry (None: DEFAULT_MAX_IMAGES)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
     size, channels = int(meta["image_size"]), int(meta["channels"])
+    # Outputs only: an input schema would make the scoring server cast the request to its dtype
+    # before predict sees it (the module doc).
+    outputs = Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
+                      ColSpec(Map(DataType.double), "probabilities")])
     with tempfile.TemporaryDirectory(prefix="imagepipe-serving.") as tmp:
         return mlflow.pyfunc.log_model(
             name="serving", python_model=ImageClassifier(), artifacts={ARTIFACT: str(onnx_path)},
-            signature=signature(), input_example=input_example,
+            signature=ModelSignature(inputs=None, outputs=outputs), input_example=input_example,
             pip_requirements=pip_requirements, code_paths=[str(shipped_tree(Path(tmp)))],
             model_config={"max_images": max_images or DEFAULT_MAX_IMAGES},
             metadata={"input": expected_input(size, channels,

@@ -104,11 +104,6 @@ def reraise(err: BaseException) -> NoReturn:
     raise err
 
 
-def _refused(err: BaseException) -> bool:
-    return error_code(err) in {"UNAUTHENTICATED", "PERMISSION_DENIED"} or any(
-        f"{code}" in str(err)[:400] for code in ("401 ", "403 ", "code 401", "code 403"))
-
-
 class Store:
     """A connected MLflow client (tracking and registry on the same URI) and its URI."""
 
@@ -129,30 +124,28 @@ class Store:
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         store = cls(root, uri, client)
-        last: BaseException | None = None
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with _creation_lock(root, uri):
-                    client.search_experiments(max_results=1)
+                    store.call("the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD)",
+                               client.search_experiments, max_results=1)
                 return store
-            except store_errors() as err:
-                if _refused(err):
-                    raise BadInput(f"tracking at {redact(uri)} refused the credentials "
-                                   "(MLFLOW_TRACKING_USERNAME/PASSWORD)") from None
-                last = err
+            except TrackingDown as err:
+                last = first_line(err.__cause__ or err)
                 log.warning("tracking at %s: attempt %d/%d failed: %s", redact(uri), attempt,
-                            ATTEMPTS, first_line(err))
+                            ATTEMPTS, last)
                 if attempt < ATTEMPTS:
                     time.sleep(attempt)
         raise TrackingDown(f"tracking at {redact(uri)} unreachable after {ATTEMPTS} attempts: "
-                           f"{first_line(last) if last else '?'}")
+                           f"{last}")
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args) with store failures turned into TrackingDown naming the URI."""
         try:
             return fn(*args, **kwargs)
         except store_errors() as err:
-            if _refused(err):
+            if error_code(err) in {"UNAUTHENTICATED", "PERMISSION_DENIED"} or any(
+                    code in str(err)[:400] for code in ("401 ", "403 ", "code 401", "code 403")):
                 raise BadInput(f"tracking at {redact(self.uri)} refused {what}: "
                                f"{first_line(err)}") from None
             raise TrackingDown(f"tracking at {redact(self.uri)} failed ({what}): "
