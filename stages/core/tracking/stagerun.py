@@ -111,7 +111,7 @@ class StageRun:
         for run_id in close_orphans(store):
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
         experiment = store.experiment_id()
-        given = {**lineage_tags(self.root, self.stage, self.decl.deps),
+        given = {**lineage_tags(self.root, self.decl.deps),
                  **self.stage_facts.get("tags", {})}
         self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
