@@ -11,18 +11,18 @@ import os
 import sys
 
 COMMANDS = {
-    "run": ("commands.run", "main", "run the whole pipeline (stages that changed, then promote)"),
-    "predict": ("commands.predict", "main", "classify images with an exported ONNX model"),
-    "promote": ("commands.promote", "promote_main", "promote the challenger if it beats the champion"),
-    "rollback": ("commands.rollback", "rollback_main", "move champion back to previous-champion"),
-    "lineage": ("commands.lineage", "lineage_main", "walk a model version back to its data, code, params"),
-    "tune": ("commands.tune", "main", "pick the best DVC experiment by validation accuracy, apply it"),
+    "run": ("commands.run", "run the whole pipeline (stages that changed, then promote)"),
+    "predict": ("commands.predict", "classify images with an exported ONNX model"),
+    "promote": ("commands.promote", "promote the challenger if it beats the champion"),
+    "rollback": ("commands.rollback", "move champion back to previous-champion"),
+    "lineage": ("commands.lineage", "walk a model version back to its data, code, params"),
+    "tune": ("commands.tune", "pick the best DVC experiment by validation accuracy, apply it"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: imagepipe [--version] COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines + ["", "imagepipe COMMAND --help shows a command's options."])
 
 
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.dvcstage import TELEMETRY_OFF  # here: `--help` stays without flows' imports
 
     os.environ.update({**TELEMETRY_OFF, **os.environ})
-    module, func, _ = COMMANDS[argv[0]]
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

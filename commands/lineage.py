@@ -104,7 +104,7 @@ def lineage_summary(walked: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def lineage_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = command_parser("imagepipe lineage", "the runs that made a model version: a summary, or "
                                           "everything with --json")
     parser.add_argument("ref", nargs="?", default="champion",

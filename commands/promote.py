@@ -266,7 +266,7 @@ def said(d: dict[str, Any]) -> str:
     return f"{who}: {d.get('reason')} (champion now: {now})"
 
 
-def promote_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = command_parser("imagepipe promote", "promote the challenger if it beats the champion")
     parser.add_argument("--data", default="data/target", type=Path,
                         help="dataset whose test split both models are scored on")

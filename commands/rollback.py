@@ -49,7 +49,7 @@ def rollback(params: RegistryParams) -> dict[str, Any]:
             "previous_champion_version": older}
 
 
-def rollback_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = command_parser("imagepipe rollback", "move champion back to previous-champion").parse_args(argv)
 
     def body() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from commands.promote import promote_main
+from commands.promote import main as promote_main
 from stages.core.tracking.remote import AGENT_ENV
 from tests.helpers import dvc
 from tests.integration.tracking_kit import EXPORT_STAGE, REPO, save_tiny, tiny_model, write_dvc_yaml

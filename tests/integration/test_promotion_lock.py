@@ -75,7 +75,7 @@ CHECKOUT_PROMOTE = """
 import os, signal, sys, time
 from pathlib import Path
 
-from commands.promote import promote_main
+from commands.promote import main as promote_main
 from stages.core.tracking import registry
 
 registry.STALE_LOCK_S, registry.HEARTBEAT_S = 3.0, 0.3
@@ -206,7 +206,7 @@ def test_scoring_runs_outside_the_lock(project: Path, tiny_export: Callable[...,
     monkeypatch.setattr(Registry, "lock", watched_lock)
     monkeypatch.setattr(gate, "hits", watched_hits)
     monkeypatch.setenv(AGENT_ENV, "0")  # in this process, where the patches are
-    from commands.promote import promote_main
+    from commands.promote import main as promote_main
 
     assert tiny_export("good") == 0
     assert promote_main([]) == 0  # v1 scored alone: the first champion

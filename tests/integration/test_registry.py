@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from commands.lineage import lineage_main
-from commands.promote import promote_main
-from commands.rollback import rollback_main
+from commands.lineage import main as lineage_main
+from commands.promote import main as promote_main
+from commands.rollback import main as rollback_main
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from stages.core.tracking.remote import AGENT_ENV
 from tests.integration.tracking_kit import REPO, MlflowServer, save_tiny, tiny_model
@@ -192,7 +192,7 @@ def test_two_promotions_at_once_leave_exactly_one_champion(
 PROMOTE_AND_SAY = """
 import json, sys
 from pathlib import Path
-from commands.promote import promote_main
+from commands.promote import main as promote_main
 code = promote_main(["--json", *sys.argv[1:]])
 Path("mlflow_imported.json").write_text(json.dumps("mlflow" in sys.modules))
 sys.exit(code)
@@ -266,7 +266,7 @@ import sys, time
 from pathlib import Path
 
 import mlflow, onnxruntime  # imported before the start line, so all start together
-from commands.promote import promote_main
+from commands.promote import main as promote_main
 from stages.core.tracking import registry
 
 move = registry.Registry.set_alias

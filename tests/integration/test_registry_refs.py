@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from commands import predict
-from commands.lineage import lineage_main
+from commands.lineage import main as lineage_main
 from stages.core.errors import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.slow
