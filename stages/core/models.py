@@ -53,7 +53,6 @@ class ModelFile:
     classes: list[str]
     mean: list[float]
     std: list[float]
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,8 +187,7 @@ def load_model_file(path: str | Path) -> tuple[Classifier, ModelFile]:
         raise BadInput(f"{path} does not exist: run the stage that makes it")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     mf = ModelFile(spec=ModelSpec(**raw["spec"]), classes=list(raw["classes"]),
-                   mean=list(raw["mean"]), std=list(raw["std"]), state_dict=raw["state_dict"],
-                   extra=dict(raw.get("extra", {})))
+                   mean=list(raw["mean"]), std=list(raw["std"]), extra=dict(raw.get("extra", {})))
     model = build_model(mf.spec)
-    model.load_state_dict(mf.state_dict)
+    model.load_state_dict(raw["state_dict"])
     return model.eval(), mf
