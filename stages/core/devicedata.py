@@ -141,8 +141,7 @@ class DeviceBatches:
         """(order, offsets, flips) for an epoch in `order`. With random-resized crops the
         offsets are n x 4 boxes (top, left, height, width), drawn after the small-image draws so
         those stay what they were."""
-        pad = self.crop_padding
-        offsets = rng.integers(0, 2 * pad + 1, size=(self.n, 2))
+        offsets = rng.integers(0, 2 * self.crop_padding + 1, size=(self.n, 2))
         flips = rng.random(self.n) < 0.5 if self.hflip else np.zeros(self.n, bool)
         if self.train_size is not None:
             offsets = draw_boxes(rng, self.n, self.size)
@@ -152,9 +151,8 @@ class DeviceBatches:
                   flips: np.ndarray) -> torch.Tensor:
         """Images `which` of uint8 `src` on the device, cropped, flipped and normalised (the
         same arithmetic as dataset.preprocess): float B x C x H x W in the model's memory format."""
-        pad, flip = self.crop_padding, self.hflip
-        if self.train_size is None and (pad or flip):
-            rows, cols = crop_flip_grid(offsets, flips, self.size, pad, self.device)
+        if self.train_size is None and (self.crop_padding or self.hflip):
+            rows, cols = crop_flip_grid(offsets, flips, self.size, self.crop_padding, self.device)
             # One gather does the batch selection, the crop and the flip: B x H x W x C.
             src = src[which[:, None, None], rows[:, :, None], cols[:, None, :]]
         else:
