@@ -139,11 +139,10 @@ def pick(rows: list[Row], metric: str, scratch_metric: str | None, direction: st
     value = scratch.params.get(SCRATCH_PARAM)
     notes.append(f"{said}: {SCRATCH_PARAM}={value}")
     want = {k: best.params.get(k) for k in keys if k != SCRATCH_PARAM} | {SCRATCH_PARAM: value}
-    both = [r for r in rows if all(r.params.get(k) == v for k, v in want.items())]
-    if not both:
+    both = next((r for r in rows if all(r.params.get(k) == v for k, v in want.items())), None)
+    if both is None:
         notes.append(f"no experiment has both (not a full grid): keeping {best.name}")
-        return best, notes
-    return both[0], notes
+    return both or best, notes
 
 
 def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str) -> str:

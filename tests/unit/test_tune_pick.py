@@ -66,3 +66,14 @@ def test_rows_are_the_baseline_and_its_finished_experiments() -> None:
     assert [(r.name, r.baseline) for r in rows] == [("HEAD (abcdef1)", True), ("exp-a", False)]
     assert rows[1].params == {"finetune.lr": 0.03}
     assert rows[1].metrics == {"finetune.val_accuracy": 0.8}
+
+
+def test_without_a_row_holding_both_bests_the_pick_stays_the_finetuned_best() -> None:
+    rows = [Row("a", False, {"finetune.lr": 0.03, "finetune.scratch_lr": 0.003},
+                {"finetune.val_accuracy": 0.9, "scratch.val_accuracy": 0.6}),
+            Row("d", False, {"finetune.lr": 0.1, "finetune.scratch_lr": 0.01},
+                {"finetune.val_accuracy": 0.8, "scratch.val_accuracy": 0.7})]
+    chosen, notes = pick(rows, "finetune.val_accuracy", "scratch.val_accuracy", "max")
+    assert chosen.name == "a"
+    assert notes[1].endswith("finetune.scratch_lr=0.01")
+    assert notes[2] == "no experiment has both (not a full grid): keeping a"
