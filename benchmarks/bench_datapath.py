@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from stages.core.device import select_device
-from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.devicedata import DeviceBatches
 from stages.core.host import usable_cores as cpu_cores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def contenders(images: np.ndarray, labels: np.ndarray, device: torch.device
     }
     on_device = DeviceBatches(images, labels, np.arange(len(labels)), device=device, mean=MEAN,
                               std=STD, batch_size=BATCH, train=True,
-                              augment=OnlineAugment(PAD, hflip=True), seed=0)
+                              crop_padding=PAD, hflip=True, seed=0)
     epoch = iter(range(1_000_000))
     out: dict[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = {
         "on_device": lambda: on_device.epoch(next(epoch))}

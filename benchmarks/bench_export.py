@@ -62,7 +62,7 @@ def _model(scratch: Path) -> tuple[Any, Any, str, Path]:
     spec = ModelSpec(p.model, n_classes, d.channels, d.image_size, p.width)
     torch.manual_seed(0)
     mf = ModelFile(spec, [str(i) for i in range(spec.num_classes)], [0.5] * d.channels,
-                   [0.25] * d.channels, {})
+                   [0.25] * d.channels)
     model = build_model(spec).eval()
     save_model_file(scratch / "model.pt", model, mf)
     return model, mf, f"{spec.arch} width {spec.width}, random weights", scratch / "model.pt"

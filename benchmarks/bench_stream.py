@@ -36,7 +36,7 @@ import torch
 from stages.core.checkpoint import Position
 from stages.core.dataset import file_sha256, load_dataset, write_sharded
 from stages.core.device import make_runtime
-from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats
+from stages.core.devicedata import DeviceBatches, channel_stats
 from stages.core.host import usable_cores
 from stages.core.io import atomic_dir
 from stages.core.models import ModelSpec, build_model
@@ -110,7 +110,7 @@ def main() -> dict[str, Any]:
         idx = ds.indices("train")
         mean, std = channel_stats(ds.images, idx)
         kw: dict[str, Any] = {"device": rt.device, "mean": mean, "std": std, "batch_size": BATCH,
-                              "train": True, "augment": OnlineAugment(p.crop_padding, p.hflip),
+                              "train": True, "crop_padding": p.crop_padding, "hflip": p.hflip,
                               "seed": 0, "channels_last": rt.channels_last}
         runs = {"resident": Contender(DeviceBatches(ds.images, ds.labels, idx, **kw), p, rt),
                 "streamed": Contender(StreamBatches(ds.images, ds.labels, idx, **kw), p, rt)}

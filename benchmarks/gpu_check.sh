@@ -212,7 +212,7 @@ if path.exists():
     model, mf = load_model_file(path)
 else:  # no CIFAR run: an untrained model of the same shape times the same
     spec = ModelSpec("resnet_small", 10, 3, 32, 64, 0.0)
-    model, mf = build_model(spec), ModelFile(spec, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3, {})
+    model, mf = build_model(spec), ModelFile(spec, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
 model = model.eval()
 proto = export_onnx(model, mf, 18)
 gpu = torch.cuda.is_available()  # False only in a dry run of this script without a GPU

@@ -70,13 +70,10 @@ def rows_of(shown: list[dict[str, Any]]) -> list[Row]:
     for record in shown:
         if record.get("rev") == "workspace":
             continue  # HEAD's or an applied experiment's numbers again, maybe half-written
-        if (row := _row(record, baseline=True)) is not None:
-            rows.append(row)
-        for exp in record.get("experiments") or []:
-            for rev in (exp.get("revs") or [])[:1]:
-                if (row := _row(rev, baseline=False)) is not None:
-                    rows.append(row)
-    return rows
+        rows.append(_row(record, baseline=True))
+        rows += [_row(exp["revs"][0], baseline=False) for exp in record.get("experiments") or []
+                 if exp.get("revs")]
+    return [row for row in rows if row is not None]
 
 
 def check_metric(metric: str) -> None:
@@ -112,23 +109,20 @@ def _score(row: Row, metric: str, direction: str) -> float:
     return -float(value) if direction == "min" else float(value)
 
 
-def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, list[Row]]:
-    """The best row by `metric` in `direction` and every row that ties with it."""
+def _best(rows: list[Row], metric: str, direction: str) -> tuple[Row, str]:
+    """The best row by `metric` in `direction`, and a line saying which (and any ties)."""
     top = max((_score(r, metric, direction) for r in rows), default=float("-inf"))
     if top == float("-inf"):
         raise BadInput(f"no finished experiment has {metric}; `dvc exp show` lists what there is")
     # A tie goes to the first row: the baseline, then experiments newest first (exp show order).
     ties = [r for r in rows if _score(r, metric, direction) == top]
-    return ties[0], ties
-
-
-def _said(metric: str, direction: str, best: Row, ties: list[Row]) -> str:
+    best = ties[0]
     word = "lowest" if direction == "min" else "highest"
     line = f"best by {metric} ({word}): {best.name} ({best.metrics[metric]:.4f})"
     if len(ties) > 1:
         line += (f"; a tie between {', '.join(r.name for r in ties)}: {best.name} is the first "
                  "in `dvc exp show` order")
-    return line
+    return best, line
 
 
 def pick(rows: list[Row], metric: str, scratch_metric: str | None, direction: str
@@ -136,22 +130,19 @@ def pick(rows: list[Row], metric: str, scratch_metric: str | None, direction: st
     """The chosen row and what was decided, one line each. direction: 'max' or 'min' for
     `metric` (--direction, or direction_of its name); the scratch metric's always comes from
     its name."""
-    best, ties = _best(rows, metric, direction)
-    notes = [_said(metric, direction, best, ties)]
+    best, said = _best(rows, metric, direction)
+    notes = [said]
     keys = swept(rows)
     if scratch_metric is None or SCRATCH_PARAM not in keys:
         return best, notes
-    scratch_direction = direction_of(scratch_metric)
-    scratch, scratch_ties = _best(rows, scratch_metric, scratch_direction)
+    scratch, said = _best(rows, scratch_metric, direction_of(scratch_metric))
     value = scratch.params.get(SCRATCH_PARAM)
-    notes.append(f"{_said(scratch_metric, scratch_direction, scratch, scratch_ties)}: "
-                 f"{SCRATCH_PARAM}={value}")
+    notes.append(f"{said}: {SCRATCH_PARAM}={value}")
     want = {k: best.params.get(k) for k in keys if k != SCRATCH_PARAM} | {SCRATCH_PARAM: value}
-    both = [r for r in rows if all(r.params.get(k) == v for k, v in want.items())]
-    if not both:
+    both = next((r for r in rows if all(r.params.get(k) == v for k, v in want.items())), None)
+    if both is None:
         notes.append(f"no experiment has both (not a full grid): keeping {best.name}")
-        return best, notes
-    return both[0], notes
+    return both or best, notes
 
 
 def table(rows: list[Row], metrics: list[str], chosen: Row, direction: str) -> str:
@@ -200,16 +191,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pick_and_apply(args: argparse.Namespace) -> None:
     scratch = None if args.scratch_metric.lower() == "none" else args.scratch_metric
-    root = project_root()
-    for metric in filter(None, (args.metric, scratch)):
+    metrics = [m for m in (args.metric, scratch) if m]
+    for metric in metrics:
         check_metric(metric)
+    root = project_root()
     shown = _dvc(root, "exp", "show", "--json")
     if shown.returncode != 0:
         raise BadInput(f"dvc exp show failed: {(shown.stderr or shown.stdout).strip()}")
     rows = rows_of(json.loads(shown.stdout or "[]"))
     direction = direction_of(args.metric) if args.direction == "auto" else args.direction
     chosen, notes = pick(rows, args.metric, scratch, direction)
-    print(table(rows, [m for m in (args.metric, scratch) if m], chosen, direction))
+    print(table(rows, metrics, chosen, direction))
     print("\n" + "\n".join(notes))
     if chosen.baseline:
         print(f"pick: the baseline {chosen.name}: nothing to apply")

@@ -75,7 +75,7 @@ class Target:
         from stages.core.models import ModelFile
 
         return ModelFile(replace(self.base.spec, num_classes=len(self.classes)), self.classes,
-                         self.base.mean, self.base.std, {}, extra={
+                         self.base.mean, self.base.std, extra={
                              **self.base.extra, "stage": stage, "val_accuracy": row.get("val_acc"),
                              "epoch": row.get("epoch"), "pretrained_classes": self.base.classes,
                              **extra})
@@ -115,7 +115,7 @@ def adapt_to_target(model: Classifier, mf: ModelFile, ds: Dataset) -> tuple[Clas
                     channels, ", ".join(keys), rule, [round(m, 4) for m in mean],
                     [round(v, 4) for v in std])
     target.load_state_dict(state)
-    return target.eval(), ModelFile(new_spec, mf.classes, mean, std, {}, extra=dict(mf.extra))
+    return target.eval(), ModelFile(new_spec, mf.classes, mean, std, extra=dict(mf.extra))
 
 
 def load_target(ds: Dataset, mf: ModelFile, p: FinetuneParams, rt: Runtime, seed: int) -> Target:

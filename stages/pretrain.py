@@ -80,7 +80,7 @@ def run(params: Params, data: Path, model_out: Path, checkpoints: Path, plot: Pa
     write_csv(plot, history)
     # Whether the model saw mirrored images: augment's policy or the online flip.
     offline_flip = ds.manifest.get("params", {}).get("augment", {}).get("hflip", False)
-    save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, {}, extra={
+    save_model_file(model_out, model, ModelFile(spec, ds.classes, mean, std, extra={
         "stage": "pretrain", "weights": p.weights, "hflip_policy": bool(offline_flip or p.hflip),
         "val_accuracy": figures.get("val_accuracy"), "epochs": p.epochs,
         "train_size": train.train_size or size}))

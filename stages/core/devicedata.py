@@ -31,21 +31,11 @@ keeps nothing resident, and `batches`, which picks one of the two).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from stages.core.crops import draw_boxes, resized_crop
-
-
-@dataclass(frozen=True)
-class OnlineAugment:
-    """Cheap geometric augmentation applied per image, drawn per epoch: crop with reflect
-    padding of `crop_padding` pixels and, when `hflip`, a horizontal flip with p = 0.5."""
-
-    crop_padding: int = 0
-    hflip: bool = False
 
 
 def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,7 +73,7 @@ class DeviceBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,
                  device: torch.device, mean: list[float], std: list[float], batch_size: int,
-                 train: bool, augment: OnlineAugment = OnlineAugment(), seed: int = 0,
+                 train: bool, crop_padding: int = 0, hflip: bool = False, seed: int = 0,
                  channels_last: bool = False, rank: int = 0,
                  world: int = 1, train_size: int | None = None) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -93,7 +83,9 @@ class DeviceBatches:
         self.train_size = train_size if train and train_size and train_size < min(self.size) \
             else None
         self.device, self.train, self.seed = device, train, seed
-        self.augment = augment if train else OnlineAugment()
+        # Drawn per image and epoch (training only): a crop with reflect padding of
+        # `crop_padding` pixels and, when `hflip`, a horizontal flip with p = 0.5.
+        self.crop_padding, self.hflip = (crop_padding, hflip) if train else (0, False)
         self.batch_size = min(batch_size, self.n) if train else batch_size
         # Evaluation batches are not shared out: each rank scores the whole split.
         self.rank, self.world = (rank, world) if train else (0, 1)
@@ -149,9 +141,8 @@ class DeviceBatches:
         """(order, offsets, flips) for an epoch in `order`. With random-resized crops the
         offsets are n x 4 boxes (top, left, height, width), drawn after the small-image draws so
         those stay what they were."""
-        pad = self.augment.crop_padding
-        offsets = rng.integers(0, 2 * pad + 1, size=(self.n, 2))
-        flips = rng.random(self.n) < 0.5 if self.augment.hflip else np.zeros(self.n, bool)
+        offsets = rng.integers(0, 2 * self.crop_padding + 1, size=(self.n, 2))
+        flips = rng.random(self.n) < 0.5 if self.hflip else np.zeros(self.n, bool)
         if self.train_size is not None:
             offsets = draw_boxes(rng, self.n, self.size)
         return order, offsets, flips
@@ -160,9 +151,8 @@ class DeviceBatches:
                   flips: np.ndarray) -> torch.Tensor:
         """Images `which` of uint8 `src` on the device, cropped, flipped and normalised (the
         same arithmetic as dataset.preprocess): float B x C x H x W in the model's memory format."""
-        pad, flip = self.augment.crop_padding, self.augment.hflip
-        if self.train_size is None and (pad or flip):
-            rows, cols = crop_flip_grid(offsets, flips, self.size, pad, self.device)
+        if self.train_size is None and (self.crop_padding or self.hflip):
+            rows, cols = crop_flip_grid(offsets, flips, self.size, self.crop_padding, self.device)
             # One gather does the batch selection, the crop and the flip: B x H x W x C.
             src = src[which[:, None, None], rows[:, :, None], cols[:, None, :]]
         else:

@@ -53,7 +53,6 @@ class ModelFile:
     classes: list[str]
     mean: list[float]
     std: list[float]
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,14 +131,14 @@ def _torchvision_backbone(spec: ModelSpec, weights: str) -> tuple[nn.Module, int
 
 
 def _adapt_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """A torchvision RGB stem conv for `in_channels` (1 or 3, params.yaml's choices): for one
-    grey channel, the RGB kernels summed."""
+    """A torchvision RGB stem conv for `in_channels` (1 or 3, params.yaml's choices), its
+    weights converted as convert_in_channels does."""
     if conv.in_channels == in_channels:
         return conv
     new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     bias=conv.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+    want = {k: v.shape for k, v in new.state_dict().items()}
+    new.load_state_dict(convert_in_channels(conv.state_dict(), want)[0])
     return new
 
 
@@ -149,8 +148,8 @@ def convert_in_channels(state: dict[str, torch.Tensor], want: dict[str, torch.Si
     spec changes nothing else): the weights whose shapes differ, the first conv's, are converted.
 
     Grey -> colour repeats the grey kernel over R, G and B divided by 3, so an image with
-    R = G = B gives the pretrained response; colour -> grey sums the three kernels (as
-    `_adapt_in_channels`). Returns the state dict and the converted keys."""
+    R = G = B gives the pretrained response; colour -> grey sums the three kernels.
+    Returns the state dict and the converted keys."""
     out, converted = dict(state), []
     for key, shape in want.items():
         have = state[key]
@@ -188,8 +187,7 @@ def load_model_file(path: str | Path) -> tuple[Classifier, ModelFile]:
         raise BadInput(f"{path} does not exist: run the stage that makes it")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     mf = ModelFile(spec=ModelSpec(**raw["spec"]), classes=list(raw["classes"]),
-                   mean=list(raw["mean"]), std=list(raw["std"]), state_dict=raw["state_dict"],
-                   extra=dict(raw.get("extra", {})))
+                   mean=list(raw["mean"]), std=list(raw["std"]), extra=dict(raw.get("extra", {})))
     model = build_model(mf.spec)
-    model.load_state_dict(mf.state_dict)
+    model.load_state_dict(raw["state_dict"])
     return model.eval(), mf

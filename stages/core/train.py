@@ -32,7 +32,7 @@ from stages.core.budget import Budget
 from stages.core.checkpoint import CheckpointStore, Position
 from stages.core.dataset import Dataset
 from stages.core.device import Runtime
-from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.devicedata import DeviceBatches
 from stages.core.epochlog import record_epoch
 from stages.core.errors import BadInput
 from stages.core.progress import progress
@@ -55,7 +55,7 @@ def split_batches(ds: Dataset, p: TrainParams, rt: Runtime, mean: list[float], s
     common = {"device": rt.device, "mean": mean, "std": std, "channels_last": rt.channels_last,
               "budget": Budget(rt.device, rt.comm.local_world)}  # train + val together
     train = batches(ds.images, ds.labels, ds.indices("train"), batch_size=p.batch_size,
-                    train=True, augment=OnlineAugment(p.crop_padding, p.hflip), seed=seed,
+                    train=True, crop_padding=p.crop_padding, hflip=p.hflip, seed=seed,
                     rank=rt.comm.rank, world=rt.comm.world, train_size=train_size, **common)
     val = batches(ds.images, ds.labels, ds.indices("val"), batch_size=EVAL_BATCH, train=False,
                   **common)

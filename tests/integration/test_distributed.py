@@ -20,7 +20,7 @@ from torch import nn
 
 from stages.core import distributed, launchplan
 from stages.core.checkpoint import Position
-from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.devicedata import DeviceBatches
 from stages.core.door import run_stage as door
 from stages.core.errors import BadInput, Transient
 from stages.core.train import Runtime, make_trainer, param_groups, train_one_epoch
@@ -71,7 +71,7 @@ def _train_tiny(argv: list[str]) -> int:
     images = rng.integers(0, 256, size=(640, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, size=640)
     batches = DeviceBatches(images, labels, np.arange(640), device=CPU, mean=[0.5], std=[0.25],
-                            batch_size=32, train=True, augment=OnlineAugment(1, True), seed=0,
+                            batch_size=32, train=True, crop_padding=1, hflip=True, seed=0,
                             rank=comm.rank, world=comm.world)
     inner = tiny_net(batchnorm)
     model = OutOfMemoryOnRank1(inner) if argv[2:3] == ["oom"] else inner

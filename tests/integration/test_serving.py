@@ -67,7 +67,7 @@ def _train(path: Path) -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
-    save_model_file(path, model.eval(), ModelFile(spec, CLASSES, MEAN, STD, {}))
+    save_model_file(path, model.eval(), ModelFile(spec, CLASSES, MEAN, STD))
 
 
 def _write_target(folder: Path) -> None:

@@ -169,7 +169,7 @@ def save_tiny(model: Any, pt: Path, onnx_path: Path) -> None:
     from stages.core import onnxio
     from stages.core.models import ModelFile, save_model_file
 
-    mf = ModelFile(spec=_spec(), classes=CLASSES, mean=MEAN, std=STD, state_dict={})
+    mf = ModelFile(spec=_spec(), classes=CLASSES, mean=MEAN, std=STD)
     save_model_file(pt, model, mf)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, CHANNELS, SIZE, SIZE)

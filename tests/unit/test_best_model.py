@@ -204,7 +204,7 @@ def model_file(path: Path, val: float | None, *, trained: bool = True, seed: int
     torch.manual_seed(seed)
     spec = ModelSpec("resnet_small", len(CLASSES), 1, 8, width=8)
     extra = {"val_accuracy": val, "epoch": 4, **({} if trained else {"baseline": False})}
-    save_file(path, build_model(spec).eval(), ModelFile(spec, CLASSES, [0.5], [0.25], {},
+    save_file(path, build_model(spec).eval(), ModelFile(spec, CLASSES, [0.5], [0.25],
                                                           extra=extra))
     return path
 

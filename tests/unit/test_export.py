@@ -53,7 +53,7 @@ def make_model(path: Path, spec: ModelSpec, mean: list[float], std: list[float])
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
-    models.save_model_file(path, model.eval(), ModelFile(spec, CLASSES, mean, std, {}))
+    models.save_model_file(path, model.eval(), ModelFile(spec, CLASSES, mean, std))
 
 
 def make_target(folder: Path, size: int, channels: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.core.errors import BadInput
-from stages.core.models import ARCHS, ModelSpec, build_model
+from stages.core.models import ARCHS, ModelSpec, _adapt_in_channels, build_model
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -38,3 +38,11 @@ def test_unknown_arch_and_weights_for_resnet_small_are_bad_input() -> None:
         build_model(ModelSpec("vgg", num_classes=2))
     with pytest.raises(BadInput, match="no ImageNet weights"):
         build_model(ModelSpec("resnet_small", num_classes=2), weights="imagenet")
+
+
+def test_a_grey_stem_is_the_rgb_kernels_summed() -> None:
+    rgb = torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+    grey = _adapt_in_channels(rgb, 1)
+    assert (grey.in_channels, grey.stride, grey.bias) == (1, (2, 2), None)
+    torch.testing.assert_close(grey.weight, rgb.weight.sum(dim=1, keepdim=True))
+    assert _adapt_in_channels(rgb, 3) is rgb

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stages.core.checkpoint import Position
-from stages.core.devicedata import DeviceBatches, OnlineAugment
+from stages.core.devicedata import DeviceBatches
 from stages.core.errors import BadInput
 from stages.core.train import Runtime, evaluate, make_trainer, param_groups, predict, train_one_epoch
 from stages.params import TrainParams
@@ -41,7 +41,7 @@ class Limited(nn.Module):
 
 def feed(train: bool, batch_size: int) -> DeviceBatches:
     images = np.random.default_rng(1).integers(0, 256, size=(80, 6, 7, 3), dtype=np.uint8)
-    kw: dict[str, Any] = {"augment": OnlineAugment(crop_padding=1)} if train else {}
+    kw: dict[str, Any] = {"crop_padding": 1} if train else {}
     return DeviceBatches(images, np.arange(80) % 5, np.arange(80), device=CPU,
                          mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], batch_size=batch_size,
                          train=train, seed=3, **kw)

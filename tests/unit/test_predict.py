@@ -38,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Spread the head so the probabilities differ clearly between images.
     with torch.no_grad():
         model.head.weight.mul_(20.0)
-    mf = ModelFile(spec, CLASSES, MEAN, STD, {})
+    mf = ModelFile(spec, CLASSES, MEAN, STD)
     save_model_file(root / "m.pt", model, mf)
     proto = export.export_onnx(model, mf, opset=18)
     meta = export.model_metadata(mf, root / "m.pt")

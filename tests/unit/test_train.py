@@ -21,7 +21,7 @@ from stages import evaluate, finetune, pretrain, scratch
 from stages.core.checkpoint import CheckpointStore, Position, capture_rng, restore_rng
 from stages.core.dataset import HEADER, SPLIT_CODE, preprocess
 from stages.core.device import select_device
-from stages.core.devicedata import DeviceBatches, OnlineAugment, channel_stats, crop_flip_grid
+from stages.core.devicedata import DeviceBatches, channel_stats, crop_flip_grid
 from stages.core.errors import BadInput
 from stages.core.models import load_model_file
 from stages.core.train import schedule_factor
@@ -82,7 +82,7 @@ def test_eval_batches_are_models_preprocess(images: np.ndarray) -> None:
 
 
 def test_epochs_are_seeded_permutations_and_resume_mid_epoch(images: np.ndarray) -> None:
-    b = batches(images, augment=OnlineAugment(crop_padding=1))
+    b = batches(images, crop_padding=1)
     first, again, other = collect(b, 0), collect(b, 0), collect(b, 1)
     assert len(first) == 50 // 16  # the ragged last batch is dropped in training
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, again, strict=True))
@@ -161,9 +161,9 @@ def test_cuda_without_a_device_is_bad_input() -> None:
 
 
 def test_ranks_share_each_global_batch_disjointly(images: np.ndarray) -> None:
-    aug = OnlineAugment(crop_padding=2, hflip=True)
-    whole = collect(batches(images, augment=aug), 2)
-    shares = [collect(batches(images, augment=aug, rank=r, world=2), 2) for r in (0, 1)]
+    aug = {"crop_padding": 2, "hflip": True}
+    whole = collect(batches(images, **aug), 2)
+    shares = [collect(batches(images, **aug, rank=r, world=2), 2) for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == len(whole)
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *shares, strict=True):
         assert len(y0) == len(y1) == len(y) // 2  # images r, r + 2, ... of the same batch
@@ -214,7 +214,7 @@ def test_simulated_out_of_memory_accumulates_to_the_same_step(images: np.ndarray
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return self.net(x)
 
-    b = batches(images, augment=OnlineAugment(crop_padding=1))
+    b = batches(images, crop_padding=1)
     plain, fussy = Fussy(), Fussy()
     fussy.limit = 4
     tr_plain, tr_fussy = tiny_trainer(plain, len(b)), tiny_trainer(fussy, len(b))
@@ -253,7 +253,7 @@ def finetune_phases(images: np.ndarray, folder: Path, backend: Any
 
     model, p = TwoPart(), TrainParams(device="cpu")
     rt = Runtime(CPU, bf16=False, channels_last=False, compile=backend is not None)
-    train = batches(images, augment=OnlineAugment(crop_padding=1))
+    train = batches(images, crop_padding=1)
     val = batches(images[:48], train=False)  # whole batches: one evaluation shape
     nets: list[Any] = []
     counts: list[int] = []
