@@ -160,19 +160,14 @@ def combine(written: dict[int, int], failures: dict[int, int]) -> int:
 
     A rank that failed without writing one died by a signal (exit < 0: transient, as the
     contract says) or before its door ran (a bug)."""
-    codes = list(written.values())
-    killed = False
-    for rank, exitcode in failures.items():
-        if rank not in written:
-            codes.append(EXIT_TRANSIENT if exitcode < 0 else EXIT_BUG)
-            killed = killed or exitcode < 0
-    if killed and EXIT_BAD_INPUT not in codes:
+    codes = set(written.values())
+    unwritten = [exitcode for rank, exitcode in failures.items() if rank not in written]
+    if any(exitcode < 0 for exitcode in unwritten) and EXIT_BAD_INPUT not in codes:
         return EXIT_TRANSIENT
-    for code in PRIORITY:
-        if code in codes:
-            return code
-    bad = [c for c in codes if c != EXIT_OK]
-    return EXIT_BUG if bad else EXIT_OK
+    if unwritten:
+        codes.add(EXIT_BUG)
+    return next((code for code in PRIORITY if code in codes),
+                EXIT_BUG if codes - {EXIT_OK} else EXIT_OK)
 
 
 class RankFailed(Exception):
@@ -216,13 +211,6 @@ def run_rank(comm: Comm, target: str, argv: list[str]) -> Any:
     return getattr(importlib.import_module(module), name)(argv)
 
 
-def leave() -> None:
-    global _current
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _current = SINGLE
-
-
 def _rank_entry(backend: str, target: str, argv: list[str], codes: str, timeout_s: float
                 ) -> int:
     """One rank: join, run the stage's rank function, write its exit code, exit with it.
@@ -250,5 +238,5 @@ def _rank_entry(backend: str, target: str, argv: list[str], codes: str, timeout_
         # No orderly goodbye: a peer may be waiting in a collective that will never complete.
         sys.stderr.flush()
         os._exit(code)
-    leave()
+    dist.destroy_process_group()
     return code
