@@ -70,9 +70,6 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on rank 0; None elsewhere."""
         if self.world == 1:
@@ -93,7 +90,8 @@ class Comm:
         """Element-wise sums over the ranks (float64: the same sums in any order of arrival)."""
         if self.world == 1:
             return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else "cpu"
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return [float(v) for v in t.cpu()]
 
