@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from stages.core.errors import BadInput, Transient
 from stages.core.host import env_seconds
@@ -73,20 +74,15 @@ def _check_token_env() -> None:
         raise BadInput(f"RAY_AUTH_MODE=token but no token is set: {_AUTH_FIX}")
 
 
-def _host_port(where: str) -> tuple[str, int]:
-    bare = where.split("://", 1)[-1].rstrip("/")
-    host, _, port = bare.rpartition(":")
-    if not host:
-        return bare, GCS_PORT
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise BadInput(f"Ray address {where!r} is not host:port") from None
-
-
 def _probe(where: str, timeout_s: float) -> None:
     """A bounded TCP connect to the head, before Ray's own (minutes of) retrying."""
-    host, port = _host_port(where)
+    try:
+        url = urlsplit(where if "://" in where else f"ray://{where}")
+        host, port = url.hostname, url.port or GCS_PORT
+    except ValueError:  # a port that is no number
+        host = None
+    if not host:
+        raise BadInput(f"Ray address {where!r} is not host:port")
     try:
         with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
             return
