@@ -106,7 +106,7 @@ def current() -> Comm:
 
 
 def adopt(comm: Comm) -> None:
-    """Make `comm` this process's: a process group another engine started (Ray Train's)."""
+    """Make `comm` this process's (`join`'s, or a process group Ray Train started)."""
     global _current
     _current = comm
 
@@ -186,13 +186,12 @@ def join(backend: str, timeout_s: float) -> Comm:
 
     `timeout_s`: how long a collective waits for the others before it fails (exit 75 then,
     door.py)."""
-    global _current
     local = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    _current = Comm(dist.get_rank(), dist.get_world_size(), local,
-                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend)
+    adopt(Comm(dist.get_rank(), dist.get_world_size(), local,
+               int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend))
     log.debug("rank %d of %d", _current.rank, _current.world)
     return _current
 
