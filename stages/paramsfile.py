@@ -9,6 +9,7 @@ validates what read_yaml gives.
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ def read_yaml(path: Path) -> Any:
     """The params file at `path` parsed as YAML (not yet validated: stages/params.py does that),
     or BadInput naming the file and what is wrong with it in one line."""
     text = _read_text(path)
-    if _flow_depth(text) > MAX_FLOW_DEPTH:
+    steps = (1 if bracket in "[{" else -1 for bracket in re.findall(r"[\[\]{}]", text))
+    if max(accumulate(steps), default=0) > MAX_FLOW_DEPTH:
         raise BadInput(f"params: {path} is nested too deeply for a params file (over "
                        f"{MAX_FLOW_DEPTH} levels of [ ] or {{ }})")
     try:
@@ -40,14 +42,6 @@ def read_yaml(path: Path) -> Any:
     except RecursionError:  # PyYAML composes nested collections recursively
         raise BadInput(f"params: {path} is nested too deeply for a params file (sections "
                        "hold keys, a few levels deep)") from None
-
-
-def _flow_depth(text: str) -> int:
-    depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", text):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 def _read_text(path: Path) -> str:

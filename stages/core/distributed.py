@@ -70,9 +70,6 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on rank 0; None elsewhere."""
         if self.world == 1:
@@ -93,7 +90,8 @@ class Comm:
         """Element-wise sums over the ranks (float64: the same sums in any order of arrival)."""
         if self.world == 1:
             return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else "cpu"
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return [float(v) for v in t.cpu()]
 
@@ -108,7 +106,7 @@ def current() -> Comm:
 
 
 def adopt(comm: Comm) -> None:
-    """Make `comm` this process's: a process group another engine started (Ray Train's)."""
+    """Make `comm` this process's (`join`'s, or a process group Ray Train started)."""
     global _current
     _current = comm
 
@@ -160,19 +158,14 @@ def combine(written: dict[int, int], failures: dict[int, int]) -> int:
 
     A rank that failed without writing one died by a signal (exit < 0: transient, as the
     contract says) or before its door ran (a bug)."""
-    codes = list(written.values())
-    killed = False
-    for rank, exitcode in failures.items():
-        if rank not in written:
-            codes.append(EXIT_TRANSIENT if exitcode < 0 else EXIT_BUG)
-            killed = killed or exitcode < 0
-    if killed and EXIT_BAD_INPUT not in codes:
+    codes = set(written.values())
+    unwritten = [exitcode for rank, exitcode in failures.items() if rank not in written]
+    if any(exitcode < 0 for exitcode in unwritten) and EXIT_BAD_INPUT not in codes:
         return EXIT_TRANSIENT
-    for code in PRIORITY:
-        if code in codes:
-            return code
-    bad = [c for c in codes if c != EXIT_OK]
-    return EXIT_BUG if bad else EXIT_OK
+    if unwritten:
+        codes.add(EXIT_BUG)
+    return next((code for code in PRIORITY if code in codes),
+                EXIT_BUG if codes - {EXIT_OK} else EXIT_OK)
 
 
 class RankFailed(Exception):
@@ -193,13 +186,12 @@ def join(backend: str, timeout_s: float) -> Comm:
 
     `timeout_s`: how long a collective waits for the others before it fails (exit 75 then,
     door.py)."""
-    global _current
     local = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    _current = Comm(dist.get_rank(), dist.get_world_size(), local,
-                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend)
+    adopt(Comm(dist.get_rank(), dist.get_world_size(), local,
+               int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend))
     log.debug("rank %d of %d", _current.rank, _current.world)
     return _current
 
@@ -214,13 +206,6 @@ def run_rank(comm: Comm, target: str, argv: list[str]) -> Any:
         os.environ.pop(EPOCH_LOG_ENV, None)
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)(argv)
-
-
-def leave() -> None:
-    global _current
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _current = SINGLE
 
 
 def _rank_entry(backend: str, target: str, argv: list[str], codes: str, timeout_s: float
@@ -250,5 +235,5 @@ def _rank_entry(backend: str, target: str, argv: list[str], codes: str, timeout_
         # No orderly goodbye: a peer may be waiting in a collective that will never complete.
         sys.stderr.flush()
         os._exit(code)
-    leave()
+    dist.destroy_process_group()
     return code

@@ -22,13 +22,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from stages.core import raycluster
-from stages.core.errors import BadInput
 from stages.core.host import usable_cores
 
 log = logging.getLogger("imagepipe.engine")
 T = TypeVar("T")
 R = TypeVar("R")
-ENGINES = ("local", "ray")
 
 # Is the work big enough to pay for starting a process pool? Below these, a stage runs its tasks
 # in this process however many cores there are. Two crossovers, not one: the same rule (a pool
@@ -73,7 +71,7 @@ def workers(engine: str) -> int:
         import ray
 
         if ray.is_initialized():  # the cluster's CPUs, not this driver's cores
-            return raycluster.cluster_cpus()
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return usable_cores()
 
 
@@ -82,8 +80,6 @@ def run_map(fn: Callable[[T], R], items: Sequence[T], *, engine: str = "local",
     """(index into items, fn(item)) for every item, as they finish.
 
     `local` with one usable core (or one item) runs inline: a pool would only add start-up."""
-    if engine not in (*ENGINES, "inline"):
-        raise BadInput(f"data.engine: {engine!r} is not one of {ENGINES}")
     n_workers = usable_cores()
     if engine == "inline" or (engine == "local" and (n_workers < 2 or len(items) < 2)):
         for i, item in enumerate(items):

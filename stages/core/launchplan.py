@@ -22,21 +22,15 @@ class Plan:
     timeout_s: float  # a collective's wait for the others (dist_timeout_min)
 
 
-def resolve_devices(p: TrainParams) -> int:
-    """Processes on this machine: `devices`, with auto = every visible GPU (1 on a CPU)."""
+def plan(p: TrainParams) -> Plan | None:
+    """How to launch the stage's processes: `devices` of them, auto = every visible GPU (1 on a
+    CPU); None for one process (no launch at all)."""
     gpus = 0 if p.device == "cpu" else visible_gpus()
-    if p.devices == "auto":
-        return max(gpus, 1)
-    if p.devices > gpus and (p.device == "cuda" or gpus):  # auto on a CPU machine: CPU ranks
+    if p.devices != "auto" and p.devices > gpus and (p.device == "cuda" or gpus):
+        # (device auto on a machine without GPUs runs CPU ranks)
         raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
                        f"or at most {gpus}")
-    return p.devices
-
-
-def plan(p: TrainParams) -> Plan | None:
-    """How to launch the stage's processes; None for one process (no launch at all)."""
-    nproc = resolve_devices(p)
+    nproc = max(gpus, 1) if p.devices == "auto" else p.devices
     if nproc == 1:
         return None
-    cuda = p.device != "cpu" and visible_gpus() > 0
-    return Plan(nproc, "nccl" if cuda else "gloo", p.dist_timeout_min * 60)
+    return Plan(nproc, "nccl" if gpus else "gloo", p.dist_timeout_min * 60)

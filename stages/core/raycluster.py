@@ -4,7 +4,7 @@ goes wrong on the way in.
 Input: the address (RAY_ADDRESS, what `ray job submit` and KubeRay set, else the params'
 `ray_address`, else none: a Ray started on this machine) and Ray's own token environment
 (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
-Output: a connected driver for the duration of a `with connected(...)`, and the cluster's CPUs.
+Output: a connected driver for the duration of a `with connected(...)`.
 
 What goes wrong, as the stage's exit codes (errors.py):
   nothing listens at the address, or it stops answering     -> Transient (75, retried)
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlsplit
 
 from stages.core.errors import BadInput, Transient
 from stages.core.host import env_seconds
@@ -39,25 +39,6 @@ _AUTH_FIX = ("set RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or "
              "driver's environment")
 
 
-def address(configured: str | None) -> str | None:
-    """RAY_ADDRESS wins (what `ray job submit` and KubeRay set), then the params' address."""
-    return os.environ.get("RAY_ADDRESS") or configured or None
-
-
-def project_env() -> dict[str, Any]:
-    """The runtime_env of the project's tasks and workers: the workspace is on storage every
-    node mounts at the same path, so they import the project from it (no code upload)."""
-    root = str(Path(__file__).resolve().parents[2])
-    return {"env_vars": {"PYTHONPATH": root}}
-
-
-def cluster_cpus() -> int:
-    """CPUs of the whole connected cluster (not this driver's cores): what pieces are sized by."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 @contextmanager
 def connected(configured: str | None) -> Iterator[None]:
     """A driver connected to the cluster (or to a Ray started here) for the block. Already
@@ -69,7 +50,7 @@ def connected(configured: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    where = address(configured)
+    where = os.environ.get("RAY_ADDRESS") or configured or None
     _check_token_env()
     if where not in (None, "auto", "local"):
         _probe(where, CONNECT_TIMEOUT_S)
@@ -82,11 +63,9 @@ def connected(configured: str | None) -> Iterator[None]:
 
 def _check_token_env() -> None:
     """RAY_AUTH_MODE=token with no token anywhere: say so now, not as a refused connection."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return
     if path:
         if not Path(path).is_file() or not Path(path).read_text().strip():
             raise BadInput(f"RAY_AUTH_TOKEN_PATH={path} is missing or empty: {_AUTH_FIX}")
@@ -95,20 +74,15 @@ def _check_token_env() -> None:
         raise BadInput(f"RAY_AUTH_MODE=token but no token is set: {_AUTH_FIX}")
 
 
-def _host_port(where: str) -> tuple[str, int]:
-    bare = where.split("://", 1)[-1].rstrip("/")
-    host, _, port = bare.rpartition(":")
-    if not host:
-        return bare, GCS_PORT
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise BadInput(f"Ray address {where!r} is not host:port") from None
-
-
 def _probe(where: str, timeout_s: float) -> None:
     """A bounded TCP connect to the head, before Ray's own (minutes of) retrying."""
-    host, port = _host_port(where)
+    try:
+        url = urlsplit(where if "://" in where else f"ray://{where}")
+        host, port = url.hostname, url.port or GCS_PORT
+    except ValueError:  # a port that is no number
+        host = None
+    if not host:
+        raise BadInput(f"Ray address {where!r} is not host:port")
     try:
         with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
             return
@@ -126,9 +100,13 @@ def _init(where: str | None, timeout_s: float) -> None:
     log.info("ray: %s", said)
     outcome: dict[str, BaseException | None] = {}
 
+    # The project's tasks and workers import it from the workspace, on storage every node
+    # mounts at the same path (no code upload).
+    project = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
+
     def connect() -> None:
         try:
-            ray.init(address=where, runtime_env=project_env(), include_dashboard=False,
+            ray.init(address=where, runtime_env=project, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             outcome["error"] = None
         except BaseException as err:  # noqa: BLE001 - handed to the stage's thread below

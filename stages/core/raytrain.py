@@ -64,8 +64,13 @@ def fit(target: str, argv: list[str], p: PretrainParams, address: str | None, *,
         n, use_gpu = workers(p, ray.cluster_resources().get("GPU", 0.0))
         backend = "nccl" if use_gpu else "gloo"
         verdict = ray.remote(num_cpus=0)(_Verdict).remote()
+        # The workers never keep their own MLflow run (the driver keeps the stage's), and rank
+        # 0 appends to the driver's live epoch log (shared storage).
+        env = {"IMAGEPIPE_TRACKING": "0"}
+        if os.environ.get(EPOCH_LOG_ENV):
+            env[EPOCH_LOG_ENV] = os.environ[EPOCH_LOG_ENV]
         config = {"target": target, "argv": argv, "cwd": os.getcwd(), "backend": backend,
-                  "verdict": verdict, "env": _worker_env()}
+                  "verdict": verdict, "env": env}
         storage.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{uuid.uuid4().hex[:8]}"  # Ray Train's run folder: its marker files only
         trainer = TorchTrainer(
@@ -107,18 +112,8 @@ class _Verdict:
         return self.code, self.said
 
 
-def _worker_env() -> dict[str, str]:
-    """What the workers inherit from the stage: never their own MLflow run (the driver keeps
-    the stage's), and rank 0 appends to the driver's live epoch log (shared storage)."""
-    env = {"IMAGEPIPE_TRACKING": "0"}
-    if os.environ.get(EPOCH_LOG_ENV):
-        env[EPOCH_LOG_ENV] = os.environ[EPOCH_LOG_ENV]
-    return env
-
-
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: adopt the process group, run the stage's rank function."""
-    import ray
     import ray.train
 
     verdict = config["verdict"]

@@ -88,6 +88,18 @@ def test_stage_exits_2_on_a_bad_file(tmp_path: Path, make: Any, module: str) -> 
     assert "Traceback" not in proc.stderr and str(path) in lines[0]
 
 
+def test_flow_nesting_is_refused_past_max_flow_depth_not_at_it(tmp_path: Path) -> None:
+    """Depth is the deepest point, not the bracket count: closed lists side by side are shallow."""
+    from stages.paramsfile import MAX_FLOW_DEPTH, read_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text("a: [" + "[[]], " * 100 + "[" * (MAX_FLOW_DEPTH - 1) + "]" * MAX_FLOW_DEPTH)
+    assert read_yaml(path)["a"][0] == [[]]
+    path.write_text("a: " + "[" * (MAX_FLOW_DEPTH + 1) + "]" * (MAX_FLOW_DEPTH + 1))
+    with pytest.raises(BadInput, match=f"over {MAX_FLOW_DEPTH} levels"):
+        read_yaml(path)
+
+
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + (REPO / "params.yaml").read_bytes())

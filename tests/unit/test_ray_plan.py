@@ -4,12 +4,13 @@ needed: the cluster's GPU count is an argument); the params that choose the engi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from stages.core.errors import BadInput
+from stages.core.errors import BadInput, Transient
 from stages.core.raytrain import workers
 from stages.params import PretrainParams, parse_params
 from tests.helpers import REPO, default_params
@@ -52,3 +53,24 @@ def test_a_connect_timeout_that_is_no_number_is_the_default_not_a_crash_at_impor
                               text=True, timeout=60,
                               env={**os.environ, "IMAGEPIPE_RAY_CONNECT_TIMEOUT_S": value})
         assert done.returncode == 0 and done.stdout.strip() == want, done.stderr
+
+
+@pytest.mark.parametrize(("where", "named"), [
+    ("127.0.0.1:1", "127.0.0.1:1"),
+    ("ray://127.0.0.1:1/", "127.0.0.1:1"),  # the client scheme and a trailing slash
+    ("[::1]:1", "::1:1"),  # an IPv6 head, bracketed
+])
+def test_the_probe_reads_the_head_s_host_and_port_from_the_address(where: str, named: str) -> None:
+    """The bounded probe connects where the address says, and a refusal names that place."""
+    from stages.core import raycluster
+
+    with pytest.raises(Transient, match=re.escape(f"no Ray cluster answers at {named} (")):
+        raycluster._probe(where, 5.0)
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1:head", ":6379", "ray://:6379"])
+def test_an_address_without_a_host_or_a_numeric_port_is_bad_input(where: str) -> None:
+    from stages.core import raycluster
+
+    with pytest.raises(BadInput, match="is not host:port"):
+        raycluster._probe(where, 5.0)
