@@ -105,7 +105,7 @@ def _ray(params: Params, args: argparse.Namespace, argv: list[str]) -> bool:
     from stages.core import raytrain
 
     raytrain.fit("stages.trainingdoor:rank_body", ["pretrain", *argv], params.pretrain,
-                 params.data.ray_address, stage="pretrain", restarts=params.pretrain.restarts,
+                 params.data.ray_address, stage="pretrain",
                  storage=args.checkpoints.resolve().parent / ".ray-train")
     return True
 

@@ -38,9 +38,9 @@ def training_main(stage: str, section: str, argv: list[str] | None, parse: Parse
         if engine is not None and engine(params, args, argv):  # its processes write everything
             return
         # torch is imported here, not at load: --help and a params file refused start without it.
-        from stages.core import distributed, launchplan
+        from stages.core import distributed
 
-        plan = launchplan.plan(getattr(params, section))
+        plan = distributed.plan(getattr(params, section))
         if plan is not None:  # the processes write everything; this one keeps the exit code
             code = distributed.launch(plan, "stages.trainingdoor:rank_main", [stage, *argv])
             distributed.raise_for(code, stage)

@@ -1,16 +1,16 @@
 """Training over several processes of this machine: the launch, and what a rank needs to talk
 to the others (several machines train as Ray Train workers: raytrain.py, which adopts a Comm).
 
-Input: a launch plan (launchplan.py, from params.yaml's training section) and the rank function
-to run. Output: an exit code; a peer lost mid-collective, or one that stays away past the
-plan's timeout, is 75 (door.py, errors.peer_lost), never 70.
+Input: a training section of params.yaml (device, devices, dist_timeout_min) and the rank
+function to run. Output: an exit code; a peer lost mid-collective, or one that stays away past
+the plan's timeout, is 75 (door.py, errors.peer_lost), never 70.
 
 Why elastic_launch from inside the stage rather than `torchrun` in dvc.yaml: torchrun reports
 any failed rank as exit 1 (a rank's 2 "bad input" or 75 "retry" is lost) and, with restarts,
 reruns bad input. Here each rank runs the stage's body behind the stage door, writes the exit
 code it means to a small file, and exits with it; the parent combines the codes (`combine`).
 
-One process never comes here (launchplan.plan returns None).
+One process never comes here (`plan` returns None).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from stages.core.errors import (
     Terminated,
     Transient,
 )
-from stages.core.host import die_with_parent
-from stages.core.launchplan import Plan
+from stages.core.host import die_with_parent, visible_gpus
 from stages.params import TrainParams
 
 log = logging.getLogger("imagepipe.distributed")
@@ -121,6 +120,27 @@ def world_fingerprint(p: TrainParams, comm: Comm, section: str) -> dict[str, Any
             "restarts"}
     return {section: p.model_dump(exclude=skip), "world_size": comm.world,
             "rank_batch": p.batch_size // comm.world}
+
+
+@dataclass(frozen=True)
+class Plan:
+    nproc: int
+    backend: str  # the process group's: nccl on CUDA, gloo on the CPU
+    timeout_s: float  # a collective's wait for the others (dist_timeout_min)
+
+
+def plan(p: TrainParams) -> Plan | None:
+    """How to launch the stage's processes: `devices` of them, auto = every visible GPU (1 on a
+    CPU); None for one process (no launch at all)."""
+    gpus = 0 if p.device == "cpu" else visible_gpus()
+    if p.devices != "auto" and p.devices > gpus and (p.device == "cuda" or gpus):
+        # (device auto on a machine without GPUs runs CPU ranks)
+        raise BadInput(f"devices: {p.devices} asked for but {gpus} GPU(s) are visible; use auto "
+                       f"or at most {gpus}")
+    nproc = max(gpus, 1) if p.devices == "auto" else p.devices
+    if nproc == 1:
+        return None
+    return Plan(nproc, "nccl" if gpus else "gloo", p.dist_timeout_min * 60)
 
 
 def launch(pl: Plan, target: str, argv: list[str]) -> int:

@@ -54,7 +54,7 @@ def workers(p: PretrainParams, cluster_gpus: float) -> tuple[int, bool]:
 
 
 def fit(target: str, argv: list[str], p: PretrainParams, address: str | None, *, stage: str,
-        storage: Path, restarts: int) -> None:
+        storage: Path) -> None:
     """Run `target(argv)` on nodes x devices Ray Train workers; raise what their end means."""
     with raycluster.connected(address):
         import ray
@@ -78,8 +78,8 @@ def fit(target: str, argv: list[str], p: PretrainParams, address: str | None, *,
             torch_config=TorchConfig(backend=backend, timeout_s=int(p.dist_timeout_min * 60)),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu),
             run_config=RunConfig(name=name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=restarts)))
-        log.info("%s: %d Ray Train worker(s) (%s), restarts %d", stage, n, backend, restarts)
+                                 failure_config=FailureConfig(max_failures=p.restarts)))
+        log.info("%s: %d Ray Train worker(s) (%s), restarts %d", stage, n, backend, p.restarts)
         failed: BaseException | None = None
         try:
             trainer.fit()
@@ -93,7 +93,7 @@ def fit(target: str, argv: list[str], p: PretrainParams, address: str | None, *,
     if code == EXIT_BUG:
         raise distributed.RankFailed(f"{stage}: a Ray Train worker failed: {said}")
     if failed is not None:
-        raise Transient(f"{stage}: Ray Train workers lost after {restarts} restart(s): "
+        raise Transient(f"{stage}: Ray Train workers lost after {p.restarts} restart(s): "
                         f"{str(failed).splitlines()[0]}")
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages.core import distributed, launchplan
+from stages.core import distributed
 from stages.core.checkpoint import Position
 from stages.core.devicedata import DeviceBatches
 from stages.core.door import run_stage as door
@@ -114,8 +114,8 @@ def meet_then_wait_for_rank_1(argv: list[str]) -> int:
     return door("pretrain", body, track=False)
 
 
-def two_processes() -> launchplan.Plan:
-    pl = launchplan.plan(TrainParams(device="cpu", devices=2))
+def two_processes() -> distributed.Plan:
+    pl = distributed.plan(TrainParams(device="cpu", devices=2))
     assert pl is not None and (pl.nproc, pl.backend) == (2, "gloo")
     return pl
 
@@ -205,7 +205,7 @@ def test_codes_combine_cause_before_consequence() -> None:
 def test_a_peer_stalled_past_the_timeout_is_75_not_a_hang(tmp_path: Path) -> None:
     """Rank 1 stays away from a collective: rank 0 gives up after dist_timeout_min (here 3 s;
     gloo's own default is 30 minutes) and the stage exits 75, to be retried."""
-    pl = launchplan.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.05))
+    pl = distributed.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.05))
     assert pl is not None
     assert distributed.launch(pl, f"{__name__}:meet_then_wait_for_rank_1",
                               [str(tmp_path)]) == 75
@@ -213,10 +213,10 @@ def test_a_peer_stalled_past_the_timeout_is_75_not_a_hang(tmp_path: Path) -> Non
 
 LAUNCH_TWO = """
 import sys
-from stages.core import distributed, launchplan
+from stages.core import distributed
 from stages.params import TrainParams
 
-pl = launchplan.plan(TrainParams(device="cpu", devices=2))
+pl = distributed.plan(TrainParams(device="cpu", devices=2))
 sys.exit(distributed.launch(pl, "tests.integration.test_distributed:meet_then_wait_for_rank_1",
                             sys.argv[1:]))
 """

@@ -96,8 +96,9 @@ def fit_in_child(cluster: Cluster, target: str, argv: list[str], folder: Path, r
     fit = ("import sys, json; from pathlib import Path; from stages.core import raytrain; "
            "from stages.core.door import run_stage; from stages.params import PretrainParams; "
            "sys.exit(run_stage('tiny', lambda: raytrain.fit(sys.argv[1], json.loads(sys.argv[2]), "
-           "PretrainParams(device='cpu', devices=1, nodes=2, engine='ray'), None, stage='tiny', "
-           "storage=Path(sys.argv[3]) / '.ray-train', restarts=int(sys.argv[4])), track=False))")
+           "PretrainParams(device='cpu', devices=1, nodes=2, engine='ray', "
+           "restarts=int(sys.argv[4])), None, stage='tiny', "
+           "storage=Path(sys.argv[3]) / '.ray-train'), track=False))")
     return subprocess.run([sys.executable, "-c", fit, target, json.dumps(argv), str(folder),
                            str(restarts)], cwd=REPO, env=driver(cluster), capture_output=True,
                           text=True, timeout=300)

@@ -171,13 +171,13 @@ def test_ranks_share_each_global_batch_disjointly(images: np.ndarray) -> None:
 
 
 def test_one_device_launches_nothing_and_two_launch_two_processes() -> None:
-    from stages.core import launchplan
+    from stages.core import distributed
     from stages.params import TrainParams
 
-    assert launchplan.plan(TrainParams(device="cpu", devices="auto")) is None
-    assert launchplan.plan(TrainParams(device="cpu", devices=1)) is None
-    pl = launchplan.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.5))
-    assert pl == launchplan.Plan(2, "gloo", 30.0)
+    assert distributed.plan(TrainParams(device="cpu", devices="auto")) is None
+    assert distributed.plan(TrainParams(device="cpu", devices=1)) is None
+    pl = distributed.plan(TrainParams(device="cpu", devices=2, dist_timeout_min=0.5))
+    assert pl == distributed.Plan(2, "gloo", 30.0)
 
 
 def test_precision_on_the_cpu() -> None:
