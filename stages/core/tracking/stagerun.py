@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
-from stages.core.host import project_root, restore_env, workspace_root
+from stages.core.host import export_env, project_root, restore_env, workspace_root
 from stages.core.tracking.declared import DVC_PARAMS_FILE, StageDecl, stage_decl
 from stages.core.tracking.grouping import group_key, parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
@@ -39,7 +38,7 @@ from stages.core.tracking.store import Store, state_dir, tracking_enabled
 
 log = logging.getLogger("imagepipe.tracking")
 
-RUN_ID_ENV = "MLFLOW_RUN_ID"  # exported while a stage body runs (export stamps it into ONNX)
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # set while a stage body runs (export stamps it into ONNX)
 
 
 def _failure(err: Exception) -> tuple[int, str]:
@@ -78,7 +77,7 @@ class StageRun:
         self.finished = False
         self.tail: EpochTail | None = None  # live epoch metrics while the body runs (live.py)
         self._live_logged: set[tuple[str, int]] = set()  # (key, step) the tail logged
-        self._saved_env = {k: os.environ.get(k) for k in (RUN_ID_ENV, EPOCH_LOG_ENV)}
+        self._saved_env: dict[str, str | None] = {}  # what `export` replaced
 
     @classmethod
     def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
@@ -124,7 +123,6 @@ class StageRun:
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
         self.run_id = str(run.info.run_id)
         journal_add(store, self.run_id, self.stage_facts.get("owner"))
-        os.environ[RUN_ID_ENV] = self.run_id
         self._log_params()
         self._log_diff()
         self._start_tail()
@@ -155,7 +153,17 @@ class StageRun:
         stems = {Path(rel).stem for rel in self.decl.plots}
         self.tail = EpochTail(self.store, self.run_id, path, self.stage, stems)
         self.tail.start()
-        os.environ[EPOCH_LOG_ENV] = str(path)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the stage's body reads: the run's id and the epoch file the tail reads."""
+        env = {RUN_ID_ENV: self.run_id, EPOCH_LOG_ENV: str(self.tail.path) if self.tail else None}
+        return {k: v for k, v in env.items() if v}
+
+    def export(self) -> None:
+        """`env` set in this process until `finish`: only where the body runs (the tracking
+        agent keeps several runs at once; its reply hands `env` to the stage's process)."""
+        self._saved_env = export_env(self.env)
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
