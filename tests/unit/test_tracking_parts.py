@@ -222,3 +222,16 @@ def test_an_agent_log_is_kept_only_when_it_holds_a_warning_or_a_traceback(tmp_pa
         _drop_log_if_quiet(path)
     assert {name: path.exists() for name, path in logs.items()} == {
         "quiet": False, "warned": True, "crashed": True}
+
+
+def test_params_as_mlflow_params_a_stages_keys_or_all(tmp_path: Path) -> None:
+    from stages.core.tracking.metrics import flat_params
+
+    every = flat_params(REPO / "params.yaml")
+    mine = flat_params(REPO / "params.yaml", ["seed", "finetune.head_epochs", "pretrain"])
+    assert mine["seed"] == every["seed"]
+    assert mine["finetune.head_epochs"] == every["finetune.head_epochs"]
+    assert "finetune.full_epochs" not in mine and "finetune.full_epochs" in every
+    assert {k for k in every if k.startswith("pretrain.")} <= set(mine)
+    (tmp_path / "params.yaml").write_text("seed: [not a number\n")
+    assert flat_params(tmp_path / "params.yaml") == {}  # the stage reports a bad file itself

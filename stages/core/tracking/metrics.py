@@ -22,25 +22,18 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
 _KEY_BAD = re.compile(r"[^\w\-. /:]")
 
 
-def stage_params(params_file: Path, keys: list[str]) -> dict[str, str]:
-    """The stage's sections of `params_file`, flattened to dotted keys; {} if the file is bad
-    (the stage itself reports that, with exit code 2)."""
+def flat_params(params_file: Path, keys: list[str] | None = None) -> dict[str, str]:
+    """The entries of `params_file` under dotted keys, as MLflow params: all of them (the parent
+    run's), or those under `keys` (a stage's: whole sections or single entries); {} if the file
+    is bad (the stage itself reports that, with exit code 2)."""
     from stages.params import flatten, load_params
 
     try:
-        params = load_params(params_file)
+        flat = flatten(load_params(params_file))
     except BadInput:
         return {}
-    out: dict[str, str] = {}
-    for key in keys:
-        value: Any = params
-        for part in key.split("."):
-            value = getattr(value, part, None)
-        if hasattr(value, "model_dump"):
-            out.update({k: param_text(v) for k, v in flatten(value, f"{key}.").items()})
-        elif value is not None:
-            out[key] = param_text(value)
-    return out
+    return {k: param_text(v) for k, v in flat.items()
+            if keys is None or any(k == key or k.startswith(f"{key}.") for key in keys)}
 
 
 def param_text(value: Any) -> str:

@@ -27,10 +27,10 @@ from stages.core.tracking.live import EpochTail
 from stages.core.tracking.metrics import (
     artifacts,
     flat_numbers,
+    flat_params,
     metric_key,
     per_epoch_metrics,
     read_json,
-    stage_params,
 )
 from stages.core.tracking.parentrun import parent_name, update_parent_metrics
 from stages.core.tracking.registration import Registration
@@ -169,7 +169,7 @@ class StageRun:
         from mlflow.entities import Param
 
         assert self.store is not None and self.run_id is not None
-        given = stage_params(self.params_file, self.decl.params)
+        given = flat_params(self.params_file, self.decl.params)
         # MlflowClient.log_batch splits what it is given into batches of the server's limits.
         self.store.call("log params", self.store.client.log_batch, self.run_id,
                         params=[Param(metric_key(k), v) for k, v in given.items()])
