@@ -83,11 +83,11 @@ def test_parity_verdict_becomes_version_tags(passed: bool, text: str) -> None:
 @pytest.mark.parametrize("failure", [EXIT_TRANSIENT, EXIT_BAD_INPUT])
 def test_tracking_failure_after_a_good_body_says_nothing_was_registered(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], failure: int) -> None:
-    run = StageRun("export", tmp_path)
+    run = StageRun("export", tmp_path, {})
     run.failure = (failure, "tracking at http://x unreachable")  # as `start` leaves it
     assert run.finish(0, _registration()) == failure
     assert "no model version was registered" in capsys.readouterr().err
-    other = StageRun("evaluate", tmp_path)
+    other = StageRun("evaluate", tmp_path, {})
     other.failure = (EXIT_TRANSIENT, "down")
     assert other.finish(0, {"not": "a registration"}) == EXIT_TRANSIENT
     assert "registered" not in capsys.readouterr().err

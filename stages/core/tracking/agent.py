@@ -189,7 +189,7 @@ class Agent:
         from stages.core.tracking.stagerun import StageRun
 
         git_commit.cache_clear()  # HEAD moves between stages: never a stale commit
-        run = StageRun.start(message["stage"], stage_facts=message.get("stage_facts"),
+        run = StageRun.start(message["stage"], message["stage_facts"],
                              root=Path(message["root"]),
                              workspace=workspace_root(Path(message["cwd"])))
         if run is None:

@@ -250,7 +250,7 @@ class RemoteStageRun:
             from stages.core.tracking.stagerun import StageRun
 
             # The run the agent opened (same run id, parent and tags), else a new one.
-            run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
+            run = StageRun.start(self.stage, self.stage_facts, root=self.root,
                                  reopen=self.opened if self.opened.get("run_id") else None)
             return code if run is None else run.finish(code, outcome)  # None: not a stage now
         relay(reply)
@@ -296,7 +296,7 @@ def start_stage_run(stage: str) -> Any:
             log.warning("%s; tracking in this process instead", err)
     from stages.core.tracking.stagerun import StageRun
 
-    run = StageRun.start(stage)
+    run = StageRun.start(stage, _stage_facts())
     if run is not None:
         run.export()
     return run

@@ -21,7 +21,7 @@ from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
 from stages.core.host import export_env, project_root, restore_env, workspace_root
 from stages.core.tracking.declared import DVC_PARAMS_FILE, StageDecl, stage_decl
-from stages.core.tracking.grouping import group_key, parent_run
+from stages.core.tracking.grouping import parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
 from stages.core.tracking.live import EpochTail
 from stages.core.tracking.metrics import (
@@ -59,14 +59,14 @@ class StageRun:
     written) and `finish` turns a success into exit 75 naming the URI.
     """
 
-    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any] | None = None,
+    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any],
                  store_root: Path | None = None) -> None:
         # root: the workspace the stage ran in, whose files the run describes (a queued
         # experiment's own clone); store_root: the project whose MLflow store keeps the run.
         self.stage, self.root, self.store_root = stage, root, store_root or root
-        # What only the stage's process can tell when the run is kept by the tracking agent
-        # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
-        self.stage_facts = stage_facts or {}
+        # What only the stage's process can tell, wherever the run is kept (remote.py's
+        # _stage_facts): {"group": group_key(), "tags": {"device": ...}, "owner": owner()}.
+        self.stage_facts = stage_facts
         self.decl = stage_decl(root, stage) or StageDecl()
         self.params_file = root / DVC_PARAMS_FILE
         self.store: Store | None = None
@@ -80,8 +80,8 @@ class StageRun:
         self._saved_env: dict[str, str | None] = {}  # what `export` replaced
 
     @classmethod
-    def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
-              stage_facts: dict[str, Any] | None = None,
+    def start(cls, stage: str, stage_facts: dict[str, Any], *, root: Path | None = None,
+              workspace: Path | None = None,
               reopen: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
         (a command like `imagepipe predict` is not a pipeline stage: no run per call).
@@ -111,18 +111,18 @@ class StageRun:
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
         experiment = store.experiment_id()
         given = {**lineage_tags(self.root, self.stage, self.decl.deps),
-                 **self.stage_facts.get("tags", {})}
+                 **self.stage_facts["tags"]}
         self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
             self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
-        key = self.stage_facts.get("group") or group_key()
+        key = self.stage_facts["group"]
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags), self.tags,
                                     self.params_file)
         run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
         self.run_id = str(run.info.run_id)
-        journal_add(store, self.run_id, self.stage_facts.get("owner"))
+        journal_add(store, self.run_id, self.stage_facts["owner"])
         self._log_params()
         self._log_diff()
         self._start_tail()
