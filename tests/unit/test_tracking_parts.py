@@ -14,10 +14,11 @@ import pytest
 from commands.promote import decide
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from stages.core.host import FLOW_RUN_ENV, project_root
-from stages.core.tracking import Parity, Registration, StageRun
+from stages.core.tracking import Parity, Registration
 from stages.core.tracking.declared import stage_decl
 from stages.core.tracking.grouping import group_key
 from stages.core.tracking.metrics import flat_numbers, per_epoch_metrics
+from stages.core.tracking.stagerun import StageRun
 from stages.core.tracking.store import redact, tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
