@@ -169,6 +169,13 @@ def env_seconds(env: str, default: float, floor: float = 1.0) -> float:
         return default
 
 
+def export_env(env: dict[str, str]) -> dict[str, str | None]:
+    """Set `env` in this process's environment; what it replaced, for restore_env."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+
 def restore_env(saved: dict[str, str | None]) -> None:
     """Put back the environment variables of `saved` as they were (None: it was not set)."""
     for key, value in saved.items():

@@ -490,3 +490,21 @@ def test_real_training_epochs_land_once_under_the_plots_tables_keys(
         assert [m.step for m in history] == sorted({s for k, _, s in table if k == key}), key
         stamps |= {m.timestamp for m in history}
     assert len(stamps) > 1  # logged as epochs ended: the end of the stage logs all at one time
+
+
+def test_runs_kept_side_by_side_leave_the_keepers_environment_alone(project: Path) -> None:
+    """The tracking agent opens several stages' runs at once in one process: each run's id and
+    epoch file go to its own stage in the reply, never into the agent's environment, where the
+    last run opened would overwrite the others'."""
+    from stages.core.tracking.remote import _stage_facts
+    from stages.core.tracking.stagerun import StageRun
+
+    write_dvc_yaml(project, {"pretrain": PRETRAIN_LIVE, "evaluate": EVALUATE})
+    (project / "inputs.txt").write_text("x\n")
+    facts = _stage_facts()  # as a stage sends them with "start"
+    first, second = StageRun.start("pretrain", facts), StageRun.start("evaluate", facts)
+    assert first is not None and second is not None
+    assert "MLFLOW_RUN_ID" not in os.environ and "IMAGEPIPE_EPOCH_LOG" not in os.environ
+    assert first.env["MLFLOW_RUN_ID"] == first.run_id != second.env["MLFLOW_RUN_ID"]
+    assert first.env["IMAGEPIPE_EPOCH_LOG"] != second.env["IMAGEPIPE_EPOCH_LOG"]
+    assert first.finish(EXIT_BUG) == second.finish(EXIT_BUG) == EXIT_BUG

@@ -15,10 +15,11 @@ from commands.promote import decide
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput
 from stages.core.host import FLOW_RUN_ENV, project_root
 from stages.core.lineage import path_hashes
-from stages.core.tracking import Parity, Registration, StageRun
+from stages.core.tracking import Parity, Registration
 from stages.core.tracking.declared import stage_decl
 from stages.core.tracking.grouping import group_key
 from stages.core.tracking.metrics import flat_numbers, per_epoch_metrics
+from stages.core.tracking.stagerun import StageRun
 from stages.core.tracking.store import Store, redact, tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,11 +85,11 @@ def test_parity_verdict_becomes_version_tags(passed: bool, text: str) -> None:
 @pytest.mark.parametrize("failure", [EXIT_TRANSIENT, EXIT_BAD_INPUT])
 def test_tracking_failure_after_a_good_body_says_nothing_was_registered(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], failure: int) -> None:
-    run = StageRun("export", tmp_path)
+    run = StageRun("export", tmp_path, {})
     run.failure = (failure, "tracking at http://x unreachable")  # as `start` leaves it
     assert run.finish(0, _registration()) == failure
     assert "no model version was registered" in capsys.readouterr().err
-    other = StageRun("evaluate", tmp_path)
+    other = StageRun("evaluate", tmp_path, {})
     other.failure = (EXIT_TRANSIENT, "down")
     assert other.finish(0, {"not": "a registration"}) == EXIT_TRANSIENT
     assert "registered" not in capsys.readouterr().err
@@ -268,3 +269,16 @@ def test_refused_credentials_are_bad_input_at_once_with_the_servers_answer(
             Store.connect(tmp_path)
     finally:
         server.shutdown()
+
+
+def test_params_as_mlflow_params_a_stages_keys_or_all(tmp_path: Path) -> None:
+    from stages.core.tracking.metrics import flat_params
+
+    every = flat_params(REPO / "params.yaml")
+    mine = flat_params(REPO / "params.yaml", ["seed", "finetune.head_epochs", "pretrain"])
+    assert mine["seed"] == every["seed"]
+    assert mine["finetune.head_epochs"] == every["finetune.head_epochs"]
+    assert "finetune.full_epochs" not in mine and "finetune.full_epochs" in every
+    assert {k for k in every if k.startswith("pretrain.")} <= set(mine)
+    (tmp_path / "params.yaml").write_text("seed: [not a number\n")
+    assert flat_params(tmp_path / "params.yaml") == {}  # the stage reports a bad file itself

@@ -39,8 +39,7 @@ from stages.core.tracking.registration import (
     Registration,
 )
 from stages.core.tracking.registry import Registry, VersionInfo
-from stages.core.tracking.stagerun import StageRun
-from stages.core.tracking.store import Store, TrackingDown, tracking_enabled
+from stages.core.tracking.store import Store, tracking_enabled
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Parity", "Registration", "Registry",
-           "StageRun", "Store", "TrackingDown", "VersionInfo", "tracking_enabled"]
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Parity", "Registration", "Registry", "Store",
+           "VersionInfo", "tracking_enabled"]

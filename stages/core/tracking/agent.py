@@ -184,20 +184,17 @@ class Agent:
         return {"stopping": True}
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from stages.core.epochlog import EPOCH_LOG_ENV
         from stages.core.host import workspace_root
         from stages.core.lineage import git_commit
-        from stages.core.tracking.stagerun import RUN_ID_ENV, StageRun
+        from stages.core.tracking.stagerun import StageRun
 
         git_commit.cache_clear()  # HEAD moves between stages: never a stale commit
-        run = StageRun.start(message["stage"], stage_facts=message.get("stage_facts"),
+        run = StageRun.start(message["stage"], message["stage_facts"],
                              root=Path(message["root"]),
                              workspace=workspace_root(Path(message["cwd"])))
         if run is None:
             return None, {"env": {}, "failed": None}
-        # From the run, not from os.environ: another run may be opening beside it.
-        env = {RUN_ID_ENV: run.run_id, EPOCH_LOG_ENV: str(run.tail.path) if run.tail else None}
-        return run, {"env": {k: v for k, v in env.items() if v}, "failed": run.failure,
+        return run, {"env": run.env, "failed": run.failure,
                      "run_id": run.run_id, "parent_id": run.parent_id, "tags": run.tags}
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:

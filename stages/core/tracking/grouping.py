@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.host import FLOW_RUN_ENV
-from stages.core.tracking.parentrun import log_parent_params, parent_tags
+from stages.core.tracking.parentrun import EXP_NAME_ENV, log_parent_params
 from stages.core.tracking.store import Store
 
 
@@ -71,8 +71,10 @@ def parent_run(store: Store, experiment_id: str, key: str, name: str, tags: dict
     if found:
         return str(found[0].info.run_id)
     general = {k: v for k, v in tags.items() if not k.startswith(("dvc.", "data."))}
+    if os.environ.get(EXP_NAME_ENV):
+        general["dvc.exp_name"] = os.environ[EXP_NAME_ENV]
     run = store.call("create parent run", store.client.create_run, experiment_id,
-                     tags={**general, **parent_tags(), "imagepipe.group": key,
+                     tags={**general, "imagepipe.group": key,
                            "imagepipe.role": "pipeline"},
                      run_name=name)
     log_parent_params(store, run.info.run_id, params_file)

@@ -27,14 +27,14 @@ def owner() -> dict[str, Any]:
     return {"pid": me.pid, "started": me.create_time()}
 
 
-def journal_add(store: Store, run_id: str, owned_by: dict[str, Any] | None = None) -> None:
-    """Journal `run_id` as open, owned by `owned_by` (the stage's process when the tracking
-    agent keeps its run: the run is an orphan once the stage is gone) or this process."""
+def journal_add(store: Store, run_id: str, owned_by: dict[str, Any]) -> None:
+    """Journal `run_id` as open, owned by `owned_by` (`owner()` of the stage's process, also
+    when the tracking agent keeps its run: the run is an orphan once the stage is gone)."""
     folder = _folder(store.root)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{run_id}.json").write_text(json.dumps({
         "run_id": run_id, "uri_sha256": hashlib.sha256(store.uri.encode()).hexdigest(),
-        **(owned_by or owner()), "host": platform.node()}))
+        **owned_by, "host": platform.node()}))
 
 
 def journal_remove(root: Path, run_id: str) -> None:

@@ -27,22 +27,18 @@ INTERVAL_ENV = "IMAGEPIPE_EPOCH_LOG_INTERVAL_S"
 DEFAULT_INTERVAL_S = 5.0  # a curve a few seconds behind; one small write per interval at most
 
 
-def epoch_key_prefix(stage: str, phase: str, plot_stems: set[str]) -> list[str]:
-    """The key parts before the column, as per_epoch_metrics names the same row from its
-    plots table: '<file stem>/<phase>' ('finetune/head'), or '<phase>' alone when the phase
-    has a table of its own ('pretrain', 'scratch')."""
-    if phase in plot_stems:
-        return [phase]
-    return [stage, phase] if phase and phase != stage else [stage]
-
-
 def row_metrics(stage: str, row: dict[str, Any], plot_stems: set[str]
                 ) -> list[tuple[str, float, int]]:
     """(key, value, step) of every number in one epoch row; step = its epoch."""
     step = number(row.get("epoch"))
     if step is None:
         return []
-    prefix = epoch_key_prefix(stage, str(row.get("phase") or ""), plot_stems)
+    # The key parts before the column, as per_epoch_metrics names the same row from its plots
+    # table: '<file stem>/<phase>' ('finetune/head'), or '<phase>' alone when the phase has a
+    # table of its own ('pretrain', 'scratch').
+    phase = str(row.get("phase") or "")
+    prefix = ([phase] if phase in plot_stems
+              else [stage, phase] if phase not in ("", stage) else [stage])
     out: list[tuple[str, float, int]] = []
     for col, raw in row.items():
         value = number(raw)

@@ -5,6 +5,7 @@ artifact. Inputs: the params file and the files dvc.yaml declares. No MLflow her
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -22,25 +23,18 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
 _KEY_BAD = re.compile(r"[^\w\-. /:]")
 
 
-def stage_params(params_file: Path, keys: list[str]) -> dict[str, str]:
-    """The stage's sections of `params_file`, flattened to dotted keys; {} if the file is bad
-    (the stage itself reports that, with exit code 2)."""
+def flat_params(params_file: Path, keys: list[str] | None = None) -> dict[str, str]:
+    """The entries of `params_file` under dotted keys, as MLflow params: all of them (the parent
+    run's), or those under `keys` (a stage's: whole sections or single entries); {} if the file
+    is bad (the stage itself reports that, with exit code 2)."""
     from stages.params import flatten, load_params
 
     try:
-        params = load_params(params_file)
+        flat = flatten(load_params(params_file))
     except BadInput:
         return {}
-    out: dict[str, str] = {}
-    for key in keys:
-        value: Any = params
-        for part in key.split("."):
-            value = getattr(value, part, None)
-        if hasattr(value, "model_dump"):
-            out.update({k: param_text(v) for k, v in flatten(value, f"{key}.").items()})
-        elif value is not None:
-            out[key] = param_text(value)
-    return out
+    return {k: param_text(v) for k, v in flat.items()
+            if keys is None or any(k == key or k.startswith(f"{key}.") for key in keys)}
 
 
 def param_text(value: Any) -> str:
@@ -76,20 +70,6 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def epoch_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a plots file (every stage's epoch table is a CSV) that has an `epoch` column."""
-    import csv
-
-    if path.suffix != ".csv":
-        return []
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return []
-    return rows if rows and "epoch" in rows[0] else []
-
-
 def _as_float(text: str | None) -> float | None:
     """A table cell as a number; None for text or a missing cell."""
     try:
@@ -104,8 +84,14 @@ def per_epoch_metrics(path: Path) -> list[tuple[str, float, int]]:
     Key: '<file stem>/<column>', with the row's text columns (a phase, a model name) inserted
     so that 'finetune/head/val_acc' and 'finetune/full/val_acc' stay apart. Step: the epoch,
     or the row number when epochs repeat (two phases each counting from 1)."""
-    rows = epoch_rows(path)
-    if not rows:
+    if path.suffix != ".csv":  # every stage's epoch table is a CSV
+        return []
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return []
+    if not rows or "epoch" not in rows[0]:  # a table without epochs
         return []
     epochs = [_as_float(r.get("epoch")) for r in rows]
     by_epoch = len(set(epochs)) == len(epochs) and None not in epochs

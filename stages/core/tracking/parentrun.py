@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from stages.core.host import FLOW_RUN_ENV
-from stages.core.tracking.metrics import flat_numbers, metric_key, param_text, read_json
+from stages.core.tracking.metrics import flat_numbers, flat_params, metric_key, read_json
 from stages.core.tracking.store import Store
 
 EXP_NAME_ENV = "DVC_EXP_NAME"  # dvc/env.py; set by `dvc exp run` (queued, temp or workspace)
@@ -48,25 +48,12 @@ def parent_name(tags: dict[str, str]) -> str:
     return f"pipeline {parent_label(tags)} {time.strftime('%Y-%m-%d %H:%M')}"
 
 
-def parent_tags() -> dict[str, str]:
-    exp = os.environ.get(EXP_NAME_ENV)
-    return {"dvc.exp_name": exp} if exp else {}
-
-
 def log_parent_params(store: Store, run_id: str, params_file: Path) -> None:
-    """Every section of the params file, under dotted keys; none if it is bad (the stage
-    reports that itself with exit code 2)."""
+    """Every entry of the params file, under dotted keys."""
     from mlflow.entities import Param
 
-    from stages.core.errors import BadInput
-    from stages.params import flatten, load_params
-
-    try:
-        params = load_params(params_file)
-    except BadInput:
-        return
     store.call("log parent params", store.client.log_batch, run_id,
-               params=[Param(metric_key(k), param_text(v)) for k, v in flatten(params).items()])
+               params=[Param(metric_key(k), v) for k, v in flat_params(params_file).items()])
 
 
 def headline_metrics(root: Path, metrics_files: list[str]) -> dict[str, float]:

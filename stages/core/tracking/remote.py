@@ -40,7 +40,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from stages.core.errors import EXIT_TRANSIENT
-from stages.core.host import env_seconds, restore_env
+from stages.core.host import env_seconds, export_env, restore_env
 from stages.core.tracking.channel import (
     CODE,
     AgentStalled,
@@ -194,9 +194,7 @@ class RemoteStageRun:
         self.opened = opened  # the agent's reply to "start": what reopening the run needs
         self.finished = False
         self._closing = threading.Event()
-        env = opened.get("env") or {}
-        self._saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        self._saved_env = export_env(opened.get("env") or {})
         threading.Thread(target=self._watch, name="tracking-agent-watch", daemon=True).start()
 
     @classmethod
@@ -252,7 +250,7 @@ class RemoteStageRun:
             from stages.core.tracking.stagerun import StageRun
 
             # The run the agent opened (same run id, parent and tags), else a new one.
-            run = StageRun.start(self.stage, root=self.root, stage_facts=self.stage_facts,
+            run = StageRun.start(self.stage, self.stage_facts, root=self.root,
                                  reopen=self.opened if self.opened.get("run_id") else None)
             return code if run is None else run.finish(code, outcome)  # None: not a stage now
         relay(reply)
@@ -298,4 +296,7 @@ def start_stage_run(stage: str) -> Any:
             log.warning("%s; tracking in this process instead", err)
     from stages.core.tracking.stagerun import StageRun
 
-    return StageRun.start(stage)
+    run = StageRun.start(stage, _stage_facts())
+    if run is not None:
+        run.export()
+    return run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,18 +19,18 @@ from typing import Any
 
 from stages.core.epochlog import EPOCH_LOG_ENV
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, BadInput, Transient
-from stages.core.host import project_root, restore_env, workspace_root
+from stages.core.host import export_env, project_root, restore_env, workspace_root
 from stages.core.tracking.declared import DVC_PARAMS_FILE, StageDecl, stage_decl
-from stages.core.tracking.grouping import group_key, parent_run
+from stages.core.tracking.grouping import parent_run
 from stages.core.tracking.journal import close_orphans, journal_add, journal_remove
 from stages.core.tracking.live import EpochTail
 from stages.core.tracking.metrics import (
     artifacts,
     flat_numbers,
+    flat_params,
     metric_key,
     per_epoch_metrics,
     read_json,
-    stage_params,
 )
 from stages.core.tracking.parentrun import parent_name, update_parent_metrics
 from stages.core.tracking.registration import Registration
@@ -39,7 +38,7 @@ from stages.core.tracking.store import Store, state_dir, tracking_enabled
 
 log = logging.getLogger("imagepipe.tracking")
 
-RUN_ID_ENV = "MLFLOW_RUN_ID"  # exported while a stage body runs (export stamps it into ONNX)
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # set while a stage body runs (export stamps it into ONNX)
 
 
 def _failure(err: Exception) -> tuple[int, str]:
@@ -60,14 +59,14 @@ class StageRun:
     written) and `finish` turns a success into exit 75 naming the URI.
     """
 
-    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any] | None = None,
+    def __init__(self, stage: str, root: Path, stage_facts: dict[str, Any],
                  store_root: Path | None = None) -> None:
         # root: the workspace the stage ran in, whose files the run describes (a queued
         # experiment's own clone); store_root: the project whose MLflow store keeps the run.
         self.stage, self.root, self.store_root = stage, root, store_root or root
-        # What only the stage's process can tell when the run is kept by the tracking agent
-        # (remote.py): {"group": group_key(), "tags": {"device": ...}}.
-        self.stage_facts = stage_facts or {}
+        # What only the stage's process can tell, wherever the run is kept (remote.py's
+        # _stage_facts): {"group": group_key(), "tags": {"device": ...}, "owner": owner()}.
+        self.stage_facts = stage_facts
         self.decl = stage_decl(root, stage) or StageDecl()
         self.params_file = root / DVC_PARAMS_FILE
         self.store: Store | None = None
@@ -78,11 +77,11 @@ class StageRun:
         self.finished = False
         self.tail: EpochTail | None = None  # live epoch metrics while the body runs (live.py)
         self._live_logged: set[tuple[str, int]] = set()  # (key, step) the tail logged
-        self._saved_env = {k: os.environ.get(k) for k in (RUN_ID_ENV, EPOCH_LOG_ENV)}
+        self._saved_env: dict[str, str | None] = {}  # what `export` replaced
 
     @classmethod
-    def start(cls, stage: str, *, root: Path | None = None, workspace: Path | None = None,
-              stage_facts: dict[str, Any] | None = None,
+    def start(cls, stage: str, stage_facts: dict[str, Any], *, root: Path | None = None,
+              workspace: Path | None = None,
               reopen: dict[str, Any] | None = None) -> StageRun | None:
         """Open the run of `stage`; None when tracking is off or dvc.yaml has no such stage
         (a command like `imagepipe predict` is not a pipeline stage: no run per call).
@@ -112,19 +111,18 @@ class StageRun:
             log.warning("ended run %s FAILED: its stage died before closing it", run_id)
         experiment = store.experiment_id()
         given = {**lineage_tags(self.root, self.decl.deps),
-                 **self.stage_facts.get("tags", {})}
+                 **self.stage_facts["tags"]}
         self.tags = {metric_key(k): v for k, v in given.items()}
         if "git.commit" in self.tags:  # MLflow's own key: its UI links the run to the commit
             self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
-        key = self.stage_facts.get("group") or group_key()
+        key = self.stage_facts["group"]
         self.parent_id = parent_run(store, experiment, key, parent_name(self.tags), self.tags,
                                     self.params_file)
         run = store.call("create run", store.client.create_run, experiment, run_name=self.stage,
                          tags={**self.tags, "mlflow.parentRunId": self.parent_id,
                                "imagepipe.group": key, "imagepipe.stage": self.stage})
         self.run_id = str(run.info.run_id)
-        journal_add(store, self.run_id, self.stage_facts.get("owner"))
-        os.environ[RUN_ID_ENV] = self.run_id
+        journal_add(store, self.run_id, self.stage_facts["owner"])
         self._log_params()
         self._log_diff()
         self._start_tail()
@@ -155,13 +153,23 @@ class StageRun:
         stems = {Path(rel).stem for rel in self.decl.plots}
         self.tail = EpochTail(self.store, self.run_id, path, self.stage, stems)
         self.tail.start()
-        os.environ[EPOCH_LOG_ENV] = str(path)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the stage's body reads: the run's id and the epoch file the tail reads."""
+        env = {RUN_ID_ENV: self.run_id, EPOCH_LOG_ENV: str(self.tail.path) if self.tail else None}
+        return {k: v for k, v in env.items() if v}
+
+    def export(self) -> None:
+        """`env` set in this process until `finish`: only where the body runs (the tracking
+        agent keeps several runs at once; its reply hands `env` to the stage's process)."""
+        self._saved_env = export_env(self.env)
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
 
         assert self.store is not None and self.run_id is not None
-        given = stage_params(self.params_file, self.decl.params)
+        given = flat_params(self.params_file, self.decl.params)
         # MlflowClient.log_batch splits what it is given into batches of the server's limits.
         self.store.call("log params", self.store.client.log_batch, self.run_id,
                         params=[Param(metric_key(k), v) for k, v in given.items()])
