@@ -20,7 +20,6 @@ from pydantic import (
 )
 
 from stages.core.errors import BadInput
-from stages.core.flat import flatten_dict
 from stages.paramsfile import read_yaml
 
 # Every number has an upper bound: `pretrain.width: 1.0e30` passed validation (pydantic takes
@@ -386,8 +385,3 @@ def load_params(path: str | Path) -> Params:
     """Read and validate params.yaml; raise BadInput naming the bad key (or what is wrong with
     the file itself: missing, a folder, not UTF-8, too large, nested too deeply)."""
     return parse_params(read_yaml(Path(path)))
-
-
-def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """A section as flat dotted keys (for MLflow params)."""
-    return {f"{prefix}{key}": value for key, value in flatten_dict(section.model_dump()).items()}

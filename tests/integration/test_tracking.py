@@ -356,7 +356,7 @@ def evaluate_figures(accuracy: float) -> dict[str, float]:
 
 def test_the_parent_run_is_named_and_carries_params_and_headline_metrics(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.params import flatten
+    from stages.core.flat import flatten_dict
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-cafe1")
     write_dvc_yaml(project, {"evaluate": EVALUATE_HEADLINE, "export": EXPORT_METRICS_ONLY})
@@ -376,7 +376,7 @@ def test_the_parent_run_is_named_and_carries_params_and_headline_metrics(
     parent = client(uri).get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.info.run_name.startswith("pipeline exp-cafe1 20")
     assert parent.data.tags["dvc.exp_name"] == "exp-cafe1"
-    every = flatten(load_params(project / "params.yaml"))
+    every = flatten_dict(load_params(project / "params.yaml").model_dump())
     assert len(parent.data.params) == len(every) > 30  # all sections, not one stage's
     assert parent.data.params["finetune.lr"] == str(every["finetune.lr"])
     assert parent.data.params["data.image_size"] == str(every["data.image_size"])

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from stages.core.errors import BadInput
-from stages.params import Params, flatten, load_params, parse_params
+from stages.params import Params, load_params, parse_params
 from tests.helpers import REPO, default_params, run_stage, write_params
 
 
@@ -83,12 +83,6 @@ def test_params_are_frozen() -> None:
     params = parse_params(default_params())
     with pytest.raises(ValidationError):
         params.augment.copies = 5  # type: ignore[misc]
-
-
-def test_flatten_gives_dotted_keys() -> None:
-    flat = flatten(parse_params(default_params()).data, "data.")
-    assert flat["data.source.uri"] == "sklearn:digits"
-    assert flat["data.image_size"] == 16
 
 
 @pytest.mark.parametrize("module", ["ingest", "augment"])

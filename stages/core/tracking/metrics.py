@@ -27,10 +27,11 @@ def flat_params(params_file: Path, keys: list[str] | None = None) -> dict[str, s
     """The entries of `params_file` under dotted keys, as MLflow params: all of them (the parent
     run's), or those under `keys` (a stage's: whole sections or single entries); {} if the file
     is bad (the stage itself reports that, with exit code 2)."""
-    from stages.params import flatten, load_params
+    from stages.core.flat import flatten_dict
+    from stages.params import load_params
 
     try:
-        flat = flatten(load_params(params_file))
+        flat = flatten_dict(load_params(params_file).model_dump())
     except BadInput:
         return {}
     return {k: param_text(v) for k, v in flat.items()
