@@ -56,7 +56,7 @@ class Registration:
     torch_path: Path
     parity: Parity
     model_name: str  # params.registry.model_name
-    dataset: Path | None = None
+    dataset: Path
     # Which trained model was exported (finetuned or scratch) and why (export.model), one
     # sentence for the version's description; selection None: the why is said nowhere.
     shipped: str = "finetuned"
