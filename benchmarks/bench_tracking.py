@@ -71,13 +71,13 @@ import json, sys
 from pathlib import Path
 from stages.core.door import run_stage
 from stages.core.tracking import Parity, Registration
-from tests.integration.tracking_kit import save_tiny, tiny_model
+from tests.integration.tracking_kit import registration, save_tiny, tiny_model
 
 def body() -> Registration:
     save_tiny(tiny_model("good"), Path("models/finetuned.pt"), Path("models/model.onnx"))
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/export.json").write_text(json.dumps({"gate_passed": True, "max_abs_diff": 0}))
-    return Registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
+    return registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
                         Parity(True, 0.0, 1.0, 1e-4, 64, 1e-3), "bench-model", Path("data/target"))
 
 sys.exit(run_stage("export", body))

@@ -103,7 +103,8 @@ def summary(ds: Dataset, rows: np.ndarray, found: LabelIssues | None,
 
 
 def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]:
-    from stages.core.scoring import Scorer  # torch: not at load (`--help`, the door)
+    from stages.core.history import write_csv  # torch: not at load (`--help`, the door)
+    from stages.core.scoring import Scorer
 
     p = params.audit
     ds = load_dataset(data, verify=params.verify_data)
@@ -121,7 +122,7 @@ def run(params: Params, data: Path, model: Path, out: Outputs) -> dict[str, Any]
     issues = (near_duplicates(thumbnails(images), ds.split, t)
               + quality_issues(statistics(images), t))
     metrics = summary(ds, rows, found, issues, p)
-    write_rows(out.issues, label_rows(ds, rows, found) + image_rows(ds, issues))
+    write_csv(out.issues, label_rows(ds, rows, found) + image_rows(ds, issues), CSV_COLUMNS)
     write_grid(ds, rows, found, p.grid_images, out.grid)
     log.info("audit: %s label issues among %d train+val images (probe %s out of sample, K=%s); "
              "%d near-duplicates, %d dark, %d low-information, %d blurry; list: %s",
@@ -138,16 +139,6 @@ def gate(metrics: dict[str, Any], out: Outputs) -> None:
                        f"({metrics['issue_fraction']:.4f}) have label or image issues, over "
                        f"audit.max_issue_fraction={limit}; the list: {out.issues} (fix the "
                        "images, or raise the key, or leave it empty to turn the gate off)")
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The CSV with its header even when empty (a reader can tell 'nothing' from 'not run')."""
-    import csv
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def mosaic(tiles: list[np.ndarray], cols: int, pad: int) -> np.ndarray:

@@ -51,10 +51,12 @@ def throughput(history: list[dict[str, Any]]) -> str:
     return f"{len(history)} epochs in {seconds:.1f} s, {rate:,.0f} images/s"
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Rows with the same keys (a history's, evaluate's confusion pairs) as CSV, the first row's
-    key order the columns, written atomically."""
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Rows with the same keys (a history's, evaluate's confusion pairs, audit's issues) as CSV,
+    written atomically; the columns are `columns`, else the first row's key order. Given columns,
+    a file with no rows still has its header (a reader can tell 'nothing' from 'not run')."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns or (list(rows[0]) if rows else []),
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)

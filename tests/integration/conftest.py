@@ -17,6 +17,7 @@ from tests.integration.tracking_kit import (
     REPO,
     MlflowServer,
     labels_of,
+    registration,
     save_tiny,
     start_mlflow_server,
     tiny_images,
@@ -107,7 +108,7 @@ def tiny_export(project: Path) -> Callable[..., int]:
             write_json(project / "metrics" / "export.json",
                        {"gate_passed": parity, "max_abs_diff": diff,
                         "mlflow_run_id_seen": os.environ.get("MLFLOW_RUN_ID")})
-            return Registration(
+            return registration(
                 project / "models" / "model.onnx", project / "models" / "finetuned.pt",
                 Parity(passed=parity, max_abs_diff=diff, top1_agreement=1.0, atol=1e-4,
                        images=64, rtol=1e-3),

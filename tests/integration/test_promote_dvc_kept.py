@@ -16,7 +16,14 @@ import pytest
 from commands.promote import main as promote_main
 from stages.core.tracking.remote import AGENT_ENV
 from tests.helpers import dvc
-from tests.integration.tracking_kit import EXPORT_STAGE, REPO, save_tiny, tiny_model, write_dvc_yaml
+from tests.integration.tracking_kit import (
+    EXPORT_STAGE,
+    REPO,
+    registration,
+    save_tiny,
+    tiny_model,
+    write_dvc_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +41,7 @@ def export_stage() -> None:
 
     def body() -> Registration:
         write_json(root / "metrics" / "export.json", {"gate_passed": True})
-        return Registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
+        return registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
                             Parity(passed=True, max_abs_diff=1e-6, top1_agreement=1.0,
                                    atol=1e-4, images=64, rtol=1e-3),
                             load_params(root / "params.yaml").registry.model_name,

@@ -29,6 +29,7 @@ from tests.integration.tracking_kit import (
     REPO,
     MlflowServer,
     labels_of,
+    registration,
     save_tiny,
     tiny_images,
     tiny_model,
@@ -204,7 +205,7 @@ def test_a_returned_registration_is_registered_and_nothing_else_is(project: Path
     write_target(project / "data" / "target", labels_of(tiny_model("good"), images), images)
     onnx_path, pt = project / "models" / "served.onnx", project / "models" / "source.pt"
     save_tiny(tiny_model("good"), pt, onnx_path)
-    reg = Registration(onnx_path, pt, Parity(True, 3e-7, 1.0, 1e-4, 16, 1e-3), "explicit",
+    reg = registration(onnx_path, pt, Parity(True, 3e-7, 1.0, 1e-4, 16, 1e-3), "explicit",
                        project / "data" / "target")
 
     def write_metrics() -> None:
@@ -263,11 +264,12 @@ def test_server_killed_mid_export_exits_75_registers_nothing_leaves_no_run_runni
         from stages.core.door import run_stage
         from stages.core.io import write_json
         from stages.core.tracking import Parity, Registration
+        from tests.integration.tracking_kit import registration
 
         def body() -> Registration:
             write_json("metrics/export.json", {"gate_passed": True, "max_abs_diff": 0.0})
             os.killpg(int(os.environ["KILL_PGID"]), signal.SIGKILL)  # the server dies here
-            return Registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
+            return registration(Path("models/model.onnx"), Path("models/finetuned.pt"),
                                 Parity(True, 0.0, 1.0, 1e-4, 16, 1e-3), os.environ["MODEL_NAME"],
                                 Path("data/target"))
 

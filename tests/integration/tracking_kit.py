@@ -195,3 +195,16 @@ EXPORT_STAGE = {
     "outs": ["models/model.onnx"],
     "metrics": [{"metrics/export.json": {"cache": False}}],
 }
+
+
+def registration(onnx_path: Path, torch_path: Path, parity: Any, model_name: str,
+                 target: Path) -> Any:
+    """A Registration as stages/export.py builds it: two target images as the input example,
+    the ONNX model's outputs for them, and export's default bound on a request's images."""
+    from stages.core.tracking import Registration
+    from stages.export import serving_example
+    from stages.params import ExportParams
+
+    example, outputs = serving_example(onnx_path, target)
+    return Registration(onnx_path, torch_path, parity, model_name, target,
+                        ExportParams().serving_max_images, example, outputs)

@@ -20,6 +20,7 @@ from benchmarks.audit import flip, write_variant
 from stages import audit, finetune, ingest, pretrain
 from stages.core.dataset import load_dataset
 from stages.core.errors import BadInput
+from stages.core.history import write_csv
 from stages.params import parse_params
 from tests.helpers import default_params, run_stage, write_params
 from tests.unit.test_train import pixel_flipped, tiny_params, with_verify, write_dataset
@@ -202,3 +203,10 @@ def test_the_pipeline_summary_has_one_audit_line(flipped: dict[str, Any]) -> Non
     line = [x for x in text.splitlines() if x.startswith("| audit")]
     assert line == [f"| audit: share flagged, audit_issues.csv | "
                     f"{flipped['metrics']['issue_fraction']:.4f} |"], text
+
+
+def test_an_empty_issue_list_keeps_its_header(tmp_path: Path) -> None:
+    """audit writes its issues with history.write_csv and its own columns: with no issues the
+    file still holds the header, so a reader can tell 'nothing found' from 'not run'."""
+    write_csv(tmp_path / "issues.csv", [], audit.CSV_COLUMNS)
+    assert (tmp_path / "issues.csv").read_text() == ",".join(audit.CSV_COLUMNS) + "\n"

@@ -262,7 +262,8 @@ def test_the_version_description_says_which_model_and_why(tmp_path: Path) -> Non
     reason = "The from-scratch baseline, the better on validation (export.model best: ...)."
     reg = Registration(onnx_path=Path("models/model.onnx"), torch_path=Path("models/scratch.pt"),
                        parity=Parity(True, 1e-6, 1.0, 1e-4, 40, 1e-3), model_name="m",
-                       shipped="scratch", selection=reason)
+                       dataset=Path("data/target"), serving_max_images=1024, input_example=None,
+                       output_example=None, shipped="scratch", selection=reason)
     text = version_description(tmp_path, "r" * 32, reg, {})
     assert "exported from scratch.pt" in text and reason in text
     assert "Test accuracy 0.880 for this from-scratch model, against 0.810 for the finetuned" \

@@ -69,7 +69,8 @@ def _registration(passed: bool = True) -> Registration:
     return Registration(onnx_path=Path("models/model.onnx"), torch_path=Path("models/ft.pt"),
                         parity=Parity(passed=passed, max_abs_diff=2.5e-6, top1_agreement=1.0,
                                       atol=1e-4, images=40, rtol=1e-3),
-                        model_name="m", dataset=Path("data/target"))
+                        model_name="m", dataset=Path("data/target"), serving_max_images=1024,
+                        input_example=None, output_example=None)
 
 
 @pytest.mark.parametrize(("passed", "text"), [(True, "true"), (False, "false")])

@@ -24,9 +24,7 @@ def _interval(m: dict[str, float], key: str, fmt: str) -> str:
 
 
 def _data_sentence(reg: Registration, tags: dict[str, str]) -> str:
-    name = Path(reg.dataset).name if reg.dataset is not None else None
-    if name is None:
-        return "The target data set is not named."
+    name = Path(reg.dataset).name
     digest = tags.get(f"data.{name}.images.sha256")
     md5 = next((v for k, v in tags.items() if k.startswith("dvc.dep.") and k.endswith(name)),
                None)

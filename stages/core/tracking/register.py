@@ -79,9 +79,8 @@ def register_model_version(store: Store, run_id: str, reg: Registration, workspa
                                onnx_execution_providers=["CPUExecutionProvider"],
                                save_as_external_data=False,
                                # uint8 pixels in, probabilities and logits out (export's example)
-                               signature=None if reg.input_example is None else
-                               mlflow.models.infer_signature(reg.input_example,
-                                                             reg.output_example),
+                               signature=mlflow.models.infer_signature(reg.input_example,
+                                                                       reg.output_example),
                                input_example=reg.input_example)
         # The same file again, byte for byte, inside the wrapper that serving runs: it runs the
         # ONNX file, decodes posted image files (pillow), is unpickled by cloudpickle; MLflow
@@ -136,9 +135,8 @@ def _dvc_tags(reg: Registration, workspace: Path) -> dict[str, str]:
 
 def _log_torch(store: Store, path: Path, pixels: Any) -> str:
     """Log the finetuned model (pytorch flavour) with a signature and an input example: the
-    ONNX model's example `pixels` as the PyTorch model takes them (zeros without)."""
+    ONNX model's example `pixels` as the PyTorch model takes them."""
     import mlflow
-    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
@@ -147,9 +145,7 @@ def _log_torch(store: Store, path: Path, pixels: Any) -> str:
     from stages.core.models import load_model_file
 
     model, mf = load_model_file(path)
-    spec = mf.spec
-    x = (np.zeros((2, spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
-         if pixels is None else preprocess(pixels, mf.mean, mf.std))
+    x = preprocess(pixels, mf.mean, mf.std)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).numpy()
     info = store.call("log pytorch model", mlflow.pytorch.log_model, model, name="pytorch",

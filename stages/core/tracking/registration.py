@@ -49,14 +49,19 @@ class Registration:
     input_example / output_example: what the models are logged with, so MLflow records their
     signatures and `mlflow models serve` documents a real request: two target images as the
     ONNX model takes them (uint8 N x H x W x C) and its outputs for them
-    ({"probabilities": ..., "logits": ...}). None: logged without (export always gives them).
+    ({"probabilities": ..., "logits": ...}).
     """
 
     onnx_path: Path
     torch_path: Path
     parity: Parity
     model_name: str  # params.registry.model_name
-    dataset: Path | None = None
+    dataset: Path
+    # Most images a request to the served model may carry (export.serving_max_images).
+    serving_max_images: int
+    # Arrays: left out of ==, which numpy cannot answer for them.
+    input_example: Any = field(compare=False)
+    output_example: Any = field(compare=False)
     # Which trained model was exported (finetuned or scratch) and why (export.model), one
     # sentence for the version's description; selection None: the why is said nowhere.
     shipped: str = "finetuned"
@@ -66,12 +71,6 @@ class Registration:
     # until dvc.lock records that md5: a DVC run that failed after the stage registered it (a
     # full disk in the cache copy) left a version DVC never kept.
     dvc_stage: str | None = field(default_factory=lambda: os.environ.get("DVC_STAGE") or None)
-    # Most images a request to the served model may carry (export.serving_max_images; None:
-    # the serving wrapper's default).
-    serving_max_images: int | None = None
-    # Arrays: left out of ==, which numpy cannot answer for them.
-    input_example: Any = field(default=None, compare=False)
-    output_example: Any = field(default=None, compare=False)
 
 
 # Version tags of an export run under DVC (register.py), checked by promote (`not_kept`).

@@ -203,10 +203,10 @@ def shipped_tree(dest: Path) -> Path:
 
 
 def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
-                      pip_requirements: list[str], max_images: int | None = None) -> Any:
+                      pip_requirements: list[str], max_images: int) -> Any:
     """Log the wrapper (name "serving") into the active run, the ONNX file as its artifact and
     the serving package (SHIPPED) as its code; return MLflow's ModelInfo. `meta`: the ONNX
-    metadata; `max_images`: the most images a request may carry (None: DEFAULT_MAX_IMAGES)."""
+    metadata; `max_images`: the most images a request may carry."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
@@ -220,7 +220,7 @@ def log_serving_model(onnx_path: Path, input_example: Any, meta: dict[str, Any],
             name="serving", python_model=ImageClassifier(), artifacts={ARTIFACT: str(onnx_path)},
             signature=ModelSignature(inputs=None, outputs=outputs), input_example=input_example,
             pip_requirements=pip_requirements, code_paths=[str(shipped_tree(Path(tmp)))],
-            model_config={"max_images": max_images or DEFAULT_MAX_IMAGES},
+            model_config={"max_images": max_images},
             metadata={"input": expected_input(size, channels,
                                               str(meta.get("channel_order", "RGB"))),
                       "classes": [str(c) for c in meta["classes"]]})
