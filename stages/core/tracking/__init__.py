@@ -10,25 +10,7 @@ A stage's run is kept by the tracking agent (remote.py, agent.py), so the stage 
 never imports mlflow; IMAGEPIPE_TRACKING_AGENT=0, or an agent that cannot start, keeps it
 in-process.
 
-| module | its one job |
-|---|---|
-| store.py | where the store is, reaching it with bounded retries, failures -> TrackingDown |
-| declared.py | what dvc.yaml declares for a stage |
-| metrics.py | params, metrics, per-epoch series and artifacts out of the declared files |
-| grouping.py | which parent run a stage's run belongs under |
-| parentrun.py | what the parent run shows: name, all params, experiment name, headline metrics |
-| live.py | per-epoch metrics logged while the stage runs (tails stages/core/epochlog.py's file) |
-| journal.py | runs left open by a killed stage, closed by the next session |
-| stagerun.py | one stage's run: open, fill, register what the body returned, close |
-| registration.py | what a stage hands over to register a model version (no MLflow) |
-| register.py | logging the models and registering the version, alias challenger |
-| serving.py | the pyfunc `mlflow models serve` runs: checks pixels, answers class names |
-| remote.py | the stage's side of the tracking agent: a run kept there, mlflow never imported |
-| agentcall.py | a command's verb (`imagepipe promote`) run by the agent, else in-process |
-| channel.py | reaching an agent: its socket and key, authenticated framing, bounded waits |
-| agent.py | the tracking agent: one process per code and tracking environment keeps the runs |
-| describe.py | the registered version's one-paragraph description |
-| registry.py | the verbs of promote, rollback and lineage |
+Each module's one job: README, 'Code layout (for contributors)'.
 """
 
 from stages.core.tracking.registration import (
