@@ -97,9 +97,6 @@ def _run_body(name: str, body: Callable[[], object]) -> tuple[int, object]:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED, None
-    except Terminated:
-        print(f"{name}: terminated", file=sys.stderr)
-        return EXIT_TERMINATED, None
     except Exception as err:  # noqa: BLE001 - a bug: the traceback for whoever fixes it, and a code not retried
         if peer_lost(err):  # a peer of a collective gone: the job is retried, not a bug
             print(f"{name}: transient failure (a training process it works with is gone; "
@@ -167,9 +164,9 @@ def run_stage(name: str, body: Callable[[], object], *, track: bool = True) -> i
                 code = stage_run.finish(code, value)
             clock.append(time.time())
             _record_times(name, clock)
-    except Terminated:
+    except Terminated:  # in the body, or between the body and finish
         print(f"{name}: terminated", file=sys.stderr)
         code = EXIT_TERMINATED
         if stage_run is not None and not stage_run.finished:
-            stage_run.finish(code)  # the signal fell between body and finish: end it FAILED
+            stage_run.finish(code)  # the run ends FAILED
     return code
