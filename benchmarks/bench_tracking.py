@@ -137,9 +137,6 @@ def main() -> dict:
                 kind, mode = key.split("_")
                 times[key].append(run_once(root, mode, f"{kind}.py" if kind == "stage"
                                            else "stage_export.py"))
-    from stages.core.tracking.remote import stop_agents
-
-    stop_agents(Path(tmp))
     load = os.getloadavg()[0]
     result: dict = {"rounds": n, "load_1min": round(load, 2),
                     "first_tracked_run_s": round(first, 3)}

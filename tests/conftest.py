@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -31,13 +32,24 @@ os.environ.update(QUIET_ENV)
 import dvc  # noqa: E402, F401
 
 
+def stop_agents(under: Path) -> None:
+    """End the tracking agents (`python -m stages.core.tracking.agent KEY CODE_DIR`) serving
+    code under `under`: at a session's end none of their stages runs any more."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd = proc.info["cmdline"] or []
+        if (proc.info["uids"] and proc.info["uids"].real == os.getuid()
+                and "stages.core.tracking.agent" in cmd and Path(cmd[-1]).is_relative_to(under)):
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tracking_agents(tmp_path_factory: pytest.TempPathFactory) -> object:
     """The tracking agents serving project copies under this session's tmp folder (a worker's
     own, under pytest-xdist) are stopped when it ends."""
     yield
-    from stages.core.tracking.remote import stop_agents
-
     stop_agents(tmp_path_factory.getbasetemp())
 
 
@@ -45,8 +57,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Agents serving this checkout's own code are shared by xdist's workers: the process that
     outlives them all (the controller, or pytest itself without xdist) stops them."""
     if not hasattr(session.config, "workerinput"):
-        from stages.core.tracking.remote import stop_agents
-
         stop_agents(REPO)
 
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from stages.core.tracking.channel import code_key, socket_path
-from stages.core.tracking.remote import AGENT_ENV, stop_agents
+from stages.core.tracking.remote import AGENT_ENV
 from tests.integration.tracking_kit import REPO, write_dvc_yaml
 
 pytestmark = pytest.mark.slow
@@ -72,6 +72,15 @@ def stage(project: Path, *args: str, env: dict[str, str] | None = None
 def stage_key() -> str:
     """The key of the agent the stages above use (their environment is part of it)."""
     return code_key(env=stage_env())
+
+
+def stop_agent() -> bool:
+    """Drain the stages' agent the way a user can: remove its socket (it takes no new stage,
+    finishes the ones it serves, then exits). Whether there was one."""
+    path = socket_path(stage_key())
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
 
 
 def agent_pid() -> int | None:
@@ -151,12 +160,12 @@ def test_switched_off_the_stage_tracks_in_its_own_process(tracked: Path) -> None
     assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.6)
 
 
-def test_stop_ends_the_agent_and_a_new_stage_starts_another(tracked: Path) -> None:
+def test_removing_its_socket_ends_the_agent_and_a_new_stage_starts_another(tracked: Path) -> None:
     proc = stage(tracked, "0.5")
     assert proc.wait(timeout=180) == 0
     first = agent_pid()
     assert first is not None
-    assert stop_agents(REPO) >= 1
+    assert stop_agent()
     deadline = time.monotonic() + 15
     while agent_pid() is not None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -171,7 +180,7 @@ def test_a_stage_right_after_the_flows_prewarm_uses_that_agent_not_a_second(trac
                                                                              ) -> None:
     from stages.core.tracking.remote import connect_agent, prewarm
 
-    stop_agents(REPO)
+    stop_agent()
     deadline = time.monotonic() + 15
     while agent_pid() is not None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -291,15 +300,14 @@ def test_the_agent_killed_mid_run_under_dvc_repro_the_stage_still_exits_0_and_lo
     assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.7)
 
 
-def test_stop_drains_the_agent_a_stage_is_using(tracked: Path) -> None:
-    """`stop` while a stage runs (another test worker's, say): the agent takes no new stage
-    but keeps serving this one to its end, then exits (the old agent exited at once and the
-    stage lost its run: exit 75)."""
+def test_removing_its_socket_drains_the_agent_a_stage_is_using(tracked: Path) -> None:
+    """The socket removed while a stage runs: the agent takes no new stage but keeps serving
+    this one to its end, then exits."""
     pid = running_agent(tracked)
     proc = stage(tracked, "0.55", "10")
     try:
         wait_for(tracked / "seen.json", proc)
-        assert stop_agents(REPO) >= 1
+        assert stop_agent()
         assert agent_pid() is None  # no new stage reaches it
         time.sleep(3)
         assert _alive(pid) and proc.poll() is None, proc.communicate()  # still serving it
@@ -359,8 +367,8 @@ def test_a_long_tmpdir_still_gets_an_agent(tracked: Path, tmp_path: Path) -> Non
         run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
         assert (run.info.status, run.data.metrics["accuracy"]) == ("FINISHED", 0.4)
     finally:
-        subprocess.run([sys.executable, "-c", "from stages.core.tracking.remote import "
-                        f"stop_agents; stop_agents({str(REPO)!r})"],
+        subprocess.run([sys.executable, "-c", "from stages.core.tracking.channel import code_key, "
+                        "socket_path; socket_path(code_key()).unlink(missing_ok=True)"],
                        env=stage_env(**env), check=True, timeout=120)
 
 
@@ -378,7 +386,7 @@ def test_a_stale_socket_and_a_lock_naming_another_codes_agent_cost_no_wait(
     monkeypatch.setattr(remote, "SPAWN_WAIT_S", 600.0)  # the old wait, made long enough to see
     key = code_key()
     path = socket_path(key)
-    stop_agents(REPO)
+    path.unlink(missing_ok=True)  # this code's agent, if one runs, drains and exits
     deadline = time.monotonic() + 30
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -5,10 +5,11 @@ channel.py how they talk).
 `python -m stages.core.tracking.agent KEY CODE_DIR` binds its socket first, so stages can
 connect at once, then imports mlflow and everything a run needs while they wait. Each
 connection is one stage's run, served by a thread of its own: "start" opens it, "finish"
-closes it, a dropped connection ends it FAILED; "call" runs one of agentcall.CALLABLE; "stop"
-drains the agent. No request swaps the process's environment (the one its key names) or its
-folder: the live-curve threads of other runs log all the while. What a request logs and
-prints goes back in its reply.
+closes it, a dropped connection ends it FAILED; "call" runs one of agentcall.CALLABLE. Its
+socket removed (or its code folder) drains it: no new stage reaches it, the ones it serves
+finish as usual, then it exits. No request swaps the process's environment (the one its key
+names) or its folder: the live-curve threads of other runs log all the while. What a request
+logs and prints goes back in its reply.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Agent:
         self.opening = threading.Lock()
         self.connected = 0
         self.last_seen = time.monotonic()
-        self.draining = threading.Event()  # asked to stop: no new stages, exit when done
+        self.draining = threading.Event()  # socket or code gone: no new stages, exit when done
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.inode = -1
 
@@ -153,8 +154,6 @@ class Agent:
         """(this connection's run after `message`, the reply, with what this thread printed
         and logged meanwhile)."""
         op = message.get("op")
-        if op == "stop":
-            return run, self._stop(message)
         if op == "finish" and run is None:  # tracking off, no such stage: the body's code stands
             return None, {"code": int(message["code"])}
         with self.streams.capture() as err:
@@ -170,18 +169,6 @@ class Agent:
             else:
                 reply = {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
         return run, {**reply, "stderr": err.getvalue()}
-
-    def _stop(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Drain: no new stage reaches this agent (its socket's path goes now), the ones it
-        serves finish as usual, then it exits. Another test worker's stage is never cut off."""
-        if not self.code.is_relative_to(message["under"]):
-            return {"stopping": False}
-        self.draining.set()
-        self._unlink()
-        with self.counts:
-            busy = self.connected - 1  # not counting the connection asking
-        log.info("asked to stop: draining %d stage(s)", busy)
-        return {"stopping": True}
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from stages.core.host import workspace_root

@@ -8,7 +8,7 @@ the project root, what only the stage can see: the device and which pipeline run
 to) and later "finish" (the exit code and the body's Registration), and relays what the agent
 logged. The agent is started by the first stage that needs it (or ahead of time by the flow:
 `prewarm`) and exits after IMAGEPIPE_TRACKING_AGENT_IDLE_S seconds (default 60) with no stage
-connected, when its code folder is gone, or when asked to stop and its stages are done.
+connected, or once its stages are done when its code folder or its socket is removed.
 
 The same StageRun does the work inside the agent, so the contract is unchanged: tracking never
 stops a body; a store failure after a successful body is exit 75 (2 for refused credentials).
@@ -149,27 +149,6 @@ def prewarm(env: dict[str, str] | None = None) -> None:
         conn = connect_agent(wait=False, env=env)
         if conn is not None:
             conn.close()
-
-
-def stop_agents(under: Path) -> int:
-    """Ask this user's agents serving code under `under` to stop: each stops taking new
-    stages at once and exits when the stages it serves are done. How many agreed."""
-    stopped = 0
-    try:
-        folder = agents_dir()
-    except (AgentUnavailable, OSError):
-        return 0
-    for path in sorted(folder.glob("*.sock")):
-        try:
-            conn = dial(path)
-            if conn is None:
-                continue
-            with conn:
-                reply = request(conn, {"op": "stop", "under": str(under)}, START_WAIT_S) or {}
-        except AgentUnavailable:
-            continue
-        stopped += bool(reply.get("stopping"))
-    return stopped
 
 
 # ------------------------------------------------------------------ the stage's side
