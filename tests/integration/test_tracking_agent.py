@@ -334,16 +334,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_file_where_the_agents_folder_goes_never_stops_the_body(tracked: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_file_where_the_agents_folder_goes_never_stops_the_body(tracked: Path) -> None:
     """A plain file where <tmp>/imagepipe-<uid> goes: the old door let the OSError out before
     the body (a traceback, exit 1). (A read-only tmp cannot be made here: the tests run as
-    root, and tempfile skips a TMPDIR it cannot write; both end in the same OSError path.)"""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    root, and tempfile skips a TMPDIR it cannot write; both end in the same OSError path.)
+    The TMPDIR is a short one: under a long one (pytest-xdist's tmp_path) the agents' folder
+    is a short one in /tmp instead, and the file would not be in the way."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="ip-", dir="/tmp"))
     (tmp / f"imagepipe-{os.getuid()}").write_text("not a folder")
-    proc = stage(tracked, "0.45", env={"TMPDIR": str(tmp)})
-    _, err = proc.communicate(timeout=180)
+    try:
+        proc = stage(tracked, "0.45", env={"TMPDIR": str(tmp)})
+        _, err = proc.communicate(timeout=180)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert proc.returncode == 0, err
     assert "tracking in this process instead" in err and "Traceback" not in err, err
     run = client(tracked).get_run(json.loads((tracked / "seen.json").read_text())["run_id"])
