@@ -62,9 +62,11 @@ def ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> str:
     except RuntimeError:
         code = proc.poll()
         kill_group(proc, grace_s=10.0)
-        state = "still starting" if code is None else f"exited with {code}"
+        if code is not None:  # it died: waiting longer would not have helped
+            raise Transient(f"Prefect's temporary API exited with {code} before it answered"
+                            ) from None
         raise Transient(
-            f"Prefect's temporary API did not answer within {timeout_s:g} s ({state}; a first "
-            "start creates its database: raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+            f"Prefect's temporary API did not answer within {timeout_s:g} s (still starting; a "
+            "first start creates its database: raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
         ) from None
     return url

@@ -14,9 +14,10 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,6 @@ def _artifact(root: Path, results: dict[str, dict[str, Any]], overrides: list[st
 # and the flow run's creation); valid while dvc.yaml, dvc.lock and params.yaml keep their
 # modification times (a second later, in practice).
 _PLANS: dict[tuple[Any, ...], Future[Plan]] = {}
-_PLANNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-plan")
 
 
 # -- GPU slots ----------------------------------------------------------------------------
@@ -350,8 +350,19 @@ def api() -> Iterator[None]:
 
 
 def plan_ahead(root: Path, stages: list[str] | None) -> None:
-    """Start DVC's status check in a thread; the flow takes its result if nothing moved."""
-    _PLANS[_plan_key(root, stages)] = _PLANNER.submit(dvcstage.plan_stages, root, stages)
+    """Start DVC's status check in a thread; the flow takes its result if nothing moved. A
+    daemon thread, not an executor's: a Ctrl-C or SIGTERM during the check must not wait for
+    it (an executor's threads are joined at exit; the flow asks DVC again if it needs to)."""
+    future: Future[Plan] = Future()
+
+    def plan() -> None:
+        try:
+            future.set_result(dvcstage.plan_stages(root, stages))
+        except BaseException as err:  # noqa: BLE001 - the flow asks again and reports the error itself
+            future.set_exception(err)
+
+    _PLANS[_plan_key(root, stages)] = future
+    threading.Thread(target=plan, name="dvc-plan", daemon=True).start()
 
 
 def _planned(root: Path, stages: list[str] | None) -> Plan:
