@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"imagepipe: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from flows.dvcstage import TELEMETRY_OFF  # here: `--help` stays without flows' imports
+    from stages.core.host import TELEMETRY_OFF  # here: --help and --version need none of it
 
     os.environ.update({**TELEMETRY_OFF, **os.environ})
     return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0)

@@ -28,7 +28,7 @@ import yaml
 from flows.orphans import guarded, kill_group
 from stages.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_TRANSIENT
 from stages.core.flat import differences
-from stages.core.host import die_with_parent
+from stages.core.host import TELEMETRY_OFF, die_with_parent
 
 # SIGTERM first so a stage can end its MLflow run and drop its locks; SIGKILL after this.
 KILL_GRACE_S = 10.0
@@ -37,10 +37,6 @@ KILL_GRACE_S = 10.0
 # often needs a minute back.
 RETRIES = 3
 RETRY_DELAY_S = 10.0
-# The tools' telemetry, off unless the user set these: `imagepipe`, stages, Prefect's processes.
-TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ORT_DISABLE_TELEMETRY": "1",
-                 "DO_NOT_TRACK": "1"}
 # DVC ends a failed stage with "... failed to run: CMD, exited with N" (dvc/stage/exceptions.py).
 _DVC_EXIT = re.compile(r"exited with (-?\d+)\s*$")
 # What stages.core.door.run_stage prints: "NAME: error: ..." / "NAME: transient failure ...".

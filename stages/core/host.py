@@ -20,6 +20,10 @@ from pathlib import Path
 # parent run by it and tags every run with it (lineage).
 FLOW_RUN_ENV = "IMAGEPIPE_FLOW_RUN_ID"
 # Set by the flow when it granted the stage GPU slots on a machine that has GPUs: the number.
+# The tools' telemetry, off unless the user set these: `imagepipe`, stages, Prefect's processes.
+TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ORT_DISABLE_TELEMETRY": "1",
+                 "DO_NOT_TRACK": "1"}
 GPUS_GRANTED_ENV = "IMAGEPIPE_GPUS_GRANTED"
 # Linux's prctl option: a signal the kernel sends to this process when its parent dies.
 _PR_SET_PDEATHSIG = 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows import dvcstage, report, slots
+from stages.core import host
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -143,10 +144,10 @@ def test_telemetry_is_off_wherever_the_user_left_it_unset(monkeypatch: pytest.Mo
     the user set is kept."""
     from commands import cli
 
-    for var in dvcstage.TELEMETRY_OFF:
+    for var in host.TELEMETRY_OFF:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DO_NOT_TRACK", "0")
-    want = {**dvcstage.TELEMETRY_OFF, "DO_NOT_TRACK": "0"}
+    want = {**host.TELEMETRY_OFF, "DO_NOT_TRACK": "0"}
     env = dvcstage.child_env()  # stages' and (flows/deploy.py) Prefect's server and worker
     assert {var: env[var] for var in want} == want
     with pytest.raises(SystemExit):
