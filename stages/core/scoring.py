@@ -28,11 +28,11 @@ class Scorer:
     def __init__(self, path: Path, ds: Dataset, p: EvaluateParams | AuditParams) -> None:
         self.model, self.mf = load_model_file(path)
         if self.mf.classes != ds.classes:
-            raise BadInput(f"{path} predicts {self.mf.classes} but the test set has {ds.classes}: "
+            raise BadInput(f"{path} predicts {self.mf.classes} but the dataset has {ds.classes}: "
                            "run finetune on this target set")
         want = (self.mf.spec.image_size, self.mf.spec.image_size, self.mf.spec.in_channels)
         if ds.image_shape != want:
-            raise BadInput(f"{path} takes {want[0]} px x {want[2]} channels but the target images "
+            raise BadInput(f"{path} takes {want[0]} px x {want[2]} channels but the dataset's images "
                            f"are {ds.image_shape[0]} px x {ds.image_shape[2]}: run finetune on "
                            "this target set")
         device = select_device(p.device)

@@ -230,9 +230,9 @@ def build_shards(refs: Sequence[str], labels: np.ndarray, *, files: bool,
             metas[k] = meta
             advance(hi - lo)
     todo = [k for k in range(len(ranges)) if k not in metas]
-    rows = [i for k in todo for i in range(*ranges[k])]
-    work, weighed = decode_work((_stamp(refs[i])[0] for i in rows) if files else (),
-                                max_bytes)
+    # A generator: decode_work stops stat-ing once the files weigh enough for the pool.
+    sizes = (_stamp(refs[i])[0] for k in todo for i in range(*ranges[k]))
+    work, weighed = decode_work(sizes if files else (), max_bytes)
     engine = decode_engine(engine, files, work)
     pieces = _pieces(todo, ranges, names, refs, workers(engine) if engine != "inline" else 1,
                      ShardPart("", 0, 1, (), size, channels, max_bytes, str(staging), batch,
