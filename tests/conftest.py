@@ -32,16 +32,23 @@ os.environ.update(QUIET_ENV)
 import dvc  # noqa: E402, F401
 
 
-def stop_agents(under: Path) -> None:
+def stop_agents(under: Path, *, drain: bool = False) -> None:
     """End the tracking agents (`python -m stages.core.tracking.agent KEY CODE_DIR`) serving
-    code under `under`: at a session's end none of their stages runs any more."""
+    code under `under`. `drain`: remove their sockets instead, so an agent still serving a
+    stage (a developer's `dvc repro` in this checkout) finishes it and then exits."""
     import psutil
+
+    from stages.core.tracking.channel import agents_dir
 
     for proc in psutil.process_iter(["cmdline", "uids"]):
         cmd = proc.info["cmdline"] or []
-        if (proc.info["uids"] and proc.info["uids"].real == os.getuid()
+        if not (proc.info["uids"] and proc.info["uids"].real == os.getuid()
                 and "stages.core.tracking.agent" in cmd and Path(cmd[-1]).is_relative_to(under)):
-            with contextlib.suppress(psutil.Error):
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if drain:
+                (agents_dir() / f"{cmd[-2]}.sock").unlink(missing_ok=True)
+            else:
                 proc.terminate()
 
 
@@ -57,7 +64,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Agents serving this checkout's own code are shared by xdist's workers: the process that
     outlives them all (the controller, or pytest itself without xdist) stops them."""
     if not hasattr(session.config, "workerinput"):
-        stop_agents(REPO)
+        stop_agents(REPO, drain=True)
 
 
 @pytest.fixture(scope="session")

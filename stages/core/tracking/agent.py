@@ -167,7 +167,9 @@ class Agent:
             elif op == "call":
                 reply = self._call(message)
             else:
-                reply = {"raised": ("BadInput", f"the tracking agent has no request {op!r}")}
+                state = "open" if run else "not open"
+                reply = {"raised": ("BadInput", f"the tracking agent cannot take {op!r} here "
+                                               f"(a run is {state})")}
         return run, {**reply, "stderr": err.getvalue()}
 
     def _start(self, message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

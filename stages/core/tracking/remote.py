@@ -177,8 +177,7 @@ class RemoteStageRun:
         threading.Thread(target=self._watch, name="tracking-agent-watch", daemon=True).start()
 
     @classmethod
-    def start(cls, stage: str, root: Path) -> RemoteStageRun:
-        stage_facts = _stage_facts()
+    def start(cls, stage: str, root: Path, stage_facts: dict[str, Any]) -> RemoteStageRun:
         conn = connect_agent()
         assert conn is not None
         try:
@@ -268,14 +267,15 @@ def start_stage_run(stage: str) -> Any:
     root = project_root()
     if not tracking_enabled() or stage_decl(root, stage) is None:
         return None
+    facts = _stage_facts()  # a walk up the process tree: once, whoever keeps the run
     if agent_enabled():
         try:
-            return RemoteStageRun.start(stage, root)
+            return RemoteStageRun.start(stage, root, facts)
         except (AgentUnavailable, OSError) as err:  # OSError: the agents' folder (see call)
             log.warning("%s; tracking in this process instead", err)
     from stages.core.tracking.stagerun import StageRun
 
-    run = StageRun.start(stage, _stage_facts())
+    run = StageRun.start(stage, facts)
     if run is not None:
         run.export()
     return run
