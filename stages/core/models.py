@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
 from stages.core.errors import BadInput
 from stages.core.io import save_torch
-from stages.params import Arch
 
-ARCHS = get_args(Arch)  # params.yaml's choices, named once there
+# params.yaml's choices (stages.params.Arch; a test keeps the two equal). Not imported from there:
+# the logged PyTorch model unpickles this module where only torch, torchvision and numpy are.
+ARCHS = ("resnet_small", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
 # Above this input size the torchvision stems keep their ImageNet downsampling.
 SMALL_INPUT = 64
 

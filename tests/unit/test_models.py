@@ -46,3 +46,23 @@ def test_a_grey_stem_is_the_rgb_kernels_summed() -> None:
     assert (grey.in_channels, grey.stride, grey.bias) == (1, (2, 2), None)
     torch.testing.assert_close(grey.weight, rgb.weight.sum(dim=1, keepdim=True))
     assert _adapt_in_channels(rgb, 3) is rgb
+
+
+def test_the_architectures_are_params_choices() -> None:
+    from typing import get_args
+
+    from stages.params import Arch
+
+    assert get_args(Arch) == ARCHS
+
+
+def test_the_model_module_loads_without_params_or_pydantic() -> None:
+    """The logged PyTorch model unpickles stages.core.models with only torch, torchvision and
+    numpy required: importing it once pulled in stages.params, pydantic and yaml."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.core.models; "
+            "print(sorted(m for m in ('pydantic', 'yaml', 'stages.params') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
