@@ -49,9 +49,12 @@ def logs_through(console: Console) -> Iterator[None]:
     (which clears the bar, prints the line, and draws the bar again), and back after."""
     handlers = [h for h in logging.getLogger().handlers if _writes_to(h, console)]
     streams = [h.setStream(FileProxy(console, h.stream)) for h in handlers]
+    # Soft wrap: a long line (a path, a traceback) keeps its own line breaks, as without a bar.
+    wrap, console.soft_wrap = console.soft_wrap, True
     try:
         yield
     finally:
+        console.soft_wrap = wrap
         for handler, stream in zip(handlers, streams, strict=True):
             handler.setStream(stream)
 

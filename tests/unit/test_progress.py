@@ -53,6 +53,18 @@ def test_a_log_line_during_a_live_bar_lands_on_its_own_line(
                for h in handlers)
 
 
+def test_a_log_line_wider_than_the_terminal_is_not_broken_up(
+        terminal_logging: io.StringIO) -> None:
+    """rich's FileProxy prints with word wrap: a long path split at its words across lines."""
+    console = Console(force_terminal=True, file=terminal_logging, width=40)
+    path = "data/source/" + "/".join(["folder with spaces"] * 6) + "/photo.jpg"
+    with progress("ingest source", 4, console=console) as advance:
+        logging.getLogger("imagepipe.data").info("skipped %s: unreadable", path)
+        advance(4)
+    assert f"imagepipe.data: skipped {path}: unreadable" in shown_lines(terminal_logging.getvalue())
+    assert not console.soft_wrap  # the console as it was
+
+
 def test_without_a_terminal_progress_is_plain_log_lines(terminal_logging: io.StringIO) -> None:
     console = Console(force_terminal=False, file=io.StringIO())
     with progress("augment", 10, console=console) as advance:
